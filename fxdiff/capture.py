@@ -1,0 +1,83 @@
+"""The core data model: a recorded model run as a ``torch.fx.Graph`` plus its tensors.
+
+Every node of ``Capture.graph`` is one torch-level op that ran (``call_function``), a model
+input (``placeholder``), a parameter or buffer (``get_attr``) or the output. Per-node facts live in
+``node.meta`` under the keys below; tensors live beside the graph, keyed by node name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+
+FORMAT = "fxdiff-capture"
+VERSION = 1
+
+# node.meta keys
+MODULE = "fxdiff_module"        # dotted path of the innermost module that called the op ("" = root)
+MODULE_TYPE = "fxdiff_module_type"  # class name of that module
+TARGET = "fxdiff_target"        # qualified name of the op, e.g. "torch.nn.functional.layer_norm"
+SHAPE = "fxdiff_shape"          # output shape as a list, or None when the node holds no tensor
+DTYPE = "fxdiff_dtype"          # output dtype as a string, e.g. "float32"
+GRAD = "fxdiff_grad"            # "recorded": a gradient was stored; "none": no gradient flowed
+
+
+@dataclasses.dataclass
+class Capture:
+    """One recorded run of a model: graph, per-node values and gradients, parameters, I/O, metadata.
+
+    ``values[name]`` is the forward value of node ``name`` as it was produced (a clone);
+    ``grads[name]`` is d(loss)/d(that value); a node with no entry in ``grads`` received no gradient,
+    which is not the same as a zero gradient. ``inputs`` and ``outputs`` keep the call's structure
+    (nested lists/tuples/dicts) with tensors in place.
+    """
+
+    graph: torch.fx.Graph
+    values: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    param_grads: dict[str, torch.Tensor]
+    inputs: dict[str, Any]          # {"args": [...], "kwargs": {...}}
+    outputs: Any
+    meta: dict[str, Any]
+
+    def nodes(self, op: str | None = None) -> Iterator[torch.fx.Node]:
+        """Graph nodes in topological order, optionally only those with ``node.op == op``."""
+        return (n for n in self.graph.nodes if op is None or n.op == op)
+
+    def node(self, name: str) -> torch.fx.Node:
+        """The node called ``name``."""
+        for n in self.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def output_nodes(self) -> list[torch.fx.Node]:
+        """The nodes feeding the graph's output, in output-leaf order."""
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        return [a for a in out.args[0] if isinstance(a, torch.fx.Node)]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and sizes, for ``fxdiff inspect`` and notebooks."""
+        def nbytes(d):
+            return sum(t.numel() * t.element_size() for t in d.values())
+
+        ops = sum(1 for _ in self.nodes("call_function"))
+        return {
+            "nodes": len(self.graph.nodes),
+            "ops": ops,
+            "inputs": sum(1 for _ in self.nodes("placeholder")),
+            "params": len(self.params),
+            "values": len(self.values),
+            "grads": len(self.grads),
+            "param_grads": len(self.param_grads),
+            "bytes": {
+                "values": nbytes(self.values),
+                "grads": nbytes(self.grads),
+                "params": nbytes(self.params),
+                "param_grads": nbytes(self.param_grads),
+            },
+        }

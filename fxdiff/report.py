@@ -1,0 +1,195 @@
+"""The result of a comparison: plain dataclasses, and their JSON form (``fxdiff-report``).
+
+A ``Report`` holds everything the renderers need, including both graphs' structure, so a saved
+report can be drawn later without the captures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import FxdiffError
+
+FORMAT = "fxdiff-report"
+VERSION = 1
+
+
+@dataclasses.dataclass
+class Metrics:
+    """How one candidate tensor differs from its reference tensor."""
+
+    passed: bool
+    max_abs_diff: float
+    max_rel_diff: float
+    mean_abs_diff: float
+    cosine: float | None
+    ref_rms: float
+    mismatched: int               # elements outside the tolerance
+    numel: int
+    note: str = ""                # e.g. "shape (2, 3) vs (3, 2)", "gradient on ref only"
+    histogram: list[int] = dataclasses.field(default_factory=list)  # counts of log10|diff|, HIST_EDGES
+
+
+# histogram bins: |diff| == 0, then [1e-12, 1e-11), ..., [1e1, inf)
+HIST_EDGES = [0.0] + [10.0 ** e for e in range(-12, 2)]
+
+
+@dataclasses.dataclass
+class NodeRow:
+    """One matched pair of nodes and how their forward values and gradients compare."""
+
+    ref_node: str
+    cand_node: str
+    ref_module: str
+    cand_module: str
+    op: str
+    ref_shape: list[int] | None
+    cand_shape: list[int] | None
+    forward: Metrics | None
+    backward: Metrics | None      # None: no gradient on either side
+    rationale: str
+    confidence: float
+    depth: int                    # position in the reference's topological order
+    first_forward: bool = False
+    first_backward: bool = False
+
+
+@dataclasses.dataclass
+class ParamRow:
+    """A parameter correspondence and how the parameter gradients compare."""
+
+    ref: str
+    cand: list[str]
+    transform: dict
+    evidence: str
+    grad: Metrics | None
+    value: Metrics | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything ``fxdiff compare`` found; ``diverged`` is the verdict."""
+
+    ref: dict[str, Any]
+    cand: dict[str, Any]
+    tolerance: dict[str, float]
+    outputs: list[dict[str, Any]]     # {"ref": path, "cand": path, "metrics": Metrics}
+    nodes: list[NodeRow]
+    params: list[ParamRow]
+    unmatched: dict[str, list[dict[str, Any]]]   # {"ref": [...], "cand": [...]}
+    graph: dict[str, list[dict[str, Any]]]       # structure of both graphs, for rendering
+
+    @property
+    def forward_output_match(self) -> bool:
+        return bool(self.outputs) and all(o["metrics"].passed for o in self.outputs)
+
+    @property
+    def diverged(self) -> bool:
+        """True when any output, node value, gradient or parameter gradient differs."""
+        s = self.summary()
+        return (not s["forward_output_match"] or s["param_grads"]["mismatched"] > 0
+                or s["nodes"]["forward_mismatches"] > 0 or s["nodes"]["backward_mismatches"] > 0)
+
+    def first_divergence(self) -> dict[str, list[dict[str, Any]]]:
+        """The earliest mismatching nodes, forward and backward, whose matched inputs all match."""
+        def entry(row: NodeRow, m: Metrics) -> dict[str, Any]:
+            return {"ref_node": row.ref_node, "cand_node": row.cand_node, "ref_module": row.ref_module,
+                    "cand_module": row.cand_module, "op": row.op, "max_abs_diff": m.max_abs_diff,
+                    "max_rel_diff": m.max_rel_diff, "cosine": m.cosine}
+        return {
+            "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward],
+            "backward": [entry(r, r.backward) for r in self.nodes if r.first_backward],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and match rates."""
+        fwd = [r.forward for r in self.nodes if r.forward is not None]
+        bwd = [r.backward for r in self.nodes if r.backward is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
+        ok = sum(g.passed for g in grads)
+        return {
+            "forward_output_match": self.forward_output_match,
+            "param_grads": {"matched": ok, "mismatched": len(grads) - ok,
+                            "match_rate": ok / len(grads) if grads else 1.0},
+            "nodes": {
+                "pairs": len(self.nodes),
+                "forward_matches": sum(m.passed for m in fwd),
+                "forward_mismatches": sum(not m.passed for m in fwd),
+                "backward_matches": sum(m.passed for m in bwd),
+                "backward_mismatches": sum(not m.passed for m in bwd),
+                "forward_match_rate": sum(m.passed for m in fwd) / len(fwd) if fwd else 1.0,
+                "backward_match_rate": sum(m.passed for m in bwd) / len(bwd) if bwd else 1.0,
+                "unmatched_ref": len(self.unmatched.get("ref", [])),
+                "unmatched_cand": len(self.unmatched.get("cand", [])),
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document written by ``compare --json``."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "verdict": "diverged" if self.diverged else "match",
+            "ref": self.ref,
+            "cand": self.cand,
+            "tolerance": self.tolerance,
+            "summary": self.summary(),
+            "first_divergence": self.first_divergence(),
+            "outputs": [{**o, "metrics": dataclasses.asdict(o["metrics"])} for o in self.outputs],
+            "nodes": [dataclasses.asdict(r) for r in self.nodes],
+            "params": [dataclasses.asdict(p) for p in self.params],
+            "unmatched": self.unmatched,
+            "graph": self.graph,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the JSON report atomically."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), default=_jsonable))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "Report":
+        """Rebuild a report from its JSON document."""
+        def metrics(d):
+            return Metrics(**d) if d else None
+        return cls(
+            ref=doc["ref"], cand=doc["cand"], tolerance=doc["tolerance"],
+            outputs=[{**o, "metrics": metrics(o["metrics"])} for o in doc["outputs"]],
+            nodes=[NodeRow(**{**r, "forward": metrics(r["forward"]), "backward": metrics(r["backward"])})
+                   for r in doc["nodes"]],
+            params=[ParamRow(**{**p, "grad": metrics(p["grad"]), "value": metrics(p.get("value"))})
+                    for p in doc["params"]],
+            unmatched=doc["unmatched"], graph=doc["graph"],
+        )
+
+
+def load_report(path: str | os.PathLike) -> Report:
+    """Read a report written by ``Report.save`` / ``compare --json``."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FxdiffError(f"{path}: report not found") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FxdiffError(f"{path}: not a JSON report ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise FxdiffError(f"{path}: not an {FORMAT} document")
+    if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
+        raise FxdiffError(f"{path}: report version {doc.get('version')}; this fxdiff reads up to {VERSION}")
+    try:
+        return Report.from_dict(doc)
+    except (KeyError, TypeError) as e:
+        raise FxdiffError(f"{path}: malformed report ({type(e).__name__}: {e})") from None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return repr(obj)
+    return str(obj)

@@ -1,0 +1,240 @@
+"""Load what a capture needs from the command line: model, inputs and loss specs, checkpoints.
+
+A spec is ``path/to/file.py:function`` or ``package.module:function``. Loading a spec *executes*
+that file, which is the point: it is the user's own model code. Data files (inputs, checkpoints)
+are never unpickled: ``torch.load`` runs with ``weights_only=True`` and archives are read member
+by member with path checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import io
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import tree
+from .errors import FxdiffError
+
+
+def load_callable(spec: str, what: str) -> Callable:
+    """The function named by ``file.py:function`` or ``package.module:function``."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name.isidentifier():
+        raise FxdiffError(f"{what} {spec!r}: expected 'path/to/file.py:function' or 'package.module:function'")
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise FxdiffError(f"{what} {spec!r}: file {source} not found")
+        module = _import_file(path, what, spec)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as e:
+            raise FxdiffError(f"{what} {spec!r}: cannot import {source} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise FxdiffError(f"{what} {spec!r}: {source} has no function {name!r}")
+    return fn
+
+
+def _import_file(path: Path, what: str, spec: str):
+    path = path.resolve()
+    name = f"fxdiff_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # so the file can import its siblings, as when run as a script
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise FxdiffError(f"{what} {spec!r}: importing {path.name} failed ({type(e).__name__}: {e})") from None
+    return module
+
+
+def load_model(spec: str) -> torch.nn.Module:
+    """Call the zero-argument model builder named by ``spec``."""
+    model = load_callable(spec, "model")()
+    if not isinstance(model, torch.nn.Module):
+        raise FxdiffError(f"model {spec!r}: returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def load_loss(spec: str) -> Callable[[Any], torch.Tensor]:
+    """The loss function named by ``spec``: takes the model output, returns a scalar."""
+    return load_callable(spec, "loss")
+
+
+def split_call(obj: Any, what: str) -> tuple[tuple, dict]:
+    """(args, kwargs) from a tuple/list, a dict of kwargs, ``{"args", "kwargs"}`` or one tensor."""
+    if isinstance(obj, torch.Tensor):
+        return (obj,), {}
+    if isinstance(obj, (tuple, list)):
+        return tuple(obj), {}
+    if isinstance(obj, dict):
+        if obj and set(obj) <= {"args", "kwargs"}:
+            return tuple(obj.get("args", ())), dict(obj.get("kwargs", {}))
+        if all(str(k).isdigit() for k in obj):  # a flat file of positional tensors "0", "1", ...
+            return tuple(obj[k] for k in sorted(obj, key=int)), {}
+        return (), dict(obj)
+    raise FxdiffError(f"{what}: got {type(obj).__name__}; expected a tuple of args, a dict of kwargs "
+                      "or {'args': ..., 'kwargs': ...}")
+
+
+def load_inputs(spec: str) -> tuple[tuple, dict]:
+    """Model inputs from ``file.py:function``, a ``.safetensors`` file or a ``.pt`` file."""
+    if spec.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        _require_file(spec, "--inputs")
+        try:
+            flat = load_file(spec)
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+            raise FxdiffError(f"--inputs {spec}: not a readable safetensors file ({e})") from None
+        return split_call(_unflatten_args(flat), f"--inputs {spec}")
+    if spec.endswith((".pt", ".pth")):
+        return split_call(_torch_load(spec, "--inputs"), f"--inputs {spec}")
+    return split_call(load_callable(spec, "--inputs")(), f"--inputs {spec}")
+
+
+def _unflatten_args(flat: dict[str, torch.Tensor]) -> Any:
+    """Keys ``args.0`` / ``kwargs.name`` rebuild the call; other keys are kwargs or positions."""
+    if any(k.startswith(("args.", "kwargs.")) for k in flat):
+        args = [flat[k] for k in sorted((k for k in flat if k.startswith("args.")), key=lambda k: int(k[5:]))]
+        kwargs = {k[7:]: v for k, v in flat.items() if k.startswith("kwargs.")}
+        return {"args": args, "kwargs": kwargs}
+    return flat
+
+
+def _require_file(path: str, option: str) -> None:
+    if not Path(path).is_file():
+        raise FxdiffError(f"{option} {path}: file not found")
+
+
+def _torch_load(source: str | io.BytesIO, option: str, label: str | None = None) -> Any:
+    if isinstance(source, str):
+        _require_file(source, option)
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch.load raises many types for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FxdiffError(f"{option} {label or source}: cannot be loaded safely (weights_only=True): {first}") from None
+
+
+@dataclasses.dataclass
+class CheckpointLoad:
+    """What loading a checkpoint did: keys the model lacked or did not expect, a stripped prefix."""
+
+    path: str
+    missing: list[str]
+    unexpected: list[str]
+    stripped_prefix: str = ""
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors``, ``.pt``/``.pth``/``.bin``, Lightning ``.ckpt`` or ``.nemo``."""
+    _require_file(path, "--checkpoint")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001
+            raise FxdiffError(f"--checkpoint {path}: not a readable safetensors file ({e})") from None
+    if path.endswith(".nemo"):
+        obj = _torch_load(io.BytesIO(_read_nemo_weights(path)), "--checkpoint", f"{path} (model_weights.ckpt)")
+    else:
+        obj = _torch_load(path, "--checkpoint")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FxdiffError(f"--checkpoint {path}: expected a state dict (names to tensors)")
+    return obj
+
+
+def _read_nemo_weights(path: str) -> bytes:
+    """``model_weights.ckpt`` from a ``.nemo`` tar, read in memory; unsafe member names refused."""
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name)
+                if name.name != "model_weights.ckpt":
+                    continue
+                if name.is_absolute() or ".." in name.parts or not member.isfile():
+                    raise FxdiffError(f"--checkpoint {path}: unsafe archive member {member.name!r}")
+                return tar.extractfile(member).read()
+    except tarfile.TarError as e:
+        raise FxdiffError(f"--checkpoint {path}: not a readable .nemo archive ({e})") from None
+    raise FxdiffError(f"--checkpoint {path}: no model_weights.ckpt inside the .nemo archive")
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> CheckpointLoad:
+    """Load the checkpoint at ``path`` into ``model`` (non-strict) and say what did not fit.
+
+    A prefix that every checkpoint key carries and the model lacks (``model.``, ``module.``) is
+    stripped. A checkpoint sharing no key with the model is an error.
+    """
+    state = read_state_dict(path)
+    expected = set(model.state_dict())
+    prefix = ""
+    if not expected & set(state):
+        prefix = _common_prefix(state, expected)
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    if not expected & set(state):
+        raise FxdiffError(f"--checkpoint {path}: none of its {len(state)} keys are in the model "
+                          f"(e.g. {next(iter(state), '?')!r} vs {next(iter(expected), '?')!r})")
+    result = model.load_state_dict(state, strict=False)
+    return CheckpointLoad(path, list(result.missing_keys), list(result.unexpected_keys), prefix)
+
+
+def _common_prefix(state: dict[str, Any], expected: set[str]) -> str:
+    for key in state:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i]) + "."
+            if all(k.startswith(prefix) for k in state) and key[len(prefix):] in expected:
+                return prefix
+    return ""
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``float32``/``fp32``/``float64``/``float16``/``bfloat16`` (and short forms) as a torch dtype."""
+    if name is None:
+        return None
+    aliases = {"fp32": "float32", "fp64": "float64", "double": "float64", "fp16": "float16",
+               "half": "float16", "bf16": "bfloat16"}
+    key = aliases.get(name, name)
+    if key not in _DTYPES:
+        raise FxdiffError(f"--dtype {name}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def place(model: torch.nn.Module, args: tuple, kwargs: dict, device: str | None,
+          dtype: torch.dtype | None) -> tuple[torch.nn.Module, tuple, dict]:
+    """Move the model and inputs to ``device``; cast floating tensors to ``dtype``."""
+    if device:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise FxdiffError(f"--device {device}: not a torch device") from None
+    model = model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device) if device else t
+    return model, tree.map_tensors(args, move), tree.map_tensors(kwargs, move)

@@ -1,0 +1,107 @@
+"""Nested call structures (args, kwargs, outputs) with tensors as leaves.
+
+Models take and return tuples, dicts, dataclasses and Hugging Face ``ModelOutput``s. These helpers
+walk them without pickling anything: ``flatten`` lists tensor leaves with readable paths, and
+``encode`` / ``decode`` turn a structure into JSON with tensors stored by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+
+from .errors import FxdiffError
+
+_PRIMITIVES = (type(None), bool, int, float, str)
+
+
+def _children(obj: Any) -> list[tuple[str, Any]] | None:
+    if isinstance(obj, Mapping):
+        return [(str(k), v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(obj)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    return None
+
+
+def flatten(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Tensor leaves of ``obj`` as ``(path, tensor)``, depth first, e.g. ``("logits", t)``."""
+    if isinstance(obj, torch.Tensor):
+        return [(prefix or "0", obj)]
+    children = _children(obj)
+    if children is None:
+        return []
+    out = []
+    for key, value in children:
+        out.extend(flatten(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """A copy of ``obj`` with every tensor leaf replaced by ``fn(leaf)``; other leaves kept."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def encode(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """JSON-able form of ``obj``; tensors go into ``tensors`` under keys starting with ``prefix``."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}.{len(tensors)}"
+        tensors[key] = obj.detach()
+        return {"__tensor__": key}
+    if isinstance(obj, float) and obj != obj:
+        return {"__float__": "nan"}
+    if isinstance(obj, _PRIMITIVES):
+        return obj
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return {"__" + type(obj).__name__ + "__": str(obj)}
+    if isinstance(obj, Mapping):
+        return {"__dict__": [[str(k), encode(v, tensors, prefix)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__" + ("list" if isinstance(obj, list) else "tuple") + "__":
+                [encode(v, tensors, prefix) for v in obj]}
+    children = _children(obj)
+    if children is not None:
+        return {"__dict__": [[k, encode(v, tensors, prefix)] for k, v in children]}
+    return {"__repr__": repr(obj)}
+
+
+def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``encode``: dicts come back as dicts, dataclasses as dicts."""
+    if isinstance(obj, _PRIMITIVES):
+        return obj
+    if isinstance(obj, list):
+        return [decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict) or len(obj) != 1:
+        raise FxdiffError(f"unexpected structure in capture: {str(obj)[:80]}")
+    (tag, value), = obj.items()
+    if tag == "__tensor__":
+        if value not in tensors:
+            raise FxdiffError(f"capture refers to tensor {value!r}, which is missing")
+        return tensors[value]
+    if tag == "__float__":
+        return float(value)
+    if tag == "__dtype__":
+        return getattr(torch, value.removeprefix("torch."))
+    if tag == "__device__":
+        return torch.device(value)
+    if tag == "__dict__":
+        return {k: decode(v, tensors) for k, v in value}
+    if tag == "__list__":
+        return [decode(v, tensors) for v in value]
+    if tag == "__tuple__":
+        return tuple(decode(v, tensors) for v in value)
+    if tag == "__repr__":
+        return value
+    raise FxdiffError(f"unknown tag {tag!r} in capture")

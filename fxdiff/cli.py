@@ -15,10 +15,11 @@ from . import __version__, specs, store
 from .compare import rerun
 from .errors import FxdiffError
 from .judge import Tolerance, judge
-from .match import match
+from .match import UserMap, match
 from .record import record
 
-console = Console(highlight=False)
+# Wide tables when piped to a file or CI log; the terminal's own width otherwise.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _fail(message: str) -> None:
@@ -162,11 +163,13 @@ def inspect(capture_dir: str, top: int) -> None:
 @run_options
 @click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance.")
 @click.option("--rtol", default=1e-5, show_default=True, help="Relative tolerance.")
+@click.option("--map", "map_path", type=click.Path(), help="YAML/JSON file of module regexes and parameter "
+                                                            "pairs for what the matcher cannot settle.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON here.")
 @click.option("--all", "show_all", is_flag=True, help="Show every row, not only the mismatches.")
 @guarded
-def compare(ref: str, cand: str, atol: float, rtol: float, json_path: str | None, show_all: bool,
-            **o: Any) -> None:
+def compare(ref: str, cand: str, atol: float, rtol: float, map_path: str | None, json_path: str | None,
+            show_all: bool, **o: Any) -> None:
     """Compare REF and CAND; each is a capture directory or a model spec.
 
     A model spec CAND runs on REF's saved inputs, seed, mode and loss; --inputs, --loss and the
@@ -174,25 +177,99 @@ def compare(ref: str, cand: str, atol: float, rtol: float, json_path: str | None
     """
     from .render import text
 
-    ref_cap = store.load(ref) if store.is_capture(ref) else _capture_model(_spec(ref, "REF"), o)
-    if store.is_capture(cand):
-        cand_cap = store.load(cand)
-    else:
-        model, meta = _build(_spec(cand, "CAND"), o)
-        args = kwargs = None
-        if o.get("inputs"):
-            args, kwargs = specs.load_inputs(o["inputs"])
-            _, args, kwargs = specs.place(model, args, kwargs, o.get("device"), specs.parse_dtype(o.get("dtype")))
-        loss_spec = o.get("loss") or ref_cap.meta.get("loss")
-        cand_cap = rerun(ref_cap, model, loss=_loss(loss_spec), args=args, kwargs=kwargs,
-                         meta={**meta, "loss": _abs_spec(loss_spec), "inputs": o.get("inputs") or f"{ref} (saved)"})
-    report = judge(ref_cap, cand_cap, match(ref_cap, cand_cap), Tolerance(atol, rtol),
+    user_map = UserMap.load(map_path) if map_path else None
+    ref_cap, cand_cap = _sides(ref, cand, o)
+    report = judge(ref_cap, cand_cap, match(ref_cap, cand_cap, user_map), Tolerance(atol, rtol),
                    ref_label=ref, cand_label=cand)
     console.print(text.render(report, show_all))
     if json_path:
         report.save(json_path)
         console.print(f"report written to {json_path}")
     sys.exit(1 if report.diverged else 0)
+
+
+def _sides(ref: str, cand: str, o: dict[str, Any]):
+    """The two captures to compare: loaded, or recorded live (CAND on REF's saved inputs)."""
+    ref_cap = store.load(ref) if store.is_capture(ref) else _capture_model(_spec(ref, "REF"), o)
+    if store.is_capture(cand):
+        return ref_cap, store.load(cand)
+    model, meta = _build(_spec(cand, "CAND"), o)
+    args = kwargs = None
+    if o.get("inputs"):
+        args, kwargs = specs.load_inputs(o["inputs"])
+        _, args, kwargs = specs.place(model, args, kwargs, o.get("device"), specs.parse_dtype(o.get("dtype")))
+    loss_spec = o.get("loss") or ref_cap.meta.get("loss")
+    cand_cap = rerun(ref_cap, model, loss=_loss(loss_spec), args=args, kwargs=kwargs,
+                     meta={**meta, "loss": _abs_spec(loss_spec), "inputs": o.get("inputs") or f"{ref} (saved)"})
+    return ref_cap, cand_cap
+
+
+@main.command("map-params")
+@click.argument("ref")
+@click.argument("cand")
+@run_options
+@click.option("--map", "map_path", type=click.Path(), help="YAML/JSON file of parameter pairs to impose.")
+@click.option("-o", "--output", type=click.Path(), help="Write the mapping as JSON here.")
+@click.option("--convert", "ref_checkpoint", help="A REF checkpoint to convert into CAND's layout.")
+@click.option("--out", "cand_checkpoint", type=click.Path(), help="Where --convert writes CAND's .safetensors.")
+@guarded
+def map_params(ref: str, cand: str, map_path: str | None, output: str | None, ref_checkpoint: str | None,
+               cand_checkpoint: str | None, **o: Any) -> None:
+    """Infer which CAND parameter(s) hold each REF parameter, and with what transform.
+
+    REF and CAND are captures or model specs (a CAND spec runs on REF's inputs). With --convert,
+    write a checkpoint for CAND built from a REF checkpoint through that mapping.
+    """
+    from rich.table import Table
+
+    from .params import convert, correspond
+
+    if bool(ref_checkpoint) != bool(cand_checkpoint):
+        raise FxdiffError("--convert and --out go together")
+    user = UserMap.load(map_path).params if map_path else []
+    ref_cap, cand_cap = _sides(ref, cand, o)
+    pairs, ref_left, cand_left = correspond(ref_cap.params, cand_cap.params, list(ref_cap.params),
+                                            list(cand_cap.params), user)
+    rank = {name: i for i, name in enumerate(ref_cap.params)}
+    pairs.sort(key=lambda p: rank[p.ref])
+    table = Table(title="Parameter correspondence", title_justify="left")
+    for col in ("ref parameter", "cand parameter(s)", "transform", "evidence"):
+        table.add_column(col)
+    for p in pairs:
+        table.add_row(p.ref, ", ".join(p.cand), _transform_text(p.transform), p.evidence)
+    console.print(table)
+    console.print(f"{len(pairs)} mapped; unmapped: {len(ref_left)} ref {ref_left[:8]}, "
+                  f"{len(cand_left)} cand {cand_left[:8]}")
+    if output:
+        import json
+        doc = {"format": "fxdiff-param-map", "version": 1, "ref": ref, "cand": cand,
+               "pairs": [{"ref": p.ref, "cand": list(p.cand), "transform": p.transform, "evidence": p.evidence,
+                          "confidence": p.confidence} for p in pairs],
+               "unmapped": {"ref": ref_left, "cand": cand_left}}
+        Path(output).write_text(json.dumps(doc, indent=1))
+        console.print(f"mapping written to {output}")
+    if ref_checkpoint:
+        from safetensors.torch import save_file
+        state, missing = convert(specs.read_state_dict(ref_checkpoint), pairs,
+                                 {k: tuple(v.shape) for k, v in cand_cap.params.items()})
+        tmp = Path(cand_checkpoint).with_name(f".{Path(cand_checkpoint).name}.tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(cand_checkpoint)
+        console.print(f"converted {len(state)} tensors -> {cand_checkpoint}"
+                      + (f"; not filled: {missing}" if missing else ""))
+
+
+def _transform_text(t: dict) -> str:
+    kind = t.get("kind", "identity")
+    if kind == "chain":
+        return " then ".join(_transform_text(s) for s in t["steps"])
+    if kind == "rows":
+        return f"rows {t['start']}:{t['stop']}"
+    if kind == "reshape":
+        return f"reshape {tuple(t['shape'])}"
+    if kind == "permute_rows":
+        return "row permutation"
+    return kind
 
 
 def _spec(side: str, name: str) -> str:

@@ -10,7 +10,7 @@ import torch
 from . import store
 from .capture import Capture
 from .judge import Tolerance, judge
-from .match import match
+from .match import UserMap, match
 from .record import record
 from .report import Report
 
@@ -33,14 +33,14 @@ def rerun(ref: Capture, model: torch.nn.Module, *, loss: Callable[[Any], torch.T
 
 
 def compare(ref: Side, cand: Side | torch.nn.Module, *, tolerance: Tolerance = Tolerance(),
-            loss: Callable[[Any], torch.Tensor] | None = None) -> Report:
+            loss: Callable[[Any], torch.Tensor] | None = None, user_map: UserMap | None = None) -> Report:
     """Align ``cand`` to ``ref`` and judge every pair; a module ``cand`` runs on ``ref``'s inputs."""
     ref_capture = as_capture(ref)
     if isinstance(cand, torch.nn.Module):
         cand_capture = rerun(ref_capture, cand, loss=loss)
     else:
         cand_capture = as_capture(cand)
-    alignment = match(ref_capture, cand_capture)
+    alignment = match(ref_capture, cand_capture, user_map)
     return judge(ref_capture, cand_capture, alignment, tolerance,
                  ref_label=_label(ref), cand_label=_label(cand))
 

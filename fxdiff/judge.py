@@ -12,6 +12,7 @@ descendants all pass. Parallel branches can each have one, so every frontier pai
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -20,7 +21,9 @@ import torch.fx
 
 from . import tree
 from .capture import DTYPE, MODULE, SHAPE, TARGET, Capture
-from .match import Alignment, Pair, node_key
+from .alignment import Alignment
+from .match import node_key
+from .params import apply_transform
 from .ops import UNINITIALISED
 from .report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
 
@@ -35,67 +38,85 @@ class Tolerance:
 
 def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance) -> Metrics:
     """Metrics of ``cand`` against ``ref`` and whether every element is within ``tol``."""
+    layout = ""
     if tuple(ref.shape) != tuple(cand.shape):
         if ref.numel() != cand.numel():
             return _failed(ref, f"shape {tuple(ref.shape)} vs {tuple(cand.shape)}")
-        cand = cand.reshape(ref.shape)
-    if not (ref.is_floating_point() or ref.is_complex()) or not (cand.is_floating_point() or cand.is_complex()):
-        a, b = ref.cpu().to(torch.float64), cand.cpu().to(torch.float64)
-        diff = (a - b).abs()
-        bad = int((a != b).sum())
-        return Metrics(passed=bad == 0, max_abs_diff=_f(diff.max()) if diff.numel() else 0.0,
-                       max_rel_diff=0.0 if bad == 0 else math.inf, mean_abs_diff=_f(diff.mean()) if diff.numel() else 0.0,
-                       cosine=None, ref_rms=_rms(a), mismatched=bad, numel=a.numel(),
-                       histogram=_histogram(diff))
-    a = ref.detach().cpu().to(torch.complex128 if ref.is_complex() else torch.float64)
-    b = cand.detach().cpu().to(a.dtype)
-    finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
-    same_special = (~finite_a & ~finite_b) & ((a == b) | (torch.isnan(a) & torch.isnan(b)))
-    special_bad = int(((~finite_a | ~finite_b) & ~same_special).sum())
-    both = finite_a & finite_b
-    diff = torch.where(both, (a - b).abs(), torch.zeros((), dtype=torch.float64))
-    scale = torch.where(both, a.abs(), torch.zeros((), dtype=torch.float64))
-    bad = int((diff > tol.atol + tol.rtol * scale).sum()) + special_bad
-    rel = diff / scale.clamp_min(1e-30)
-    rel = torch.where(diff == 0, torch.zeros((), dtype=torch.float64), rel)
-    note = f"{special_bad} NaN/Inf positions differ" if special_bad else ""
+        cand, layout = _same_layout(ref, cand)
+    a, b = ref.detach().cpu(), cand.detach().cpu()
+    if a.is_complex() or b.is_complex():
+        a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
+    exact = not (a.is_floating_point() and b.is_floating_point())
+    dtype = torch.float64 if exact else torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    notes = [layout] if layout else []
+    both = None
+    if not exact and not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        fa, fb = torch.isfinite(a), torch.isfinite(b)
+        special_bad = int(((~fa | ~fb) & ~((~fa & ~fb) & ((a == b) | (a.isnan() & b.isnan())))).sum())
+        both = fa & fb
+        a, b = torch.where(both, a, 0), torch.where(both, b, 0)
+        if special_bad:
+            notes.append(f"{special_bad} NaN/Inf positions differ")
+    else:
+        special_bad = 0
+    diff = (a - b).abs()
+    scale = a.abs()
+    bad = int((diff != 0).sum()) if exact else int((diff > tol.atol + tol.rtol * scale).sum())
+    bad += special_bad
+    if diff.numel() == 0:
+        return Metrics(passed=bad == 0, max_abs_diff=0.0, max_rel_diff=0.0, mean_abs_diff=0.0, cosine=None,
+                       ref_rms=0.0, mismatched=0, numel=0, note="; ".join(notes))
+    max_abs = float(diff.max())
+    rel = float((diff / scale.clamp_min(torch.finfo(dtype).tiny)).max()) if max_abs > 0 else 0.0
     return Metrics(
         passed=bad == 0,
-        max_abs_diff=_f(diff.max()) if diff.numel() else 0.0,
-        max_rel_diff=_f(rel.max()) if rel.numel() else 0.0,
-        mean_abs_diff=_f(diff.mean()) if diff.numel() else 0.0,
-        cosine=_cosine(torch.where(both, a, 0), torch.where(both, b, 0)),
-        ref_rms=_rms(torch.where(both, a, 0)),
+        max_abs_diff=max_abs,
+        max_rel_diff=rel,
+        mean_abs_diff=float(diff.sum(dtype=torch.float64)) / diff.numel(),
+        cosine=None if exact else _cosine(a, b),
+        ref_rms=float(a.double().square().mean().sqrt()),
         mismatched=bad,
-        numel=a.numel(),
-        note=note,
-        histogram=_histogram(diff[both]),
+        numel=diff.numel(),
+        note="; ".join(notes),
+        histogram=_histogram(diff if both is None else diff[both]),
     )
 
 
-def _f(x: torch.Tensor) -> float:
-    return float(x.real if x.is_complex() else x)
+def _same_layout(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """``cand`` laid out like ``ref``: a dimension permutation when one fits (the closest one if
+    several do, e.g. square attention maps), else a reshape."""
+    if cand.dim() == ref.dim() and sorted(cand.shape) == sorted(ref.shape):
+        fits = [p for p in itertools.permutations(range(cand.dim()))
+                if tuple(cand.shape[i] for i in p) == tuple(ref.shape)]
+        if fits:
+            best = min(fits, key=lambda p: float((cand.permute(p).double() - ref.double()).abs().max()))
+            return cand.permute(best), f"candidate permuted {best}"
+    return cand.reshape(ref.shape), f"candidate reshaped from {tuple(cand.shape)}"
 
 
 def _rms(t: torch.Tensor) -> float:
-    return float(t.abs().pow(2).mean().sqrt()) if t.numel() else 0.0
+    return float(t.double().abs().square().mean().sqrt()) if t.numel() else 0.0
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    a, b = a.reshape(-1), b.reshape(-1)
-    na, nb = a.abs().pow(2).sum().sqrt(), b.abs().pow(2).sum().sqrt()
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
         return 1.0 if na == nb else 0.0
-    return float((a.conj() * b).sum().real / (na * nb))
+    return float(a.dot(b) / (na * nb))
 
 
 def _histogram(diff: torch.Tensor) -> list[int]:
-    diff = diff.reshape(-1).to(torch.float64)
-    zero = int((diff == 0).sum())
+    """Counts of |diff| == 0, then per decade from 1e-12 (first bin also holds smaller) to >= 10."""
+    diff = diff.reshape(-1)
     nz = diff[diff > 0]
-    edges = torch.tensor(HIST_EDGES[1:] + [math.inf], dtype=torch.float64)
-    counts = torch.bincount(torch.bucketize(nz, edges, right=True), minlength=len(edges) + 1)
-    return [zero] + counts.tolist()[:len(edges) + 1]
+    zero = diff.numel() - nz.numel()
+    if nz.numel() == 0:
+        return [zero] + [0] * (len(HIST_EDGES) - 1)
+    logs = nz.double().log10().clamp(-12, 1.5)
+    counts = torch.histc(logs, bins=len(HIST_EDGES) - 1, min=-12, max=2)
+    return [zero] + [int(c) for c in counts]
 
 
 def _failed(ref: torch.Tensor, note: str) -> Metrics:
@@ -135,19 +156,23 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             ref_node=pair.ref, cand_node=pair.cand,
             ref_module=rn.meta.get(MODULE, ""), cand_module=cn.meta.get(MODULE, ""), op=op,
             ref_shape=rn.meta.get(SHAPE), cand_shape=cn.meta.get(SHAPE),
-            forward=compare_tensors(ref.values[pair.ref], cand.values[pair.cand], tol),
-            backward=_grad_metrics(ref.grads.get(pair.ref), cand.grads.get(pair.cand), tol),
+            forward=compare_tensors(_cut(ref.values[pair.ref], pair.ref_slice),
+                                    _cut(cand.values[pair.cand], pair.cand_slice), tol),
+            backward=_grad_metrics(_cut(ref.grads.get(pair.ref), pair.ref_slice),
+                                   _cut(cand.grads.get(pair.cand), pair.cand_slice), tol),
             rationale=pair.rationale, confidence=pair.confidence, depth=depth[pair.ref],
+            ref_slice=list(pair.ref_slice) if pair.ref_slice else None,
+            cand_slice=list(pair.cand_slice) if pair.cand_slice else None,
         ))
+    rows, rejected = _verify_weak(ref.graph, rows)
     _mark_frontier(ref.graph, rows)
     params = []
     for pp in alignment.params:
-        ref_g = ref.param_grads.get(pp.ref)
-        cand_g = _transformed(cand.param_grads, pp)
+        cand_value = _transformed(cand.params, pp)
         params.append(ParamRow(ref=pp.ref, cand=list(pp.cand), transform=pp.transform, evidence=pp.evidence,
-                               grad=_grad_metrics(ref_g, cand_g, tol),
-                               value=compare_tensors(ref.params[pp.ref], _transformed(cand.params, pp), tol)
-                               if _transformed(cand.params, pp) is not None else None))
+                               grad=_grad_metrics(ref.param_grads.get(pp.ref), _transformed(cand.param_grads, pp), tol),
+                               value=compare_tensors(ref.params[pp.ref], cand_value, tol)
+                               if cand_value is not None else None))
     return Report(
         ref={"label": ref_label, **ref.meta},
         cand={"label": cand_label, **cand.meta},
@@ -155,15 +180,23 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         outputs=_compare_outputs(ref, cand, tol),
         nodes=rows,
         params=params,
-        unmatched={"ref": [_describe(ref_nodes[n]) for n in alignment.unmatched_ref],
-                   "cand": [_describe(cand_nodes[n]) for n in alignment.unmatched_cand]},
+        unmatched={"ref": [_describe(ref_nodes[n]) for n in alignment.unmatched_ref]
+                   + [_describe(ref_nodes[r.ref_node], WEAK_REASON) for r in rejected],
+                   "cand": [_describe(cand_nodes[n]) for n in alignment.unmatched_cand]
+                   + [_describe(cand_nodes[r.cand_node], WEAK_REASON) for r in rejected],
+                   "ref_params": alignment.unmatched_ref_params,
+                   "cand_params": alignment.unmatched_cand_params},
         graph={"ref": _structure(ref), "cand": _structure(cand)},
     )
 
 
+def _cut(t: torch.Tensor | None, block: tuple[int, int] | None) -> torch.Tensor | None:
+    """The ``start:stop`` block of the last dimension (the part of a fused output that pairs)."""
+    return t if t is None or block is None else t[..., block[0]:block[1]]
+
+
 def _transformed(table: dict[str, torch.Tensor], pp) -> torch.Tensor | None:
     """The candidate tensor(s) of a parameter pair mapped into the reference's layout."""
-    from .params import apply_transform
     parts = [table.get(name) for name in pp.cand]
     if any(p is None for p in parts):
         return None
@@ -180,9 +213,44 @@ def _compare_outputs(ref: Capture, cand: Capture, tol: Tolerance) -> list[dict[s
     return rows
 
 
-def _describe(node: torch.fx.Node) -> dict[str, Any]:
+def _describe(node: torch.fx.Node, reason: str = "no counterpart found") -> dict[str, Any]:
     return {"node": node.name, "module": node.meta.get(MODULE, ""), "op": node_key(node),
-            "shape": node.meta.get(SHAPE)}
+            "shape": node.meta.get(SHAPE), "reason": reason}
+
+
+WEAK = 0.75   # pairs below this confidence rest on op order alone
+WEAK_REASON = "weak match (op order only) contradicted by values with no divergence upstream"
+
+
+def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow]) -> tuple[list[NodeRow], list[NodeRow]]:
+    """Drop weak pairs whose values differ although everything matched upstream agrees.
+
+    Such a pair is more likely a mis-pairing of look-alike ops (two ``add``s of a length formula
+    written differently) than a divergence; a real divergence there still shows at the next
+    strongly matched node. Returns (kept, rejected).
+    """
+    by_ref: dict[str, list[NodeRow]] = {}
+    for r in rows:
+        by_ref.setdefault(r.ref_node, []).append(r)
+    rejected: list[NodeRow] = []
+    preds: dict[str, set[str]] = {}
+    for n in graph.nodes:  # topological: decisions upstream are final before a node is seen
+        acc: set[str] = set()
+        for a in n.all_input_nodes:
+            acc |= {a.name} if a.name in by_ref else preds.get(a.name, set())
+        preds[n.name] = acc
+        if n.name not in by_ref:
+            continue
+        clean_upstream = all(x.forward.passed for p in acc for x in by_ref[p])
+        keep = [r for r in by_ref[n.name]
+                if not (r.confidence < WEAK and not r.forward.passed and clean_upstream)]
+        rejected += [r for r in by_ref[n.name] if r not in keep]
+        if keep:
+            by_ref[n.name] = keep
+        else:
+            del by_ref[n.name]
+    kept = [r for r in rows if r.ref_node in by_ref and r in by_ref[r.ref_node]]
+    return kept, rejected
 
 
 def _structure(capture: Capture) -> list[dict[str, Any]]:
@@ -195,7 +263,9 @@ def _structure(capture: Capture) -> list[dict[str, Any]]:
 
 def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow]) -> None:
     """Set ``first_forward`` / ``first_backward`` on the frontier rows of the failing set."""
-    by_ref = {r.ref_node: r for r in rows}
+    by_ref: dict[str, list[NodeRow]] = {}
+    for r in rows:
+        by_ref.setdefault(r.ref_node, []).append(r)
     nodes = list(graph.nodes)
     preds: dict[str, set[str]] = {}
     for n in nodes:  # nearest compared ancestors, through uncompared nodes
@@ -211,7 +281,7 @@ def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow]) -> None:
         succs[n.name] = acc
     for row in rows:
         if row.forward is not None and not row.forward.passed:
-            row.first_forward = all(by_ref[p].forward.passed for p in preds[row.ref_node])
+            row.first_forward = all(x.forward.passed for p in preds[row.ref_node] for x in by_ref[p])
         if row.backward is not None and not row.backward.passed:
-            row.first_backward = all(by_ref[s].backward is None or by_ref[s].backward.passed
-                                     for s in succs[row.ref_node])
+            row.first_backward = all(x.backward is None or x.backward.passed
+                                     for s in succs[row.ref_node] for x in by_ref[s])

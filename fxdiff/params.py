@@ -1,20 +1,29 @@
-"""Parameter transforms: how a candidate's parameter(s) map onto a reference parameter.
+"""Parameter correspondence: which candidate tensor(s) hold each reference parameter, and how.
 
-A transform is a small JSON-able dict, so a mapping file can hold it and a conversion can apply it:
+Both sides of a port load the same weights, so a parameter's bytes identify it whatever its name.
+``correspond`` finds, in this order: user pairs, exact copies (also reshaped, e.g. a kernel-1
+Conv1d weight against a Linear weight), transposes, row blocks of fused tensors (q/k/v in one
+``qkv``, also transposed as in GPT-2's Conv1D), fused references against separate candidates,
+and row permutations (per-head layouts such as RoPE). Tensors with equal content (LayerNorm
+weights of ones) are paired in order of first use.
 
-- ``{"kind": "identity"}``
-- ``{"kind": "transpose"}``                   2-D weight stored transposed
-- ``{"kind": "reshape", "shape": [...]}``     e.g. a kernel-1 Conv1d weight vs a Linear weight
-- ``{"kind": "rows", "start": a, "stop": b}`` the reference is a row block of one fused candidate
-- ``{"kind": "concat"}``                      the reference is the candidates concatenated on dim 0
-- ``{"kind": "permute_rows", "index": [...]}`` rows reordered (per-head layouts such as RoPE)
-- ``{"kind": "chain", "steps": [...]}``       several of the above, applied in order
+A transform is a small JSON-able dict, so a mapping file can hold it and ``convert`` can invert it:
+
+- ``{"kind": "identity"}`` / ``{"kind": "reshape", "shape": [...]}`` / ``{"kind": "transpose"}``
+- ``{"kind": "rows", "start": a, "stop": b}``: the reference is rows a:b of one fused candidate
+- ``{"kind": "concat"}``: the reference is the candidates concatenated along dim 0
+- ``{"kind": "permute_rows", "index": [...]}``: the reference is ``cand[index]``
+- ``{"kind": "chain", "steps": [...]}``: several of the above, applied in order
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import defaultdict
+
 import torch
 
+from .alignment import ParamPair
 from .errors import FxdiffError
 
 
@@ -42,3 +51,214 @@ def apply_transform(parts: list[torch.Tensor], transform: dict) -> torch.Tensor:
     if kind == "permute_rows":
         return t[torch.as_tensor(transform["index"], dtype=torch.long)]
     raise FxdiffError(f"unknown parameter transform {kind!r}")
+
+
+def output_slice(transform: dict) -> tuple[int, int] | None:
+    """For a weight that is a row block of a fused weight: the block's output features."""
+    steps = transform["steps"] if transform.get("kind") == "chain" else [transform]
+    rows = [s for s in steps if s.get("kind") == "rows"]
+    return (rows[0]["start"], rows[0]["stop"]) if rows else None
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return hashlib.blake2b(data + str(t.dtype).encode(), digest_size=16).digest()
+
+
+def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
+               ref_order: list[str], cand_order: list[str],
+               user: list[ParamPair] = ()) -> tuple[list[ParamPair], list[str], list[str]]:
+    """Pair reference and candidate parameters by content: (pairs, unmatched ref, unmatched cand).
+
+    ``*_order`` list parameter names in order of first use; it decides between tensors of equal content.
+    """
+    rank_r = {n: i for i, n in enumerate(ref_order)}
+    rank_c = {n: i for i, n in enumerate(cand_order)}
+    ref_left = sorted(ref, key=lambda n: (rank_r.get(n, len(rank_r)), n))
+    cand_left = sorted(cand, key=lambda n: (rank_c.get(n, len(rank_c)), n))
+    pairs: list[ParamPair] = []
+
+    def take(new: list[ParamPair]) -> None:
+        used_r = {p.ref for p in new}
+        used_c = {c for p in new for c in p.cand}
+        pairs.extend(new)
+        ref_left[:] = [n for n in ref_left if n not in used_r]
+        cand_left[:] = [n for n in cand_left if n not in used_c]
+
+    for p in user:
+        if p.ref not in ref or any(c not in cand for c in p.cand):
+            raise FxdiffError(f"--map: parameter pair {p.ref} -> {', '.join(p.cand)} names a missing parameter")
+    take(list(user))
+    take(_by_digest(ref, cand, ref_left, cand_left, lambda t: t, {"kind": "identity"}, "identical bytes"))
+    take(_by_digest(ref, cand, ref_left, [c for c in cand_left if cand[c].dim() == 2],
+                    lambda t: t.t(), {"kind": "transpose"}, "identical bytes, transposed"))
+    take(_fused(ref, cand, ref_left, cand_left))
+    take(_fused_ref(ref, cand, ref_left, cand_left))
+    take(_permuted(ref, cand, ref_left, cand_left))
+    return pairs, ref_left, cand_left
+
+
+def _by_digest(ref, cand, ref_names, cand_names, view, transform, evidence) -> list[ParamPair]:
+    groups_c: dict[bytes, list[str]] = defaultdict(list)
+    for c in cand_names:
+        groups_c[_digest(view(cand[c]))].append(c)
+    groups_r: dict[bytes, list[str]] = defaultdict(list)
+    for r in ref_names:
+        groups_r[_digest(ref[r])].append(r)
+    out = []
+    for key, rs in groups_r.items():
+        cs = groups_c.get(key, [])
+        for r, c in zip(rs, cs):  # both lists are in order of first use
+            t = transform
+            if transform["kind"] == "identity" and tuple(ref[r].shape) != tuple(cand[c].shape):
+                t = {"kind": "reshape", "shape": list(ref[r].shape)}
+            unique = len(rs) == 1 and len(cs) == 1
+            out.append(ParamPair(r, (c,), t, evidence if unique else f"{evidence} ({len(rs)} alike, paired in order of use)",
+                                 1.0 if unique else 0.7))
+    return out
+
+
+class _BlockIndex:
+    """Tensors indexed by (trailing shape, rows, digest), to find row blocks of a fused tensor."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.table: dict[tuple, dict[int, dict[bytes, list[str]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list)))
+        for name, t in tensors.items():
+            if t.dim() >= 1:
+                self.table[tuple(t.shape[1:])][t.shape[0]][_digest(t)].append(name)
+
+    def cover(self, fused: torch.Tensor) -> list[tuple[str, int, int]] | None:
+        """Cover ``fused``'s rows with indexed blocks, in order, and remove them; None if impossible."""
+        by_rows = self.table.get(tuple(fused.shape[1:]))
+        if not by_rows or fused.dim() < 1:
+            return None
+        n = fused.shape[0]
+        sizes = sorted((r for r in by_rows if r < n), reverse=True)
+        blocks, offset, used = [], 0, set()
+        while offset < n:
+            for rows in sizes:
+                if offset + rows > n:
+                    continue
+                names = [m for m in by_rows[rows].get(_digest(fused[offset:offset + rows]), []) if m not in used]
+                if names:
+                    used.add(names[0])
+                    blocks.append((names[0], offset, offset + rows))
+                    offset += rows
+                    break
+            else:
+                return None
+        for name, start, stop in blocks:
+            by_rows[stop - start][_digest(fused[start:stop])].remove(name)
+        return blocks
+
+
+def _fused(ref, cand, ref_left, cand_left) -> list[ParamPair]:
+    """Reference parameters that are row blocks of one candidate parameter (possibly transposed)."""
+    index = _BlockIndex({r: ref[r] for r in ref_left})
+    out = []
+    for c in cand_left:
+        views = [(cand[c], [])]
+        if cand[c].dim() == 2:
+            views.append((cand[c].t(), [{"kind": "transpose"}]))
+        for view, pre in views:
+            blocks = index.cover(view)
+            if blocks:
+                for r, start, stop in blocks:
+                    rows = {"kind": "rows", "start": start, "stop": stop}
+                    t = {"kind": "chain", "steps": pre + [rows]} if pre else rows
+                    out.append(ParamPair(r, (c,), t, f"identical bytes, rows {start}:{stop} of fused {c}"))
+                break
+    return out
+
+
+def _fused_ref(ref, cand, ref_left, cand_left) -> list[ParamPair]:
+    """Reference parameters that are several candidate parameters concatenated along rows."""
+    index = _BlockIndex({c: cand[c] for c in cand_left})
+    out = []
+    for r in ref_left:
+        blocks = index.cover(ref[r])
+        if blocks:
+            names = tuple(name for name, _, _ in blocks)
+            out.append(ParamPair(r, names, {"kind": "concat"}, f"identical bytes, concatenation of {', '.join(names)}"))
+    return out
+
+
+def _permuted(ref, cand, ref_left, cand_left) -> list[ParamPair]:
+    """Same-shape parameters whose rows are the same multiset in another order."""
+    def row_keys(t):
+        return [_digest(row) for row in t.reshape(t.shape[0], -1)]
+    by_sig: dict[tuple, list[str]] = defaultdict(list)
+    keys_c = {}
+    for c in cand_left:
+        if cand[c].dim() >= 2 and cand[c].shape[0] > 1:
+            keys_c[c] = row_keys(cand[c])
+            by_sig[(tuple(cand[c].shape), tuple(sorted(keys_c[c])))].append(c)
+    out = []
+    for r in ref_left:
+        if ref[r].dim() < 2 or ref[r].shape[0] < 2:
+            continue
+        keys_r = row_keys(ref[r])
+        options = by_sig.get((tuple(ref[r].shape), tuple(sorted(keys_r))))
+        if not options:
+            continue
+        c = options.pop(0)
+        where = defaultdict(list)
+        for i, k in enumerate(keys_c[c]):
+            where[k].append(i)
+        index = [where[k].pop(0) for k in keys_r]
+        out.append(ParamPair(r, (c,), {"kind": "permute_rows", "index": index}, "identical rows, permuted"))
+    return out
+
+
+def convert(ref_state: dict[str, torch.Tensor], pairs: list[ParamPair],
+            cand_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A candidate state dict built from reference weights by inverting ``pairs``.
+
+    Returns (state dict, candidate names no pair fills).
+    """
+    out: dict[str, torch.Tensor] = {}
+    filled: dict[str, torch.Tensor] = {}
+    for p in pairs:
+        if p.ref not in ref_state:
+            continue
+        src = ref_state[p.ref]
+        if p.transform.get("kind") == "concat":
+            offset = 0
+            for c in p.cand:
+                rows = cand_shapes[c][0]
+                out[c] = src[offset:offset + rows].clone()
+                offset += rows
+            continue
+        c = p.cand[0]
+        if c not in out:
+            out[c] = torch.empty(cand_shapes[c], dtype=src.dtype)
+            filled[c] = torch.zeros(cand_shapes[c], dtype=torch.bool)
+        _write(out[c], filled[c], src, p.transform)
+    incomplete = [c for c, mask in filled.items() if not bool(mask.all())]
+    missing = [c for c in cand_shapes if c not in out] + incomplete
+    return {k: v for k, v in out.items() if k not in incomplete}, missing
+
+
+def _write(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, transform: dict) -> None:
+    """Write ``src`` (reference layout) into the part of ``dst`` the transform selects."""
+    steps = transform["steps"] if transform.get("kind") == "chain" else [transform]
+    view, mview = dst, mask
+    for step in steps:
+        kind = step.get("kind", "identity")
+        if kind == "transpose":
+            view, mview = view.t(), mview.t()
+        elif kind == "rows":
+            view, mview = view[step["start"]:step["stop"]], mview[step["start"]:step["stop"]]
+        elif kind == "reshape":
+            view, mview = view.view(step["shape"]), mview.view(step["shape"])
+        elif kind == "permute_rows":
+            index = torch.as_tensor(step["index"], dtype=torch.long)
+            view[index] = src.to(view.dtype)
+            mview[index] = True
+            return
+        elif kind != "identity":
+            raise FxdiffError(f"cannot invert parameter transform {kind!r}")
+    view.copy_(src)
+    mview.fill_(True)

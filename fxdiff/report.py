@@ -31,10 +31,11 @@ class Metrics:
     mismatched: int               # elements outside the tolerance
     numel: int
     note: str = ""                # e.g. "shape (2, 3) vs (3, 2)", "gradient on ref only"
-    histogram: list[int] = dataclasses.field(default_factory=list)  # counts of log10|diff|, HIST_EDGES
+    histogram: list[int] = dataclasses.field(default_factory=list)  # see HIST_EDGES
 
 
-# histogram bins: |diff| == 0, then [1e-12, 1e-11), ..., [1e1, inf)
+# Metrics.histogram[0] counts |diff| == 0; bin k >= 1 counts [HIST_EDGES[k], HIST_EDGES[k+1]), the
+# first decade also holding anything below 1e-12 and the last anything from 10 up.
 HIST_EDGES = [0.0] + [10.0 ** e for e in range(-12, 2)]
 
 
@@ -56,6 +57,8 @@ class NodeRow:
     depth: int                    # position in the reference's topological order
     first_forward: bool = False
     first_backward: bool = False
+    ref_slice: list[int] | None = None    # [start, stop] of the last dim compared (fused outputs)
+    cand_slice: list[int] | None = None
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@
 Module and parameter names match the reference (``port.load_state_dict(ref.state_dict())``
 works) and the numerics match exactly, but the code is organised differently: free
 helper functions, masks as float multipliers, relative-position scores gathered with
-an explicit index instead of NeMo's pad-and-reshape ``rel_shift``, a hand-written GLU.
+an explicit index instead of NeMo's pad-and-reshape ``rel_shift``.
 
 ``ConformerSSLPort(bug=NAME)`` plants one realistic porting bug, in the module
 ``BUGS[NAME]`` (the first place the outputs diverge from the reference).
@@ -182,13 +182,14 @@ class RelPosSelfAttention(nn.Module):
         # BUG rel_shift: relative position taken as j - i instead of i - j
         return (t - 1) + (i - j if self.bug == "rel_shift" else j - i)
 
-    def forward(self, x, mask, pos_emb):
-        q, k, v = (self.split_heads(lin(x)) for lin in (self.linear_q, self.linear_k, self.linear_v))
+    def forward(self, query, key, value, mask, pos_emb):
+        projections = (self.linear_q, self.linear_k, self.linear_v)
+        q, k, v = (self.split_heads(lin(x)) for lin, x in zip(projections, (query, key, value)))
         p = self.split_heads(self.linear_pos(pos_emb))
         content = torch.matmul(q + self.pos_bias_u[:, None], k.transpose(-2, -1))
         position = torch.matmul(q + self.pos_bias_v[:, None], p.transpose(-2, -1))
-        t = x.size(1)
-        index = self.relative_index(t, x.device).expand(*position.shape[:2], t, t)
+        t = query.size(1)
+        index = self.relative_index(t, query.device).expand(*position.shape[:2], t, t)
         scores = (content + torch.gather(position, 3, index)) / math.sqrt(self.d_head)
         mask = mask[:, None]
         attn = torch.softmax(scores.masked_fill(mask, -10000.0), dim=-1).masked_fill(mask, 0.0)
@@ -208,10 +209,10 @@ class ConvModule(nn.Module):
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1)
 
     def forward(self, x, pad_mask):
-        value, gate = self.pointwise_conv1(x.transpose(1, 2)).chunk(2, dim=1)
-        if self.bug == "glu_order":  # BUG glu_order: gates the wrong half
-            value, gate = gate, value
-        x = value * torch.sigmoid(gate)
+        x = self.pointwise_conv1(x.transpose(1, 2))
+        if self.bug == "glu_order":  # BUG glu_order: halves swapped, so the wrong half is gated
+            x = x.roll(x.size(1) // 2, dims=1)
+        x = F.glu(x, dim=1)
         if self.bug != "conv_padding":  # BUG conv_padding: padded frames leak into the conv
             x = x.masked_fill(pad_mask[:, None], 0.0)
         x = self.activation(self.batch_norm(self.depthwise_conv(x)))
@@ -236,7 +237,8 @@ class ConformerBlock(nn.Module):
 
     def forward(self, x, att_mask, pos_emb, pad_mask):
         x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
-        x = x + self.dropout(self.self_attn(self.norm_self_att(x), att_mask, pos_emb))
+        h = self.norm_self_att(x)
+        x = x + self.dropout(self.self_attn(h, h, h, att_mask, pos_emb))
         x = x + self.dropout(self.conv(self.norm_conv(x), pad_mask))
         ff2_scale = 1.0 if self.bug == "half_step" else 0.5  # BUG half_step: full-step residual
         x = x + ff2_scale * self.dropout(self.feed_forward2(self.norm_feed_forward2(x)))

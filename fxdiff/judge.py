@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx
@@ -130,14 +130,32 @@ def _missing_grad(side: str, numel: int) -> Metrics:
                    cosine=None, ref_rms=0.0, mismatched=numel, numel=numel, note=f"gradient on {side} only")
 
 
-def _grad_metrics(ref_g: torch.Tensor | None, cand_g: torch.Tensor | None, tol: Tolerance) -> Metrics | None:
+def grad_floor(grads: Iterable[torch.Tensor]) -> float:
+    """A tenth of the median RMS of a family of gradients: the least scale one is judged against."""
+    rms = sorted(_rms(g) for g in grads)
+    return 0.1 * rms[len(rms) // 2] if rms else 0.0
+
+
+def _grad_metrics(ref_g: torch.Tensor | None, cand_g: torch.Tensor | None, tol: Tolerance,
+                  floor: float = 0.0) -> Metrics | None:
+    """Gradients are judged relative to their scale: both are divided by the larger RMS of the two,
+    or by ``floor`` when that is larger, before the tolerance applies. The loss, and so every
+    gradient, has an arbitrary scale; and a gradient that is analytically zero holds only rounding
+    noise, which the floor (tied to the model's typical gradient) keeps from counting as a
+    difference. The reported diffs stay in the gradients' own units."""
     if ref_g is None and cand_g is None:
         return None
     if ref_g is None:
         return _missing_grad("cand", cand_g.numel())
     if cand_g is None:
         return _missing_grad("ref", ref_g.numel())
-    return compare_tensors(ref_g, cand_g, tol)
+    raw = compare_tensors(ref_g, cand_g, tol)
+    scale = max(raw.ref_rms, _rms(cand_g), floor)
+    if scale == 0 or raw.numel == 0 or not math.isfinite(raw.max_abs_diff):
+        return raw
+    scaled = compare_tensors(ref_g / scale, cand_g / scale, tol)
+    return dataclasses.replace(raw, passed=scaled.passed, mismatched=scaled.mismatched,
+                               note="; ".join(x for x in (raw.note, f"judged relative to RMS {scale:.3g}") if x))
 
 
 def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = Tolerance(),
@@ -145,6 +163,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     """Compare every aligned pair of ``ref`` and ``cand`` and build the report."""
     ref_nodes = {n.name: n for n in ref.graph.nodes}
     cand_nodes = {n.name: n for n in cand.graph.nodes}
+    node_floor, param_floor = grad_floor(ref.grads.values()), grad_floor(ref.param_grads.values())
     depth = {n.name: i for i, n in enumerate(ref.graph.nodes)}
     rows: list[NodeRow] = []
     for pair in alignment.pairs:
@@ -159,7 +178,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             forward=compare_tensors(_cut(ref.values[pair.ref], pair.ref_slice),
                                     _cut(cand.values[pair.cand], pair.cand_slice), tol),
             backward=_grad_metrics(_cut(ref.grads.get(pair.ref), pair.ref_slice),
-                                   _cut(cand.grads.get(pair.cand), pair.cand_slice), tol),
+                                   _cut(cand.grads.get(pair.cand), pair.cand_slice), tol, node_floor),
             rationale=pair.rationale, confidence=pair.confidence, depth=depth[pair.ref],
             ref_slice=list(pair.ref_slice) if pair.ref_slice else None,
             cand_slice=list(pair.cand_slice) if pair.cand_slice else None,
@@ -170,7 +189,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     for pp in alignment.params:
         cand_value = _transformed(cand.params, pp)
         params.append(ParamRow(ref=pp.ref, cand=list(pp.cand), transform=pp.transform, evidence=pp.evidence,
-                               grad=_grad_metrics(ref.param_grads.get(pp.ref), _transformed(cand.param_grads, pp), tol),
+                               grad=_grad_metrics(ref.param_grads.get(pp.ref), _transformed(cand.param_grads, pp),
+                                                  tol, param_floor),
                                value=compare_tensors(ref.params[pp.ref], cand_value, tol)
                                if cand_value is not None else None))
     return Report(

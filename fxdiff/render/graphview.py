@@ -9,8 +9,9 @@ Big graphs are cut down *before* layout:
 
 - a module can be collapsed into one box (``depth``: every module nested deeper than ``depth``
   dotted components; by default the modules that do not fit in ``max_nodes`` boxes);
-- a run of consecutive sibling modules with identical structure whose comparisons all say the
-  same thing (all clean, or all diverged downstream of the divergence) is folded into one box
+- a run of consecutive sibling modules with identical structure (the reference's ops and shapes)
+  whose comparisons all say the same thing (all clean, or all diverged downstream of the
+  divergence) is folded into one box
   ("layers.3 .. layers.16: 14 x ConformerLayer, all clean");
 - the modules around the first divergence (the node, its inputs and consumers) always stay open.
 
@@ -324,10 +325,11 @@ def _find_folds(tree: _Tree, items: list[Item], statuses: list[tuple[str, ...]],
             continue
         members = sorted(tree.subtree_items(path), key=lambda i: items[i].order)
         cut = len(path) + 1
-        sig[path] = (hash(tuple((items[i].module[cut:], items[i].op, tuple(items[i].ref_shape or ()),
-                                 items[i].side) for i in members)), len(members))
+        ref_side = [i for i in members if items[i].side != "cand_only"]   # the reference's structure
+        sig[path] = (hash(tuple((items[i].module[cut:], items[i].op, tuple(items[i].ref_shape or ()))
+                                for i in ref_side)), len(ref_side))
         flat = {s for i in members for s in statuses[i]}
-        if flat & {"first", "ref_only", "cand_only"}:
+        if "first" in flat:
             verdict[path] = None
         elif "diverged" in flat:
             verdict[path] = "diverged"

@@ -1,0 +1,91 @@
+"""Verdicts on tensor pairs and the first-divergence frontier, on real recorded models."""
+
+import math
+
+import torch
+import torch.nn as nn
+
+import fxdiff
+from fxdiff.judge import Tolerance, compare_tensors
+
+
+def test_tolerance_is_allclose_rule():
+    ref = torch.tensor([1.0, 100.0, 0.0])
+    assert compare_tensors(ref, ref + torch.tensor([0.0, 9e-4, 9e-6]), Tolerance()).passed
+    m = compare_tensors(ref, ref + torch.tensor([0.0, 2e-3, 0.0]), Tolerance())
+    assert not m.passed and m.mismatched == 1
+    assert math.isclose(m.max_abs_diff, 2e-3, rel_tol=1e-3)
+
+
+def test_nan_and_inf_compare_as_data():
+    ref = torch.tensor([float("nan"), float("inf"), 1.0])
+    assert compare_tensors(ref, ref.clone(), Tolerance()).passed
+    m = compare_tensors(ref, torch.tensor([1.0, float("inf"), 1.0]), Tolerance())
+    assert not m.passed and "NaN/Inf" in m.note
+    assert math.isfinite(m.max_abs_diff)  # one NaN does not poison the statistics
+
+
+def test_integer_tensors_must_be_equal():
+    assert compare_tensors(torch.arange(4), torch.arange(4), Tolerance()).passed
+    assert not compare_tensors(torch.arange(4), torch.arange(4) + 1, Tolerance(atol=10)).passed
+
+
+def test_layouts_are_aligned_before_comparing():
+    ref = torch.randn(2, 3, 5)
+    m = compare_tensors(ref, ref.permute(0, 2, 1).contiguous(), Tolerance())
+    assert m.passed and "permuted" in m.note
+    assert not compare_tensors(ref, torch.randn(2, 3, 4), Tolerance()).passed
+
+
+def test_histogram_counts_every_element():
+    ref = torch.zeros(1000)
+    cand = ref.clone()
+    cand[:10] = 1e-7
+    cand[10:12] = 5.0
+    m = compare_tensors(ref, cand, Tolerance())
+    assert sum(m.histogram) == 1000 and m.histogram[0] == 988
+
+
+class Branches(nn.Module):
+    """Two parallel branches joined at the end: each can diverge on its own."""
+
+    def __init__(self, eps_a=1e-5, scale_b=1.0):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6, eps=eps_a))
+        self.b = nn.Linear(6, 6)
+        self.scale_b = scale_b
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)) + self.b(x) * self.scale_b)
+
+
+def _build(**kw):
+    torch.manual_seed(0)
+    return Branches(**kw)
+
+
+def test_frontier_reports_each_diverging_branch():
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    ref = fxdiff.capture(_build(), (x,))
+    report = fxdiff.compare(ref, _build(eps_a=0.5, scale_b=1.5))
+    assert report.diverged
+    first = report.first_divergence()["forward"]
+    assert {e["ref_module"] for e in first} == {"a.1", ""}   # the LayerNorm, and the scaling mul at root
+    assert all(e["max_abs_diff"] > 1e-3 for e in first)
+    # nodes downstream of a divergence are not "first"
+    assert not any(r.first_forward for r in report.nodes if r.ref_module == "head")
+
+
+def test_clean_comparison_and_gradient_scale_invariance():
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    ref = fxdiff.capture(_build(), (x,), loss=lambda out: out.sum() * 1e-9)
+    report = fxdiff.compare(ref, _build(), loss=lambda out: out.sum() * 1e-9)
+    assert not report.diverged
+    assert report.summary()["nodes"]["backward_matches"] > 0
+    # a tiny loss scale does not make a real gradient bug pass: scale only branch b's backward
+    cand = _build()
+    cand.b.weight.register_hook(lambda g: g * 1.01)
+    report = fxdiff.compare(ref, cand, loss=lambda out: out.sum() * 1e-9)
+    bad = [p.ref for p in report.params if not p.grad.passed]
+    assert bad == ["b.weight"]

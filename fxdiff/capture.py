@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 FORMAT = "fxdiff-capture"
-VERSION = 1
+VERSION = 2
 
 # node.meta keys
 MODULE = "fxdiff_module"        # dotted path of the innermost module that called the op ("" = root)

@@ -94,7 +94,8 @@ def _capture_model(model_spec: str, o: dict[str, Any]):
     _, args, kwargs = specs.place(model, args, kwargs, o.get("device"), specs.parse_dtype(o.get("dtype")))
     meta.update(inputs=o["inputs"], loss=_abs_spec(o.get("loss")))
     return record(model, args, kwargs, loss=_loss(o.get("loss")), seed=o.get("seed") or 0,
-                  mode=o.get("mode") or "eval", keep_dropout=bool(o.get("keep_dropout")), meta=meta)
+                  mode=o.get("mode") or "eval", keep_dropout=bool(o.get("keep_dropout")), meta=meta,
+                  tracer=o.get("tracer") or "eager")
 
 
 def _abs_spec(spec: str | None) -> str | None:
@@ -115,6 +116,9 @@ def main() -> None:
 @click.argument("model")
 @run_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Capture directory to write.")
+@click.option("--tracer", type=click.Choice(["eager", "fx"]), default="eager", show_default=True,
+              help="eager: record the model's own run; fx: run its torch.fx.symbolic_trace graph "
+                   "(refused unless outputs and gradients equal eager's).")
 @guarded
 def capture(model: str, output: str, **o: Any) -> None:
     """Run MODEL (file.py:function or package.module:function) and record it."""
@@ -157,6 +161,74 @@ def inspect(capture_dir: str, top: int) -> None:
     console.print(table)
 
 
+def shape_options(fn):
+    """Options that say how to draw a report: direction, metric, collapsing, folding."""
+    from .render.scale import METRICS
+    options = [
+        click.option("--direction", type=click.Choice(["forward", "backward", "both"]), default="both",
+                     show_default=True, help="Draw forward values, backward gradients, or both side by side."),
+        click.option("--metric", type=click.Choice(list(METRICS)), default="max_abs", show_default=True,
+                     help="Error measure that colours the nodes (log scale)."),
+        click.option("--depth", type=click.IntRange(min=1), help="Collapse modules nested deeper than N "
+                     "(default: fit the drawing to --max-nodes boxes)."),
+        click.option("--max-nodes", type=click.IntRange(min=1), default=150, show_default=True,
+                     help="Box budget: without --depth, modules open while they fit; past it, runs of "
+                          "similar consecutive ops merge into one box."),
+        click.option("--focus/--no-focus", default=True, show_default=True,
+                     help="Keep the modules around the first divergence open."),
+        click.option("--fold/--no-fold", default=True, show_default=True,
+                     help="Fold runs of identical sibling blocks that say the same thing into one box."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def drawing_options(fn):
+    """--svg, --html, --model-explorer, and how to draw."""
+    options = [
+        click.option("--svg", "svg_path", type=click.Path(dir_okay=False),
+                     help="Write the matched graph as SVG here (a .png or .pdf path gets that format)."),
+        click.option("--html", "html_path", type=click.Path(dir_okay=False),
+                     help="Write a self-contained HTML report (graph, tables, charts) here."),
+        click.option("--model-explorer", "me_path", type=click.Path(dir_okay=False),
+                     help="Write per-node metrics as Model Explorer node data (X.json; both directions: "
+                          "X.forward.json and X.backward.json)."),
+    ]
+    fn = shape_options(fn)
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+DRAWING_KEYS = ("svg_path", "html_path", "me_path", "direction", "metric", "depth", "max_nodes", "focus", "fold")
+
+
+def _drawing(o: dict[str, Any]) -> dict[str, Any]:
+    """Take the drawing options out of ``o``; fail early (before any work) when dot is missing."""
+    d = {k: o.pop(k) for k in DRAWING_KEYS if k in o}
+    if d.get("svg_path") or d.get("html_path"):
+        from .render.svg import require_dot
+        require_dot()
+    return d
+
+
+def _draw(report, d: dict[str, Any]) -> None:
+    """Write what the drawing options ask for."""
+    shape = {k: d[k] for k in ("metric", "depth", "focus", "fold", "max_nodes") if k in d}
+    direction = d.get("direction", "both")
+    if d.get("svg_path"):
+        from .render.svg import write_svg
+        console.print(f"graph written to {write_svg(report, d['svg_path'], direction, **shape)}")
+    if d.get("html_path"):
+        from .render.html import write_html
+        console.print(f"HTML report written to {write_html(report, d['html_path'], direction, **shape)}")
+    if d.get("me_path"):
+        from .render.model_explorer import write_node_data
+        paths = write_node_data(report, d["me_path"], direction, metric=d.get("metric", "max_abs"))
+        console.print("Model Explorer node data written to " + ", ".join(map(str, paths)))
+
+
 @main.command()
 @click.argument("ref")
 @click.argument("cand")
@@ -167,6 +239,7 @@ def inspect(capture_dir: str, top: int) -> None:
                                                             "pairs for what the matcher cannot settle.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON here.")
 @click.option("--all", "show_all", is_flag=True, help="Show every row, not only the mismatches.")
+@drawing_options
 @guarded
 def compare(ref: str, cand: str, atol: float, rtol: float, map_path: str | None, json_path: str | None,
             show_all: bool, **o: Any) -> None:
@@ -177,6 +250,7 @@ def compare(ref: str, cand: str, atol: float, rtol: float, map_path: str | None,
     """
     from .render import text
 
+    drawing = _drawing(o)
     user_map = UserMap.load(map_path) if map_path else None
     ref_cap, cand_cap = _sides(ref, cand, o)
     report = judge(ref_cap, cand_cap, match(ref_cap, cand_cap, user_map), Tolerance(atol, rtol),
@@ -185,6 +259,7 @@ def compare(ref: str, cand: str, atol: float, rtol: float, map_path: str | None,
     if json_path:
         report.save(json_path)
         console.print(f"report written to {json_path}")
+    _draw(report, drawing)
     sys.exit(1 if report.diverged else 0)
 
 
@@ -222,14 +297,17 @@ def map_params(ref: str, cand: str, map_path: str | None, output: str | None, re
     """
     from rich.table import Table
 
-    from .params import convert, correspond
+    from .params import convert
 
     if bool(ref_checkpoint) != bool(cand_checkpoint):
         raise FxdiffError("--convert and --out go together")
-    user = UserMap.load(map_path).params if map_path else []
+    user = UserMap(params=UserMap.load(map_path).params) if map_path else None
     ref_cap, cand_cap = _sides(ref, cand, o)
-    pairs, ref_left, cand_left = correspond(ref_cap.params, cand_cap.params, list(ref_cap.params),
-                                            list(cand_cap.params), user)
+    # the full matcher: tensors of equal content (norms of ones, zero biases) are told apart by
+    # the matched ops that consume them
+    alignment = match(ref_cap, cand_cap, user)
+    pairs, ref_left, cand_left = (list(alignment.params), alignment.unmatched_ref_params,
+                                  alignment.unmatched_cand_params)
     rank = {name: i for i, name in enumerate(ref_cap.params)}
     pairs.sort(key=lambda p: rank[p.ref])
     table = Table(title="Parameter correspondence", title_justify="left")
@@ -278,6 +356,45 @@ def _spec(side: str, name: str) -> str:
     if ":" not in side:
         raise FxdiffError(f"{name} {side!r}: not a capture directory nor a model spec (file.py:function)")
     return side
+
+
+@main.command()
+@click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
+@drawing_options
+@guarded
+def render(report_path: str, **o: Any) -> None:
+    """Draw a saved report (compare --json): --svg, --html, --model-explorer; no captures needed."""
+    from .report import load_report
+
+    drawing = _drawing(o)
+    if not any(drawing.get(k) for k in ("svg_path", "html_path", "me_path")):
+        raise FxdiffError("nothing to write: give --svg PATH, --html PATH or --model-explorer PATH")
+    _draw(load_report(report_path), drawing)
+
+
+@main.command()
+@click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Where to write the HTML (default: REPORT with an .html suffix).")
+@click.option("--no-open", is_flag=True, help="Only write the file; do not open a browser.")
+@shape_options
+@guarded
+def view(report_path: str, output: str | None, no_open: bool, **o: Any) -> None:
+    """Write the HTML report of a saved report and open it in a browser (else print its path)."""
+    from .render.html import open_in_browser, write_html
+    from .render.svg import require_dot
+    from .report import load_report
+
+    drawing = _drawing(o)
+    require_dot()
+    report = load_report(report_path)
+    out = Path(output) if output else Path(report_path).with_suffix(".html")
+    shape = {k: drawing[k] for k in ("metric", "depth", "focus", "fold", "max_nodes") if k in drawing}
+    path = write_html(report, out, drawing.get("direction", "both"), **shape).resolve()
+    if not no_open and open_in_browser(path):
+        console.print(f"opened {path}")
+    else:
+        click.echo(str(path))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             rationale=pair.rationale, confidence=pair.confidence, depth=depth[pair.ref],
             ref_slice=list(pair.ref_slice) if pair.ref_slice else None,
             cand_slice=list(pair.cand_slice) if pair.cand_slice else None,
+            ref_block=list(pair.ref_block), cand_block=list(pair.cand_block),
         ))
     rows, rejected = _verify_weak(ref.graph, rows)
     _mark_frontier(ref.graph, rows)

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-_PREFIXES = ("torch.Tensor.", "torch.nn.functional.", "torch._C._nn.", "torch._C._linalg.",
-             "torch.special.", "torch.linalg.", "torch.fft.", "torch.", "operator.", "fxdiff.record.")
+_PREFIXES = ("torch.Tensor.", "torch._tensor.Tensor.", "torch.functional.", "torch.nn.functional.",
+             "torch._C._nn.", "torch._C._linalg.", "torch.special.", "torch.linalg.", "torch.fft.", "torch.",
+             "operator.", "_operator.", "fxdiff.record.")
 
 _ALIASES: dict[str, str] = {}
 
@@ -23,10 +24,14 @@ TRANSPARENT = {
 UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
 
+_KEYS: dict[str, str] = {}   # op_key's answers so far
+
+
 def register(key: str, *names: str) -> None:
     """Map each stripped op name in ``names`` to the canonical ``key``."""
     for name in names:
         _ALIASES[name] = key
+    _KEYS.clear()
 
 
 register("linear", "linear", "addmm")
@@ -35,6 +40,7 @@ register("add", "add", "__add__", "__radd__", "__iadd__", "add_")
 register("sub", "sub", "__sub__", "__rsub__", "__isub__", "sub_", "subtract", "rsub")
 register("mul", "mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply")
 register("div", "div", "__truediv__", "__rtruediv__", "__itruediv__", "div_", "true_divide", "divide")
+register("floor_divide", "floor_divide", "__floordiv__", "__rfloordiv__", "__ifloordiv__")
 register("neg", "neg", "__neg__", "negative")
 register("pow", "pow", "__pow__", "__rpow__", "square")
 register("getitem", "__getitem__", "getitem")
@@ -57,6 +63,13 @@ register("mutated", "mutated")
 
 def op_key(target: str) -> str:
     """Canonical key of a stored target name, e.g. ``torch.Tensor.__mul__`` -> ``mul``."""
+    key = _KEYS.get(target)
+    if key is None:
+        key = _KEYS[target] = _op_key(target)
+    return key
+
+
+def _op_key(target: str) -> str:
     name = target
     for prefix in _PREFIXES:
         if name.startswith(prefix):

@@ -4,14 +4,18 @@ Both sides of a port load the same weights, so a parameter's bytes identify it w
 ``correspond`` finds, in this order: user pairs, exact copies (also reshaped, e.g. a kernel-1
 Conv1d weight against a Linear weight), transposes, row blocks of fused tensors (q/k/v in one
 ``qkv``, also transposed as in GPT-2's Conv1D), fused references against separate candidates,
-and row permutations (per-head layouts such as RoPE). Tensors with equal content (LayerNorm
-weights of ones) are paired in order of first use.
+(also transposed, GPT-2's ``c_attn`` against separate q/k/v), and row permutations (per-head
+layouts such as RoPE). Tensors with equal content (LayerNorm weights of ones, zero biases) are
+paired in order of first use with confidence 0.7; the matcher (``match.GraphMatcher``) re-pairs
+them through the matched ops that consume them, and only content unique on both sides (confidence
+1.0) anchors ops.
 
 A transform is a small JSON-able dict, so a mapping file can hold it and ``convert`` can invert it:
 
 - ``{"kind": "identity"}`` / ``{"kind": "reshape", "shape": [...]}`` / ``{"kind": "transpose"}``
 - ``{"kind": "rows", "start": a, "stop": b}``: the reference is rows a:b of one fused candidate
-- ``{"kind": "concat"}``: the reference is the candidates concatenated along dim 0
+- ``{"kind": "concat"}``: the reference is the candidates concatenated along dim 0 (first step of
+  a chain only)
 - ``{"kind": "permute_rows", "index": [...]}``: the reference is ``cand[index]``
 - ``{"kind": "chain", "steps": [...]}``: several of the above, applied in order
 """
@@ -60,10 +64,15 @@ def output_slice(transform: dict) -> tuple[int, int] | None:
     return (rows[0]["start"], rows[0]["stop"]) if rows else None
 
 
-def _digest(t: torch.Tensor) -> bytes:
+def digest(t: torch.Tensor) -> bytes:
+    """A name-free identity of a tensor's content: a hash of its dtype and its elements in
+    row-major order (so equal for a tensor and its reshapes, not for its transpose)."""
     t = t.detach().cpu().contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return hashlib.blake2b(data + str(t.dtype).encode(), digest_size=16).digest()
+
+
+_digest = digest
 
 
 def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
@@ -78,10 +87,18 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
     ref_left = sorted(ref, key=lambda n: (rank_r.get(n, len(rank_r)), n))
     cand_left = sorted(cand, key=lambda n: (rank_c.get(n, len(rank_c)), n))
     pairs: list[ParamPair] = []
+    claimed: dict[tuple[str, bool], list[tuple[int, int]]] = defaultdict(list)  # rows of fused tensors
 
     def take(new: list[ParamPair]) -> None:
         used_r = {p.ref for p in new}
-        used_c = {c for p in new for c in p.cand}
+        used_c = set()
+        for p in new:
+            block = output_slice(p.transform)
+            if block is not None and len(p.cand) == 1:   # other rows of that tensor stay available
+                transposed = p.transform.get("kind") == "chain" and p.transform["steps"][0].get("kind") == "transpose"
+                claimed[(p.cand[0], transposed)].append(block)
+            else:
+                used_c.update(p.cand)
         pairs.extend(new)
         ref_left[:] = [n for n in ref_left if n not in used_r]
         cand_left[:] = [n for n in cand_left if n not in used_c]
@@ -90,22 +107,38 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
         if p.ref not in ref or any(c not in cand for c in p.cand):
             raise FxdiffError(f"--map: parameter pair {p.ref} -> {', '.join(p.cand)} names a missing parameter")
     take(list(user))
-    take(_by_digest(ref, cand, ref_left, cand_left, lambda t: t, {"kind": "identity"}, "identical bytes"))
-    take(_by_digest(ref, cand, ref_left, [c for c in cand_left if cand[c].dim() == 2],
-                    lambda t: t.t(), {"kind": "transpose"}, "identical bytes, transposed"))
-    take(_fused(ref, cand, ref_left, cand_left))
-    take(_fused_ref(ref, cand, ref_left, cand_left))
+    dig_r, dig_c = _Digests(ref), _Digests(cand)
+    take(_by_digest(ref, cand, ref_left, cand_left, dig_r, dig_c, False, {"kind": "identity"}, "identical bytes"))
+    take(_by_digest(ref, cand, ref_left, [c for c in cand_left if cand[c].dim() == 2], dig_r, dig_c, True,
+                    {"kind": "transpose"}, "identical bytes, transposed"))
+    take(_fused(ref, cand, ref_left, cand_left, claimed, dig_r))
+    cand_left[:] = [n for n in cand_left if (n, False) not in claimed and (n, True) not in claimed]
+    take(_fused_ref(ref, cand, ref_left, cand_left, dig_c))
     take(_permuted(ref, cand, ref_left, cand_left))
     return pairs, ref_left, cand_left
 
 
-def _by_digest(ref, cand, ref_names, cand_names, view, transform, evidence) -> list[ParamPair]:
+class _Digests(dict):
+    """Digests of named tensors (and of their transposes, under ``(name, True)``), computed once."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.tensors = tensors
+
+    def __missing__(self, key) -> bytes:
+        name, transposed = key if isinstance(key, tuple) else (key, False)
+        t = self.tensors[name]
+        self[key] = value = digest(t.t() if transposed else t)
+        return value
+
+
+def _by_digest(ref, cand, ref_names, cand_names, dig_r, dig_c, transposed, transform, evidence) -> list[ParamPair]:
     groups_c: dict[bytes, list[str]] = defaultdict(list)
     for c in cand_names:
-        groups_c[_digest(view(cand[c]))].append(c)
+        groups_c[dig_c[(c, transposed)]].append(c)
     groups_r: dict[bytes, list[str]] = defaultdict(list)
     for r in ref_names:
-        groups_r[_digest(ref[r])].append(r)
+        groups_r[dig_r[(r, False)]].append(r)
     out = []
     for key, rs in groups_r.items():
         cs = groups_c.get(key, [])
@@ -114,7 +147,8 @@ def _by_digest(ref, cand, ref_names, cand_names, view, transform, evidence) -> l
             if transform["kind"] == "identity" and tuple(ref[r].shape) != tuple(cand[c].shape):
                 t = {"kind": "reshape", "shape": list(ref[r].shape)}
             unique = len(rs) == 1 and len(cs) == 1
-            out.append(ParamPair(r, (c,), t, evidence if unique else f"{evidence} ({len(rs)} alike, paired in order of use)",
+            out.append(ParamPair(r, (c,), t,
+                                 evidence if unique else f"{evidence} ({len(rs)} alike, paired in order of use)",
                                  1.0 if unique else 0.7))
     return out
 
@@ -122,66 +156,98 @@ def _by_digest(ref, cand, ref_names, cand_names, view, transform, evidence) -> l
 class _BlockIndex:
     """Tensors indexed by (trailing shape, rows, digest), to find row blocks of a fused tensor."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], digests: dict | None = None):
         self.table: dict[tuple, dict[int, dict[bytes, list[str]]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(list)))
         for name, t in tensors.items():
             if t.dim() >= 1:
-                self.table[tuple(t.shape[1:])][t.shape[0]][_digest(t)].append(name)
+                d = digests[(name, False)] if digests is not None else _digest(t)
+                self.table[tuple(t.shape[1:])][t.shape[0]][d].append(name)
 
-    def cover(self, fused: torch.Tensor) -> list[tuple[str, int, int]] | None:
-        """Cover ``fused``'s rows with indexed blocks, in order, and remove them; None if impossible."""
+    def cover(self, fused: torch.Tensor,
+              holes: list[tuple[int, int]] = ()) -> tuple[list[tuple[str, int, int]], bool] | None:
+        """Cover ``fused``'s rows with indexed blocks, in order, and remove them; None if impossible.
+        Row ranges in ``holes`` are already accounted for and skipped.
+
+        Returns (blocks, ambiguous): ambiguous when some block's content is held by several tensors.
+        """
+        if fused.dim() < 1:
+            return None
         by_rows = self.table.get(tuple(fused.shape[1:]))
-        if not by_rows or fused.dim() < 1:
+        if not by_rows:
             return None
         n = fused.shape[0]
         sizes = sorted((r for r in by_rows if r < n), reverse=True)
-        blocks, offset, used = [], 0, set()
+        blocks, offset, used, ambiguous = [], 0, set(), False
+        holes = sorted(holes)
         while offset < n:
+            skip = next((stop for start, stop in holes if start == offset), None)
+            if skip is not None:
+                offset = skip
+                continue
+            limit = min([start for start, _ in holes if start > offset] + [n])
             for rows in sizes:
-                if offset + rows > n:
+                if offset + rows > limit:
                     continue
-                names = [m for m in by_rows[rows].get(_digest(fused[offset:offset + rows]), []) if m not in used]
+                d = _digest(fused[offset:offset + rows])
+                group = by_rows[rows].get(d, [])
+                names = [m for m in group if m not in used]
                 if names:
+                    ambiguous |= len(group) > 1
                     used.add(names[0])
-                    blocks.append((names[0], offset, offset + rows))
+                    blocks.append((names[0], offset, offset + rows, d))
                     offset += rows
                     break
             else:
                 return None
-        for name, start, stop in blocks:
-            by_rows[stop - start][_digest(fused[start:stop])].remove(name)
-        return blocks
+        if not blocks:
+            return None
+        for name, start, stop, d in blocks:
+            by_rows[stop - start][d].remove(name)
+        return [b[:3] for b in blocks], ambiguous
 
 
-def _fused(ref, cand, ref_left, cand_left) -> list[ParamPair]:
-    """Reference parameters that are row blocks of one candidate parameter (possibly transposed)."""
-    index = _BlockIndex({r: ref[r] for r in ref_left})
+def _fused(ref, cand, ref_left, cand_left, claimed, dig_r=None) -> list[ParamPair]:
+    """Reference parameters that are row blocks of one candidate parameter (possibly transposed);
+    ``claimed`` rows (of ``(name, transposed)``) are already paired."""
+    index = _BlockIndex({r: ref[r] for r in ref_left}, dig_r)
     out = []
     for c in cand_left:
-        views = [(cand[c], [])]
+        views = [(cand[c], [], claimed.get((c, False), []))]
         if cand[c].dim() == 2:
-            views.append((cand[c].t(), [{"kind": "transpose"}]))
-        for view, pre in views:
-            blocks = index.cover(view)
-            if blocks:
+            views.append((cand[c].t(), [{"kind": "transpose"}], claimed.get((c, True), [])))
+        for view, pre, holes in views:
+            found = index.cover(view, holes)
+            if found:
+                blocks, ambiguous = found
                 for r, start, stop in blocks:
                     rows = {"kind": "rows", "start": start, "stop": stop}
                     t = {"kind": "chain", "steps": pre + [rows]} if pre else rows
-                    out.append(ParamPair(r, (c,), t, f"identical bytes, rows {start}:{stop} of fused {c}"))
+                    out.append(ParamPair(r, (c,), t, f"identical bytes, rows {start}:{stop} of fused {c}"
+                                         + (" (content not unique, paired in order of use)" if ambiguous else ""),
+                                         0.7 if ambiguous else 1.0))
                 break
     return out
 
 
-def _fused_ref(ref, cand, ref_left, cand_left) -> list[ParamPair]:
-    """Reference parameters that are several candidate parameters concatenated along rows."""
-    index = _BlockIndex({c: cand[c] for c in cand_left})
+def _fused_ref(ref, cand, ref_left, cand_left, dig_c=None) -> list[ParamPair]:
+    """Reference parameters that are several candidate parameters concatenated along rows (of the
+    reference, or of its transpose as in GPT-2's ``Conv1D``)."""
+    index = _BlockIndex({c: cand[c] for c in cand_left}, dig_c)
     out = []
     for r in ref_left:
-        blocks = index.cover(ref[r])
-        if blocks:
-            names = tuple(name for name, _, _ in blocks)
-            out.append(ParamPair(r, names, {"kind": "concat"}, f"identical bytes, concatenation of {', '.join(names)}"))
+        views = [(ref[r], {"kind": "concat"})]
+        if ref[r].dim() == 2:
+            views.append((ref[r].t(), {"kind": "chain", "steps": [{"kind": "concat"}, {"kind": "transpose"}]}))
+        for view, transform in views:
+            found = index.cover(view)
+            if found:
+                blocks, ambiguous = found
+                names = tuple(name for name, _, _ in blocks)
+                out.append(ParamPair(r, names, transform, f"identical bytes, concatenation of {', '.join(names)}"
+                                     + (" (content not unique, paired in order of use)" if ambiguous else ""),
+                                     0.7 if ambiguous else 1.0))
+                break
     return out
 
 
@@ -203,12 +269,15 @@ def _permuted(ref, cand, ref_left, cand_left) -> list[ParamPair]:
         options = by_sig.get((tuple(ref[r].shape), tuple(sorted(keys_r))))
         if not options:
             continue
+        ambiguous = len(options) > 1
         c = options.pop(0)
         where = defaultdict(list)
         for i, k in enumerate(keys_c[c]):
             where[k].append(i)
         index = [where[k].pop(0) for k in keys_r]
-        out.append(ParamPair(r, (c,), {"kind": "permute_rows", "index": index}, "identical rows, permuted"))
+        out.append(ParamPair(r, (c,), {"kind": "permute_rows", "index": index},
+                             "identical rows, permuted" + (" (several candidates, paired in order of use)"
+                                                           if ambiguous else ""), 0.7 if ambiguous else 1.0))
     return out
 
 
@@ -224,12 +293,17 @@ def convert(ref_state: dict[str, torch.Tensor], pairs: list[ParamPair],
         if p.ref not in ref_state:
             continue
         src = ref_state[p.ref]
-        if p.transform.get("kind") == "concat":
+        steps = p.transform["steps"] if p.transform.get("kind") == "chain" else [p.transform]
+        if steps[0].get("kind") == "concat":  # write the concatenation, then split it
+            shapes = [tuple(cand_shapes[c]) for c in p.cand]
+            whole = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=src.dtype)
+            mask = torch.zeros(whole.shape, dtype=torch.bool)
+            _write(whole, mask, src, {"kind": "chain", "steps": steps[1:]})
             offset = 0
-            for c in p.cand:
-                rows = cand_shapes[c][0]
-                out[c] = src[offset:offset + rows].clone()
-                offset += rows
+            for c, shape in zip(p.cand, shapes):
+                out[c] = whole[offset:offset + shape[0]].clone()
+                filled[c] = mask[offset:offset + shape[0]].clone()
+                offset += shape[0]
             continue
         c = p.cand[0]
         if c not in out:

@@ -59,6 +59,8 @@ class NodeRow:
     first_backward: bool = False
     ref_slice: list[int] | None = None    # [start, stop] of the last dim compared (fused outputs)
     cand_slice: list[int] | None = None
+    ref_block: list[str] = dataclasses.field(default_factory=list)   # nodes folded into a block match
+    cand_block: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -163,16 +163,18 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def _read_nemo_weights(path: str) -> bytes:
-    """``model_weights.ckpt`` from a ``.nemo`` tar, read in memory; unsafe member names refused."""
+    """``model_weights.ckpt`` from a ``.nemo`` tar, read in memory; an archive with any member that
+    is a link or whose name is absolute or climbs out with ``..`` is refused as a whole."""
     try:
         with tarfile.open(path) as tar:
-            for member in tar.getmembers():
+            members = tar.getmembers()
+            for member in members:
                 name = Path(member.name)
-                if name.name != "model_weights.ckpt":
-                    continue
-                if name.is_absolute() or ".." in name.parts or not member.isfile():
+                if name.is_absolute() or ".." in name.parts or member.issym() or member.islnk():
                     raise FxdiffError(f"--checkpoint {path}: unsafe archive member {member.name!r}")
-                return tar.extractfile(member).read()
+            for member in members:
+                if Path(member.name).name == "model_weights.ckpt" and member.isfile():
+                    return tar.extractfile(member).read()
     except tarfile.TarError as e:
         raise FxdiffError(f"--checkpoint {path}: not a readable .nemo archive ({e})") from None
     raise FxdiffError(f"--checkpoint {path}: no model_weights.ckpt inside the .nemo archive")

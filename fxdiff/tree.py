@@ -42,7 +42,11 @@ def flatten(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """A copy of ``obj`` with every tensor leaf replaced by ``fn(leaf)``; other leaves kept."""
+    """A copy of ``obj`` with every tensor leaf replaced by ``fn(leaf)``; other leaves kept.
+
+    Containers keep their type (a ``Mapping`` other than ``dict`` becomes a ``dict``), so the copy
+    can be passed to the model in place of the original.
+    """
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
@@ -51,6 +55,40 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         return type(obj)(*(map_tensors(v, fn) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(map_tensors(v, fn) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def plain(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` as ``decode(encode(obj))`` would give it back, with tensor leaves replaced by ``fn(leaf)``.
+
+    Mappings and dataclasses become dicts, namedtuples tuples, other objects their ``repr``;
+    tensors are visited in ``flatten`` order.
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, _PRIMITIVES) or isinstance(obj, (torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, list):
+        return [plain(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(plain(v, fn) for v in obj)
+    children = _children(obj)
+    if children is not None:
+        return {k: plain(v, fn) for k, v in children}
+    return repr(obj)
+
+
+def map_leaves(obj: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
+    """A copy of a plain structure (dicts, lists, tuples) with leaves of type ``kind`` mapped by ``fn``."""
+    if isinstance(obj, kind):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_leaves(v, kind, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_leaves(v, kind, fn) for v in obj)
     return obj
 
 

@@ -74,8 +74,8 @@ def loss(output):
     log_probs, lengths = output.log_probs, output.encoded_lengths
     batch, frames, classes = log_probs.shape
     generator = torch.Generator().manual_seed(SEED)
-    targets = torch.randint(classes, (batch, frames), generator=generator)
-    valid = (torch.arange(frames) < lengths[:, None]).to(log_probs.dtype)
+    targets = torch.randint(classes, (batch, frames), generator=generator).to(log_probs.device)
+    valid = (torch.arange(frames, device=log_probs.device) < lengths[:, None]).to(log_probs.dtype)
     nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (nll * valid).sum() / valid.sum()
 

@@ -307,7 +307,7 @@ def build_view(report: Report, direction: str = "both", *, depth: int | None = N
     else:
         _fit(tree, items, statuses, expanded, folds, folded, max_nodes)
 
-    _place(view, tree, expanded, folds, item_edges)
+    _place(view, tree, expanded, folds, item_edges, statuses, focus_items, max_nodes)
     return view
 
 
@@ -390,23 +390,21 @@ def _fit(tree: _Tree, items: list[Item], statuses: list[tuple[str, ...]], expand
 
 
 def _place(view: View, tree: _Tree, expanded: set[str], folds: dict[str, list[list[str]]],
-           item_edges: list[tuple[int, int]]) -> None:
+           item_edges: list[tuple[int, int]], statuses: list[tuple[str, ...]], focus_items: set[int],
+           budget: int | None) -> None:
     """Make the units, clusters and unit edges for the chosen open modules and folds."""
     items = view.items
-    item_unit = [-1] * len(items)
     fold_of = {m: (parent, run) for parent, runs in folds.items() for run in runs for m in run}
+    units: list[Unit] = []
 
     def add_unit(unit: Unit, members: list[int]) -> None:
-        idx = len(view.units)
         unit.items = sorted(members, key=lambda i: items[i].order)
         unit.order = min((items[i].order for i in members), default=0.0)
-        view.units.append(unit)
-        for i in members:
-            item_unit[i] = idx
+        units.append(unit)
 
     def visit(path: str) -> None:
         for i in tree.direct.get(path, ()):
-            add_unit(Unit(id=f"u{len(view.units)}", kind="node", items=[], parent=path), [i])
+            add_unit(Unit(id="", kind="node", items=[], parent=path), [i])
         seen_runs: set[int] = set()
         for k in tree.children.get(path, ()):
             if k in fold_of:
@@ -415,19 +413,28 @@ def _place(view: View, tree: _Tree, expanded: set[str], folds: dict[str, list[li
                     continue
                 seen_runs.add(id(run))
                 members = [i for m in run for i in tree.subtree_items(m)]
-                add_unit(Unit(id=f"u{len(view.units)}", kind="fold", items=[], parent=path, path=run[0],
-                              modules=list(run)), members)
+                add_unit(Unit(id="", kind="fold", items=[], parent=path, path=run[0], modules=list(run)), members)
             elif k in expanded:
                 visit(k)
             else:
                 members = tree.subtree_items(k)
                 kind = "node" if len(members) == 1 else "module"
-                add_unit(Unit(id=f"u{len(view.units)}", kind=kind, items=[], parent=path if kind == "module"
+                add_unit(Unit(id="", kind=kind, items=[], parent=path if kind == "module"
                               else items[members[0]].module, path=k), members)
 
     visit("")
+    if budget is not None and len(units) > budget:
+        units = _merge_runs(units, items, statuses, focus_items, budget)
+    units.sort(key=lambda u: u.order)
+    item_unit = [-1] * len(items)
+    for idx, u in enumerate(units):
+        u.id = f"u{idx}"
+        for i in u.items:
+            item_unit[i] = idx
+    view.units = units
+
     # clusters: the open modules; one holding a single box is not worth a frame, the box goes up
-    open_paths = sorted({p for u in view.units for p in ["", *_prefixes(u.parent)]}, key=module_depth,
+    open_paths = sorted({""} | {p for u in view.units for p in _prefixes(u.parent)}, key=module_depth,
                         reverse=True)
     members: dict[str, list[int]] = defaultdict(list)
     for idx, u in enumerate(view.units):
@@ -453,3 +460,50 @@ def _place(view: View, tree: _Tree, expanded: set[str], folds: dict[str, list[li
     edges = {(item_unit[a], item_unit[b]) for a, b in item_edges}
     view.edges = sorted((a, b) for a, b in edges if a != b and a >= 0 and b >= 0)
     view.hidden = len(items) - sum(1 for u in view.units if u.kind == "node")
+
+
+def _merge_runs(units: list[Unit], items: list[Item], statuses: list[tuple[str, ...]], focus_items: set[int],
+                budget: int) -> list[Unit]:
+    """Still over budget (a module with hundreds of ops of its own, a flat graph): merge runs of
+    3 or more single-node boxes of one module that say the same thing into one box, longest runs
+    first, until the drawing fits. A run is consecutive in the whole graph's topological order, so
+    no path leaves it and comes back: merging never draws a cycle."""
+    rank = {i: r for r, i in enumerate(sorted(range(len(items)), key=lambda i: items[i].order))}
+    by_parent: dict[str, list[int]] = defaultdict(list)
+    for k, u in enumerate(units):
+        if u.kind == "node":
+            by_parent[u.parent].append(k)
+
+    def key(k: int):
+        i = units[k].items[0]
+        if i in focus_items or "first" in statuses[i]:
+            return None
+        return statuses[i], items[i].side
+
+    runs: list[list[int]] = []
+    for idxs in by_parent.values():
+        idxs.sort(key=lambda k: units[k].order)
+        run: list[int] = []
+        for k in [*idxs, None]:
+            kk = key(k) if k is not None else None
+            if kk is not None and run and key(run[0]) == kk and \
+                    rank[units[k].items[0]] == rank[units[run[-1]].items[0]] + 1:
+                run.append(k)
+                continue
+            if len(run) >= 3:
+                runs.append(run)
+            run = [k] if kk is not None else []
+    runs.sort(key=len, reverse=True)
+    excess = len(units) - budget
+    merged: set[int] = set()
+    out: list[Unit] = []
+    for run in runs:
+        if excess <= 0:
+            break
+        members = [i for k in run for i in units[k].items]
+        out.append(Unit(id="", kind="run", items=sorted(members, key=lambda i: items[i].order),
+                        parent=units[run[0]].parent, path=units[run[0]].parent,
+                        order=min(units[k].order for k in run)))
+        merged.update(run)
+        excess -= len(run) - 1
+    return [u for k, u in enumerate(units) if k not in merged] + out

@@ -2,11 +2,15 @@
 
 Boxes are coloured by divergence (see ``scale``), grouped into one frame per module, and carry
 an SVG ``<title>`` tooltip with both sides' names, shapes and metrics. Layout is Graphviz ``dot``
-(layered, the right engine for a dataflow DAG); the view is collapsed before layout so ``dot``
-only ever sees a few hundred boxes, and very large views switch to straight polyline edges.
+(layered: the engine that draws a dataflow DAG top to bottom with few crossings). Its time grows
+faster than linearly (the 20k-node benchmark graph drawn fully open took it 6 minutes on a 2-core
+machine), so the view is collapsed *before* layout (``graphview``) and ``dot`` sees a budget of
+boxes (150 by default; the same graph collapsed: 0.4 s). Views of more than ``BIG`` boxes (only
+when asked for) get polyline edges and capped network-simplex and crossing-minimisation passes.
 
-Each box's SVG element has ``id="<f|b>-u<N>"`` and classes ``unit <kind> <status>`` (e.g.
-``unit node first``), which the HTML report and the tests rely on.
+Each box's SVG element has ``id="<f|b>_u<N>"`` and classes ``unit u-<kind> <status>``
+(e.g. ``unit u-node first``; kinds: node, module, fold, run), which the HTML report and the tests
+rely on.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import html
 import os
 import re
+import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +45,50 @@ def render_svg(report: Report, direction: str = "both", *, metric: str = sc.DEFA
     return draw(view, metric)
 
 
+RASTER = {".png": "png", ".pdf": "pdf"}
+
+
 def write_svg(report: Report, path: str | os.PathLike, direction: str = "both", **options: Any) -> Path:
-    """Render ``report`` and write the SVG to ``path``."""
-    text = render_svg(report, direction, **options)
-    return _write(path, text)
+    """Render ``report`` and write the SVG to ``path`` (a ``.png`` or ``.pdf`` path gets that format,
+    laid out the same, without the hover tooltips)."""
+    fmt = RASTER.get(Path(path).suffix.lower())
+    if fmt is None:
+        return _write(path, render_svg(report, direction, **options))
+    metric = sc.check_metric(options.pop("metric", sc.DEFAULT_METRIC))
+    view = build_view(report, direction, **options)
+    dot, _ = to_dot(view, metric)
+    if fmt == "png":
+        dot.graph_attr["dpi"] = "110"
+    return _write_bytes(path, run_dot(dot, fmt))
 
 
-def draw(view: View, metric: str = sc.DEFAULT_METRIC, *, title: bool = True) -> str:
-    """Lay out a view with Graphviz and return the SVG text, tooltips filled in."""
-    dot, tooltips = to_dot(view, metric, title=title)
+def draw(view: View, metric: str = sc.DEFAULT_METRIC, *, directions: tuple[str, ...] | None = None,
+         scale: sc.Scale | None = None, title: bool = True) -> str:
+    """Lay out a view with Graphviz and return the SVG text, tooltips filled in.
+
+    ``directions`` picks the panels (default: the view's); ``scale`` the colour scale (default:
+    fitted to the view), so separately drawn panels can share one."""
+    dot, tooltips = to_dot(view, metric, directions=directions, scale=scale, title=title)
     svg = run_dot(dot)
     return _fill_titles(svg, tooltips)
 
 
-def run_dot(dot: graphviz.Digraph, fmt: str = "svg") -> str:
+def require_dot() -> None:
+    """A one-line ``FxdiffError`` unless Graphviz's ``dot`` is on PATH."""
+    if shutil.which("dot") is None:
+        raise FxdiffError(MISSING_DOT)
+
+
+MISSING_DOT = ("Graphviz `dot` was not found on PATH: install Graphviz "
+               "(apt-get install graphviz, brew install graphviz, conda install graphviz)")
+
+
+def run_dot(dot: graphviz.Digraph, fmt: str = "svg") -> str | bytes:
     """Run Graphviz ``dot``; a one-line ``FxdiffError`` when it is missing or fails."""
     try:
         out = dot.pipe(format=fmt, engine="dot")
     except graphviz.ExecutableNotFound:
-        raise FxdiffError("Graphviz `dot` was not found on PATH: install Graphviz "
-                          "(apt-get install graphviz, brew install graphviz, conda install graphviz)") from None
+        raise FxdiffError(MISSING_DOT) from None
     except graphviz.CalledProcessError as e:
         first = (e.stderr or b"").decode(errors="replace").strip().splitlines()
         raise FxdiffError(f"Graphviz dot failed: {first[0] if first else e}") from None
@@ -74,10 +104,12 @@ def fit_scale(view: View, metric: str) -> sc.Scale:
     return sc.Scale.fit(values, metric)
 
 
-def to_dot(view: View, metric: str = sc.DEFAULT_METRIC, *, title: bool = True) -> tuple[graphviz.Digraph, dict[str, str]]:
+def to_dot(view: View, metric: str = sc.DEFAULT_METRIC, *, directions: tuple[str, ...] | None = None,
+           scale: sc.Scale | None = None, title: bool = True) -> tuple[graphviz.Digraph, dict[str, str]]:
     """The DOT graph of a view, and the tooltip text of every box and frame by SVG id."""
-    scale = fit_scale(view, metric)
-    big = len(view.units) * len(view.directions) > BIG
+    directions = directions or view.directions
+    scale = scale or fit_scale(view, metric)
+    big = len(view.units) * len(directions) > BIG
     g = graphviz.Digraph("fxdiff", graph_attr={
         "rankdir": "TB", "newrank": "true", "compound": "true", "fontname": FONT, "fontsize": "11",
         "nodesep": "0.18", "ranksep": "0.32", "pad": "0.25", "bgcolor": "white", "outputorder": "edgesfirst",
@@ -87,15 +119,15 @@ def to_dot(view: View, metric: str = sc.DEFAULT_METRIC, *, title: bool = True) -
                   "margin": "0.07,0.025", "height": "0.3", "penwidth": "1"},
         edge_attr={"arrowsize": "0.55", "color": "#8f8f8f", "penwidth": "0.8"})
     if title:
-        g.attr(label=_title(view))
+        g.attr(label=_title(view, directions))
     tooltips: dict[str, str] = {}
-    g.node("legend", label=_legend(scale, view), shape="plaintext", style="", margin="0", id="legend")
-    for d in view.directions:
+    g.node("legend", label=_legend(scale), shape="plaintext", style="", margin="0", id="legend")
+    for d in directions:
         p = PREFIX[d]
-        if len(view.directions) > 1:
+        if len(directions) > 1:
             with g.subgraph(name=f"cluster_{p}") as panel:
                 panel.attr(label=f"<<b>{'forward: values' if d == 'forward' else 'backward: gradients'}</b>>",
-                           style="rounded", color="#444444", penwidth="1.4", fontsize="13", id=f"{p}-panel",
+                           style="rounded", color="#444444", penwidth="1.4", fontsize="13", id=f"{p}_panel",
                            margin="12")
                 _panel(panel, view, d, scale, tooltips)
         else:
@@ -112,7 +144,7 @@ def _panel(g: graphviz.Digraph, view: View, d: str, scale: sc.Scale, tooltips: d
         for u in cluster.units:
             _node(graph, view, u, d, summaries[u], scale, tooltips)
         for child in cluster.children:
-            cid = f"{p}-m-{_slug(child)}"
+            cid = f"{p}_m_{_slug(child)}"
             with graph.subgraph(name=f"cluster_{cid}") as sub:
                 cls = view.module_classes.get(child, "")
                 rel = child[len(path) + 1:] if path else child
@@ -146,8 +178,8 @@ def _node(g: graphviz.Digraph, view: View, u: int, d: str, s: dict[str, Any], sc
     if unit.kind != "node":
         attrs["shape"] = "box3d"
         attrs["style"] = attrs["style"].replace("rounded,", "")
-    sid = f"{PREFIX[d]}-{unit.id}"
-    attrs.update(id=sid, **{"class": f"unit {unit.kind} {status}"})
+    sid = f"{PREFIX[d]}_{unit.id}"
+    attrs.update(id=sid, **{"class": f"unit u-{unit.kind} {status}"})
     label = _node_label(view, u, d, s) if unit.kind == "node" else _box_label(view, u, s)
     g.node(f"{PREFIX[d]}_{unit.id}", label=label, **attrs)
     tooltips[sid] = tooltip(view, u, d, s, scale.metric)
@@ -199,6 +231,8 @@ def _box_label(view: View, u: int, s: dict[str, Any]) -> str:
         head = f"<b>{_esc(_rel(first, unit.parent))} .. {_esc(_rel(last, unit.parent))}</b>"
         cls = view.module_classes.get(first, "")
         lines = [head, f"{len(unit.modules)} x {_esc(cls or 'identical block')}, folded"]
+    elif unit.kind == "run":
+        lines = [f"<b>{n} consecutive ops</b>", f'<font point-size="9">{_esc(run_ops(view, u))}</font>']
     else:
         cls = view.module_classes.get(unit.path, "")
         lines = [f"<b>{_esc(_rel(unit.path, unit.parent))}</b>" + (f" ({_esc(cls)})" if cls else "")]
@@ -207,7 +241,8 @@ def _box_label(view: View, u: int, s: dict[str, Any]) -> str:
     if bad:
         facts.append(f"{bad} differ, worst {_esc(sc.fmt(s['worst']))}")
     elif counts["clean"]:
-        facts.append("all clean" if counts["clean"] + counts["none"] == n else f"{counts['clean']} clean")
+        facts.append("all clean" if counts["clean"] + counts["none"] + counts["ref_only"] + counts["cand_only"] == n
+                     else f"{counts['clean']} clean")
     unmatched = counts["ref_only"] + counts["cand_only"]
     if unmatched:
         facts.append(f"{unmatched} unmatched")
@@ -222,8 +257,12 @@ def tooltip(view: View, u: int, d: str, s: dict[str, Any], metric: str) -> str:
     unit = view.units[u]
     rows = view.report.nodes
     if unit.kind != "node":
-        head = (f"{unit.modules[0]} .. {unit.modules[-1]} ({len(unit.modules)} identical blocks, folded)"
-                if unit.kind == "fold" else f"{unit.path} ({view.module_classes.get(unit.path, 'module')}), collapsed")
+        if unit.kind == "fold":
+            head = f"{unit.modules[0]} .. {unit.modules[-1]} ({len(unit.modules)} identical blocks, folded)"
+        elif unit.kind == "run":
+            head = f"{len(unit.items)} consecutive ops in {unit.path or '<root>'}: {run_ops(view, u)}"
+        else:
+            head = f"{unit.path} ({view.module_classes.get(unit.path, 'module')}), collapsed"
         counts = s["counts"]
         parts = [head, f"{len(unit.items)} nodes: " + ", ".join(f"{v} {STATUS_WORD.get(k, k)}"
                                                               for k, v in sorted(counts.items()))]
@@ -246,7 +285,7 @@ def tooltip(view: View, u: int, d: str, s: dict[str, Any], metric: str) -> str:
         parts.append("matched, not compared (no value recorded)")
     for k in it.rows:
         r = rows[k]
-        for dd in view.directions:
+        for dd in sc.DIRECTIONS:
             m = sc.row_metrics(r, dd)
             if m is None:
                 parts.append(f"{dd}: -")
@@ -262,12 +301,19 @@ def tooltip(view: View, u: int, d: str, s: dict[str, Any], metric: str) -> str:
     return "\n".join(parts)
 
 
-def _title(view: View) -> str:
+def run_ops(view: View, u: int, most: int = 4) -> str:
+    """The commonest op keys of a merged run, e.g. ``add x12, mul x3, ...``."""
+    counts = Counter(view.items[i].op for i in view.units[u].items)
+    text = ", ".join(f"{op} x{c}" if c > 1 else op for op, c in counts.most_common(most))
+    return text + (", ..." if len(counts) > most else "")
+
+
+def _title(view: View, directions: tuple[str, ...]) -> str:
     r = view.report
     verdict = '<font color="#b00020"><b>DIVERGED</b></font>' if r.diverged else '<font color="#2e7d32"><b>MATCH</b></font>'
     fd = r.first_divergence()
     first = []
-    for d in view.directions:
+    for d in directions:
         entries = fd.get(d, [])
         if entries:
             e = entries[0] if d == "forward" else entries[-1]
@@ -283,7 +329,7 @@ def _title(view: View) -> str:
     return "<" + '<br align="left"/>'.join(lines) + '<br align="left"/>>'
 
 
-def _legend(scale: sc.Scale, view: View) -> str:
+def _legend(scale: sc.Scale) -> str:
     cells = []
     for k in range(scale.lo, scale.hi):
         fill = scale.color(10 ** (k + 0.5))
@@ -309,7 +355,7 @@ def _legend(scale: sc.Scale, view: View) -> str:
 def _fill_titles(svg: str, tooltips: dict[str, str]) -> str:
     """Replace each box's and frame's ``<title>`` (Graphviz writes the DOT name) by its tooltip."""
     def sub(m: re.Match) -> str:
-        text = tooltips.get(m.group(2))
+        text = tooltips.get(html.unescape(m.group(2)))
         return m.group(0) if text is None else f"{m.group(1)}{html.escape(text, quote=False)}</title>"
     return re.sub(r'(<g id="([^"]+)" class="[^"]*">\n<title>)[^<]*</title>', sub, svg)
 
@@ -320,6 +366,18 @@ def _write(path: str | os.PathLike, text: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FxdiffError(f"{path}: cannot write ({e.strerror or e})") from None
+    return path
+
+
+def _write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as e:
         raise FxdiffError(f"{path}: cannot write ({e.strerror or e})") from None
@@ -341,7 +399,7 @@ def _rel(path: str, parent: str) -> str:
 
 
 def _slug(path: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", path) or "root"
+    return re.sub(r"[^A-Za-z0-9_.]", "_", path) or "root"
 
 
 def _short(label: str, n: int = 60) -> str:

@@ -1,0 +1,346 @@
+"""Capture directories: round trips, damaged and hostile files, atomic writes, no unpickling."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+import fxdiff
+from fxdiff import specs
+from fxdiff.errors import FxdiffError
+from fxdiff.store import GRAPH, MANIFEST, TENSORS
+from tiny_models import build
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def conformer_capture():
+    model, args, kwargs, loss = build("conformer")
+    return fxdiff.capture(model, args, kwargs, loss=loss, meta={"note": "round trip"})
+
+
+def assert_same_structure(a, b):
+    """Equal nested structures: same container types and keys, equal tensors (dtype, shape, values)."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_structure(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_structure(x, y)
+    else:
+        assert a == b or (a != a and b != b)
+
+
+def assert_same_capture(a, b):
+    nodes_a, nodes_b = list(a.graph.nodes), list(b.graph.nodes)
+    assert [(n.name, n.op) for n in nodes_a] == [(n.name, n.op) for n in nodes_b]
+    for x, y in zip(nodes_a, nodes_b):
+        assert {k: v for k, v in x.meta.items() if k.startswith("fxdiff_")} == \
+            {k: v for k, v in y.meta.items() if k.startswith("fxdiff_")}
+        assert [getattr(i, "name", None) for i in x.all_input_nodes] == [i.name for i in y.all_input_nodes]
+        assert str(x.args) == str(y.args) and str(x.kwargs) == str(y.kwargs)
+    for table in ("values", "grads", "params", "param_grads"):
+        assert_same_structure(getattr(a, table), getattr(b, table))
+    assert_same_structure(a.inputs, b.inputs)
+    assert_same_structure(a.outputs, b.outputs)
+    assert json.loads(json.dumps(a.meta, default=str)) == b.meta
+
+
+def test_round_trip_keeps_graph_meta_tensors_and_structures(tmp_path, conformer_capture):
+    cap = conformer_capture
+    dtypes = {v.dtype for v in cap.values.values()}
+    assert {torch.complex64, torch.bool, torch.int64, torch.float32} <= dtypes
+    assert any(not v.is_contiguous() for v in cap.values.values())
+    assert isinstance(cap.outputs, dict) and set(cap.outputs) == {"log_probs", "encoded", "encoded_lengths"}
+    fxdiff.save(cap, tmp_path / "c")
+    loaded = fxdiff.load(tmp_path / "c")
+    assert_same_capture(cap, loaded)
+    assert loaded.meta["note"] == "round trip"
+
+
+@pytest.mark.parametrize("name, dtype", [("gpt2", torch.float32), ("mha", torch.float32), ("mlp", torch.bfloat16),
+                                         ("mlp", torch.float64)])
+def test_round_trip_of_model_outputs_and_dtypes(tmp_path, name, dtype):
+    model, args, kwargs, loss = build(name, dtype)
+    cap = fxdiff.capture(model, args, kwargs, loss=loss)
+    fxdiff.save(cap, tmp_path / "c")
+    loaded = fxdiff.load(tmp_path / "c")
+    assert_same_capture(cap, loaded)
+    assert {v.dtype for v in loaded.grads.values()} == {dtype}
+
+
+def test_non_tensor_inputs_and_nested_structures_round_trip(tmp_path):
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, pair, options, scale=1.0, tag="x"):
+            a, b = pair
+            h = self.lin(a) * scale + b
+            return {"h": h, "parts": [h.sum(0), (h.mean(),)], "tag": tag, "nan": float("nan")}
+
+    x = torch.randn(2, 3)
+    cap = fxdiff.capture(Nested(), ((x, x * 2), {"flag": True, "k": 3}), {"scale": 0.5, "tag": "t"})
+    assert_same_structure(cap.inputs, {"args": ((x, x * 2), {"flag": True, "k": 3}),
+                                       "kwargs": {"scale": 0.5, "tag": "t"}})
+    fxdiff.save(cap, tmp_path / "c")
+    loaded = fxdiff.load(tmp_path / "c")
+    assert_same_capture(cap, loaded)
+    assert loaded.inputs["args"][1] == {"flag": True, "k": 3} and loaded.inputs["kwargs"]["tag"] == "t"
+    assert isinstance(loaded.outputs["parts"][1], tuple) and loaded.outputs["tag"] == "t"
+
+
+def test_tensors_file_is_safetensors_with_each_storage_written_once(tmp_path, conformer_capture):
+    from safetensors.torch import load_file
+
+    cap = conformer_capture
+    fxdiff.save(cap, tmp_path / "c")
+    blobs = load_file(tmp_path / "c" / TENSORS)
+    tensors = [*cap.values.values(), *cap.grads.values(), *cap.params.values(), *cap.param_grads.values()]
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(blobs) == len(storages) < len(tensors)
+    assert sum(b.numel() for b in blobs.values()) < sum(t.numel() * t.element_size() for t in tensors)
+    loaded = fxdiff.load(tmp_path / "c")
+    view = next(n for n, v in cap.values.items() if not v.is_contiguous())
+    base = next(n for n, v in cap.values.items() if v.is_contiguous()
+                and v.untyped_storage().data_ptr() == cap.values[view].untyped_storage().data_ptr())
+    assert loaded.values[view].untyped_storage().data_ptr() == loaded.values[base].untyped_storage().data_ptr()
+
+
+# -- damaged captures -----------------------------------------------------------------------------
+
+def damage_truncate(d):
+    data = (d / TENSORS).read_bytes()
+    (d / TENSORS).write_bytes(data[: len(data) // 2])
+
+
+def damage_flip_byte(d):
+    data = bytearray((d / TENSORS).read_bytes())
+    data[len(data) - 100] ^= 0x01
+    (d / TENSORS).write_bytes(bytes(data))
+
+
+def damage_edit_graph(d):
+    doc = json.loads((d / GRAPH).read_text())
+    doc["nodes"][5]["name"] = "renamed"
+    (d / GRAPH).write_text(json.dumps(doc))
+
+
+def damage_future_version(d):
+    manifest = json.loads((d / MANIFEST).read_text())
+    manifest["version"] = 99
+    (d / MANIFEST).write_text(json.dumps(manifest))
+
+
+def damage_bad_manifest(d):
+    (d / MANIFEST).write_text("{not json")
+
+
+def damage_edit_graph_and_checksum(d):
+    """An edit that keeps the checksums consistent: a node that refers to a node that does not exist."""
+    import zlib
+    doc = json.loads((d / GRAPH).read_text())
+    doc["nodes"][6]["args"] = [{"node": "no_such_node"}]
+    data = json.dumps(doc).encode()
+    (d / GRAPH).write_bytes(data)
+    manifest = json.loads((d / MANIFEST).read_text())
+    manifest["files"][GRAPH] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    (d / MANIFEST).write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "truncated": (damage_truncate, r"tensors\.safetensors: \d+ bytes, manifest says \d+; the capture is truncated"),
+    "byte flipped": (damage_flip_byte, r"tensors\.safetensors: checksum mismatch"),
+    "graph edited": (damage_edit_graph, r"graph\.json: .*(checksum mismatch|bytes, manifest says)"),
+    "future version": (damage_future_version, r"capture format version 99; this fxdiff reads version 2"),
+    "bad manifest": (damage_bad_manifest, r"manifest\.json: not valid JSON"),
+    "no tensors": (lambda d: (d / TENSORS).unlink(), r"tensors\.safetensors: missing; the capture is incomplete"),
+    "no graph": (lambda d: (d / GRAPH).unlink(), r"graph\.json: missing; the capture is incomplete"),
+    "no manifest": (lambda d: (d / MANIFEST).unlink(), r"no manifest\.json; not an fxdiff capture"),
+    "malformed graph": (damage_edit_graph_and_checksum, r"graph\.json: malformed graph"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, conformer_capture):
+    path = tmp_path_factory.mktemp("store") / "good"
+    fxdiff.save(conformer_capture, path)
+    return path
+
+
+def copy_of(saved, tmp_path):
+    import shutil
+    return pathlib.Path(shutil.copytree(saved, tmp_path / "c"))
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_capture_gives_a_clear_error(tmp_path, saved, kind):
+    damage, message = DAMAGE[kind]
+    d = copy_of(saved, tmp_path)
+    damage(d)
+    with pytest.raises(FxdiffError, match=message):
+        fxdiff.load(d)
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fxdiff.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("kind, command", [("truncated", "inspect"), ("future version", "compare")])
+def test_damaged_capture_on_the_command_line_is_one_line_and_exit_2(tmp_path, saved, kind, command):
+    damage, message = DAMAGE[kind]
+    d = copy_of(saved, tmp_path)
+    damage(d)
+    result = run_cli(command, d, *([saved] if command == "compare" else []))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("fxdiff: error: ") and re.search(message, lines[0]), lines[0]
+
+
+def test_not_a_capture_directory(tmp_path):
+    with pytest.raises(FxdiffError, match="not a capture directory"):
+        fxdiff.load(tmp_path / "missing")
+
+
+# -- never unpickled ------------------------------------------------------------------------------
+
+class Trap:
+    """Unpickling this touches a marker file: proof that the pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_pt_file_with_a_pickled_object_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"x": torch.ones(2), "payload": Trap(marker)}, tmp_path / "inputs.pt")
+    with pytest.raises(FxdiffError, match=r"--inputs .*inputs\.pt: cannot be loaded safely \(weights_only=True\)"):
+        specs.load_inputs(str(tmp_path / "inputs.pt"))
+    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": Trap(marker)}, tmp_path / "model.ckpt")
+    with pytest.raises(FxdiffError, match=r"--checkpoint .*model\.ckpt: cannot be loaded safely"):
+        specs.read_state_dict(str(tmp_path / "model.ckpt"))
+    assert not marker.exists()
+
+
+def nemo(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_nemo_archive_with_an_escaping_member_is_refused(tmp_path):
+    weights = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, weights)
+    archive = tmp_path / "inner" / "model.nemo"
+    archive.parent.mkdir()
+    nemo(archive, {"model_config.yaml": b"a: 1", "../escaped.txt": b"x", "model_weights.ckpt": weights.getvalue()})
+    with pytest.raises(FxdiffError, match=r"unsafe archive member '\.\./escaped\.txt'"):
+        specs.read_state_dict(str(archive))
+    assert not (tmp_path / "escaped.txt").exists()
+    nemo(archive, {"/abs/model_weights.ckpt": weights.getvalue()})
+    with pytest.raises(FxdiffError, match="unsafe archive member"):
+        specs.read_state_dict(str(archive))
+
+
+def test_loading_a_capture_never_unpickles(tmp_path, saved):
+    """Loading runs with an audit hook that fails on any unpickling (the ``pickle.find_class`` event)."""
+    code = (
+        "import sys\n"
+        "def hook(event, args):\n"
+        "    if event == 'pickle.find_class':\n"
+        "        raise RuntimeError(f'unpickled {args}')\n"
+        "import torch, fxdiff\n"
+        "sys.addaudithook(hook)\n"
+        f"cap = fxdiff.load({str(saved)!r})\n"
+        "print(len(cap.values))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 100
+
+
+# -- atomic writes ------------------------------------------------------------------------------
+
+def test_failed_save_keeps_the_previous_capture_and_leaves_no_debris(tmp_path, conformer_capture):
+    path = tmp_path / "c"
+    fxdiff.save(conformer_capture, path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    broken = fxdiff.Capture(**{**conformer_capture.__dict__,
+                               "values": {**conformer_capture.values, "zz_meta": torch.empty(4, device="meta")}})
+    with pytest.raises(FxdiffError, match="cannot store value/zz_meta: a torch.strided tensor on meta"):
+        fxdiff.save(broken, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    fxdiff.load(path)
+
+
+def test_save_replaces_a_capture_but_never_another_directory(tmp_path, conformer_capture):
+    model, args, kwargs, loss = build("mlp")
+    small = fxdiff.capture(model, args, kwargs)
+    fxdiff.save(conformer_capture, tmp_path / "c")
+    fxdiff.save(small, tmp_path / "c")
+    assert len(fxdiff.load(tmp_path / "c").values) == len(small.values)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FxdiffError, match="exists and is not an fxdiff capture"):
+        fxdiff.save(small, tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_save_failing_midway_through_the_tensors_keeps_the_previous_capture(tmp_path):
+    """The file size limit (RLIMIT_FSIZE) makes the write fail part way through, as a full disk would."""
+    code = (
+        "import errno, resource, signal, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import torch, fxdiff\n"
+        "from tiny_models import build\n"
+        "model, args, kwargs, _ = build('conformer')\n"
+        "cap = fxdiff.capture(model, args, kwargs)\n"
+        f"fxdiff.save(cap, {str(tmp_path / 'c')!r})\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        f"    fxdiff.save(cap, {str(tmp_path / 'c')!r})\n"
+        "except OSError as e:\n"
+        "    print('failed', errno.errorcode[e.errno])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "failed EFBIG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert (tmp_path / "c" / TENSORS).stat().st_size > 1 << 20
+    assert len(fxdiff.load(tmp_path / "c").values) > 100

@@ -29,10 +29,11 @@ GRAD = "fxdiff_grad"            # "recorded": a gradient was stored; "none": no 
 class Capture:
     """One recorded run of a model: graph, per-node values and gradients, parameters, I/O, metadata.
 
-    ``values[name]`` is the forward value of node ``name`` as it was produced (a clone);
+    ``values[name]`` is the forward value of node ``name`` as it was produced;
     ``grads[name]`` is d(loss)/d(that value); a node with no entry in ``grads`` received no gradient,
-    which is not the same as a zero gradient. ``inputs`` and ``outputs`` keep the call's structure
-    (nested lists/tuples/dicts) with tensors in place.
+    which is not the same as a zero gradient. Values and gradients are views where the run's tensors
+    were (a transpose shares memory with its input): read them, never write to them. ``inputs`` and
+    ``outputs`` keep the call's structure (nested lists/tuples/dicts) with tensors in place.
     """
 
     graph: torch.fx.Graph

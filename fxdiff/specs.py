@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import importlib.util
 import io
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -128,8 +129,11 @@ def _torch_load(source: str | io.BytesIO, option: str, label: str | None = None)
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FxdiffError(f"{option} {label or source}: cannot be loaded safely (weights_only=True): {first}") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        reason = (f"it holds a pickled {unsafe.group(1)}, which would run code to load" if unsafe
+                  else text.splitlines()[0] if text else type(e).__name__)
+        raise FxdiffError(f"{option} {label or source}: cannot be loaded safely (weights_only=True): {reason}") from None
 
 
 @dataclasses.dataclass

@@ -29,14 +29,6 @@ from tiny_models import MODELS, build
 HOOKED = [name for name in MODELS if name != "mlp"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Probe(Recorder):
     """A recorder that also keeps, for each value, its tensor, its version and its autograd edge."""
@@ -409,3 +401,20 @@ def test_values_and_gradients_are_held_without_copies():
                      and n.args[0].name in cap.values)
     assert cap.values[transpose.name].untyped_storage().data_ptr() == \
         cap.values[transpose.args[0].name].untyped_storage().data_ptr()
+
+
+def test_tensor_inside_a_slice_is_an_input_of_the_op():
+    class Crop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, n):
+            return self.lin(x[:, :n]).sum(1)
+
+    torch.manual_seed(0)
+    x, n = torch.randn(2, 5, 4), torch.tensor(3)
+    cap = fxdiff.capture(Crop(), (x, n))
+    crop, = nodes_of(cap, "getitem")
+    assert cap.node("args_1") in crop.all_input_nodes
+    assert torch.equal(cap.values[crop.name], x[:, :3])

@@ -26,14 +26,6 @@ PORTS = Path(H.__file__).resolve()
 CONFORMER = ROOT / "examples" / "conformer" / "specs.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and steadier when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_map_params_convert_reproduces_the_reference(tmp_path):
     """Infer the GPT-2 -> port mapping, convert *another* GPT-2 checkpoint with it, load the result

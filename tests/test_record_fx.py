@@ -11,13 +11,6 @@ from fxdiff.capture import MODULE, TARGET
 from tiny_models import build
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_traceable_model_gives_the_same_capture_with_both_tracers(mode):

@@ -54,6 +54,16 @@ _INPLACE_DUNDERS = {"__setitem__", "__set__", "__iadd__", "__isub__", "__imul__"
                     "__ilshift__", "__irshift__", "__imatmul__"}
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "record_stream"}
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+def _storage_base_uses() -> int:
+    """Uses a live tensor's storage reports beyond the tensor itself, counted as ``release`` counts:
+    1 on torch 2.13, which keeps the Python storage object alive with the storage; 0 on torch 2.9."""
+    if _storage_use_count is None:
+        return 0
+    t = torch.empty(1)
+    return _storage_use_count(t.untyped_storage()._cdata) - 1
+
+
+_STORAGE_BASE_USES = _storage_base_uses()
 
 
 def mutated(tensor: torch.Tensor, *writers: torch.Tensor) -> torch.Tensor:
@@ -205,7 +215,7 @@ class Recorder(TorchFunctionMode):
             values = [self.values[n] for n in names]
             if any(v._version != self._held[n] for n, v in zip(names, values)):
                 raise Aliased(names[0])
-            ours = len({id(v) for v in values}) + 1  # + the storage object made to count
+            ours = len({id(v) for v in values}) + _STORAGE_BASE_USES
             if _storage_use_count is None or _storage_use_count(values[0].untyped_storage()._cdata) > ours:
                 for n, v in zip(names, values):
                     self.values[n] = v.clone()

@@ -41,9 +41,7 @@ alignment most.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
-import gc
 import heapq
 import re
 from collections import Counter, defaultdict
@@ -59,6 +57,7 @@ from .capture import MODULE, SHAPE, TARGET, Capture
 from .errors import FxdiffError
 from .ops import TRANSPARENT, op_key
 from .params import _Digests, correspond, digest, output_slice
+from .record import gc_paused
 
 __all__ = ["Alignment", "GraphMatcher", "Pair", "ParamPair", "UserMap", "match", "node_key"]
 
@@ -277,18 +276,6 @@ _RATIONALE = ["same module path and op order"] + [f"patience alignment (level {k
 _CONFIDENCE = [1.0, 0.95, 0.9, 0.85, 0.8]
 
 
-@contextlib.contextmanager
-def _no_gc():
-    """Many small objects and no cycles: garbage-collection passes only cost time here."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _view_index(node: torch.fx.Node) -> bool:
     """Whether ``x[idx]`` only adds or keeps dimensions (``x[:, None]``, ``x[..., None]``)."""
     if len(node.args) < 2:
@@ -308,7 +295,7 @@ class GraphMatcher:
     """Aligns a candidate capture to a reference capture; call ``match()`` for the ``Alignment``."""
 
     def __init__(self, ref: Capture, cand: Capture, user_map: UserMap | None = None):
-        with _no_gc():
+        with gc_paused():
             self.ref, self.cand = _Side(ref), _Side(cand)
         self.user_map = user_map or UserMap()
         self._alignment: Alignment | None = None
@@ -322,7 +309,7 @@ class GraphMatcher:
     def match(self) -> Alignment:
         """Compute (once) and return the alignment."""
         if self._alignment is None:
-            with _no_gc():
+            with gc_paused():
                 self._alignment = self._match()
         return self._alignment
 

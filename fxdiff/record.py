@@ -673,26 +673,40 @@ def _run_eager(model, args, kwargs, loss, seed, mode, keep_dropout, recorder_cls
             p.grad = None
         call_args, call_kwargs = clone_call(args, kwargs)
         rec = recorder_cls(model, disable_dropout=mode == "train" and not keep_dropout, copy=copy)
-        call = {"args": call_args, "kwargs": call_kwargs}
-        placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
-                        for path, t in tree.flatten(call)}
-        try:
-            with torch.enable_grad(), rec:
-                outputs = model(*call_args, **call_kwargs)
-            out_nodes = iter(rec.finish(outputs))
-            value = objective(loss, outputs, seed)
-            if value.requires_grad:
-                value.backward()
-            rec.mark_grads()
-        finally:
-            rec.remove_hooks()
-        run = Run(rec, inputs=tree.plain(call, lambda t: Slot(placeholders[id(t)])),
-                  outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
-                  params=model_tensors(model, before), param_grads=taken_grads(model),
-                  loss_value=float(value.detach().double()))
-        del call, call_args, call_kwargs, outputs, value
+        run = record_run(model, rec, call_args, call_kwargs,
+                         lambda a=call_args, k=call_kwargs: model(*a, **k), loss, seed, before)
+        del call_args, call_kwargs
         rec.release()
     return run
+
+
+def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwargs: dict,
+               forward: Callable[[], Any], loss: Loss | None, seed: int, before: dict[int, torch.Tensor],
+               check: Callable[[Any], None] | None = None) -> Run:
+    """Run ``forward()`` under ``rec``, then the loss and backward: the core every tracer shares.
+
+    ``check(outputs)`` may refuse the run before it is kept. The caller drops its own references to
+    the call and then calls ``rec.release()``.
+    """
+    call = {"args": call_args, "kwargs": call_kwargs}
+    placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
+                    for path, t in tree.flatten(call)}
+    try:
+        with torch.enable_grad(), rec:
+            outputs = forward()
+        out_nodes = iter(rec.finish(outputs))
+        value = objective(loss, outputs, seed)
+        if value.requires_grad:
+            value.backward()
+        rec.mark_grads()
+    finally:
+        rec.remove_hooks()
+    if check is not None:
+        check(outputs)
+    return Run(rec, inputs=tree.plain(call, lambda t: Slot(placeholders[id(t)])),
+               outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
+               params=model_tensors(model, before), param_grads=taken_grads(model),
+               loss_value=float(value.detach().double()))
 
 
 def model_tensors(model: torch.nn.Module, before: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,8 +24,8 @@ import torch.fx
 
 from . import tree
 from .errors import FxdiffError
-from .record import (Aliased, Loss, NoDropout, Recorder, Run, Slot, assemble, clone_call, gc_paused, model_tensors,
-                     objective, preserved_state, seed_everything, taken_grads)
+from .record import (Aliased, Loss, NoDropout, Recorder, Run, assemble, clone_call, gc_paused, objective,
+                     preserved_state, record_run, seed_everything, taken_grads)
 
 
 def record_fx(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, loss: Loss | None = None,
@@ -131,25 +131,13 @@ def _traced_run(model, args, kwargs, loss, seed, mode, disable_dropout, eager, c
         gm = trace(model, _concrete(bound))
         seed_everything(seed)  # after tracing, which may draw random numbers of its own
         rec = Recorder(model, disable_dropout=disable_dropout, copy=copy)
-        call = {"args": call_args, "kwargs": call_kwargs}
-        placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
-                        for path, t in tree.flatten(call)}
-        try:
-            with torch.enable_grad(), rec:
-                outputs = _Interpreter(gm, rec, model).run(*_positional(gm, model, bound))
-            out_nodes = iter(rec.finish(outputs))
-            value = objective(loss, outputs, seed)
-            if value.requires_grad:
-                value.backward()
-            rec.mark_grads()
-        finally:
-            rec.remove_hooks()
-        _check_against_eager(model, eager, tree.flatten(outputs), taken_grads(model))
-        run = Run(rec, inputs=tree.plain(call, lambda t: Slot(placeholders[id(t)])),
-                  outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
-                  params=model_tensors(model, before), param_grads=taken_grads(model),
-                  loss_value=float(value.detach().double()))
-        del call, call_args, call_kwargs, bound, outputs, value, gm
+        positional = _positional(gm, model, bound)
+        run = record_run(model, rec, call_args, call_kwargs,
+                         lambda run_gm=_Interpreter(gm, rec, model), a=positional: run_gm.run(*a),
+                         loss, seed, before,
+                         check=lambda outputs: _check_against_eager(model, eager, tree.flatten(outputs),
+                                                                    taken_grads(model)))
+        del call_args, call_kwargs, bound, gm, positional
         rec.release()
     return run
 

@@ -131,8 +131,9 @@ def _torch_load(source: str | io.BytesIO, option: str, label: str | None = None)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types for bad files
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        reason = (f"it holds a pickled {unsafe.group(1)}, which would run code to load" if unsafe
-                  else text.splitlines()[0] if text else type(e).__name__)
+        reason = (f"it holds a pickled {unsafe.group(1)}, which would run code to load; save the tensors "
+                  "alone (e.g. safetensors.torch.save_file(ckpt['state_dict'], ...)) where it was written"
+                  if unsafe else text.splitlines()[0] if text else type(e).__name__)
         raise FxdiffError(f"{option} {label or source}: cannot be loaded safely (weights_only=True): {reason}") from None
 
 

@@ -44,10 +44,12 @@ import bisect
 import dataclasses
 import heapq
 import re
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import networkx as nx
 import torch
 import torch.fx
 from scipy.optimize import linear_sum_assignment
@@ -225,11 +227,16 @@ class _Side:
             counts[k] += 1
             self.ordinal_sized[n] = counts[k + (self.numel[n],)]
             counts[k + (self.numel[n],)] += 1
-        # Weisfeiler-Lehman hashes over predecessors (labels: op keys), two rounds.
-        h0 = {n: hash(self.key[n]) for n in self.order}
-        h1 = {n: hash((h0[n], tuple(sorted(h0[p] for p in self.preds[n])))) for n in self.order}
-        h2 = {n: hash((h1[n], tuple(sorted(h1[p] for p in self.preds[n])))) for n in self.order}
-        self.wl = {n: (h1[n], h2[n]) for n in self.order}
+        # The computing graph, and Weisfeiler-Lehman hashes of each node's predecessors (labels: op
+        # keys, two rounds), which tell apart look-alike ops fed by different computations.
+        self.graph = nx.DiGraph()
+        self.graph.add_nodes_from((n, {"label": self.key[n]}) for n in self.order)
+        self.graph.add_edges_from((p, n) for n in self.order for p in self.preds[n])
+        with warnings.catch_warnings():  # networkx >= 3.5 notes that directed hashes changed
+            warnings.simplefilter("ignore", UserWarning)
+            hashes = nx.weisfeiler_lehman_subgraph_hashes(self.graph.reverse(copy=False), node_attr="label",
+                                                          iterations=2, digest_size=8)
+        self.wl = {n: tuple(hashes[n]) for n in self.order}
         # what a node's value is used for: pairs whose users differ are weaker evidence
         self.use = {n: frozenset(self.key[u] for u in self.succs.get(n, ())) for n in self.order}
         self._features: dict[int, dict[str, Any]] = {}

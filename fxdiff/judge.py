@@ -1,12 +1,16 @@
 """Judge an alignment: compare tensors pair by pair and find where a divergence starts.
 
 A candidate element passes when ``|cand - ref| <= atol + rtol * |ref|`` (``torch.allclose``'s rule),
-computed in float64. NaN and infinities are compared as data: equal when they sit at the same
-positions with the same sign. Integer and bool tensors must be equal.
+computed in the tensors' common floating dtype (the difference of two nearby floats is exact) with
+sums in float64. NaN and infinities are compared as data: equal when they sit at the same positions
+with the same sign. Integer and bool tensors must be equal. Gradients are judged relative to their
+scale (see ``_grad_metrics``).
 
-The first divergence is the frontier of the failing set: forward, the failing pairs whose nearest
-matched ancestors all pass; backward, the failing gradient pairs whose nearest matched
-descendants all pass. Parallel branches can each have one, so every frontier pair is reported.
+Weak pairs (matched on op order alone) whose values differ while everything matched upstream
+agrees are dropped as likely mis-pairings. The first divergence is then the frontier of the failing
+set: forward, the failing pairs whose nearest matched ancestors all pass; backward, the failing
+gradient pairs whose nearest matched descendants all pass. Parallel branches can each have one, so
+every frontier pair is reported.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ import torch
 import torch.fx
 
 from . import tree
-from .capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from .alignment import Alignment
+from .capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from .match import node_key
-from .params import apply_transform
 from .ops import UNINITIALISED
+from .params import apply_transform
 from .report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
 
 

@@ -27,6 +27,7 @@ from . import tree
 from .alignment import Alignment
 from .capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from .match import node_key
+from .isolate import replay
 from .ops import UNINITIALISED
 from .params import apply_transform
 from .report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
@@ -190,6 +191,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         ))
     rows, rejected = _verify_weak(ref.graph, rows)
     _mark_frontier(ref.graph, rows)
+    _isolate_frontier(ref, cand, rows, tol)
     params = []
     for pp in alignment.params:
         cand_value = _transformed(cand.params, pp)
@@ -284,6 +286,18 @@ def _structure(capture: Capture) -> list[dict[str, Any]]:
              "module": n.meta.get(MODULE, ""), "shape": n.meta.get(SHAPE), "dtype": n.meta.get(DTYPE),
              "inputs": [a.name for a in n.all_input_nodes]}
             for n in capture.graph.nodes]
+
+
+def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> None:
+    """Replay the candidate's block behind each forward frontier row on the reference's values."""
+    boundary = {r.cand_node: r.ref_node for r in rows
+                if r.forward.passed and r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice)}
+    for row in rows:
+        if not row.first_forward or row.ref_slice or row.cand_slice:
+            continue
+        out = replay(ref, cand, row.cand_node, boundary)
+        if isinstance(out, torch.Tensor):
+            row.isolated = compare_tensors(ref.values[row.ref_node], out, tol)
 
 
 def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow]) -> None:

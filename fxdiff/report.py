@@ -61,6 +61,17 @@ class NodeRow:
     cand_slice: list[int] | None = None
     ref_block: list[str] = dataclasses.field(default_factory=list)   # nodes folded into a block match
     cand_block: list[str] = dataclasses.field(default_factory=list)
+    # first forward divergences only: the candidate's block replayed on the reference's inputs
+    isolated: Metrics | None = None
+
+
+    def cause(self) -> str | None:
+        """What the isolated replay says of a first divergence: ``introduced`` when the candidate's
+        block alone, fed the reference's inputs, already differs; ``amplified`` when it reproduces
+        the reference, so inputs within tolerance were amplified; None when not replayed."""
+        if self.isolated is None:
+            return None
+        return "amplified" if self.isolated.passed else "introduced"
 
 
 @dataclasses.dataclass
@@ -104,7 +115,7 @@ class Report:
         def entry(row: NodeRow, m: Metrics) -> dict[str, Any]:
             return {"ref_node": row.ref_node, "cand_node": row.cand_node, "ref_module": row.ref_module,
                     "cand_module": row.cand_module, "op": row.op, "max_abs_diff": m.max_abs_diff,
-                    "max_rel_diff": m.max_rel_diff, "cosine": m.cosine}
+                    "max_rel_diff": m.max_rel_diff, "cosine": m.cosine, "isolated": row.cause()}
         return {
             "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward],
             "backward": [entry(r, r.backward) for r in self.nodes if r.first_backward],
@@ -167,7 +178,8 @@ class Report:
         return cls(
             ref=doc["ref"], cand=doc["cand"], tolerance=doc["tolerance"],
             outputs=[{**o, "metrics": metrics(o["metrics"])} for o in doc["outputs"]],
-            nodes=[NodeRow(**{**r, "forward": metrics(r["forward"]), "backward": metrics(r["backward"])})
+            nodes=[NodeRow(**{**r, "forward": metrics(r["forward"]), "backward": metrics(r["backward"]),
+                              "isolated": metrics(r.get("isolated"))})
                    for r in doc["nodes"]],
             params=[ParamRow(**{**p, "grad": metrics(p["grad"]), "value": metrics(p.get("value"))})
                     for p in doc["params"]],

@@ -89,3 +89,36 @@ def test_clean_comparison_and_gradient_scale_invariance():
     report = fxdiff.compare(ref, cand, loss=lambda out: out.sum() * 1e-9)
     bad = [p.ref for p in report.params if not p.grad.passed]
     assert bad == ["b.weight"]
+
+
+class Amplifier(nn.Module):
+    """A gain of 100 after a linear layer: differences within tolerance become visible."""
+
+    def __init__(self, nudge=0.0):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.lin.weight.add_(nudge)
+
+    def forward(self, x):
+        return self.lin(x) * 100
+
+
+def _amplifier(nudge=0.0):
+    torch.manual_seed(0)
+    return Amplifier(nudge)
+
+
+def test_isolated_replay_tells_introduced_from_amplified(tmp_path):
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    fxdiff.save(fxdiff.capture(_amplifier(), (x,)), tmp_path / "ref")
+    ref = fxdiff.load(tmp_path / "ref")   # replay resolves the stored targets
+    # a 1e-6 nudge of the weights stays within atol at the linear, then grows 100-fold
+    amplified = fxdiff.compare(ref, _amplifier(nudge=1e-6), tolerance=Tolerance(atol=1e-5, rtol=0))
+    (first,) = amplified.first_divergence()["forward"]
+    assert first["op"] == "mul" and first["isolated"] == "amplified"
+    # the branch test's LayerNorm eps is wrong in the candidate's own op: introduced there
+    x6 = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    introduced = fxdiff.compare(fxdiff.capture(_build(), (x6,)), _build(eps_a=0.5))
+    causes = {e["ref_module"]: e["isolated"] for e in introduced.first_divergence()["forward"]}
+    assert causes["a.1"] == "introduced"

@@ -104,8 +104,16 @@ def first_divergence_panel(report: Report) -> Panel:
         for e in entries:
             lines.append(f"[bold]{direction}[/]: ref {e['ref_module'] or '<root>'} ({e['ref_node']})  <->  "
                          f"cand {e['cand_module'] or '<root>'} ({e['cand_node']})  op={e['op']}  "
-                         f"max abs {fmt(e['max_abs_diff'])}, max rel {fmt(e['max_rel_diff'])}")
+                         f"max abs {fmt(e['max_abs_diff'])}, max rel {fmt(e['max_rel_diff'])}"
+                         + _CAUSE.get(e.get("isolated"), ""))
     return Panel("\n".join(lines), title="First divergence", title_align="left")
+
+
+_CAUSE = {
+    "introduced": "\n    [bold]introduced here[/]: the candidate's ops, replayed on the reference's inputs, already differ",
+    "amplified": "\n    [bold]amplified[/]: replayed on the reference's inputs the candidate agrees; "
+                 "input differences within tolerance grew here",
+}
 
 
 def render(report: Report, show_all: bool = False) -> RenderableType:

@@ -1,0 +1,83 @@
+"""Isolated replay: run the candidate's block on the reference's inputs (teacher forcing).
+
+A node at the frontier of the failing set has matched inputs that pass, yet its own value fails.
+Either the candidate's computation there differs (the divergence is *introduced* here), or inputs
+that differ within tolerance were amplified. Replaying the candidate's ops that lead to the node,
+from the reference's values at every matched boundary, tells the two apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from .capture import Capture
+
+MAX_BLOCK = 64   # ops replayed at most for one node
+
+
+class _NotReplayable(Exception):
+    pass
+
+
+def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]) -> torch.Tensor | None:
+    """The candidate's value of ``cand_node`` recomputed from the reference's values.
+
+    ``boundary`` maps candidate node names to the reference nodes whose values stand in for them
+    (matched pairs of equal shape). Returns None when the block cannot be replayed: too large, or an
+    op whose arguments were not recorded in a replayable form.
+    """
+    nodes = {n.name: n for n in cand.graph.nodes}
+    memo: dict[str, Any] = {}
+    try:
+        with torch.no_grad():
+            return _value(nodes[cand_node], ref, cand, boundary, memo, nodes, root=True)
+    except _NotReplayable:
+        return None
+
+
+def _value(node: torch.fx.Node, ref, cand, boundary, memo, nodes, root=False) -> Any:
+    if node.name in memo:
+        return memo[node.name]
+    if not root and node.name in boundary:
+        out = ref.values[boundary[node.name]].clone()   # clone: the block may write in place
+    elif node.op == "placeholder":
+        raise _NotReplayable(node.name)   # an unmatched input: nothing to stand in for it
+    elif node.op == "get_attr":
+        source = cand.params if str(node.target) in cand.params else None
+        if source is None and node.name not in cand.values:
+            raise _NotReplayable(node.name)
+        out = (source[str(node.target)] if source is not None else cand.values[node.name]).clone()
+    elif node.op == "call_function":
+        if len(memo) >= MAX_BLOCK:
+            raise _NotReplayable("block too large")
+        args = _map(node.args, ref, cand, boundary, memo, nodes)
+        kwargs = _map(node.kwargs, ref, cand, boundary, memo, nodes)
+        try:
+            out = node.target(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 -- any failure means this op cannot be replayed here
+            raise _NotReplayable(f"{node.name}: {e}") from None
+        if out is None and args and isinstance(args[0], torch.Tensor):
+            out = args[0]   # setitem and friends write their first argument
+    else:
+        raise _NotReplayable(node.name)
+    memo[node.name] = out
+    return out
+
+
+def _map(a: Any, *ctx) -> Any:
+    if isinstance(a, torch.fx.Node):
+        return _value(a, *ctx)
+    if isinstance(a, tuple):
+        return tuple(_map(x, *ctx) for x in a)
+    if isinstance(a, list):
+        return [_map(x, *ctx) for x in a]
+    if isinstance(a, dict):
+        return {k: _map(v, *ctx) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_map(a.start, *ctx), _map(a.stop, *ctx), _map(a.step, *ctx))
+    if isinstance(a, str) and a.startswith("<"):
+        raise _NotReplayable(a)   # an object recorded only by its type
+    return a

@@ -879,8 +879,3 @@ def _longest_chain(anchors: list[Pair], rpos: dict[str, int], cpos: dict[str, in
 def match(ref: Capture, cand: Capture, user_map: UserMap | None = None) -> Alignment:
     """Align ``cand`` to ``ref``: shorthand for ``GraphMatcher(ref, cand, user_map).match()``."""
     return GraphMatcher(ref, cand, user_map).match()
-
-
-def describe(alignment: Alignment) -> dict[str, Any]:
-    """Counts of pairs by rationale, for reports and benchmarks."""
-    return dict(Counter(p.rationale.split(" (")[0] for p in alignment.pairs))

@@ -166,7 +166,7 @@ class Report:
         """Write the JSON report atomically."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), default=_jsonable))
+        tmp.write_text(json.dumps(self.to_dict(), default=str))
         os.replace(tmp, path)
         return path
 
@@ -204,9 +204,3 @@ def load_report(path: str | os.PathLike) -> Report:
         return Report.from_dict(doc)
     except (KeyError, TypeError) as e:
         raise FxdiffError(f"{path}: malformed report ({type(e).__name__}: {e})") from None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return repr(obj)
-    return str(obj)

@@ -133,11 +133,6 @@ class Scale:
             return INFINITE
         return interpolate(RAMP, self.position(v))
 
-    def ticks(self) -> list[int]:
-        """The decades to label on a legend: at most 8."""
-        step = max(1, math.ceil((self.hi - self.lo) / 7))
-        return list(range(self.lo, self.hi + 1, step))
-
     @property
     def description(self) -> str:
         return METRICS[self.metric][0]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fxdiff.capture import DTYPE, MODULE, MODULE_TYPE, SHAPE, TARGET, Capture  # noqa: E402
+from fxdiff.model.capture import DTYPE, MODULE, MODULE_TYPE, SHAPE, TARGET, Capture  # noqa: E402
 from fxdiff.match import GraphMatcher  # noqa: E402
 
 D, HEADS, SEQ, FF = 8, 2, 4, 16

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fxdiff.render.graphview import build_view  # noqa: E402
 from fxdiff.render.html import render_html  # noqa: E402
 from fxdiff.render.svg import render_svg  # noqa: E402
-from fxdiff.report import HIST_EDGES, Metrics, NodeRow, Report  # noqa: E402
+from fxdiff.model.report import HIST_EDGES, Metrics, NodeRow, Report  # noqa: E402
 
 D, HEADS, SEQ, BATCH = 256, 4, 128, 2
 DH = D // HEADS

@@ -1,7 +1,7 @@
 """fxdiff: where do two PyTorch models part ways, forward and backward?
 
 The data flows one way: *load model -> record -> store* and *load captures -> match -> judge ->
-render*. Each stage is a module with one job; the names below are the whole public API::
+render*. ``api.py`` is the one pipeline; the names below are the public API::
 
     import fxdiff
     ref = fxdiff.capture(model, args, kwargs)          # record one forward + backward run
@@ -10,15 +10,12 @@ render*. Each stage is a module with one job; the names below are the whole publ
     report.diverged, report.first_divergence()
 """
 
-__version__ = "0.1.0"
+from .api import LiveOptions, capture, capture_spec, compare, convert, load, map_params, save, write_checkpoint
+from .errors import FxdiffError, UserCodeError
+from .judge import Tolerance, compare_tensors
+from .model import Capture, ParamMap, Report, load_report
+from .version import __version__
 
-from .capture import Capture  # noqa: E402
-from .compare import compare  # noqa: E402
-from .errors import FxdiffError  # noqa: E402
-from .judge import Tolerance, compare_tensors  # noqa: E402
-from .record import record as capture  # noqa: E402
-from .report import Report, load_report  # noqa: E402
-from .store import load, save  # noqa: E402
-
-__all__ = ["Capture", "FxdiffError", "Report", "Tolerance", "capture", "compare", "compare_tensors",
-           "load", "load_report", "save"]
+__all__ = ["Capture", "FxdiffError", "LiveOptions", "ParamMap", "Report", "Tolerance", "UserCodeError",
+           "__version__", "capture", "capture_spec", "compare", "compare_tensors", "convert", "load", "load_report",
+           "map_params", "save", "write_checkpoint"]

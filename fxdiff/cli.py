@@ -1,8 +1,12 @@
-"""The ``fxdiff`` command line: a thin layer over the Python API."""
+"""The ``fxdiff`` command line: parse, call the API (``api.py``), print, exit.
+
+Exit codes: 0 match, 1 divergence, 2 bad input or a failure in the user's own code (one line),
+3 a bug in fxdiff (with its traceback).
+"""
 
 from __future__ import annotations
 
-import functools
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -11,102 +15,101 @@ from typing import Any
 import click
 from rich.console import Console
 
-from . import __version__, specs, store
-from .compare import rerun
+from . import api
 from .errors import FxdiffError
-from .judge import Tolerance, judge
-from .match import UserMap, match
-from .record import record
+from .judge import Tolerance
+from .version import __version__
 
 # Wide tables when piped to a file or CI log; the terminal's own width otherwise.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
-
-def _fail(message: str) -> None:
-    click.echo(f"fxdiff: error: {message}", err=True)
-    sys.exit(2)
+EXIT_MATCH, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
 
 
-def _user_frame(exc: BaseException) -> str:
-    """``file:line`` of the innermost frame outside torch and fxdiff, to point at user code."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and "/fxdiff/" not in f.filename]
-    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+class _Commands(click.Group):
+    """The command group; its ``main`` turns every outcome into one of the four exit codes."""
 
-
-def guarded(fn):
-    """Turn bad input into a one-line error and exit code 2, without a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return fn(*args, **kwargs)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.ClickException as e:
+            e.show()
+            code = EXIT_BAD_INPUT
+        except click.Abort:
+            click.echo("fxdiff: interrupted", err=True)
+            code = EXIT_BAD_INPUT
         except FxdiffError as e:
-            _fail(str(e))
-        except (ValueError, RuntimeError, TypeError, KeyError, IndexError, AttributeError) as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            _fail(f"{type(e).__name__}: {first}{_user_frame(e)}")
-    return wrapper
+            click.echo(f"fxdiff: error: {_with_flag(e)}", err=True)
+            code = EXIT_BAD_INPUT
+        except Exception:  # noqa: BLE001 -- anything else is ours to fix
+            traceback.print_exc()
+            click.echo(f"fxdiff {__version__}: internal error: this is a bug in fxdiff; please report it with the "
+                       "traceback above", err=True)
+            code = EXIT_BUG
+        code = code if isinstance(code, int) else EXIT_MATCH
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _with_flag(e: FxdiffError) -> str:
+    """The library's message, its parameter named by the command-line flag that sets it."""
+    text = " ".join(str(e).split())
+    if not e.option:
+        return text
+    flag = "--" + e.option.replace("_", "-")
+    return flag + text[len(e.option):] if text.startswith(e.option + " ") else f"{flag}: {text}"
+
+
+def _finite(ctx, param, value):
+    if value is not None and not (value >= 0 and value != float("inf")):
+        raise click.BadParameter(f"{value} is not a finite, non-negative number")
+    return value
+
+
+def _writable(path: str, flag: str) -> None:
+    """Refuse, before any work, an output path whose folder does not exist or cannot be written."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise FxdiffError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise FxdiffError(f"{flag} {path}: folder {folder} is not writable")
+    if Path(path).is_dir():
+        raise FxdiffError(f"{flag} {path}: is a directory")
 
 
 def run_options(fn):
     """Options that say how to run a model: inputs, loss, weights, mode, seed, device, dtype."""
     options = [
         click.option("--inputs", help="file.py:function, .safetensors or .pt with the model inputs."),
-        click.option("--loss", help="file.py:function taking the model output, returning a scalar "
-                                    "(default: a seeded random cotangent on every floating output)."),
+        click.option("--loss", help="file.py:function taking the model output (and optionally the model), "
+                                    "returning a scalar (default: a seeded random cotangent on every floating "
+                                    "output; a live candidate starts from the reference's output gradients)."),
         click.option("--checkpoint", help="Weights to load: .pt/.pth/.bin, Lightning .ckpt, .safetensors, .nemo."),
         click.option("--mode", type=click.Choice(["eval", "train"]), help="Module mode (default eval)."),
         click.option("--keep-dropout", is_flag=True, default=None, help="In train mode, keep dropout active."),
         click.option("--seed", type=int, help="Seed for torch, numpy and random (default 0)."),
         click.option("--device", help="Device to run on, e.g. cpu or cuda:0."),
         click.option("--dtype", help="Cast the model and floating inputs: float32, float64, float16, bfloat16."),
+        click.option("--autocast", help="Run forward under torch.autocast in this dtype (bfloat16, float16) "
+                                        "instead of casting the model."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _build(model_spec: str, o: dict[str, Any]):
-    """Model (weights loaded, placed) and the metadata describing how it was built."""
-    model = specs.load_model(model_spec)
-    meta: dict[str, Any] = {"model": model_spec}
-    if o.get("checkpoint"):
-        loaded = specs.load_checkpoint(model, o["checkpoint"])
-        meta["checkpoint"] = {"path": loaded.path, "missing": loaded.missing, "unexpected": loaded.unexpected,
-                              "stripped_prefix": loaded.stripped_prefix}
-        if loaded.missing or loaded.unexpected:
-            click.echo(f"fxdiff: warning: {o['checkpoint']}: {len(loaded.missing)} missing keys "
-                       f"{loaded.missing[:5]}, {len(loaded.unexpected)} unexpected keys {loaded.unexpected[:5]}",
-                       err=True)
-    model, _, _ = specs.place(model, (), {}, o.get("device"), specs.parse_dtype(o.get("dtype")))
-    return model, meta
+def _live(o: dict[str, Any], tracer: str = "eager") -> dict[str, Any]:
+    """The run options given on the command line, as ``api.LiveOptions`` fields."""
+    return {**{f: o[f] for f in _RUN_OPTIONS if o.get(f) is not None}, "tracer": tracer}
 
 
-def _loss(spec: str | None):
-    return specs.load_loss(spec) if spec else None
+_RUN_OPTIONS = ("inputs", "loss", "checkpoint", "mode", "keep_dropout", "seed", "device", "dtype", "autocast")
 
 
-def _capture_model(model_spec: str, o: dict[str, Any]):
-    if not o.get("inputs"):
-        raise FxdiffError("--inputs is required to run a model spec")
-    model, meta = _build(model_spec, o)
-    args, kwargs = specs.load_inputs(o["inputs"])
-    _, args, kwargs = specs.place(model, args, kwargs, o.get("device"), specs.parse_dtype(o.get("dtype")))
-    meta.update(inputs=o["inputs"], loss=_abs_spec(o.get("loss")))
-    return record(model, args, kwargs, loss=_loss(o.get("loss")), seed=o.get("seed") or 0,
-                  mode=o.get("mode") or "eval", keep_dropout=bool(o.get("keep_dropout")), meta=meta,
-                  tracer=o.get("tracer") or "eager")
-
-
-def _abs_spec(spec: str | None) -> str | None:
-    """A file spec with an absolute path, so a later live compare finds it from anywhere."""
-    if spec and ".py:" in spec and Path(spec.rpartition(":")[0]).is_file():
-        path, _, fn = spec.rpartition(":")
-        return f"{Path(path).resolve()}:{fn}"
-    return spec
-
-
-@click.group()
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="fxdiff")
 def main() -> None:
     """Find where two PyTorch models part ways, forward and backward."""
@@ -119,46 +122,35 @@ def main() -> None:
 @click.option("--tracer", type=click.Choice(["eager", "fx"]), default="eager", show_default=True,
               help="eager: record the model's own run; fx: run its torch.fx.symbolic_trace graph "
                    "(refused unless outputs and gradients equal eager's).")
-@guarded
-def capture(model: str, output: str, **o: Any) -> None:
-    """Run MODEL (file.py:function or package.module:function) and record it."""
-    cap = _capture_model(model, o)
-    path = store.save(cap, output)
+def capture(model: str, output: str, tracer: str, **o: Any) -> int:
+    """Run MODEL (file.py:function or package.module:function) and record it.
+
+    Loading MODEL, --inputs and --loss executes that code: it is your model code.
+    """
+    _writable(output, "--output")
+    cap = api.capture_spec(model, **_live(o, tracer))
+    loaded = cap.meta.get("checkpoint")
+    if loaded and (loaded["missing"] or loaded["unexpected"]):
+        click.echo(f"fxdiff: warning: {loaded['path']}: {len(loaded['missing'])} missing keys "
+                   f"{loaded['missing'][:5]}, {len(loaded['unexpected'])} unexpected keys {loaded['unexpected'][:5]}",
+                   err=True)
+    path = api.save(cap, output)
     s = cap.summary()
     console.print(f"captured {s['ops']} ops, {s['values']} values, {s['grads']} gradients, "
                   f"{s['param_grads']} parameter gradients -> {path}")
+    return EXIT_MATCH
 
 
 @main.command()
 @click.argument("capture_dir", metavar="CAPTURE")
-@click.option("--top", default=10, show_default=True, help="How many of the largest nodes to list.")
-@guarded
-def inspect(capture_dir: str, top: int) -> None:
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
+              help="How many of the largest nodes to list.")
+def inspect(capture_dir: str, top: int) -> int:
     """Print a summary of a capture: counts, sizes, versions, largest nodes."""
-    from rich.table import Table
+    from .render.text import capture_summary
 
-    cap = store.load(capture_dir)
-    s = cap.summary()
-    m = cap.meta
-    console.print(f"[bold]{capture_dir}[/]: {m.get('model', m.get('model_class'))}")
-    console.print(f"  fxdiff {m.get('fxdiff')}, torch {m.get('torch')}, python {m.get('python')}, "
-                  f"tracer {m.get('tracer')}, {m.get('mode')} mode, seed {m.get('seed')}, "
-                  f"device {m.get('device')}, dtype {m.get('dtype')}, captured {m.get('started')}")
-    console.print(f"  {s['nodes']} nodes ({s['ops']} ops, {s['inputs']} inputs), {s['params']} params/buffers, "
-                  f"{s['values']} values, {s['grads']} gradients, {s['param_grads']} parameter gradients")
-    sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in s["bytes"].items())
-    console.print(f"  sizes: {sizes}")
-    table = Table(title=f"Largest {top} nodes", title_justify="left")
-    for col in ("node", "module", "op", "shape", "dtype", "grad"):
-        table.add_column(col)
-    from .capture import DTYPE, GRAD, MODULE, SHAPE
-    from .match import node_key
-    ranked = sorted((n for n in cap.graph.nodes if n.name in cap.values),
-                    key=lambda n: -cap.values[n.name].numel())
-    for n in ranked[:top]:
-        table.add_row(n.name, n.meta.get(MODULE) or "<root>", node_key(n), str(tuple(n.meta.get(SHAPE) or ())),
-                      str(n.meta.get(DTYPE)), n.meta.get(GRAD, "-"))
-    console.print(table)
+    console.print(capture_summary(api.load(capture_dir), capture_dir, top))
+    return EXIT_MATCH
 
 
 def shape_options(fn):
@@ -207,6 +199,9 @@ DRAWING_KEYS = ("svg_path", "html_path", "me_path", "direction", "metric", "dept
 def _drawing(o: dict[str, Any]) -> dict[str, Any]:
     """Take the drawing options out of ``o``; fail early (before any work) when dot is missing."""
     d = {k: o.pop(k) for k in DRAWING_KEYS if k in o}
+    for key, flag in (("svg_path", "--svg"), ("html_path", "--html"), ("me_path", "--model-explorer")):
+        if d.get(key):
+            _writable(d[key], flag)
     if d.get("svg_path") or d.get("html_path"):
         from .render.svg import require_dot
         require_dot()
@@ -233,50 +228,36 @@ def _draw(report, d: dict[str, Any]) -> None:
 @click.argument("ref")
 @click.argument("cand")
 @run_options
-@click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance.")
-@click.option("--rtol", default=1e-5, show_default=True, help="Relative tolerance.")
+@click.option("--atol", type=float, callback=_finite, help="Strict mode: absolute tolerance for every element.")
+@click.option("--rtol", type=float, callback=_finite, help="Strict mode: relative tolerance for every element.")
 @click.option("--map", "map_path", type=click.Path(), help="YAML/JSON file of module regexes and parameter "
                                                             "pairs for what the matcher cannot settle.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON here.")
 @click.option("--all", "show_all", is_flag=True, help="Show every row, not only the mismatches.")
 @drawing_options
-@guarded
-def compare(ref: str, cand: str, atol: float, rtol: float, map_path: str | None, json_path: str | None,
-            show_all: bool, **o: Any) -> None:
+def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_path: str | None,
+            json_path: str | None, show_all: bool, **o: Any) -> int:
     """Compare REF and CAND; each is a capture directory or a model spec.
 
-    A model spec CAND runs on REF's saved inputs, seed, mode and loss; --inputs, --loss and the
-    other run options apply to it and override. Exit code: 0 match, 1 divergence, 2 bad input.
+    A model spec CAND runs on REF's saved inputs, seed and mode, and starts its backward pass from
+    REF's output gradients; --inputs, --loss and the other run options apply to it and override.
+    Exit code: 0 match, 1 divergence, 2 bad input, 3 a bug in fxdiff.
     """
     from .render import text
 
     drawing = _drawing(o)
-    user_map = UserMap.load(map_path) if map_path else None
-    ref_cap, cand_cap = _sides(ref, cand, o)
-    report = judge(ref_cap, cand_cap, match(ref_cap, cand_cap, user_map), Tolerance(atol, rtol),
-                   ref_label=ref, cand_label=cand)
+    if json_path:
+        _writable(json_path, "--json")
+    tolerance = Tolerance(atol if atol is not None else Tolerance.atol, rtol if rtol is not None else Tolerance.rtol)
+    report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, **_live(o))
+    for warning in report.warnings:
+        click.echo(f"fxdiff: warning: {warning}", err=True)
     console.print(text.render(report, show_all))
     if json_path:
         report.save(json_path)
         console.print(f"report written to {json_path}")
     _draw(report, drawing)
-    sys.exit(1 if report.diverged else 0)
-
-
-def _sides(ref: str, cand: str, o: dict[str, Any]):
-    """The two captures to compare: loaded, or recorded live (CAND on REF's saved inputs)."""
-    ref_cap = store.load(ref) if store.is_capture(ref) else _capture_model(_spec(ref, "REF"), o)
-    if store.is_capture(cand):
-        return ref_cap, store.load(cand)
-    model, meta = _build(_spec(cand, "CAND"), o)
-    args = kwargs = None
-    if o.get("inputs"):
-        args, kwargs = specs.load_inputs(o["inputs"])
-        _, args, kwargs = specs.place(model, args, kwargs, o.get("device"), specs.parse_dtype(o.get("dtype")))
-    loss_spec = o.get("loss") or ref_cap.meta.get("loss")
-    cand_cap = rerun(ref_cap, model, loss=_loss(loss_spec), args=args, kwargs=kwargs,
-                     meta={**meta, "loss": _abs_spec(loss_spec), "inputs": o.get("inputs") or f"{ref} (saved)"})
-    return ref_cap, cand_cap
+    return EXIT_DIVERGED if report.diverged else EXIT_MATCH
 
 
 @main.command("map-params")
@@ -287,9 +268,8 @@ def _sides(ref: str, cand: str, o: dict[str, Any]):
 @click.option("-o", "--output", type=click.Path(), help="Write the mapping as JSON here.")
 @click.option("--convert", "ref_checkpoint", help="A REF checkpoint to convert into CAND's layout.")
 @click.option("--out", "cand_checkpoint", type=click.Path(), help="Where --convert writes CAND's .safetensors.")
-@guarded
 def map_params(ref: str, cand: str, map_path: str | None, output: str | None, ref_checkpoint: str | None,
-               cand_checkpoint: str | None, **o: Any) -> None:
+               cand_checkpoint: str | None, **o: Any) -> int:
     """Infer which CAND parameter(s) hold each REF parameter, and with what transform.
 
     REF and CAND are captures or model specs (a CAND spec runs on REF's inputs). With --convert,
@@ -297,44 +277,30 @@ def map_params(ref: str, cand: str, map_path: str | None, output: str | None, re
     """
     from rich.table import Table
 
-    from .params import convert
-
     if bool(ref_checkpoint) != bool(cand_checkpoint):
         raise FxdiffError("--convert and --out go together")
-    user = UserMap(params=UserMap.load(map_path).params) if map_path else None
-    ref_cap, cand_cap = _sides(ref, cand, o)
-    # the full matcher: tensors of equal content (norms of ones, zero biases) are told apart by
-    # the matched ops that consume them
-    alignment = match(ref_cap, cand_cap, user)
-    pairs, ref_left, cand_left = (list(alignment.params), alignment.unmatched_ref_params,
-                                  alignment.unmatched_cand_params)
-    rank = {name: i for i, name in enumerate(ref_cap.params)}
-    pairs.sort(key=lambda p: rank[p.ref])
+    for path, flag in ((output, "--output"), (cand_checkpoint, "--out")):
+        if path:
+            _writable(path, flag)
+    mapping = api.map_params(ref, cand, user_map=map_path, **_live(o))
     table = Table(title="Parameter correspondence", title_justify="left")
     for col in ("ref parameter", "cand parameter(s)", "transform", "evidence"):
-        table.add_column(col)
-    for p in pairs:
+        table.add_column(col, overflow="fold")
+    for p in mapping.pairs:
         table.add_row(p.ref, ", ".join(p.cand), _transform_text(p.transform), p.evidence)
     console.print(table)
-    console.print(f"{len(pairs)} mapped; unmapped: {len(ref_left)} ref {ref_left[:8]}, "
-                  f"{len(cand_left)} cand {cand_left[:8]}")
+    console.print(f"{len(mapping.pairs)} mapped; unmapped: {len(mapping.unmapped_ref)} ref "
+                  f"{mapping.unmapped_ref[:8]}, {len(mapping.unmapped_cand)} cand {mapping.unmapped_cand[:8]}")
     if output:
-        import json
-        doc = {"format": "fxdiff-param-map", "version": 1, "ref": ref, "cand": cand,
-               "pairs": [{"ref": p.ref, "cand": list(p.cand), "transform": p.transform, "evidence": p.evidence,
-                          "confidence": p.confidence} for p in pairs],
-               "unmapped": {"ref": ref_left, "cand": cand_left}}
-        Path(output).write_text(json.dumps(doc, indent=1))
+        from .util import atomic_write, dumps
+        atomic_write(output, dumps(mapping.to_dict(ref, cand), indent=1))
         console.print(f"mapping written to {output}")
     if ref_checkpoint:
-        from safetensors.torch import save_file
-        state, missing = convert(specs.read_state_dict(ref_checkpoint), pairs,
-                                 {k: tuple(v.shape) for k, v in cand_cap.params.items()})
-        tmp = Path(cand_checkpoint).with_name(f".{Path(cand_checkpoint).name}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(cand_checkpoint)
+        state, missing = api.convert(mapping, ref_checkpoint)
+        api.write_checkpoint(state, cand_checkpoint)
         console.print(f"converted {len(state)} tensors -> {cand_checkpoint}"
                       + (f"; not filled: {missing}" if missing else ""))
+    return EXIT_MATCH
 
 
 def _transform_text(t: dict) -> str:
@@ -350,26 +316,18 @@ def _transform_text(t: dict) -> str:
     return kind
 
 
-def _spec(side: str, name: str) -> str:
-    if Path(side).is_dir():
-        store.read_meta(side)  # raises the precise reason this directory is not a capture
-    if ":" not in side:
-        raise FxdiffError(f"{name} {side!r}: not a capture directory nor a model spec (file.py:function)")
-    return side
-
-
 @main.command()
 @click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
 @drawing_options
-@guarded
 def render(report_path: str, **o: Any) -> None:
     """Draw a saved report (compare --json): --svg, --html, --model-explorer; no captures needed."""
-    from .report import load_report
+    from .model.report import load_report
 
     drawing = _drawing(o)
     if not any(drawing.get(k) for k in ("svg_path", "html_path", "me_path")):
         raise FxdiffError("nothing to write: give --svg PATH, --html PATH or --model-explorer PATH")
     _draw(load_report(report_path), drawing)
+    return 0
 
 
 @main.command()
@@ -378,12 +336,11 @@ def render(report_path: str, **o: Any) -> None:
               help="Where to write the HTML (default: REPORT with an .html suffix).")
 @click.option("--no-open", is_flag=True, help="Only write the file; do not open a browser.")
 @shape_options
-@guarded
 def view(report_path: str, output: str | None, no_open: bool, **o: Any) -> None:
     """Write the HTML report of a saved report and open it in a browser (else print its path)."""
     from .render.html import open_in_browser, write_html
     from .render.svg import require_dot
-    from .report import load_report
+    from .model.report import load_report
 
     drawing = _drawing(o)
     require_dot()
@@ -395,6 +352,7 @@ def view(report_path: str, output: str | None, no_open: bool, **o: Any) -> None:
         console.print(f"opened {path}")
     else:
         click.echo(str(path))
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 
 import numpy
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -21,9 +23,10 @@ from torch.autograd.graph import get_gradient_edge
 
 import fxdiff
 from fxdiff import tree
-from fxdiff.capture import GRAD, TARGET
+from fxdiff.model.capture import GRAD, TARGET
 from fxdiff.ops import op_key
-from fxdiff.record import Recorder, objective
+from fxdiff.record import Recorder, RunConfig, objective, record
+from fxdiff.record.eager import record_eager
 from tiny_models import MODELS, build
 
 HOOKED = [name for name in MODELS if name != "mlp"]
@@ -40,9 +43,15 @@ class Probe(Recorder):
         self.kept: dict[str, tuple[torch.Tensor, int, object, bool]] = {}
         Probe.last = self
 
-    def _hold(self, node, t, copy=None):
-        super()._hold(node, t, copy)
+    def hold(self, node, t, copy=None):
+        super().hold(node, t, copy)
         self.kept[node.name] = (t, t._version, get_gradient_edge(t) if t.requires_grad else None, t._base is None)
+
+
+def record_with(recorder, model, args, kwargs, loss):
+    """A capture made by the eager tracer with another ``Recorder`` class."""
+    return record(model, args, kwargs, RunConfig(loss=loss),
+                  tracers={"eager": functools.partial(record_eager, recorder=recorder)})
 
 
 def ground_truth(model, args, kwargs, loss):
@@ -51,8 +60,10 @@ def ground_truth(model, args, kwargs, loss):
     plain: dict[str, bool] = {}
 
     def probing_loss(outputs):
-        value = objective(loss, outputs, 0)
+        value = objective(RunConfig(loss=loss), outputs)
         probe = Probe.last
+        if not probe.kept:   # called again on detached outputs, for the output gradients
+            return value
         edges = {}
         for name, (t, version, edge, not_view) in probe.kept.items():
             if edge is None and t.requires_grad and t._version == version:
@@ -67,7 +78,7 @@ def ground_truth(model, args, kwargs, loss):
         probe.kept.clear()  # so the recorder's end-of-run sharing check sees only its own references
         return value
 
-    cap = fxdiff.capture(model, args, kwargs, loss=probing_loss, recorder=Probe)
+    cap = record_with(Probe, model, args, kwargs, probing_loss)
     return cap, truth, plain
 
 
@@ -77,17 +88,17 @@ class Perturb(Recorder):
     target: str
     delta: torch.Tensor
 
-    def _hold(self, node, t, copy=None):
+    def hold(self, node, t, copy=None):
         if node.name == Perturb.target:
             t.data.add_(Perturb.delta)  # .data: the run's autograd version counters stay untouched
-        super()._hold(node, t, copy)
+        super().hold(node, t, copy)
 
 
 def finite_difference(model, args, kwargs, loss, node: str, direction: torch.Tensor, eps: float) -> float:
     values = []
     for sign in (1, -1):
         Perturb.target, Perturb.delta = node, sign * eps * direction
-        values.append(fxdiff.capture(model, args, kwargs, loss=loss, recorder=Perturb).meta["loss_value"])
+        values.append(record_with(Perturb, model, args, kwargs, loss).meta["loss_value"])
     return (values[0] - values[1]) / (2 * eps)
 
 
@@ -130,10 +141,10 @@ def test_node_gradients_match_finite_differences(name):
 def eager_param_grads(model, args, kwargs, loss, mode="eval"):
     """Parameter gradients of a plain eager run, with fxdiff's seed and objective."""
     model.train(mode == "train")
-    fxdiff.record.seed_everything(0)
+    fxdiff.record.session.seed_everything(0)
     model.zero_grad(set_to_none=True)
     out = model(*tree.map_tensors(args, torch.clone), **tree.map_tensors(kwargs, torch.clone))
-    objective(loss, out, 0).backward()
+    objective(RunConfig(loss=loss), out).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return grads
@@ -156,7 +167,7 @@ def test_custom_function_backward_is_what_eager_uses_not_the_derivative():
 
     def replayed(weight):  # the forward ops alone, as a graph replay would differentiate them
         h = torch.nn.functional.linear(x, weight, model.inner.bias)
-        return float(objective(None, model.outer(torch.tanh(h * h * h)), 0).detach())
+        return float(objective(RunConfig(), model.outer(torch.tanh(h * h * h))).detach())
 
     direction = torch.randn(model.inner.weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     eps = 1e-6

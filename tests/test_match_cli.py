@@ -17,7 +17,7 @@ import hf_ports as H
 from fxdiff import store
 from fxdiff.cli import main
 from fxdiff.match import match
-from fxdiff.record import record
+from fxdiff import capture as record
 from test_match_conformer import S
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import torch
 from fxdiff.judge import judge
 from fxdiff.match import match
 from fxdiff.params import convert
-from fxdiff.record import record
+from fxdiff import capture as record
 
 SPECS = Path(__file__).resolve().parents[1] / "examples" / "conformer" / "specs.py"
 

@@ -15,7 +15,7 @@ import hf_ports as H
 from fxdiff.judge import judge
 from fxdiff.match import match
 from fxdiff.params import convert
-from fxdiff.record import record
+from fxdiff import capture as record
 
 
 

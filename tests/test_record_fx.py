@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxdiff
-from fxdiff.capture import MODULE, TARGET
+from fxdiff.model.capture import MODULE, TARGET
 from tiny_models import build
 
 
@@ -65,11 +65,11 @@ def test_untraceable_hugging_face_model_gives_one_clear_line():
     with pytest.raises(fxdiff.FxdiffError) as info:
         fxdiff.capture(model, args, kwargs, tracer="fx")
     message = str(info.value)
-    assert message.startswith("--tracer fx: BertModel cannot be traced by torch.fx.symbolic_trace (")
-    assert message.endswith("use --tracer eager") and "\n" not in message
+    assert message.startswith("tracer fx: BertModel cannot be traced by torch.fx.symbolic_trace (")
+    assert message.endswith("use the eager tracer") and "\n" not in message
 
 
 def test_unknown_tracer_is_an_error():
     model, args, kwargs, _ = build("mlp")
-    with pytest.raises(ValueError, match="tracer must be one of eager, fx"):
+    with pytest.raises(fxdiff.FxdiffError, match="tracer must be one of eager, fx"):
         fxdiff.capture(model, args, kwargs, tracer="dynamo")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FxdiffError
-from ..report import Report
+from ..model.report import Report
 from .scale import check_direction, measure, row_status, worst_status
 
 

@@ -17,11 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..report import HIST_EDGES, Metrics, Report
+from ..version import __version__
+from ..model.report import HIST_EDGES, Metrics, Report
 from . import scale as sc
 from .graphview import View, build_view
-from .svg import _write, draw, fit_scale
+from ..util import atomic_write
+from .svg import draw, fit_scale
 
 
 def render_html(report: Report, direction: str = "both", *, metric: str = sc.DEFAULT_METRIC,
@@ -44,7 +45,7 @@ def render_html(report: Report, direction: str = "both", *, metric: str = sc.DEF
 
 def write_html(report: Report, path: str | os.PathLike, direction: str = "both", **options: Any) -> Path:
     """Render the HTML report and write it to ``path``."""
-    return _write(path, render_html(report, direction, **options))
+    return atomic_write(path, render_html(report, direction, **options))
 
 
 def open_in_browser(path: str | os.PathLike) -> bool:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FxdiffError
-from ..report import Report
+from ..util import atomic_write, dumps
+from ..model.report import Report
 from . import scale as sc
 
 BIGGEST = sys.float_info.max   # JSON has no infinity: an infinite error is written as the largest float
@@ -68,12 +69,7 @@ def write_node_data(report: Report, path: str | os.PathLike, direction: str = "b
     for d in directions:
         target = path if len(directions) == 1 else path.with_name(f"{_stem(path)}.{d}.json")
         doc = node_data(report, d, metric=metric, side=side)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(doc, indent=1, allow_nan=False))
-        except OSError as e:
-            raise FxdiffError(f"{target}: cannot write ({e.strerror or e})") from None
-        out.append(target)
+        out.append(atomic_write(target, dumps(doc, indent=1)))
     return out
 
 

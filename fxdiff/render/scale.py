@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..errors import FxdiffError
-from ..report import Metrics, NodeRow
+from ..model.report import Metrics, NodeRow
 
 DIRECTIONS = ("forward", "backward")
 

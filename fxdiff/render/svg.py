@@ -26,7 +26,8 @@ from typing import Any
 import graphviz
 
 from ..errors import FxdiffError
-from ..report import Report
+from ..util import atomic_write
+from ..model.report import Report
 from . import scale as sc
 from .graphview import View, build_view
 
@@ -53,13 +54,13 @@ def write_svg(report: Report, path: str | os.PathLike, direction: str = "both", 
     laid out the same, without the hover tooltips)."""
     fmt = RASTER.get(Path(path).suffix.lower())
     if fmt is None:
-        return _write(path, render_svg(report, direction, **options))
+        return atomic_write(path, render_svg(report, direction, **options))
     metric = sc.check_metric(options.pop("metric", sc.DEFAULT_METRIC))
     view = build_view(report, direction, **options)
     dot, _ = to_dot(view, metric)
     if fmt == "png":
         dot.graph_attr["dpi"] = "110"
-    return _write_bytes(path, run_dot(dot, fmt))
+    return atomic_write(path, run_dot(dot, fmt))
 
 
 def draw(view: View, metric: str = sc.DEFAULT_METRIC, *, directions: tuple[str, ...] | None = None,
@@ -358,30 +359,6 @@ def _fill_titles(svg: str, tooltips: dict[str, str]) -> str:
         text = tooltips.get(html.unescape(m.group(2)))
         return m.group(0) if text is None else f"{m.group(1)}{html.escape(text, quote=False)}</title>"
     return re.sub(r'(<g id="([^"]+)" class="[^"]*">\n<title>)[^<]*</title>', sub, svg)
-
-
-def _write(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise FxdiffError(f"{path}: cannot write ({e.strerror or e})") from None
-    return path
-
-
-def _write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise FxdiffError(f"{path}: cannot write ({e.strerror or e})") from None
-    return path
 
 
 def _esc(s: str) -> str:

@@ -7,9 +7,12 @@ from typing import Iterator
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
+from rich.markup import escape
 from rich.text import Text
 
-from ..report import Metrics, Report
+from ..ops import node_key
+from ..model.capture import DTYPE, GRAD, MODULE, SHAPE, Capture
+from ..model.report import Metrics, Report
 
 
 def fmt(x: float | None) -> str:
@@ -114,6 +117,28 @@ _CAUSE = {
     "amplified": "\n    [bold]amplified[/]: replayed on the reference's inputs the candidate agrees; "
                  "input differences within tolerance grew here",
 }
+
+
+def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:
+    """What ``fxdiff inspect`` prints: versions, setup, counts, sizes and the largest nodes."""
+    s, m = cap.summary(), cap.meta
+    lines = [
+        f"[bold]{escape(label)}[/]: {escape(str(m.get('model', m.get('model_class'))))}",
+        f"  fxdiff {m.get('fxdiff')}, torch {m.get('torch')}, python {m.get('python')}, tracer {m.get('tracer')}, "
+        f"{m.get('mode')} mode, seed {m.get('seed')}, device {m.get('device')}, dtype {m.get('dtype')}, "
+        f"captured {m.get('started')}",
+        f"  {s['nodes']} nodes ({s['ops']} ops, {s['inputs']} inputs), {s['params']} params/buffers, "
+        f"{s['values']} values, {s['grads']} gradients, {s['param_grads']} parameter gradients",
+        "  sizes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in s["bytes"].items()),
+    ]
+    table = Table(title=f"Largest {top} nodes", title_justify="left")
+    for col in ("node", "module", "op", "shape", "dtype", "grad"):
+        table.add_column(col, overflow="fold")
+    ranked = sorted((n for n in cap.graph.nodes if n.name in cap.values), key=lambda n: -cap.values[n.name].numel())
+    for n in ranked[:top]:
+        table.add_row(n.name, str(n.meta.get(MODULE) or "<root>"), node_key(n), str(tuple(n.meta.get(SHAPE) or ())),
+                      str(n.meta.get(DTYPE)), str(n.meta.get(GRAD, "-")))
+    return Group(*(Text.from_markup(line) for line in lines), table)
 
 
 def render(report: Report, show_all: bool = False) -> RenderableType:

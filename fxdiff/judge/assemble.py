@@ -23,14 +23,14 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from . import tree
-from .alignment import Alignment
-from .capture import DTYPE, MODULE, SHAPE, TARGET, Capture
-from .match import node_key
+from .. import tree
+from ..model.alignment import Alignment
+from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from .isolate import replay
-from .ops import UNINITIALISED
-from .params import apply_transform
-from .report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
+from ..match.confidence import WEAK
+from ..ops import DEFAULT_OPS, node_key
+from ..params import apply_transform
+from ..model.report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     for pair in alignment.pairs:
         rn, cn = ref_nodes[pair.ref], cand_nodes[pair.cand]
         op = node_key(rn)
-        if op in UNINITIALISED or pair.ref not in ref.values or pair.cand not in cand.values:
+        if op in DEFAULT_OPS.uninitialised or pair.ref not in ref.values or pair.cand not in cand.values:
             continue
         rows.append(NodeRow(
             ref_node=pair.ref, cand_node=pair.cand,
@@ -245,7 +245,6 @@ def _describe(node: torch.fx.Node, reason: str = "no counterpart found") -> dict
             "shape": node.meta.get(SHAPE), "reason": reason}
 
 
-WEAK = 0.75   # pairs below this confidence rest on op order alone
 WEAK_REASON = "weak match (op order only) contradicted by values with no divergence upstream"
 
 

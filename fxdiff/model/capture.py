@@ -14,7 +14,8 @@ import torch
 import torch.fx
 
 FORMAT = "fxdiff-capture"
-VERSION = 2
+VERSION = 3
+READABLE_VERSIONS = (2, 3)   # version 2 has no output gradients
 
 # node.meta keys
 MODULE = "fxdiff_module"        # dotted path of the innermost module that called the op ("" = root)
@@ -23,6 +24,7 @@ TARGET = "fxdiff_target"        # qualified name of the op, e.g. "torch.nn.funct
 SHAPE = "fxdiff_shape"          # output shape as a list, or None when the node holds no tensor
 DTYPE = "fxdiff_dtype"          # output dtype as a string, e.g. "float32"
 GRAD = "fxdiff_grad"            # "recorded": a gradient was stored; "none": no gradient flowed
+NOT_STORED = "fxdiff_not_stored"  # why a tensor the node produced has no stored value
 
 
 @dataclasses.dataclass
@@ -31,7 +33,8 @@ class Capture:
 
     ``values[name]`` is the forward value of node ``name`` as it was produced;
     ``grads[name]`` is d(loss)/d(that value); a node with no entry in ``grads`` received no gradient,
-    which is not the same as a zero gradient. Values and gradients are views where the run's tensors
+    which is not the same as a zero gradient. ``output_grads`` holds the loss's own gradient with
+    respect to each output leaf: the seed of the backward pass, which a candidate can start from. Values and gradients are views where the run's tensors
     were (a transpose shares memory with its input): read them, never write to them. ``inputs`` and
     ``outputs`` keep the call's structure (nested lists/tuples/dicts) with tensors in place.
     """
@@ -44,6 +47,8 @@ class Capture:
     inputs: dict[str, Any]          # {"args": [...], "kwargs": {...}}
     outputs: Any
     meta: dict[str, Any]
+    # d(loss)/d(output leaf), by the leaf's path in ``outputs``: where backward started
+    output_grads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def nodes(self, op: str | None = None) -> Iterator[torch.fx.Node]:
         """Graph nodes in topological order, optionally only those with ``node.op == op``."""

@@ -27,8 +27,8 @@ from collections import defaultdict
 
 import torch
 
-from .alignment import ParamPair
-from .errors import FxdiffError
+from ..errors import FxdiffError
+from ..model.alignment import ParamPair
 
 
 def apply_transform(parts: list[torch.Tensor], transform: dict) -> torch.Tensor:
@@ -105,9 +105,9 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
 
     for p in user:
         if p.ref not in ref or any(c not in cand for c in p.cand):
-            raise FxdiffError(f"--map: parameter pair {p.ref} -> {', '.join(p.cand)} names a missing parameter")
+            raise FxdiffError(f"user map: parameter pair {p.ref} -> {', '.join(p.cand)} names a missing parameter")
     take(list(user))
-    dig_r, dig_c = _Digests(ref), _Digests(cand)
+    dig_r, dig_c = Digests(ref), Digests(cand)
     take(_by_digest(ref, cand, ref_left, cand_left, dig_r, dig_c, False, {"kind": "identity"}, "identical bytes"))
     take(_by_digest(ref, cand, ref_left, [c for c in cand_left if cand[c].dim() == 2], dig_r, dig_c, True,
                     {"kind": "transpose"}, "identical bytes, transposed"))
@@ -118,7 +118,7 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
     return pairs, ref_left, cand_left
 
 
-class _Digests(dict):
+class Digests(dict):
     """Digests of named tensors (and of their transposes, under ``(name, True)``), computed once."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):

@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import gc
+import functools
 import inspect
-import math
 import operator
-import platform
-import random
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -38,12 +34,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import __version__, tree
-from .capture import DTYPE, GRAD, MODULE, MODULE_TYPE, SHAPE, TARGET, Capture
-
-Loss = Callable[[Any], torch.Tensor]
-
-TRACERS = ("eager", "fx")
+from .. import tree
+from ..model.capture import DTYPE, GRAD, MODULE, MODULE_TYPE, SHAPE, TARGET
+from ..targets import mutated, target_name
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
             F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout}
@@ -54,6 +47,9 @@ _INPLACE_DUNDERS = {"__setitem__", "__set__", "__iadd__", "__isub__", "__imul__"
                     "__ilshift__", "__irshift__", "__imatmul__"}
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "record_stream"}
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+@functools.cache
 def _storage_base_uses() -> int:
     """Uses a live tensor's storage reports beyond the tensor itself, counted as ``release`` counts:
     1 on torch 2.13, which keeps the Python storage object alive with the storage; 0 on torch 2.9."""
@@ -61,50 +57,6 @@ def _storage_base_uses() -> int:
         return 0
     t = torch.empty(1)
     return _storage_use_count(t.untyped_storage()._cdata) - 1
-
-
-_STORAGE_BASE_USES = _storage_base_uses()
-
-
-def mutated(tensor: torch.Tensor, *writers: torch.Tensor) -> torch.Tensor:
-    """Stand-in target for a tensor changed in place through an alias: its previous value, then
-    the in-place results that wrote to it, where the recorder saw them."""
-    return tensor
-
-
-def target_name(func: Any) -> str:
-    """Qualified, importable name of a torch callable, e.g. ``torch.Tensor.add``."""
-    name = getattr(func, "__name__", None) or type(func).__name__
-    if name == "__get__" and hasattr(func, "__self__"):  # property such as Tensor.T
-        return f"torch.Tensor.{func.__self__.__name__}"
-    if getattr(func, "__objclass__", None) is not None:  # method descriptor of TensorBase
-        return f"torch.Tensor.{name}"
-    module = getattr(func, "__module__", None) or "torch"
-    if module.startswith("torch._C._VariableFunctions"):
-        module = "torch"
-    return f"{module}.{getattr(func, '__qualname__', name)}".replace("._VariableFunctionsClass", "")
-
-
-def resolve_target(name: str) -> Callable:
-    """The callable a stored target name refers to in this torch, or a named stand-in."""
-    head, _, attr = name.rpartition(".")
-    obj: Any = None
-    if head in ("torch.Tensor",):
-        obj = getattr(torch.Tensor, attr, None)
-    elif head:
-        try:
-            import importlib
-            obj = getattr(importlib.import_module(head), attr, None)
-        except Exception:  # noqa: BLE001 -- any import failure means "not in this torch"
-            obj = None
-    if callable(obj):
-        return obj
-
-    def missing(*args, **kwargs):
-        raise RuntimeError(f"{name} does not exist in torch {torch.__version__}")
-    missing.__name__ = missing.__qualname__ = attr or name
-    missing.__module__ = head or "fxdiff.missing"
-    return missing
 
 
 class Aliased(Exception):
@@ -144,6 +96,7 @@ class Recorder(TorchFunctionMode):
         self.grads: dict[str, torch.Tensor] = {}
         self.disable_dropout = disable_dropout
         self.copy = copy
+        self.failed_op: BaseException | None = None   # an exception raised by one of the model's ops
         self._live: dict[int, _Live] = {}
         self._stack: list[tuple[str, str]] = [("", type(model).__name__)]
         self._frozen: dict[int, str] = {}   # id -> qualified name of parameters and buffers
@@ -154,15 +107,43 @@ class Recorder(TorchFunctionMode):
         self._n_const = 0
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             self._frozen.setdefault(id(t), name)
-        self._paths = {id(m): (path, type(m).__name__) for path, m in model.named_modules() if path}
+        # every path of every module: one object reused in several places (a shared activation)
+        # is named by the call site, the path that extends the caller's
+        self._paths: dict[int, list[str]] = {}
+        self._types: dict[int, str] = {}
+        for path, m in model.named_modules(remove_duplicate=False):
+            if path:
+                self._paths.setdefault(id(m), []).append(path)
+                self._types[id(m)] = type(m).__name__
+        self._hooks: list[Any] = []
+
+    def __enter__(self):
+        """Start recording: module hooks are registered here and removed on exit, whatever happens."""
         self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
                        torch.nn.modules.module.register_module_forward_hook(self._leave, always_call=True)]
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._remove_hooks()
+            raise
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            return super().__exit__(exc_type, exc, tb)
+        finally:
+            self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
 
     # -- module paths -------------------------------------------------------------------------
     def _enter(self, module, args):
-        entry = self._paths.get(id(module))
-        if entry is not None:
-            self._stack.append(entry)
+        paths = self._paths.get(id(module))
+        if paths is not None:
+            path = paths[0] if len(paths) == 1 else _call_site(paths, self._stack[-1][0])
+            self._stack.append((path, self._types[id(module)]))
 
     def _leave(self, module, args, output):
         if id(module) in self._paths and len(self._stack) > 1:
@@ -176,11 +157,6 @@ class Recorder(TorchFunctionMode):
             yield
         finally:
             self._stack.pop()
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
 
     # -- values held by reference -------------------------------------------------------------
     def _keep(self, name: str, t: torch.Tensor, copy: bool) -> None:
@@ -215,7 +191,7 @@ class Recorder(TorchFunctionMode):
             values = [self.values[n] for n in names]
             if any(v._version != self._held[n] for n, v in zip(names, values)):
                 raise Aliased(names[0])
-            ours = len({id(v) for v in values}) + _STORAGE_BASE_USES
+            ours = len({id(v) for v in values}) + _storage_base_uses()
             if _storage_use_count is None or _storage_use_count(values[0].untyped_storage()._cdata) > ours:
                 for n, v in zip(names, values):
                     self.values[n] = v.clone()
@@ -241,8 +217,9 @@ class Recorder(TorchFunctionMode):
                 self._names[func] = names
             return names
 
-    def _hold(self, node: torch.fx.Node, t: torch.Tensor, copy: bool | None = None) -> None:
-        """Make ``node`` the producer of ``t`` and keep its value."""
+    def hold(self, node: torch.fx.Node, t: torch.Tensor, copy: bool | None = None) -> None:
+        """Make ``node`` the producer of ``t`` and keep its value (an extension point: a subclass can
+        look at every value as it is produced)."""
         self._keep(node.name, t, self.copy if copy is None else copy)
         node.meta[SHAPE] = list(t.shape)
         node.meta[DTYPE] = str(t.dtype).removeprefix("torch.")
@@ -267,7 +244,7 @@ class Recorder(TorchFunctionMode):
     def add_input(self, path: str, t: torch.Tensor) -> torch.fx.Node:
         """Add a graph input (placeholder) for tensor ``t`` found at ``path`` in the call."""
         node = self._new_node("placeholder", path, (), {}, name=_identifier(path), module=self._stack[0])
-        self._hold(node, t)
+        self.hold(node, t)
         return node
 
     def node_of(self, t: torch.Tensor, version: int) -> torch.fx.Node:
@@ -280,7 +257,7 @@ class Recorder(TorchFunctionMode):
                 if base is not None and base.ref() is t._base and base.node is not live.node:
                     sources.append(base.node)
                 node = self._new_node("call_function", mutated, tuple(sources), {}, name="mutated")
-                self._hold(node, t)
+                self.hold(node, t)
                 return node
             self._watch(live, t)
             return live.node
@@ -294,7 +271,7 @@ class Recorder(TorchFunctionMode):
             return node
         self._n_const += 1
         node = self._new_node("get_attr", f"_fxdiff_constant_{self._n_const}", (), {}, name="constant")
-        self._hold(node, t, copy=True)  # made outside the run, so it may change outside it
+        self.hold(node, t, copy=True)  # made outside the run, so it may change outside it
         return node
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -312,7 +289,11 @@ class Recorder(TorchFunctionMode):
         written = _written(func, args, kwargs)
         if written:
             self.protect(written)
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except BaseException as e:
+            self.failed_op = e
+            raise
         self.record_call(func, args, kwargs, out, inputs, versions)
         return out
 
@@ -336,14 +317,14 @@ class Recorder(TorchFunctionMode):
         name = self._name(func)[1]
         node = self._new_node("call_function", func, tuple(fx_args), fx_kwargs, name=name)
         if len(produced) == 1 and (produced[0][1] is out or not outs):
-            self._hold(node, produced[0][1])
+            self.hold(node, produced[0][1])
             self._sync_base(produced[0][1], node, in_ids)
             return
         for path, t in produced:
             index = int(path) if path.isdigit() else path
             item = self._new_node("call_function", operator.getitem, (node, index), {}, name=f"{name}_out")
             item.meta[MODULE], item.meta[MODULE_TYPE] = node.meta[MODULE], node.meta[MODULE_TYPE]
-            self._hold(item, t)
+            self.hold(item, t)
             self._sync_base(t, item, in_ids)
 
     def _sync_base(self, t: torch.Tensor, node: torch.fx.Node, in_ids: dict[int, int]) -> None:
@@ -355,7 +336,7 @@ class Recorder(TorchFunctionMode):
         if live is None or live.ref() is not base or live.version == base._version:
             return
         item = self._new_node("call_function", mutated, (live.node, node), {}, name="mutated")
-        self._hold(item, base)
+        self.hold(item, base)
 
     def finish(self, outputs: Any) -> list[torch.fx.Node]:
         """Add the output node over the tensors of ``outputs``; return the nodes, in leaf order."""
@@ -368,6 +349,17 @@ class Recorder(TorchFunctionMode):
         for node in self.graph.nodes:
             if node.name in self.values:
                 node.meta[GRAD] = "recorded" if node.name in self.grads else "none"
+
+
+def _call_site(paths: list[str], caller: str) -> str:
+    """Of a shared module's paths, the one that extends the calling module's path the furthest."""
+    def shared(path: str) -> int:
+        a, b = path.split("."), caller.split(".") if caller else []
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+    return max(paths, key=shared)
 
 
 def _identifier(path: str) -> str:
@@ -502,256 +494,3 @@ class NoDropout(TorchFunctionMode):
             return args[0] if args else kwargs["input"]
         return func(*args, **kwargs)
 
-
-@contextlib.contextmanager
-def preserved_state(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
-    """Restore the model's tensors, grads, train/eval flags and all RNG states on exit.
-
-    Parameters and buffers are put back as objects (one re-registered during the run is replaced
-    by the original, one added is removed) and by value. Yields the copies taken on entry, by
-    ``id`` of the tensor; they are not changed afterwards.
-    """
-    modules = list(model.modules())
-    slots = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
-    tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values()) if t is not None}
-    saved = {k: t.detach().clone() for k, t in tensors.items()}
-    grads = [(p, p.grad) for p in model.parameters()]
-    training = [(m, m.training) for m in modules]
-    rng = _rng_state()
-    try:
-        yield saved
-    finally:
-        for m, params, buffers, non_persistent in slots:
-            if not (_same(m._parameters, params) and _same(m._buffers, buffers)):
-                m._parameters.clear()
-                m._parameters.update(params)
-                m._buffers.clear()
-                m._buffers.update(buffers)
-            m._non_persistent_buffers_set = non_persistent
-        with torch.no_grad():
-            for k, t in tensors.items():
-                t.copy_(saved[k])
-        for p, g in grads:
-            p.grad = g
-        for m, flag in training:
-            m.training = flag
-        _set_rng_state(rng)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector: a run creates many graph objects, none of them cyclic
-    garbage, and collections triggered by them would scan the whole heap again and again."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _same(now: dict, before: dict) -> bool:
-    return now.keys() == before.keys() and all(now[k] is v for k, v in before.items())
-
-
-def _rng_state():
-    state = {"torch": torch.get_rng_state(), "random": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy
-        state["numpy"] = numpy.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["random"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy
-        numpy.random.set_state(state["numpy"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices), numpy and Python's ``random``."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    try:
-        import numpy
-        numpy.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def random_cotangent_loss(outputs: Any, seed: int) -> torch.Tensor:
-    """``sum_i sum(out_i * R_i) / sqrt(numel_i)`` over floating outputs, ``R_i`` seeded by position.
-
-    Unlike ``mean()``, a random cotangent gives every element a different gradient, so an op whose
-    outputs sum to a constant (softmax) still passes a non-zero gradient back. With no such output
-    (nothing requires grad) it is a constant zero, and the run records values only.
-    """
-    total = None
-    for i, (_, t) in enumerate(tree.flatten(outputs)):
-        if not (t.is_floating_point() or t.is_complex()) or not t.requires_grad:
-            continue
-        gen = torch.Generator().manual_seed(seed * 1000003 + i)
-        r = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
-        term = (t * r).sum() / math.sqrt(max(t.numel(), 1))
-        total = term if total is None else total + term
-    return total if total is not None else torch.zeros((), dtype=torch.float64)
-
-
-def objective(loss: Loss | None, outputs: Any, seed: int) -> torch.Tensor:
-    """The scalar that backward starts from: ``loss(outputs)``, or the seeded random cotangent."""
-    value = loss(outputs) if loss is not None else random_cotangent_loss(outputs, seed)
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        raise ValueError("the loss must return a scalar tensor")
-    return value
-
-
-def clone_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Private copies of the call's tensors (same ``requires_grad``), so the run cannot alter the caller's."""
-    def fresh(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().clone().requires_grad_(t.requires_grad)
-    return tree.map_tensors(tuple(args), fresh), tree.map_tensors(dict(kwargs), fresh)
-
-
-def check_mode(mode: str, tracer: str) -> None:
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', not {mode!r}")
-    if tracer not in TRACERS:
-        raise ValueError(f"tracer must be one of {', '.join(TRACERS)}, not {tracer!r}")
-
-
-def record(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
-           loss: Loss | None = None, seed: int = 0, mode: str = "eval", keep_dropout: bool = False,
-           meta: dict | None = None, tracer: str = "eager", recorder: type[Recorder] = Recorder) -> Capture:
-    """Run ``model(*args, **kwargs)`` forward and backward once and record it as a ``Capture``.
-
-    ``loss`` maps the model output to a scalar (default: ``random_cotangent_loss``). In ``train``
-    mode dropout is disabled unless ``keep_dropout``. The model's tensors, grads, train/eval flags
-    and every RNG state are left exactly as they were. ``tracer="fx"`` records the graph that
-    ``torch.fx.symbolic_trace`` gives instead (see ``record_fx``); ``recorder`` is the eager
-    tracer's ``Recorder`` class.
-    """
-    check_mode(mode, tracer)
-    if tracer == "fx":
-        from .record_fx import record_fx
-        return record_fx(model, args, kwargs, loss=loss, seed=seed, mode=mode, keep_dropout=keep_dropout,
-                         meta=meta)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    try:
-        run = _run_eager(model, args, dict(kwargs or {}), loss, seed, mode, keep_dropout, recorder, copy=False)
-    except Aliased:
-        run = _run_eager(model, args, dict(kwargs or {}), loss, seed, mode, keep_dropout, recorder, copy=True)
-    return assemble(model, run, tracer="eager", mode=mode, seed=seed, keep_dropout=keep_dropout,
-                    started=started, meta=meta)
-
-
-@dataclasses.dataclass
-class Run:
-    """What one recorded run produced, before it becomes a ``Capture``."""
-
-    recorder: Recorder
-    inputs: Any              # {"args": [...], "kwargs": {...}} with Slots for tensors
-    outputs: Any             # the output structure with Slots for tensors
-    params: dict[str, torch.Tensor]
-    param_grads: dict[str, torch.Tensor]
-    loss_value: float
-
-
-def _run_eager(model, args, kwargs, loss, seed, mode, keep_dropout, recorder_cls, copy) -> Run:
-    with gc_paused(), preserved_state(model) as before:
-        model.train(mode == "train")
-        seed_everything(seed)
-        for p in model.parameters():
-            p.grad = None
-        call_args, call_kwargs = clone_call(args, kwargs)
-        rec = recorder_cls(model, disable_dropout=mode == "train" and not keep_dropout, copy=copy)
-        run = record_run(model, rec, call_args, call_kwargs,
-                         lambda a=call_args, k=call_kwargs: model(*a, **k), loss, seed, before)
-        del call_args, call_kwargs
-        rec.release()
-    return run
-
-
-def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwargs: dict,
-               forward: Callable[[], Any], loss: Loss | None, seed: int, before: dict[int, torch.Tensor],
-               check: Callable[[Any], None] | None = None) -> Run:
-    """Run ``forward()`` under ``rec``, then the loss and backward: the core every tracer shares.
-
-    ``check(outputs)`` may refuse the run before it is kept. The caller drops its own references to
-    the call and then calls ``rec.release()``.
-    """
-    call = {"args": call_args, "kwargs": call_kwargs}
-    placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
-                    for path, t in tree.flatten(call)}
-    try:
-        with torch.enable_grad(), rec:
-            outputs = forward()
-        out_nodes = iter(rec.finish(outputs))
-        value = objective(loss, outputs, seed)
-        if value.requires_grad:
-            value.backward()
-        rec.mark_grads()
-    finally:
-        rec.remove_hooks()
-    if check is not None:
-        check(outputs)
-    return Run(rec, inputs=tree.plain(call, lambda t: Slot(placeholders[id(t)])),
-               outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
-               params=model_tensors(model, before), param_grads=taken_grads(model),
-               loss_value=float(value.detach().double()))
-
-
-def model_tensors(model: torch.nn.Module, before: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's parameters as the run used them (``before``: copies from ``preserved_state``) and
-    copies of its buffers as the run left them (batch norm's running statistics), by name."""
-    params = {n: before[id(p)] if id(p) in before else p.detach().clone() for n, p in model.named_parameters()}
-    params.update({n: b.detach().clone() for n, b in model.named_buffers()})
-    return params
-
-
-def taken_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The run's parameter gradients; the caller puts the model's own ``.grad`` back afterwards."""
-    return {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assemble(model: torch.nn.Module, run: Run, *, tracer: str, mode: str, seed: int, keep_dropout: bool,
-             started: datetime.datetime, meta: dict | None) -> Capture:
-    """The ``Capture`` of a finished run, its slots filled and its metadata written."""
-    rec = run.recorder
-    graph_nodes = {n.name: n for n in rec.graph.nodes}
-
-    def fill(slot: Slot) -> torch.Tensor:
-        if slot.node in rec.values:
-            return rec.values[slot.node]
-        return run.params[str(graph_nodes[slot.node].target)]  # a parameter returned as is
-
-    ops = sum(1 for n in rec.graph.nodes if n.op == "call_function")
-    first = next(iter(run.params.values()), None)
-    info = {
-        "fxdiff": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "tracer": tracer,
-        "mode": mode,
-        "seed": seed,
-        "keep_dropout": keep_dropout,
-        "loss_value": run.loss_value,
-        "device": str(first.device) if first is not None else "cpu",
-        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "started": started.isoformat(timespec="seconds"),
-        "ops": ops,
-        "modules": {path: type(m).__name__ for path, m in model.named_modules()},
-        **(meta or {}),
-    }
-    return Capture(graph=rec.graph, values=rec.values, grads=rec.grads, params=run.params,
-                   param_grads=run.param_grads, inputs=tree.map_leaves(run.inputs, Slot, fill),
-                   outputs=tree.map_leaves(run.outputs, Slot, fill), meta=info)

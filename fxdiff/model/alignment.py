@@ -45,3 +45,22 @@ class Alignment:
     unmatched_cand: list[str]
     unmatched_ref_params: list[str] = dataclasses.field(default_factory=list)
     unmatched_cand_params: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ParamMap:
+    """Which candidate parameter(s) hold each reference parameter, and how: a weight conversion.
+
+    Its JSON form (``fxdiff-param-map``) is what ``map-params -o`` writes.
+    """
+
+    pairs: list[ParamPair]
+    unmapped_ref: list[str]
+    unmapped_cand: list[str]
+    cand_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self, ref_label: str = "ref", cand_label: str = "cand") -> dict:
+        return {"format": "fxdiff-param-map", "version": 1, "ref": ref_label, "cand": cand_label,
+                "pairs": [{"ref": p.ref, "cand": list(p.cand), "transform": p.transform, "evidence": p.evidence,
+                           "confidence": p.confidence} for p in self.pairs],
+                "unmapped": {"ref": self.unmapped_ref, "cand": self.unmapped_cand}}

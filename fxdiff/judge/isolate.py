@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from .capture import Capture
+from ..model.capture import TARGET, Capture
+from ..targets import Targets
 
 MAX_BLOCK = 64   # ops replayed at most for one node
 
@@ -22,23 +23,25 @@ class _NotReplayable(Exception):
     pass
 
 
-def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]) -> torch.Tensor | None:
+def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str],
+           targets: Targets | None = None) -> torch.Tensor | None:
     """The candidate's value of ``cand_node`` recomputed from the reference's values.
 
     ``boundary`` maps candidate node names to the reference nodes whose values stand in for them
-    (matched pairs of equal shape). Returns None when the block cannot be replayed: too large, or an
-    op whose arguments were not recorded in a replayable form.
+    (matched pairs of equal shape). Only ops on the allowlist (``targets``) are called. Returns None
+    when the block cannot be replayed: too large, an op off the allowlist, or one whose arguments
+    were not recorded in a replayable form.
     """
     nodes = {n.name: n for n in cand.graph.nodes}
     memo: dict[str, Any] = {}
     try:
         with torch.no_grad():
-            return _value(nodes[cand_node], ref, cand, boundary, memo, nodes, root=True)
+            return _value(nodes[cand_node], ref, cand, boundary, memo, targets or Targets.default(), root=True)
     except _NotReplayable:
         return None
 
 
-def _value(node: torch.fx.Node, ref, cand, boundary, memo, nodes, root=False) -> Any:
+def _value(node: torch.fx.Node, ref, cand, boundary, memo, targets: Targets, root=False) -> Any:
     if node.name in memo:
         return memo[node.name]
     if not root and node.name in boundary:
@@ -53,10 +56,13 @@ def _value(node: torch.fx.Node, ref, cand, boundary, memo, nodes, root=False) ->
     elif node.op == "call_function":
         if len(memo) >= MAX_BLOCK:
             raise _NotReplayable("block too large")
-        args = _map(node.args, ref, cand, boundary, memo, nodes)
-        kwargs = _map(node.kwargs, ref, cand, boundary, memo, nodes)
+        args = _map(node.args, ref, cand, boundary, memo, targets)
+        kwargs = _map(node.kwargs, ref, cand, boundary, memo, targets)
+        fn = targets.resolve(str(node.meta.get(TARGET)))
+        if fn is None:
+            raise _NotReplayable(f"{node.name}: {node.meta.get(TARGET)} is not on the allowlist")
         try:
-            out = node.target(*args, **kwargs)
+            out = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 -- any failure means this op cannot be replayed here
             raise _NotReplayable(f"{node.name}: {e}") from None
         if out is None and args and isinstance(args[0], torch.Tensor):

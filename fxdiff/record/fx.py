@@ -15,32 +15,26 @@ run, and the capture is refused unless they are equal.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import inspect
 from typing import Any
 
 import torch
 import torch.fx
 
-from . import tree
-from .errors import FxdiffError
-from .record import (Aliased, Loss, NoDropout, Recorder, Run, assemble, clone_call, gc_paused, objective,
-                     preserved_state, record_run, seed_everything, taken_grads)
+from .. import tree
+from ..errors import FxdiffError
+from .recorder import Aliased, NoDropout, Recorder
+from .session import (Run, RunConfig, backward, forward_context, prepared, record_run, seed_everything,
+                      taken_grads)
 
 
-def record_fx(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, loss: Loss | None = None,
-              seed: int = 0, mode: str = "eval", keep_dropout: bool = False, meta: dict | None = None):
-    """Like ``record(..., tracer="fx")``: trace, check the trace against eager, record the traced run."""
-    kwargs = dict(kwargs or {})
-    started = datetime.datetime.now(datetime.timezone.utc)
-    disable_dropout = mode == "train" and not keep_dropout
-    eager = _eager_run(model, args, kwargs, loss, seed, mode, disable_dropout)
+def record_fx(model: torch.nn.Module, args: tuple, kwargs: dict, config: RunConfig) -> Run:
+    """The ``fx`` tracer: trace, check the trace against a plain eager run, record the traced run."""
+    eager = _eager_run(model, args, kwargs, config)
     try:
-        run = _traced_run(model, args, kwargs, loss, seed, mode, disable_dropout, eager, copy=False)
+        return _traced_run(model, args, kwargs, config, eager, copy=False)
     except Aliased:
-        run = _traced_run(model, args, kwargs, loss, seed, mode, disable_dropout, eager, copy=True)
-    return assemble(model, run, tracer="fx", mode=mode, seed=seed, keep_dropout=keep_dropout, started=started,
-                    meta=meta)
+        return _traced_run(model, args, kwargs, config, eager, copy=True)
 
 
 def trace(model: torch.nn.Module, concrete: dict[str, Any] | None = None) -> torch.fx.GraphModule:
@@ -49,8 +43,8 @@ def trace(model: torch.nn.Module, concrete: dict[str, Any] | None = None) -> tor
         return torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001 -- tracing runs arbitrary model code
         first = (str(e).strip().splitlines() or [""])[0]
-        raise FxdiffError(f"--tracer fx: {type(model).__name__} cannot be traced by torch.fx.symbolic_trace "
-                          f"({type(e).__name__}: {first}); use --tracer eager") from None
+        raise FxdiffError(f"tracer fx: {type(model).__name__} cannot be traced by torch.fx.symbolic_trace "
+                          f"({type(e).__name__}: {first}); use the eager tracer", option="tracer") from None
 
 
 class _Interpreter(torch.fx.Interpreter):
@@ -75,7 +69,7 @@ def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArg
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as e:
-        raise FxdiffError(f"--tracer fx: the inputs do not fit {type(model).__name__}.forward ({e})") from None
+        raise FxdiffError(f"tracer fx: the inputs do not fit {type(model).__name__}.forward ({e})", option="tracer") from None
     bound.apply_defaults()
     return bound
 
@@ -93,8 +87,8 @@ def _positional(gm: torch.fx.GraphModule, model: torch.nn.Module, bound: inspect
     params = list(bound.signature.parameters.values())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(params) != len(placeholders) or any(p.kind == p.VAR_KEYWORD for p in params):
-        raise FxdiffError(f"--tracer fx: cannot pass the inputs to the trace of {type(model).__name__}.forward"
-                          f"{bound.signature}; use --tracer eager")
+        raise FxdiffError(f"tracer fx: cannot pass the inputs to the trace of {type(model).__name__}.forward"
+                          f"{bound.signature}; use the eager tracer", option="tracer")
     values = []
     for p in params:
         if p.kind == p.VAR_POSITIONAL:
@@ -104,37 +98,27 @@ def _positional(gm: torch.fx.GraphModule, model: torch.nn.Module, bound: inspect
     return values
 
 
-def _eager_run(model, args, kwargs, loss, seed, mode, disable_dropout) -> tuple[list, dict[str, torch.Tensor]]:
+def _eager_run(model, args, kwargs, config: RunConfig) -> tuple[list, dict[str, torch.Tensor]]:
     """Flat outputs and parameter gradients of a plain eager run, set up as the recorded run is."""
-    with preserved_state(model):
-        model.train(mode == "train")
-        seed_everything(seed)
-        for p in model.parameters():
-            p.grad = None
-        call_args, call_kwargs = clone_call(args, kwargs)
-        with torch.enable_grad(), (NoDropout() if disable_dropout else contextlib.nullcontext()):
+    with prepared(model, args, kwargs, config) as (_, call_args, call_kwargs):
+        with torch.enable_grad(), NoDropout() if config.disable_dropout else contextlib.nullcontext(), \
+                forward_context(model, config):
             outputs = model(*call_args, **call_kwargs)
-        value = objective(loss, outputs, seed)
-        if value.requires_grad:
-            value.backward()
+        backward(model, outputs, config)
         return ([(p, t.detach()) for p, t in tree.flatten(outputs)],
                 {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
-def _traced_run(model, args, kwargs, loss, seed, mode, disable_dropout, eager, copy) -> Run:
-    with gc_paused(), preserved_state(model) as before:
-        model.train(mode == "train")
-        for p in model.parameters():
-            p.grad = None
-        call_args, call_kwargs = clone_call(args, kwargs)
+def _traced_run(model, args, kwargs, config: RunConfig, eager, copy) -> Run:
+    with prepared(model, args, kwargs, config) as (before, call_args, call_kwargs):
         bound = _bind(model, call_args, call_kwargs)
         gm = trace(model, _concrete(bound))
-        seed_everything(seed)  # after tracing, which may draw random numbers of its own
-        rec = Recorder(model, disable_dropout=disable_dropout, copy=copy)
+        seed_everything(config.seed)  # after tracing, which may draw random numbers of its own
+        rec = Recorder(model, disable_dropout=config.disable_dropout, copy=copy)
         positional = _positional(gm, model, bound)
         run = record_run(model, rec, call_args, call_kwargs,
                          lambda run_gm=_Interpreter(gm, rec, model), a=positional: run_gm.run(*a),
-                         loss, seed, before,
+                         config, before,
                          check=lambda outputs: _check_against_eager(model, eager, tree.flatten(outputs),
                                                                     taken_grads(model)))
         del call_args, call_kwargs, bound, gm, positional
@@ -145,22 +129,22 @@ def _traced_run(model, args, kwargs, loss, seed, mode, disable_dropout, eager, c
 def _check_against_eager(model, eager, outputs, grads) -> None:
     """Refuse the trace unless it reproduces eager's outputs and parameter gradients exactly."""
     eager_outputs, eager_grads = eager
-    refuse = f"--tracer fx: the traced graph of {type(model).__name__} does not reproduce the model"
-    hint = ("(custom autograd.Function, no_grad region or hook in forward?); use --tracer eager")
+    refuse = f"tracer fx: the traced graph of {type(model).__name__} does not reproduce the model"
+    hint = ("(custom autograd.Function, no_grad region or hook in forward?); use the eager tracer")
     if [p for p, _ in outputs] != [p for p, _ in eager_outputs]:
         raise FxdiffError(f"{refuse}: its outputs are {[p for p, _ in outputs]}, eager's "
-                          f"{[p for p, _ in eager_outputs]} {hint}")
+                          f"{[p for p, _ in eager_outputs]} {hint}", option="tracer")
     for (path, t), (_, e) in zip(outputs, eager_outputs):
         if not _same(t.detach(), e):
-            raise FxdiffError(f"{refuse}: output {path} differs from eager {hint}")
+            raise FxdiffError(f"{refuse}: output {path} differs from eager {hint}", option="tracer")
     if grads.keys() != eager_grads.keys():
         raise FxdiffError(f"{refuse}: gradients reach {sorted(grads.keys() ^ eager_grads.keys())[:3]} "
-                          f"in only one of the two runs {hint}")
+                          f"in only one of the two runs {hint}", option="tracer")
     for name, g in grads.items():
         if not _same(g, eager_grads[name]):
             diff = float((g.double() - eager_grads[name].double()).abs().max())
             raise FxdiffError(f"{refuse}: the gradient of parameter {name} differs from eager "
-                              f"(max abs diff {diff:.3g}) {hint}")
+                              f"(max abs diff {diff:.3g}) {hint}", option="tracer")
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""Load what a capture needs from the command line: model, inputs and loss specs, checkpoints.
+"""Load model: model, inputs and loss specs, and checkpoints.
 
 A spec is ``path/to/file.py:function`` or ``package.module:function``. Loading a spec *executes*
 that file, which is the point: it is the user's own model code. Data files (inputs, checkpoints)
@@ -12,17 +12,16 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
-import io
 import re
 import sys
 import tarfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import torch
 
-from . import tree
-from .errors import FxdiffError
+from .. import tree
+from ..errors import FxdiffError, blame_user
 
 
 def load_callable(spec: str, what: str) -> Callable:
@@ -40,6 +39,8 @@ def load_callable(spec: str, what: str) -> Callable:
             module = importlib.import_module(source)
         except ImportError as e:
             raise FxdiffError(f"{what} {spec!r}: cannot import {source} ({e})") from None
+        except Exception as e:
+            raise blame_user(f"{what} {spec}: importing {source}", e) from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise FxdiffError(f"{what} {spec!r}: {source} has no function {name!r}")
@@ -61,13 +62,17 @@ def _import_file(path: Path, what: str, spec: str):
         module_spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
-        raise FxdiffError(f"{what} {spec!r}: importing {path.name} failed ({type(e).__name__}: {e})") from None
+        raise blame_user(f"{what} {spec}: importing {path.name}", e) from None
     return module
 
 
 def load_model(spec: str) -> torch.nn.Module:
     """Call the zero-argument model builder named by ``spec``."""
-    model = load_callable(spec, "model")()
+    build = load_callable(spec, "model spec")
+    try:
+        model = build()
+    except Exception as e:
+        raise blame_user(f"model spec {spec}", e) from None
     if not isinstance(model, torch.nn.Module):
         raise FxdiffError(f"model {spec!r}: returned {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -75,7 +80,7 @@ def load_model(spec: str) -> torch.nn.Module:
 
 def load_loss(spec: str) -> Callable[[Any], torch.Tensor]:
     """The loss function named by ``spec``: takes the model output, returns a scalar."""
-    return load_callable(spec, "loss")
+    return load_callable(spec, "loss spec")
 
 
 def split_call(obj: Any, what: str) -> tuple[tuple, dict]:
@@ -98,15 +103,20 @@ def load_inputs(spec: str) -> tuple[tuple, dict]:
     """Model inputs from ``file.py:function``, a ``.safetensors`` file or a ``.pt`` file."""
     if spec.endswith(".safetensors"):
         from safetensors.torch import load_file
-        _require_file(spec, "--inputs")
+        _require_file(spec, "inputs")
         try:
             flat = load_file(spec)
         except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
-            raise FxdiffError(f"--inputs {spec}: not a readable safetensors file ({e})") from None
-        return split_call(_unflatten_args(flat), f"--inputs {spec}")
+            raise FxdiffError(f"inputs {spec}: not a readable safetensors file ({e})", option="inputs") from None
+        return split_call(_unflatten_args(flat), f"inputs {spec}")
     if spec.endswith((".pt", ".pth")):
-        return split_call(_torch_load(spec, "--inputs"), f"--inputs {spec}")
-    return split_call(load_callable(spec, "--inputs")(), f"--inputs {spec}")
+        return split_call(_torch_load(spec, "inputs"), f"inputs {spec}")
+    make = load_callable(spec, "inputs spec")
+    try:
+        made = make()
+    except Exception as e:
+        raise blame_user(f"inputs spec {spec}", e) from None
+    return split_call(made, f"inputs spec {spec}")
 
 
 def _unflatten_args(flat: dict[str, torch.Tensor]) -> Any:
@@ -119,11 +129,13 @@ def _unflatten_args(flat: dict[str, torch.Tensor]) -> Any:
 
 
 def _require_file(path: str, option: str) -> None:
+    if Path(path).is_dir():
+        raise FxdiffError(f"{option} {path}: is a directory, expected a file", option=option)
     if not Path(path).is_file():
-        raise FxdiffError(f"{option} {path}: file not found")
+        raise FxdiffError(f"{option} {path}: file not found", option=option)
 
 
-def _torch_load(source: str | io.BytesIO, option: str, label: str | None = None) -> Any:
+def _torch_load(source: str | IO[bytes], option: str, label: str | None = None) -> Any:
     if isinstance(source, str):
         _require_file(source, option)
     try:
@@ -134,7 +146,8 @@ def _torch_load(source: str | io.BytesIO, option: str, label: str | None = None)
         reason = (f"it holds a pickled {unsafe.group(1)}, which would run code to load; save the tensors "
                   "alone (e.g. safetensors.torch.save_file(ckpt['state_dict'], ...)) where it was written"
                   if unsafe else text.splitlines()[0] if text else type(e).__name__)
-        raise FxdiffError(f"{option} {label or source}: cannot be loaded safely (weights_only=True): {reason}") from None
+        raise FxdiffError(f"{option} {label or source}: cannot be loaded safely (weights_only=True): {reason}",
+                          option=option) from None
 
 
 @dataclasses.dataclass
@@ -149,40 +162,48 @@ class CheckpointLoad:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors``, ``.pt``/``.pth``/``.bin``, Lightning ``.ckpt`` or ``.nemo``."""
-    _require_file(path, "--checkpoint")
+    _require_file(path, "checkpoint")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
             return load_file(path)
         except Exception as e:  # noqa: BLE001
-            raise FxdiffError(f"--checkpoint {path}: not a readable safetensors file ({e})") from None
+            raise FxdiffError(f"checkpoint {path}: not a readable safetensors file ({e})", option="checkpoint") from None
     if path.endswith(".nemo"):
-        obj = _torch_load(io.BytesIO(_read_nemo_weights(path)), "--checkpoint", f"{path} (model_weights.ckpt)")
+        obj = _read_nemo_weights(path)
     else:
-        obj = _torch_load(path, "--checkpoint")
+        obj = _torch_load(path, "checkpoint")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FxdiffError(f"--checkpoint {path}: expected a state dict (names to tensors)")
+        raise FxdiffError(f"checkpoint {path}: expected a state dict (names to tensors)", option="checkpoint")
     return obj
 
 
-def _read_nemo_weights(path: str) -> bytes:
-    """``model_weights.ckpt`` from a ``.nemo`` tar, read in memory; an archive with any member that
-    is a link or whose name is absolute or climbs out with ``..`` is refused as a whole."""
+NEMO_MEMBER_LIMIT = 64 << 30   # a weights member larger than this is refused before it is read
+
+
+def _read_nemo_weights(path: str, limit: int = NEMO_MEMBER_LIMIT) -> Any:
+    """The state dict in ``model_weights.ckpt`` of a ``.nemo`` tar, streamed from the archive; an
+    archive with any member that is a link or whose name is absolute or climbs out with ``..`` is
+    refused as a whole, and so is a weights member over ``limit`` bytes."""
     try:
         with tarfile.open(path) as tar:
             members = tar.getmembers()
             for member in members:
                 name = Path(member.name)
                 if name.is_absolute() or ".." in name.parts or member.issym() or member.islnk():
-                    raise FxdiffError(f"--checkpoint {path}: unsafe archive member {member.name!r}")
+                    raise FxdiffError(f"checkpoint {path}: unsafe archive member {member.name!r}", option="checkpoint")
             for member in members:
                 if Path(member.name).name == "model_weights.ckpt" and member.isfile():
-                    return tar.extractfile(member).read()
-    except tarfile.TarError as e:
-        raise FxdiffError(f"--checkpoint {path}: not a readable .nemo archive ({e})") from None
-    raise FxdiffError(f"--checkpoint {path}: no model_weights.ckpt inside the .nemo archive")
+                    if member.size > limit:
+                        raise FxdiffError(f"checkpoint {path}: model_weights.ckpt is {member.size} bytes, over the "
+                                          f"limit of {limit}", option="checkpoint")
+                    with tar.extractfile(member) as stream:
+                        return _torch_load(stream, "checkpoint", f"{path} (model_weights.ckpt)")
+    except (tarfile.TarError, OSError) as e:
+        raise FxdiffError(f"checkpoint {path}: not a readable .nemo archive ({e})", option="checkpoint") from None
+    raise FxdiffError(f"checkpoint {path}: no model_weights.ckpt inside the .nemo archive", option="checkpoint")
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> CheckpointLoad:
@@ -198,8 +219,8 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> CheckpointLoad:
         prefix = _common_prefix(state, expected)
         state = {k[len(prefix):]: v for k, v in state.items()}
     if not expected & set(state):
-        raise FxdiffError(f"--checkpoint {path}: none of its {len(state)} keys are in the model "
-                          f"(e.g. {next(iter(state), '?')!r} vs {next(iter(expected), '?')!r})")
+        raise FxdiffError(f"checkpoint {path}: none of its {len(state)} keys are in the model "
+                          f"(e.g. {next(iter(state), '?')!r} vs {next(iter(expected), '?')!r})", option="checkpoint")
     result = model.load_state_dict(state, strict=False)
     return CheckpointLoad(path, list(result.missing_keys), list(result.unexpected_keys), prefix)
 
@@ -226,18 +247,28 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
                "half": "float16", "bf16": "bfloat16"}
     key = aliases.get(name, name)
     if key not in _DTYPES:
-        raise FxdiffError(f"--dtype {name}: expected one of {', '.join(_DTYPES)}")
+        raise FxdiffError(f"dtype {name}: expected one of {', '.join(_DTYPES)}", option="dtype")
     return _DTYPES[key]
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device that this machine has, or a clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FxdiffError(f"device {device!r}: not a torch device", option="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FxdiffError(f"device {device}: this machine has no CUDA device", option="device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise FxdiffError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices", option="device")
+    return dev
 
 
 def place(model: torch.nn.Module, args: tuple, kwargs: dict, device: str | None,
           dtype: torch.dtype | None) -> tuple[torch.nn.Module, tuple, dict]:
     """Move the model and inputs to ``device``; cast floating tensors to ``dtype``."""
     if device:
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise FxdiffError(f"--device {device}: not a torch device") from None
+        check_device(device)
     model = model.to(device=device, dtype=dtype) if (device or dtype) else model
 
     def move(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import FxdiffError
+from ..errors import FxdiffError
+from ..util import atomic_write, dumps, to_float
 
 FORMAT = "fxdiff-report"
 VERSION = 1
@@ -33,6 +34,8 @@ class Metrics:
     note: str = ""                # e.g. "shape (2, 3) vs (3, 2)", "gradient on ref only"
     histogram: list[int] = dataclasses.field(default_factory=list)  # see HIST_EDGES
 
+
+_FLOAT_FIELDS = ("max_abs_diff", "max_rel_diff", "mean_abs_diff", "cosine", "ref_rms")
 
 # Metrics.histogram[0] counts |diff| == 0; bin k >= 1 counts [HIST_EDGES[k], HIST_EDGES[k+1]), the
 # first decade also holding anything below 1e-12 and the last anything from 10 up.
@@ -98,6 +101,7 @@ class Report:
     params: list[ParamRow]
     unmatched: dict[str, list[dict[str, Any]]]   # {"ref": [...], "cand": [...]}
     graph: dict[str, list[dict[str, Any]]]       # structure of both graphs, for rendering
+    warnings: list[str] = dataclasses.field(default_factory=list)   # setup differences worth knowing
 
     @property
     def forward_output_match(self) -> bool:
@@ -160,21 +164,21 @@ class Report:
             "params": [dataclasses.asdict(p) for p in self.params],
             "unmatched": self.unmatched,
             "graph": self.graph,
+            "warnings": self.warnings,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON report atomically."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), default=str))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, dumps(self.to_dict(), default=str))
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "Report":
         """Rebuild a report from its JSON document."""
         def metrics(d):
-            return Metrics(**d) if d else None
+            if not d:
+                return None
+            floats = {k: to_float(d[k]) for k in _FLOAT_FIELDS if k in d}
+            return Metrics(**{**d, **floats})
         return cls(
             ref=doc["ref"], cand=doc["cand"], tolerance=doc["tolerance"],
             outputs=[{**o, "metrics": metrics(o["metrics"])} for o in doc["outputs"]],
@@ -183,7 +187,7 @@ class Report:
                    for r in doc["nodes"]],
             params=[ParamRow(**{**p, "grad": metrics(p["grad"]), "value": metrics(p.get("value"))})
                     for p in doc["params"]],
-            unmatched=doc["unmatched"], graph=doc["graph"],
+            unmatched=doc["unmatched"], graph=doc["graph"], warnings=list(doc.get("warnings", [])),
         )
 
 
@@ -198,9 +202,10 @@ def load_report(path: str | os.PathLike) -> Report:
         raise FxdiffError(f"{path}: not a JSON report ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise FxdiffError(f"{path}: not an {FORMAT} document")
-    if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
-        raise FxdiffError(f"{path}: report version {doc.get('version')}; this fxdiff reads up to {VERSION}")
+    version = doc.get("version")
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise FxdiffError(f"{path}: report version {version!r}; this fxdiff reads versions 1 to {VERSION}")
     try:
         return Report.from_dict(doc)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise FxdiffError(f"{path}: malformed report ({type(e).__name__}: {e})") from None

@@ -1,0 +1,254 @@
+"""The one pipeline: capture, compare, map parameters, convert weights. The CLI is a thin layer
+over these functions; a notebook or a test calling them gets the same results.
+
+*load model -> record -> store*: ``capture`` (a module) or ``capture_spec`` (a model spec string,
+the CLI's way), then ``save``. *load captures -> match -> judge -> render*: ``compare``, which takes
+two captures, or a capture and a live candidate that it runs on the capture's saved inputs.
+
+What a live candidate inherits from the reference (its "rules"): the saved inputs (unless
+``inputs`` is given), the seed, the mode and whether dropout was kept (unless given), and the
+backward seed: without a ``loss`` of its own, the candidate's backward starts from the reference's
+gradient of the loss with respect to each matched output, so the candidate's environment needs
+none of the reference's code. With its own ``loss`` the two loss values are compared too.
+Executing a model spec, inputs spec or loss spec runs that code: that is their point. Nothing
+named inside a capture, report or checkpoint is ever imported or called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import tree
+from .errors import FxdiffError
+from .judge import Tolerance, judge
+from .load import specs
+from .match import UserMap, match
+from .model.alignment import ParamMap
+from .model.capture import Capture
+from .model.report import Report
+from .params import convert as convert_state
+from .record import BackwardSeed, RunConfig, record
+from .store import is_capture, load, save
+
+Side = Capture | str | os.PathLike
+LossSpec = Callable[..., torch.Tensor] | str | None
+
+__all__ = ["LiveOptions", "capture", "capture_spec", "compare", "convert", "load", "map_params", "save"]
+
+
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, loss: LossSpec = None,
+            seed: int = 0, mode: str = "eval", keep_dropout: bool = False, autocast: torch.dtype | str | None = None,
+            tracer: str = "eager", meta: dict[str, Any] | None = None) -> Capture:
+    """Run ``model(*args, **kwargs)`` forward and backward once and record it.
+
+    ``loss`` maps the output (and, if it takes two arguments, the model) to a scalar; a
+    ``file.py:function`` string names one. Default: a seeded random cotangent on every floating
+    output. ``autocast`` (``"bfloat16"``, ``torch.float16``...) runs forward under ``torch.autocast``.
+    """
+    config = RunConfig(mode=mode, seed=seed, keep_dropout=keep_dropout, loss=_loss(loss), autocast=_dtype(autocast))
+    return record(model, args, kwargs, config, tracer=tracer, meta=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveOptions:
+    """How to build and run a model given as a spec, or a live candidate. ``None``: inherit/default."""
+
+    inputs: str | tuple[tuple, dict] | None = None
+    loss: LossSpec = None
+    checkpoint: str | None = None
+    mode: str | None = None
+    keep_dropout: bool | None = None
+    seed: int | None = None
+    device: str | None = None
+    dtype: torch.dtype | str | None = None
+    autocast: torch.dtype | str | None = None
+    tracer: str = "eager"
+
+    def given(self) -> list[str]:
+        """The options set to something other than their default."""
+        return [f.name for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default]
+
+
+def capture_spec(model: str | torch.nn.Module, **run: Any) -> Capture:
+    """Build ``model`` (a ``file.py:function`` spec, or a module), load its checkpoint and inputs,
+    and record it: what ``fxdiff capture`` does. ``run`` holds ``LiveOptions`` fields."""
+    options = LiveOptions(**run)
+    if options.inputs is None:
+        raise FxdiffError("a model needs inputs to run", option="inputs")
+    built, meta = _build(model, options)
+    args, kwargs = _inputs(options.inputs, built, options)
+    meta["inputs"] = options.inputs if isinstance(options.inputs, str) else "given in Python"
+    if isinstance(options.loss, str):
+        meta["loss"] = options.loss   # a description: a capture's loss is never loaded from it
+    config = RunConfig(mode=options.mode or "eval", seed=options.seed or 0, keep_dropout=bool(options.keep_dropout),
+                       loss=_loss(options.loss), autocast=_dtype(options.autocast))
+    return record(built, args, kwargs, config, tracer=options.tracer, meta=meta)
+
+
+def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_map: UserMap | str | None = None,
+            tolerance: Tolerance | None = None, ref_label: str | None = None, cand_label: str | None = None,
+            **run: Any) -> Report:
+    """Align ``cand`` to ``ref`` and judge every pair.
+
+    Each side is a ``Capture``, a capture directory, a module or a ``file.py:function`` model spec.
+    A live reference runs with ``options`` (inputs required); a live candidate runs on the
+    reference's saved inputs under the rules in the module docstring, ``options`` overriding.
+    ``options`` given with two captures are refused: they would change nothing. ``run`` holds
+    ``LiveOptions`` fields (``inputs``, ``loss``, ``checkpoint``, ``mode``, ``seed``, ``dtype``...).
+    """
+    options = LiveOptions(**run)
+    ref_capture = _reference(ref, options)
+    if _is_live(cand):
+        cand_capture = run_candidate(ref_capture, cand, options)
+    else:
+        if not _is_live(ref) and options.given():
+            raise FxdiffError(f"{', '.join(options.given())}: these options run a model, and both sides are "
+                              "captures", option=options.given()[0])
+        cand_capture = _as_capture(cand)
+    alignment = match(ref_capture, cand_capture, _user_map(user_map))
+    report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
+                   ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
+    report.warnings.extend(_setup_differences(ref_capture, cand_capture) if not _is_live(cand) else [])
+    return report
+
+
+def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOptions) -> Capture:
+    """Record a live candidate as ``compare`` does: on ``ref``'s inputs, seed, mode and backward seed."""
+    model, meta = _build(cand, options)
+    if options.inputs is not None:
+        args, kwargs = _inputs(options.inputs, model, options)
+        meta["inputs"] = options.inputs if isinstance(options.inputs, str) else "given in Python"
+    else:
+        args, kwargs = _inputs((tuple(ref.inputs.get("args", ())), dict(ref.inputs.get("kwargs", {}))), model, options)
+        meta["inputs"] = "the reference's saved inputs"
+    config = RunConfig(mode=options.mode or ref.meta.get("mode", "eval"),
+                       seed=ref.meta.get("seed", 0) if options.seed is None else options.seed,
+                       keep_dropout=bool(ref.meta.get("keep_dropout", False) if options.keep_dropout is None
+                                         else options.keep_dropout),
+                       autocast=_dtype(options.autocast))
+    if options.loss is not None:
+        config = dataclasses.replace(config, loss=_loss(options.loss))
+    elif ref.output_grads:
+        config = dataclasses.replace(config, backward_seed=BackwardSeed(tree.flatten(ref.outputs), ref.output_grads))
+    elif ref.meta.get("loss") not in (None, "random cotangent"):
+        raise FxdiffError("the reference capture holds no output gradients (it was made by an older fxdiff) and "
+                          "its loss was code; give the candidate's loss", option="loss")
+    return record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
+
+
+def map_params(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *,
+               user_map: UserMap | str | None = None, **run: Any) -> ParamMap:
+    """Which ``cand`` parameter(s) hold each ``ref`` parameter, and with what transform.
+
+    The full matcher runs: tensors of equal content (norm weights of ones, zero biases) are told
+    apart by the matched ops that consume them.
+    """
+    options = LiveOptions(**run)
+    ref_capture = _reference(ref, options)
+    cand_capture = run_candidate(ref_capture, cand, options) if _is_live(cand) else _as_capture(cand)
+    user_map = _user_map(user_map)
+    alignment = match(ref_capture, cand_capture, UserMap(params=user_map.params) if user_map else None)
+    rank = {name: i for i, name in enumerate(ref_capture.params)}
+    pairs = sorted(alignment.params, key=lambda p: rank.get(p.ref, len(rank)))
+    return ParamMap(pairs, alignment.unmatched_ref_params, alignment.unmatched_cand_params,
+                    cand_shapes={k: list(v.shape) for k, v in cand_capture.params.items()})
+
+
+def convert(mapping: ParamMap, ref_checkpoint: str | dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A state dict for the candidate built from a reference checkpoint through ``mapping``, and
+    the candidate tensors it could not fill."""
+    state = specs.read_state_dict(ref_checkpoint) if isinstance(ref_checkpoint, str) else ref_checkpoint
+    return convert_state(state, mapping.pairs, {k: tuple(v) for k, v in mapping.cand_shapes.items()})
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write a state dict as ``.safetensors``, atomically."""
+    from safetensors.torch import save as st_save
+
+    from .util import atomic_write
+    return atomic_write(path, st_save({k: v.contiguous() for k, v in state.items()}))
+
+
+# -- the rules, in one place --------------------------------------------------------------------
+
+def _is_live(side: Any) -> bool:
+    return isinstance(side, torch.nn.Module) or (isinstance(side, str) and not is_capture(side) and ":" in side)
+
+
+def _as_capture(side: Side) -> Capture:
+    if isinstance(side, Capture):
+        return side
+    if isinstance(side, (str, os.PathLike)) and not Path(side).is_dir() and ":" not in str(side):
+        raise FxdiffError(f"{side}: not a capture directory nor a model spec (file.py:function)")
+    return load(side)
+
+
+def _reference(ref: Side | torch.nn.Module, options: LiveOptions) -> Capture:
+    return capture_spec(ref, **dataclasses.asdict(options)) if _is_live(ref) else _as_capture(ref)
+
+
+def _build(model: str | torch.nn.Module, options: LiveOptions) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model (weights loaded, placed on the device and dtype asked for) and metadata about it."""
+    meta: dict[str, Any] = {}
+    if isinstance(model, str):
+        meta["model"] = model
+        model = specs.load_model(model)
+    if options.checkpoint:
+        loaded = specs.load_checkpoint(model, options.checkpoint)
+        meta["checkpoint"] = dataclasses.asdict(loaded)
+    model, _, _ = specs.place(model, (), {}, options.device, _dtype(options.dtype))
+    return model, meta
+
+
+def _inputs(inputs: str | tuple[tuple, dict], model: torch.nn.Module, options: LiveOptions) -> tuple[tuple, dict]:
+    """The call's arguments, on the model's device, floating tensors in ``options.dtype`` if given."""
+    args, kwargs = specs.load_inputs(inputs) if isinstance(inputs, str) else inputs
+    first = next(model.parameters(), None)
+    device = options.device or (str(first.device) if first is not None else None)
+    _, args, kwargs = specs.place(model, args, kwargs, device, _dtype(options.dtype))
+    return args, kwargs
+
+
+def _user_map(user_map: UserMap | str | os.PathLike | None) -> UserMap | None:
+    if isinstance(user_map, (str, os.PathLike)):
+        try:
+            return UserMap.load(str(user_map))
+        except FxdiffError as e:
+            raise FxdiffError(str(e), option="map") from None
+    return user_map
+
+
+def _loss(loss: LossSpec) -> Callable[..., torch.Tensor] | None:
+    return specs.load_loss(loss) if isinstance(loss, str) else loss
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    return specs.parse_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def _label(side: Any) -> str:
+    if isinstance(side, (str, os.PathLike)):
+        return str(side)
+    if isinstance(side, torch.nn.Module):
+        return type(side).__name__
+    return str(side.meta.get("model", "capture")) if isinstance(side, Capture) else str(side)
+
+
+_SETUP = ("mode", "keep_dropout", "dtype", "device", "seed", "torch", "autocast")
+
+
+def _setup_differences(ref: Capture, cand: Capture) -> list[str]:
+    """How two captures were run differently, in words: each difference can explain a divergence."""
+    out = []
+    for key in _SETUP:
+        a, b = ref.meta.get(key), cand.meta.get(key)
+        if a != b:
+            out.append(f"the captures differ in {key}: {a} vs {b}")
+    return out
+

@@ -1,0 +1,1 @@
+"""**Load model**: model, inputs and loss specs, and checkpoints (read as data, never unpickled)."""

@@ -1,0 +1,61 @@
+"""Pair the model outputs of two runs by what they are, not where they sit.
+
+Outputs are tensor leaves of nested structures (tuples, dicts, ``ModelOutput``s), named by their
+path (``last_hidden_state``, ``0``). A leaf pairs with the leaf of the same path and size; the rest
+pair among leaves of the same size and kind, closest values first. A leaf left over exists on
+one side only: it is reported as unmatched, never compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPair:
+    """Reference output ``ref`` corresponds to candidate output ``cand`` (leaf paths)."""
+
+    ref: str
+    cand: str
+    rationale: str
+
+
+def pair_outputs(ref: list[tuple[str, torch.Tensor]],
+                 cand: list[tuple[str, torch.Tensor]]) -> tuple[list[OutputPair], list[str], list[str]]:
+    """(pairs in reference order, reference leaves left over, candidate leaves left over)."""
+    cand_by_path = dict(cand)
+    pairs: dict[str, OutputPair] = {}
+    used: set[str] = set()
+    for path, t in ref:
+        other = cand_by_path.get(path)
+        if other is not None and other.numel() == t.numel() and _kind(other) == _kind(t):
+            pairs[path] = OutputPair(path, path, "same name and size")
+            used.add(path)
+    left = [(p, t) for p, t in ref if p not in pairs]
+    free = [(p, t) for p, t in cand if p not in used]
+    options = sorted((_distance(t, u), p, q) for p, t in left for q, u in free
+                     if u.numel() == t.numel() and _kind(u) == _kind(t))
+    for _, p, q in options:
+        if p not in pairs and q not in used:
+            pairs[p] = OutputPair(p, q, "same size, closest values")
+            used.add(q)
+    ordered = [pairs[p] for p, _ in ref if p in pairs]
+    return ordered, [p for p, _ in ref if p not in pairs], [q for q, _ in cand if q not in used]
+
+
+def _kind(t: torch.Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    return "float" if t.is_floating_point() else "exact"
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative distance of two tensors of equal size (inf when they cannot be compared)."""
+    x, y = a.detach().reshape(-1).cpu().double(), b.detach().reshape(-1).cpu().double()
+    scale = float(x.abs().max()) if x.numel() else 0.0
+    d = float((x - y).abs().max()) if x.numel() else 0.0
+    if d != d:
+        return float("inf")
+    return d / scale if scale > 0 else d

@@ -1,0 +1,358 @@
+"""The run core every tracer shares: prepare the model, run forward under a recorder, seed the
+backward pass, and turn what was recorded into a ``Capture``.
+
+A run leaves the model as it found it (parameters, buffers, ``.grad``, train/eval flags, the torch,
+numpy and Python RNG states). Backward starts from the gradient of the loss with respect to each
+model output, evaluated on detached copies of the outputs: these *output gradients* are stored in
+the capture, so a candidate can later run its backward from the reference's seed without the
+reference's loss code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import inspect
+import math
+import platform
+import random
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .. import tree
+from ..version import __version__
+from ..errors import FxdiffError, UserCodeError, blame_user, in_fxdiff
+from ..model.capture import Capture
+from ..outputs import pair_outputs
+from ..util import gc_paused
+from .recorder import Recorder, Slot
+
+Loss = Callable[..., torch.Tensor]
+MODES = ("eval", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardSeed:
+    """A reference's output leaves (path, value) and its loss's gradient for each, by path."""
+
+    outputs: list[tuple[str, torch.Tensor]]
+    grads: dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How a model is run for a capture.
+
+    ``loss`` takes the model output (and, if it accepts a second argument, the model) and returns a
+    scalar; without it, backward starts from a seeded random cotangent on every floating output.
+    ``backward_seed`` starts backward from a reference's output gradients instead, each given to
+    the candidate output that pairs with its reference output: a candidate run so needs none of the
+    reference's code. ``autocast`` runs forward
+    under ``torch.autocast`` in that dtype (mixed precision as users run it).
+    """
+
+    mode: str = "eval"
+    seed: int = 0
+    keep_dropout: bool = False
+    loss: Loss | None = None
+    backward_seed: BackwardSeed | None = None
+    autocast: torch.dtype | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise FxdiffError(f"mode must be 'eval' or 'train', not {self.mode!r}", option="mode")
+        if self.loss is not None and self.backward_seed is not None:
+            raise FxdiffError("give a loss or output gradients to start backward from, not both", option="loss")
+
+    @property
+    def disable_dropout(self) -> bool:
+        return self.mode == "train" and not self.keep_dropout
+
+
+@contextlib.contextmanager
+def preserved_state(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Restore the model's tensors, grads, train/eval flags and all RNG states on exit.
+
+    Parameters and buffers are put back as objects (one re-registered during the run is replaced
+    by the original, one added is removed) and by value. Yields the copies taken on entry, by
+    ``id`` of the tensor; they are not changed afterwards.
+    """
+    modules = list(model.modules())
+    slots = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
+    tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values()) if t is not None}
+    saved = {k: t.detach().clone() for k, t in tensors.items()}
+    grads = [(p, p.grad) for p in model.parameters()]
+    training = [(m, m.training) for m in modules]
+    rng = _rng_state()
+    try:
+        yield saved
+    finally:
+        for m, params, buffers, non_persistent in slots:
+            if not (_same(m._parameters, params) and _same(m._buffers, buffers)):
+                m._parameters.clear()
+                m._parameters.update(params)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+            m._non_persistent_buffers_set = non_persistent
+        with torch.no_grad():
+            for k, t in tensors.items():
+                t.copy_(saved[k])
+        for p, g in grads:
+            p.grad = g
+        for m, flag in training:
+            m.training = flag
+        _set_rng_state(rng)
+
+
+def _same(now: dict, before: dict) -> bool:
+    return now.keys() == before.keys() and all(now[k] is v for k, v in before.items())
+
+
+def _rng_state():
+    state = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+        state["numpy"] = numpy.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+        numpy.random.set_state(state["numpy"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def random_cotangent_loss(outputs: Any, seed: int) -> torch.Tensor:
+    """``sum_i sum(out_i * R_i) / sqrt(numel_i)`` over floating outputs, ``R_i`` seeded by position.
+
+    Unlike ``mean()``, a random cotangent gives every element a different gradient, so an op whose
+    outputs sum to a constant (softmax) still passes a non-zero gradient back. With no such output
+    (nothing requires grad) it is a constant zero, and the run records values only.
+    """
+    total = None
+    for i, (_, t) in enumerate(tree.flatten(outputs)):
+        if not (t.is_floating_point() or t.is_complex()) or not t.requires_grad:
+            continue
+        gen = torch.Generator().manual_seed(seed * 1000003 + i)
+        r = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+        term = (t * r).sum() / math.sqrt(max(t.numel(), 1))
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
+
+
+def clone_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Private copies of the call's tensors (same ``requires_grad``), so the run cannot alter the caller's."""
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(t.requires_grad)
+    return tree.map_tensors(tuple(args), fresh), tree.map_tensors(dict(kwargs), fresh)
+
+
+@contextlib.contextmanager
+def prepared(model: torch.nn.Module, args: tuple, kwargs: dict,
+             config: RunConfig) -> Iterator[tuple[dict[int, torch.Tensor], tuple, dict]]:
+    """Set the model up for one run and restore it afterwards: yields the parameter copies taken
+    on entry (by ``id``) and private copies of the call's arguments."""
+    with gc_paused(), preserved_state(model) as before:
+        model.train(config.mode == "train")
+        seed_everything(config.seed)
+        for p in model.parameters():
+            p.grad = None
+        call_args, call_kwargs = clone_call(args, kwargs)
+        yield before, call_args, call_kwargs
+
+
+def forward_context(model: torch.nn.Module, config: RunConfig) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on the model's device when ``config.autocast`` asks for it."""
+    if config.autocast is None:
+        return contextlib.nullcontext()
+    first = next(model.parameters(), None)
+    device = first.device.type if first is not None else "cpu"
+    return torch.autocast(device_type=device, dtype=config.autocast)
+
+
+@dataclasses.dataclass
+class Run:
+    """What one recorded run produced, before it becomes a ``Capture``."""
+
+    recorder: Recorder
+    inputs: Any              # {"args": [...], "kwargs": {...}} with Slots for tensors
+    outputs: Any             # the output structure with Slots for tensors
+    params: dict[str, torch.Tensor]
+    param_grads: dict[str, torch.Tensor]
+    output_grads: dict[str, torch.Tensor]
+    loss_value: float | None
+
+
+def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwargs: dict,
+               forward: Callable[[], Any], config: RunConfig, before: dict[int, torch.Tensor],
+               check: Callable[[Any], None] | None = None) -> Run:
+    """Run ``forward()`` under ``rec``, then the backward pass: the core every tracer shares.
+
+    ``check(outputs)`` may refuse the run before it is kept. The caller drops its own references to
+    the call and then calls ``rec.release()``.
+    """
+    call = {"args": call_args, "kwargs": call_kwargs}
+    placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
+                    for path, t in tree.flatten(call)}
+    try:
+        with torch.enable_grad(), rec, forward_context(model, config):
+            outputs = forward()
+    except Exception as e:
+        if in_fxdiff(e) and e is not rec.failed_op:
+            raise
+        raise blame_user(f"the forward pass of {type(model).__name__}", e) from e
+    out_nodes = iter(rec.finish(outputs))
+    loss_value, output_grads = backward(model, outputs, config)
+    rec.mark_grads()
+    if check is not None:
+        check(outputs)
+    return Run(rec, inputs=tree.plain(call, lambda t: Slot(placeholders[id(t)])),
+               outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
+               params=model_tensors(model, before), param_grads=taken_grads(model),
+               output_grads=output_grads, loss_value=loss_value)
+
+
+def backward(model: torch.nn.Module, outputs: Any, config: RunConfig) -> tuple[float | None, dict[str, torch.Tensor]]:
+    """Run backward from the model's outputs; return (loss value, gradient of the loss by output path).
+
+    The output gradients are taken on detached copies of the outputs, so each is the output's own
+    share of the loss's gradient (not what reaches it through other outputs): seeding a candidate
+    with them reproduces this backward pass. With ``config.backward_seed`` the loss is skipped.
+    """
+    leaves = [(p, t) for p, t in tree.flatten(outputs)
+              if t.requires_grad and (t.is_floating_point() or t.is_complex())]
+    if config.backward_seed is not None:
+        seed = config.backward_seed
+        pairs, _, _ = pair_outputs(seed.outputs, leaves)
+        mine = dict(leaves)
+        seeds = [(mine[p.cand], seed.grads[p.ref]) for p in pairs if p.ref in seed.grads]
+        if seeds:
+            torch.autograd.backward([t for t, _ in seeds],
+                                    [g.to(t.device, t.dtype).reshape(t.shape) for t, g in seeds])
+        return None, {}
+    with torch.enable_grad():
+        value = objective(config, outputs, model)
+        if not value.requires_grad:
+            if config.loss is not None and leaves:
+                raise FxdiffError("the loss returned a tensor with no gradient path to the model's outputs",
+                                  option="loss")
+            return float(value.detach().double()), {}
+        grads = _output_grads(config, outputs, leaves, model)
+        value.backward()
+    return float(value.detach().double()), grads
+
+
+def _output_grads(config: RunConfig, outputs: Any, leaves: list[tuple[str, torch.Tensor]],
+                  model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """d(loss)/d(each output leaf), the leaves taken as independent: the loss on detached copies."""
+    stand_ins = {id(t): t.detach().requires_grad_() for _, t in leaves}
+    value = objective(config, tree.map_tensors(outputs, lambda t: stand_ins.get(id(t), t.detach())), model)
+    paths = [p for p, _ in leaves]
+    inputs = [stand_ins[id(t)] for _, t in leaves]
+    grads = torch.autograd.grad(value, inputs, allow_unused=True) if value.requires_grad else [None] * len(inputs)
+    return {p: g for p, g in zip(paths, grads) if g is not None}
+
+
+def objective(config: RunConfig, outputs: Any, model: torch.nn.Module | None = None) -> torch.Tensor:
+    """The scalar backward starts from: ``config.loss`` of the outputs, or the seeded random cotangent."""
+    if config.loss is None:
+        return random_cotangent_loss(outputs, config.seed)
+    try:
+        value = config.loss(outputs, model) if model is not None and _takes_model(config.loss) else config.loss(outputs)
+    except Exception as e:
+        raise blame_user(f"the loss {getattr(config.loss, '__qualname__', 'function')}", e) from e
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise UserCodeError(f"the loss returned {type(value).__name__}"
+                            f"{'' if not isinstance(value, torch.Tensor) else f' of shape {tuple(value.shape)}'}; "
+                            "expected a scalar tensor")
+    return value.reshape(())
+
+
+def _takes_model(loss: Loss) -> bool:
+    """Whether ``loss`` accepts a second positional argument (the model)."""
+    try:
+        params = list(inspect.signature(loss).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def model_tensors(model: torch.nn.Module, before: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's parameters as the run used them (``before``: copies from ``preserved_state``) and
+    copies of its buffers as the run left them (batch norm's running statistics), by name."""
+    params = {n: before[id(p)] if id(p) in before else p.detach().clone() for n, p in model.named_parameters()}
+    params.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return params
+
+
+def taken_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The run's parameter gradients; the caller puts the model's own ``.grad`` back afterwards."""
+    return {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig, started: datetime.datetime,
+             meta: dict | None) -> Capture:
+    """The ``Capture`` of a finished run, its slots filled and its metadata written."""
+    rec = run.recorder
+    graph_nodes = {n.name: n for n in rec.graph.nodes}
+
+    def fill(slot: Slot) -> torch.Tensor:
+        if slot.node in rec.values:
+            return rec.values[slot.node]
+        return run.params[str(graph_nodes[slot.node].target)]  # a parameter returned as is
+
+    ops = sum(1 for n in rec.graph.nodes if n.op == "call_function")
+    first = next(iter(run.params.values()), None)
+    info = {
+        "fxdiff": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "tracer": tracer,
+        "mode": config.mode,
+        "seed": config.seed,
+        "keep_dropout": config.keep_dropout,
+        "autocast": str(config.autocast).removeprefix("torch.") if config.autocast else None,
+        "loss": _loss_name(config),
+        "loss_value": run.loss_value,
+        "device": str(first.device) if first is not None else "cpu",
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "started": started.isoformat(timespec="seconds"),
+        "ops": ops,
+        "modules": {path: type(m).__name__ for path, m in model.named_modules()},
+        **(meta or {}),
+    }
+    return Capture(graph=rec.graph, values=rec.values, grads=rec.grads, params=run.params,
+                   param_grads=run.param_grads, inputs=tree.map_leaves(run.inputs, Slot, fill),
+                   outputs=tree.map_leaves(run.outputs, Slot, fill), output_grads=run.output_grads, meta=info)
+
+
+def _loss_name(config: RunConfig) -> str:
+    """What backward started from, in words (a description: nothing is ever loaded from it)."""
+    if config.backward_seed is not None:
+        return "the reference's output gradients"
+    if config.loss is None:
+        return "random cotangent"
+    return f"{getattr(config.loss, '__module__', '?')}.{getattr(config.loss, '__qualname__', 'loss')}"

@@ -1,0 +1,253 @@
+"""Save and load captures: a directory of JSON and safetensors, written atomically, never pickled.
+
+Layout of a capture directory::
+
+    manifest.json        format name and version, metadata, sizes and digests of the files below
+    graph.json           the FX graph (see ``graph_json.py``) and the structure of inputs and outputs
+    tensors.safetensors  values, grads, params, param_grads, inputs, outputs and output gradients
+                         (see ``tensor_file.py``)
+
+A capture written by one torch version loads in another. Writing holds a lock beside the
+directory (a second writer to the same path is refused), builds the capture in a temporary
+directory and swaps it into place in one step, so a reader or a kill sees the old capture or the
+new one, never neither; temporary directories left by killed writers are removed by the next
+writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .. import tree
+from ..errors import FxdiffError
+from ..model.capture import FORMAT, READABLE_VERSIONS, VERSION, Capture
+from ..targets import Targets
+from ..util import atomic_write, dumps, gc_paused
+from .graph_json import graph_from_json, node_to_json
+from .tensor_file import read_tensors, write_tensors
+
+MANIFEST, GRAPH, TENSORS = "manifest.json", "graph.json", "tensors.safetensors"
+_SECTIONS = ("value", "grad", "param", "param_grad", "output_grad")
+
+
+def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = None) -> Path:
+    """Write ``capture`` to directory ``path``, replacing a capture already there in one step."""
+    path = Path(path)
+    targets = targets or Targets.default()
+    if path.exists() and not (path / MANIFEST).is_file():
+        raise FxdiffError(f"{path}: exists and is not an fxdiff capture; refusing to overwrite it")
+    tensors: dict[str, torch.Tensor] = {}
+    tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
+    for section, table in zip(_SECTIONS, tables):
+        for name, t in table.items():
+            tensors[f"{section}/{name}"] = t
+    with gc_paused():
+        graph_doc = {
+            "nodes": [node_to_json(n, targets) for n in capture.graph.nodes],
+            "inputs": tree.encode(capture.inputs, tensors, "input"),
+            "outputs": tree.encode(capture.outputs, tensors, "output"),
+        }
+    graph_bytes = dumps(graph_doc, separators=(",", ":")).encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FxdiffError(f"{path}: cannot create its folder ({e.strerror})") from None
+    with _writing(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)
+            (tmp / GRAPH).write_bytes(graph_bytes)
+            size, digest = write_tensors(tmp / TENSORS, tensors)
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "meta": capture.meta,
+                "files": {
+                    GRAPH: {"bytes": len(graph_bytes), "xxh3_64": _digest(graph_bytes)},
+                    TENSORS: {"bytes": size, "xxh3_64": digest},
+                },
+            }
+            atomic_write(tmp / MANIFEST, dumps(manifest, indent=1, default=str))
+            _swap_in(tmp, path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FxdiffError(f"{path}: cannot write the capture ({e.strerror or e})") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path
+
+
+def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
+    """Read and validate a capture directory; its tensors are memory-mapped, not copied."""
+    path = Path(path)
+    _recover(path)
+    manifest = _read_manifest(path)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(files.get(f), dict) for f in (GRAPH, TENSORS)):
+        raise FxdiffError(f"{path / MANIFEST}: no sizes and digests of {GRAPH} and {TENSORS}")
+    graph_file = path / GRAPH
+    if not graph_file.is_file():
+        raise FxdiffError(f"{graph_file}: missing; the capture is incomplete")
+    raw = graph_file.read_bytes()
+    expected = files[GRAPH]
+    if len(raw) != expected.get("bytes"):
+        raise FxdiffError(f"{graph_file}: {len(raw)} bytes, manifest says {expected.get('bytes')}; "
+                          "the capture is truncated or was edited")
+    if not _digest_ok(raw, expected):
+        raise FxdiffError(f"{graph_file}: checksum mismatch; the capture was modified after it was written")
+    if not isinstance(files[TENSORS].get("bytes"), int):
+        raise FxdiffError(f"{path / MANIFEST}: no size for {TENSORS}")
+    tensors = read_tensors(path / TENSORS, files[TENSORS]["bytes"], files[TENSORS])
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FxdiffError(f"{graph_file}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise FxdiffError(f"{graph_file}: expected an object with nodes, inputs and outputs")
+    graph = graph_from_json(doc.get("nodes"), targets or Targets.default(), graph_file)
+    tables: dict[str, dict[str, torch.Tensor]] = {s: {} for s in _SECTIONS}
+    for key, t in tensors.items():
+        section, _, name = key.partition("/")
+        if section in tables:
+            tables[section][name] = t
+    try:
+        inputs = tree.decode(doc.get("inputs", {"__dict__": []}), tensors)
+        outputs = tree.decode(doc.get("outputs"), tensors)
+    except FxdiffError as e:
+        raise FxdiffError(f"{graph_file}: {e}") from None
+    meta = manifest.get("meta", {})
+    if not isinstance(meta, dict):
+        raise FxdiffError(f"{path / MANIFEST}: meta is not a mapping")
+    return Capture(graph=graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
+                   param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
+                   output_grads=tables["output_grad"], meta=meta)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a capture, without reading its tensors."""
+    meta = _read_manifest(Path(path)).get("meta", {})
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_capture(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a capture manifest."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FxdiffError(f"{path}: not a capture directory")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FxdiffError(f"{path}: no {MANIFEST}; not an fxdiff capture")
+    try:
+        manifest = json.loads(file.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FxdiffError(f"{file}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise FxdiffError(f"{file}: unreadable ({e.strerror})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FxdiffError(f"{file}: format is not {FORMAT!r}")
+    version = manifest.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise FxdiffError(f"{path}: capture format version {version!r}; this fxdiff reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))} (capture again with this fxdiff)")
+    return manifest
+
+
+def _digest(data: bytes | memoryview) -> str:
+    import xxhash
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _digest_ok(data: bytes, expected: dict[str, Any]) -> bool:
+    if "xxh3_64" in expected:
+        return _digest(data) == expected["xxh3_64"]
+    import zlib
+    return zlib.crc32(data) == expected.get("crc32")
+
+
+# -- writing safely -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Hold the write lock of ``path`` (refusing when another process holds it), then clear what
+    killed writers left behind."""
+    lock_file = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise FxdiffError(f"{path}: cannot write here ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(lock_file).st_ino:  # its holder removed it as we opened it
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            raise FxdiffError(f"{path}: another fxdiff process is writing this capture right now") from None
+        _clean(path)
+        yield
+        with contextlib.suppress(OSError):
+            os.unlink(lock_file)
+    finally:
+        os.close(fd)
+
+
+def _clean(path: Path) -> None:
+    """With the lock held: restore a capture a kill left half-replaced, remove stale temporaries."""
+    _recover(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _recover(path: Path) -> None:
+    """A kill between the two renames of a plain replace leaves the old capture under ``.NAME.old``."""
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        with contextlib.suppress(OSError):
+            os.replace(old, path)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path`` in one step; an existing capture there ends up at ``tmp`` and is removed."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = path.with_name(f".{path.name}.old")   # no atomic exchange here: two renames, recoverable
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unavailable."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0

@@ -1,0 +1,165 @@
+"""The graph file of a capture: the FX graph as JSON, read back as data.
+
+Each node is ``{name, op, target, args, kwargs, meta}``. Reading validates the document before any
+stage uses it: one output node, last; known ops; arguments that refer to earlier nodes; metadata of
+the right types; and op targets on the allowlist (``targets.py``), which is the only way a name in
+the file reaches a callable. Anything else is refused with the node and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+
+from ..errors import FxdiffError
+from ..model.capture import DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET
+from ..targets import OPAQUE, Targets
+
+_OPS = ("placeholder", "get_attr", "call_function", "output")
+_META_TYPES = {MODULE: str, MODULE_TYPE: str, TARGET: str, DTYPE: (str, type(None)), GRAD: str, NOT_STORED: str}
+
+
+class _Invalid(Exception):
+    """A node that is not what a capture graph may hold."""
+
+
+def node_to_json(node: torch.fx.Node, targets: Targets) -> dict[str, Any]:
+    """One node as JSON; an op off the allowlist is stored as ``fxdiff.opaque`` (its name kept in meta)."""
+    return {
+        "name": node.name,
+        "op": node.op,
+        "target": targets.stored_name(node.meta.get(TARGET)) if node.op == "call_function" else str(node.target),
+        "args": _arg_to_json(node.args),
+        "kwargs": _arg_to_json(node.kwargs),
+        "meta": {k: v for k, v in node.meta.items() if k.startswith("fxdiff_")},
+    }
+
+
+def _arg_to_json(a: Any) -> Any:
+    if isinstance(a, torch.fx.Node):
+        return {"node": a.name}
+    if isinstance(a, bool) or a is None or isinstance(a, (int, str)):
+        return a
+    if isinstance(a, float):
+        return a if math.isfinite(a) else {"float": repr(a)}
+    if isinstance(a, tuple):
+        return {"tuple": [_arg_to_json(v) for v in a]}
+    if isinstance(a, list):
+        return [_arg_to_json(v) for v in a]
+    if isinstance(a, dict):
+        return {"dict": {k: _arg_to_json(v) for k, v in a.items()}}
+    if isinstance(a, slice):
+        return {"slice": [_arg_to_json(v) for v in (a.start, a.stop, a.step)]}
+    if a is Ellipsis:
+        return {"ellipsis": True}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    if isinstance(a, complex):
+        return {"complex": [a.real, a.imag]}
+    return {"repr": str(a)}
+
+
+def _arg_from_json(a: Any, nodes: dict[str, torch.fx.Node]) -> Any:
+    if isinstance(a, list):
+        return [_arg_from_json(v, nodes) for v in a]
+    if not isinstance(a, dict):
+        if a is not None and not isinstance(a, (bool, int, float, str)):
+            raise _Invalid(f"argument of type {type(a).__name__}")
+        return a
+    if len(a) != 1:
+        raise _Invalid(f"argument {str(a)[:60]} is not one tagged value")
+    (tag, v), = a.items()
+    if tag == "node":
+        if v not in nodes:
+            raise _Invalid(f"argument refers to node {str(v)[:60]!r}, which does not come before it")
+        return nodes[v]
+    if tag == "tuple":
+        return tuple(_arg_from_json(x, nodes) for x in v)
+    if tag == "dict":
+        return {k: _arg_from_json(x, nodes) for k, x in v.items()}
+    if tag == "slice":
+        return slice(*(_arg_from_json(x, nodes) for x in v))
+    if tag == "ellipsis":
+        return Ellipsis
+    if tag == "float":
+        return float(v)
+    if tag == "dtype":
+        dtype = getattr(torch, str(v), None)
+        if not isinstance(dtype, torch.dtype):
+            raise _Invalid(f"{str(v)[:40]!r} is not a torch dtype")
+        return dtype
+    if tag == "device":
+        try:
+            return torch.device(v)
+        except (RuntimeError, TypeError):
+            raise _Invalid(f"{str(v)[:40]!r} is not a torch device") from None
+    if tag == "complex":
+        return complex(*v)
+    if tag == "repr":
+        return str(v)  # an object recorded only by its text
+    raise _Invalid(f"unknown argument tag {str(tag)[:40]!r}")
+
+
+def graph_from_json(docs: Any, targets: Targets, file: Path) -> torch.fx.Graph:
+    """The FX graph of ``docs`` (see the module docstring for what is checked)."""
+    if not isinstance(docs, list) or not docs:
+        raise FxdiffError(f"{file}: the graph has no nodes")
+    graph = torch.fx.Graph()
+    nodes: dict[str, torch.fx.Node] = {}
+    for i, d in enumerate(docs):
+        name = d.get("name") if isinstance(d, dict) else None
+        try:
+            node = _node_from_json(graph, d, nodes, targets, last=i == len(docs) - 1)
+        except _Invalid as e:
+            raise FxdiffError(f"{file}: node {str(name)[:60]!r}: {e}") from None
+        nodes[node.name] = node
+    return graph
+
+
+def _node_from_json(graph: torch.fx.Graph, d: Any, nodes: dict[str, torch.fx.Node], targets: Targets,
+                    last: bool) -> torch.fx.Node:
+    if not isinstance(d, dict) or not {"name", "op", "target", "args", "kwargs"} <= set(d):
+        raise _Invalid("expected an object with name, op, target, args, kwargs")
+    name, op, target, meta = d["name"], d["op"], d["target"], d.get("meta", {})
+    if not isinstance(name, str) or not name.isidentifier():
+        raise _Invalid("the name is not an identifier")
+    if op not in _OPS:
+        raise _Invalid(f"op {str(op)[:40]!r} is not one of {', '.join(_OPS)}")
+    if (op == "output") != last:
+        raise _Invalid("the graph must end with its one output node")
+    if not isinstance(target, str):
+        raise _Invalid("the target is not a string")
+    if not isinstance(meta, dict) or any(k in meta and not isinstance(meta[k], t) for k, t in _META_TYPES.items()):
+        raise _Invalid("metadata of the wrong types")
+    shape = meta.get(SHAPE)
+    if shape is not None and not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise _Invalid("the recorded shape is not a list of sizes")
+    args = _arg_from_json(d["args"], nodes)
+    kwargs = _arg_from_json(d["kwargs"], nodes)
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise _Invalid("args must be a sequence and kwargs a mapping")
+    if op == "output":
+        if len(args) != 1:
+            raise _Invalid("the output node takes one argument")
+        node = graph.output(args[0])
+    else:
+        if name in nodes:
+            raise _Invalid("a second node of that name")
+        fn: Any = target
+        if op == "call_function":
+            fn = targets.resolve(target)
+            if fn is None:
+                raise _Invalid(f"target {target[:80]!r} is not an op fxdiff may call; the capture is refused")
+            if target != OPAQUE and meta.get(TARGET, target) != target:
+                raise _Invalid(f"target {target[:80]!r} disagrees with its metadata {str(meta.get(TARGET))[:80]!r}")
+        node = graph.create_node(op, fn, tuple(args), kwargs, name=name)
+    node.meta.update(meta)
+    if op == "call_function":
+        node.meta.setdefault(TARGET, target)
+    return node

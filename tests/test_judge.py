@@ -11,30 +11,30 @@ from fxdiff.judge import Tolerance, compare_tensors
 
 def test_tolerance_is_allclose_rule():
     ref = torch.tensor([1.0, 100.0, 0.0])
-    assert compare_tensors(ref, ref + torch.tensor([0.0, 9e-4, 9e-6]), Tolerance()).passed
-    m = compare_tensors(ref, ref + torch.tensor([0.0, 2e-3, 0.0]), Tolerance())
+    assert compare_tensors(ref, ref + torch.tensor([0.0, 9e-4, 9e-6]), Tolerance(1e-5, 1e-5)).passed
+    m = compare_tensors(ref, ref + torch.tensor([0.0, 2e-3, 0.0]), Tolerance(1e-5, 1e-5))
     assert not m.passed and m.mismatched == 1
     assert math.isclose(m.max_abs_diff, 2e-3, rel_tol=1e-3)
 
 
 def test_nan_and_inf_compare_as_data():
     ref = torch.tensor([float("nan"), float("inf"), 1.0])
-    assert compare_tensors(ref, ref.clone(), Tolerance()).passed
-    m = compare_tensors(ref, torch.tensor([1.0, float("inf"), 1.0]), Tolerance())
+    assert compare_tensors(ref, ref.clone(), Tolerance(1e-5, 1e-5)).passed
+    m = compare_tensors(ref, torch.tensor([1.0, float("inf"), 1.0]), Tolerance(1e-5, 1e-5))
     assert not m.passed and "NaN/Inf" in m.note
     assert math.isfinite(m.max_abs_diff)  # one NaN does not poison the statistics
 
 
 def test_integer_tensors_must_be_equal():
-    assert compare_tensors(torch.arange(4), torch.arange(4), Tolerance()).passed
+    assert compare_tensors(torch.arange(4), torch.arange(4), Tolerance(1e-5, 1e-5)).passed
     assert not compare_tensors(torch.arange(4), torch.arange(4) + 1, Tolerance(atol=10)).passed
 
 
 def test_layouts_are_aligned_before_comparing():
     ref = torch.randn(2, 3, 5)
-    m = compare_tensors(ref, ref.permute(0, 2, 1).contiguous(), Tolerance())
+    m = compare_tensors(ref, ref.permute(0, 2, 1).contiguous(), Tolerance(1e-5, 1e-5))
     assert m.passed and "permuted" in m.note
-    assert not compare_tensors(ref, torch.randn(2, 3, 4), Tolerance()).passed
+    assert not compare_tensors(ref, torch.randn(2, 3, 4), Tolerance(1e-5, 1e-5)).passed
 
 
 def test_histogram_counts_every_element():
@@ -42,7 +42,7 @@ def test_histogram_counts_every_element():
     cand = ref.clone()
     cand[:10] = 1e-7
     cand[10:12] = 5.0
-    m = compare_tensors(ref, cand, Tolerance())
+    m = compare_tensors(ref, cand, Tolerance(1e-5, 1e-5))
     assert sum(m.histogram) == 1000 and m.histogram[0] == 988
 
 

@@ -26,19 +26,31 @@ import torch.fx
 from .. import tree
 from ..model.alignment import Alignment
 from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
+from . import noise
 from .isolate import replay
+from .noise import OWN_ROUNDING
 from ..match.confidence import WEAK
 from ..ops import DEFAULT_OPS, node_key
+from ..outputs import pair_outputs
 from ..params import apply_transform
 from ..model.report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
 
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    """Elementwise tolerance: ``|cand - ref| <= atol + rtol * |ref|``."""
+    """Strict mode, when ``atol`` or ``rtol`` is given: every element must satisfy
+    ``|cand - ref| <= atol + rtol * |ref|``. Without either, verdicts are noise-aware (``noise.py``)."""
 
-    atol: float = 1e-5
-    rtol: float = 1e-5
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def strict(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+    def bound(self, scale: torch.Tensor) -> torch.Tensor | float:
+        """The elementwise bound: strict mode's, or the own-rounding level of the noise model."""
+        return (self.atol or 0.0) + (self.rtol or 0.0) * scale
 
 
 def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance) -> Metrics:
@@ -67,7 +79,14 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance) -> Me
         special_bad = 0
     diff = (a - b).abs()
     scale = a.abs()
-    bad = int((diff != 0).sum()) if exact else int((diff > tol.atol + tol.rtol * scale).sum())
+    eps = 0.0 if exact else max(_eps(ref.dtype), _eps(cand.dtype))
+    ref_rms, cand_rms, rms_diff = _rms(a), _rms(b), _rms(diff)
+    if exact:
+        bad = int((diff != 0).sum())
+    elif tol.strict:
+        bad = int((diff > tol.bound(scale)).sum())
+    else:   # provisional: beyond the tensors' own rounding; noise.py gives the verdict
+        bad = int((diff > OWN_ROUNDING * eps * max(ref_rms, cand_rms)).sum())
     bad += special_bad
     if diff.numel() == 0:
         return Metrics(passed=bad == 0, max_abs_diff=0.0, max_rel_diff=0.0, mean_abs_diff=0.0, cosine=None,
@@ -75,12 +94,13 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance) -> Me
     max_abs = float(diff.max())
     rel = float((diff / scale.clamp_min(torch.finfo(dtype).tiny)).max()) if max_abs > 0 else 0.0
     return Metrics(
+        rms_diff=rms_diff, cand_rms=cand_rms, eps=eps,
         passed=bad == 0,
         max_abs_diff=max_abs,
         max_rel_diff=rel,
         mean_abs_diff=float(diff.sum(dtype=torch.float64)) / diff.numel(),
         cosine=None if exact else _cosine(a, b),
-        ref_rms=float(a.double().square().mean().sqrt()),
+        ref_rms=ref_rms,
         mismatched=bad,
         numel=diff.numel(),
         note="; ".join(notes),
@@ -98,6 +118,10 @@ def _same_layout(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, s
             best = min(fits, key=lambda p: float((cand.permute(p).double() - ref.double()).abs().max()))
             return cand.permute(best), f"candidate permuted {best}"
     return cand.reshape(ref.shape), f"candidate reshaped from {tuple(cand.shape)}"
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else (torch.finfo(dtype.to_real()).eps if dtype.is_complex else 0.0)
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -156,7 +180,7 @@ def _grad_metrics(ref_g: torch.Tensor | None, cand_g: torch.Tensor | None, tol: 
         return _missing_grad("ref", ref_g.numel())
     raw = compare_tensors(ref_g, cand_g, tol)
     scale = max(raw.ref_rms, _rms(cand_g), floor)
-    if scale == 0 or raw.numel == 0 or not math.isfinite(raw.max_abs_diff):
+    if not tol.strict or scale == 0 or raw.numel == 0 or not math.isfinite(raw.max_abs_diff):
         return raw
     scaled = compare_tensors(ref_g / scale, cand_g / scale, tol)
     return dataclasses.replace(raw, passed=scaled.passed, mismatched=scaled.mismatched,
@@ -189,6 +213,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             cand_slice=list(pair.cand_slice) if pair.cand_slice else None,
             ref_block=list(pair.ref_block), cand_block=list(pair.cand_block),
         ))
+    if not tol.strict:
+        noise.judge_rows(ref.graph, rows, node_floor)
     rows, rejected = _verify_weak(ref.graph, rows)
     _mark_frontier(ref.graph, rows)
     _isolate_frontier(ref, cand, rows, tol)
@@ -200,11 +226,14 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                                                   tol, param_floor),
                                value=compare_tensors(ref.params[pp.ref], cand_value, tol)
                                if cand_value is not None else None))
+    if not tol.strict:
+        noise.judge_params(ref.graph, rows, params, param_floor)
+    outputs, ref_outputs_left, cand_outputs_left = _compare_outputs(ref, cand, tol, rows)
     return Report(
         ref={"label": ref_label, **ref.meta},
         cand={"label": cand_label, **cand.meta},
         tolerance=dataclasses.asdict(tol),
-        outputs=_compare_outputs(ref, cand, tol),
+        outputs=outputs,
         nodes=rows,
         params=params,
         unmatched={"ref": [_describe(ref_nodes[n]) for n in alignment.unmatched_ref]
@@ -212,7 +241,9 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                    "cand": [_describe(cand_nodes[n]) for n in alignment.unmatched_cand]
                    + [_describe(cand_nodes[r.cand_node], WEAK_REASON) for r in rejected],
                    "ref_params": alignment.unmatched_ref_params,
-                   "cand_params": alignment.unmatched_cand_params},
+                   "cand_params": alignment.unmatched_cand_params,
+                   "ref_outputs": ref_outputs_left, "cand_outputs": cand_outputs_left,
+                   "trained_ref_params": [n for n in alignment.unmatched_ref_params if n in ref.param_grads]},
         graph={"ref": _structure(ref), "cand": _structure(cand)},
     )
 
@@ -230,14 +261,19 @@ def _transformed(table: dict[str, torch.Tensor], pp) -> torch.Tensor | None:
     return apply_transform(parts, pp.transform)
 
 
-def _compare_outputs(ref: Capture, cand: Capture, tol: Tolerance) -> list[dict[str, Any]]:
-    ref_out, cand_out = tree.flatten(ref.outputs), tree.flatten(cand.outputs)
-    rows = []
-    for i, (rpath, rt) in enumerate(ref_out):
-        cpath, ct = cand_out[i] if i < len(cand_out) else (None, None)
-        metrics = compare_tensors(rt, ct, tol) if ct is not None else _failed(rt, "missing on cand")
-        rows.append({"ref": rpath, "cand": cpath, "metrics": metrics})
-    return rows
+def _compare_outputs(ref: Capture, cand: Capture, tol: Tolerance, rows: list[NodeRow]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Outputs paired by what they are (``outputs.py``), judged like the nodes that made them;
+    returns (compared outputs, reference outputs left over, candidate outputs left over)."""
+    ref_out, cand_out = dict(tree.flatten(ref.outputs)), dict(tree.flatten(cand.outputs))
+    pairs, ref_left, cand_left = pair_outputs(list(ref_out.items()), list(cand_out.items()))
+    inherited = max([r.forward.error or 0.0 for r in rows if r.forward is not None and r.forward.passed], default=0.0)
+    compared = []
+    for p in pairs:
+        metrics = compare_tensors(ref_out[p.ref], cand_out[p.cand], tol)
+        if not tol.strict:
+            metrics = noise.verdict(metrics, inherited)
+        compared.append({"ref": p.ref, "cand": p.cand, "metrics": metrics})
+    return compared, ref_left, cand_left
 
 
 def _describe(node: torch.fx.Node, reason: str = "no counterpart found") -> dict[str, Any]:
@@ -300,26 +336,23 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
 
 
 def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow]) -> None:
-    """Set ``first_forward`` / ``first_backward`` on the frontier rows of the failing set."""
+    """Set ``first_forward`` / ``first_backward`` on the frontier rows of the failing set: failing
+    rows with no failing row among their compared ancestors (backward: descendants), however far."""
     by_ref: dict[str, list[NodeRow]] = {}
     for r in rows:
         by_ref.setdefault(r.ref_node, []).append(r)
-    nodes = list(graph.nodes)
-    preds: dict[str, set[str]] = {}
-    for n in nodes:  # nearest compared ancestors, through uncompared nodes
-        acc: set[str] = set()
-        for a in n.all_input_nodes:
-            acc |= {a.name} if a.name in by_ref else preds.get(a.name, set())
-        preds[n.name] = acc
-    succs: dict[str, set[str]] = {}
-    for n in reversed(nodes):
-        acc = set()
-        for u in n.users:
-            acc |= {u.name} if u.name in by_ref else succs.get(u.name, set())
-        succs[n.name] = acc
-    for row in rows:
-        if row.forward is not None and not row.forward.passed:
-            row.first_forward = all(x.forward.passed for p in preds[row.ref_node] for x in by_ref[p])
-        if row.backward is not None and not row.backward.passed:
-            row.first_backward = all(x.backward is None or x.backward.passed
-                                     for s in succs[row.ref_node] for x in by_ref[s])
+    preds, succs = noise.nearest(graph, set(by_ref))
+    order = [n.name for n in graph.nodes if n.name in by_ref]
+
+    def fails(name: str, direction: str) -> bool:
+        return any(getattr(x, direction) is not None and not getattr(x, direction).passed for x in by_ref[name])
+    tainted: dict[str, bool] = {}   # a failing row upstream (forward) or downstream (backward)
+    for name in order:
+        tainted[name] = any(fails(p, "forward") or tainted[p] for p in preds[name])
+        for row in by_ref[name]:
+            row.first_forward = row.forward is not None and not row.forward.passed and not tainted[name]
+    tainted.clear()
+    for name in reversed(order):
+        tainted[name] = any(fails(s, "backward") or tainted[s] for s in succs[name])
+        for row in by_ref[name]:
+            row.first_backward = row.backward is not None and not row.backward.passed and not tainted[name]

@@ -33,9 +33,22 @@ class Metrics:
     numel: int
     note: str = ""                # e.g. "shape (2, 3) vs (3, 2)", "gradient on ref only"
     histogram: list[int] = dataclasses.field(default_factory=list)  # see HIST_EDGES
+    rms_diff: float = 0.0         # RMS of cand - ref
+    cand_rms: float = 0.0
+    eps: float = 0.0              # machine epsilon of the coarser of the two dtypes (0: exact dtypes)
+    # noise-aware verdicts: the relative error measured (RMS of the difference over the tensors' RMS)
+    # and the noise level it was judged against; None under a strict --atol/--rtol
+    error: float | None = None
+    noise: float | None = None
+
+    @property
+    def within_noise(self) -> bool:
+        """Passed, though not bit for bit: the difference is within the noise level."""
+        return self.passed and self.max_abs_diff > 0 and self.noise is not None
 
 
-_FLOAT_FIELDS = ("max_abs_diff", "max_rel_diff", "mean_abs_diff", "cosine", "ref_rms")
+_FLOAT_FIELDS = ("max_abs_diff", "max_rel_diff", "mean_abs_diff", "cosine", "ref_rms", "rms_diff", "cand_rms", "eps",
+                 "error", "noise")
 
 # Metrics.histogram[0] counts |diff| == 0; bin k >= 1 counts [HIST_EDGES[k], HIST_EDGES[k+1]), the
 # first decade also holding anything below 1e-12 and the last anything from 10 up.
@@ -105,13 +118,15 @@ class Report:
 
     @property
     def forward_output_match(self) -> bool:
-        return bool(self.outputs) and all(o["metrics"].passed for o in self.outputs)
+        return all(o["metrics"].passed for o in self.outputs)
 
     @property
     def diverged(self) -> bool:
-        """True when any output, node value, gradient or parameter gradient differs."""
+        """True when any output, node value, gradient, parameter or parameter gradient differs, or
+        a trained reference parameter found no counterpart (it could not be compared)."""
         s = self.summary()
         return (not s["forward_output_match"] or s["param_grads"]["mismatched"] > 0
+                or s["param_values"]["mismatched"] > 0 or s["uncompared"]["trained_ref_params"] > 0
                 or s["nodes"]["forward_mismatches"] > 0 or s["nodes"]["backward_mismatches"] > 0)
 
     def first_divergence(self) -> dict[str, list[dict[str, Any]]]:
@@ -135,6 +150,10 @@ class Report:
             "forward_output_match": self.forward_output_match,
             "param_grads": {"matched": ok, "mismatched": len(grads) - ok,
                             "match_rate": ok / len(grads) if grads else 1.0},
+            "param_values": {"mismatched": sum(1 for p in self.params if p.value is not None and not p.value.passed)},
+            "uncompared": {"trained_ref_params": len(self.unmatched.get("trained_ref_params", [])),
+                           "ref_outputs": len(self.unmatched.get("ref_outputs", [])),
+                           "cand_outputs": len(self.unmatched.get("cand_outputs", []))},
             "nodes": {
                 "pairs": len(self.nodes),
                 "forward_matches": sum(m.passed for m in fwd),

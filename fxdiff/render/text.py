@@ -27,7 +27,28 @@ def fmt(x: float | None) -> str:
 def _verdict(m: Metrics | None) -> Text:
     if m is None:
         return Text("-", style="dim")
+    if m.within_noise:
+        return Text(f"ok, within {_precision(m.eps)} noise", style="green")
     return Text("ok", style="green") if m.passed else Text("DIFF", style="bold red")
+
+
+_PRECISIONS = {2.0 ** -7: "bfloat16", 2.0 ** -10: "float16", 2.0 ** -23: "float32", 2.0 ** -52: "float64"}
+
+
+def _precision(eps: float) -> str:
+    return _PRECISIONS.get(eps, f"eps {eps:.3g}")
+
+
+def _rule(report: Report) -> str:
+    """How the verdicts were reached, in words."""
+    tol = report.tolerance
+    if tol.get("atol") is not None or tol.get("rtol") is not None:
+        return f"strict: |cand - ref| <= {tol.get('atol') or 0:g} + {tol.get('rtol') or 0:g} * |ref| for every element"
+    metrics = [m for r in report.nodes for m in (r.forward, r.backward) if m is not None]
+    noisy = [m for m in metrics if m.within_noise]
+    coarsest = max((m.eps for m in metrics), default=0.0)
+    return (f"noise-aware ({_precision(coarsest)}): {len(noisy)} of {len(metrics)} comparisons differ within "
+            "their noise level (see the report's error and noise per node)")
 
 
 def _node_name(node: str, module: str) -> str:
@@ -91,7 +112,7 @@ def summary_panel(report: Report) -> Panel:
         f"node gradients:      {n['backward_matches']} match, {n['backward_mismatches']} differ "
         f"({n['backward_match_rate']:.1%})",
         f"unmatched nodes:     {n['unmatched_ref']} ref, {n['unmatched_cand']} cand",
-        f"tolerance:           atol={report.tolerance['atol']:g} rtol={report.tolerance['rtol']:g}",
+        f"verdicts:            {_rule(report)}",
     ]
     verdict = "[bold red]DIVERGED[/]" if report.diverged else "[bold green]MATCH[/]"
     return Panel("\n".join(lines), title=f"Summary: {verdict}", title_align="left")

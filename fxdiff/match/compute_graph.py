@@ -11,7 +11,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from ..model.capture import MODULE, SHAPE, Capture
+from ..model.capture import MODULE, NOT_STORED, SHAPE, Capture
 from ..ops import DEFAULT_OPS, OpKeys
 
 LEVELS = 5   # feature levels; no level matches ops of different sizes: the judge could not compare them
@@ -46,7 +46,8 @@ class ComputeGraph:
                 continue
             if node.meta.get(SHAPE) is not None:
                 self.shape[node.name] = tuple(node.meta[SHAPE])
-            if node.op == "get_attr" and node.name not in values:
+            if node.op == "get_attr" and node.name not in values \
+                    and not (NOT_STORED in node.meta and str(node.target) not in capture.params):
                 param_of[node.name] = str(node.target)
                 self.param_order.append(str(node.target))
                 continue

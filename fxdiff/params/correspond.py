@@ -67,7 +67,16 @@ def output_slice(transform: dict) -> tuple[int, int] | None:
 def digest(t: torch.Tensor) -> bytes:
     """A name-free identity of a tensor's content: a hash of its dtype and its elements in
     row-major order (so equal for a tensor and its reshapes, not for its transpose)."""
-    t = t.detach().cpu().contiguous()
+    t = t.detach()
+    if t.is_quantized:
+        t = t.dequantize()
+    if t.layout != torch.strided:   # sparse: its dense value
+        t = t.to_dense()
+    if t.device.type == "meta" or getattr(t, "is_nested", False):  # no data to hash: its shape only
+        return hashlib.blake2b(f"{t.device.type}{list(t.shape)}{t.dtype}".encode(), digest_size=16).digest()
+    if type(t) is not torch.Tensor:
+        t = t.as_subclass(torch.Tensor)
+    t = t.cpu().contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return hashlib.blake2b(data + str(t.dtype).encode(), digest_size=16).digest()
 

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import tree
-from ..model.capture import DTYPE, GRAD, MODULE, MODULE_TYPE, SHAPE, TARGET
+from ..model.capture import DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET
 from ..targets import mutated, target_name
+from .plain import as_plain, is_plain, transformed
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
             F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout}
@@ -220,21 +221,38 @@ class Recorder(TorchFunctionMode):
     def hold(self, node: torch.fx.Node, t: torch.Tensor, copy: bool | None = None) -> None:
         """Make ``node`` the producer of ``t`` and keep its value (an extension point: a subclass can
         look at every value as it is produced)."""
-        self._keep(node.name, t, self.copy if copy is None else copy)
+        copy = self.copy if copy is None else copy
         node.meta[SHAPE] = list(t.shape)
         node.meta[DTYPE] = str(t.dtype).removeprefix("torch.")
-        live = _Live(t, node, hooked=False)
+        stored = True
+        if is_plain(t):
+            self._keep(node.name, t, copy)
+        else:  # sparse, quantized, a subclass: kept as a plain tensor; batched, meta...: not kept
+            value, why = as_plain(t)
+            if value is None:
+                node.meta[NOT_STORED] = why
+                stored = False
+            else:
+                self._keep(node.name, value, copy)
+        live = _Live(t, node, hooked=not stored)  # no value, no gradient: no hook either
         self._live[id(t)] = live
         self._watch(live, t)
 
     def _watch(self, live: _Live, t: torch.Tensor) -> None:
-        if not live.hooked and t.requires_grad:
-            t.register_hook(self._store_grad(live.node.name))
+        if not live.hooked and t.requires_grad and transformed(t) is None:
+            try:
+                t.register_hook(self._store_grad(live.node.name))
+            except RuntimeError:   # a tensor that cannot take hooks: its gradient is not recorded
+                pass
             live.hooked = True
 
     def _store_grad(self, name: str):
         def store(grad):
-            if self.copy:
+            if not is_plain(grad):
+                grad, _ = as_plain(grad)
+                if grad is None:
+                    return
+            elif self.copy:
                 grad = grad.detach().clone()
             else:
                 self._grad_versions[name] = grad._version
@@ -267,6 +285,10 @@ class Recorder(TorchFunctionMode):
             node = self._new_node("get_attr", name, (), {}, name=_identifier(name), module=(owner, ""))
             node.meta[SHAPE] = list(t.shape)
             node.meta[DTYPE] = str(t.dtype).removeprefix("torch.")
+            if not is_plain(t):
+                value, why = as_plain(t)
+                if value is None:
+                    node.meta[NOT_STORED] = why
             self._live[id(t)] = _Live(t, node, hooked=True)
             return node
         self._n_const += 1

@@ -24,9 +24,10 @@ import torch
 from .. import tree
 from ..version import __version__
 from ..errors import FxdiffError, UserCodeError, blame_user, in_fxdiff
-from ..model.capture import Capture
+from ..model.capture import NOT_STORED, Capture
 from ..outputs import pair_outputs
 from ..util import gc_paused
+from .plain import as_plain, is_plain
 from .recorder import Recorder, Slot
 
 Loss = Callable[..., torch.Tensor]
@@ -98,7 +99,8 @@ def preserved_state(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]
             m._non_persistent_buffers_set = non_persistent
         with torch.no_grad():
             for k, t in tensors.items():
-                t.copy_(saved[k])
+                if not t.is_quantized:   # quantized tensors have no copy_; the object is put back above
+                    t.copy_(saved[k])
         for p, g in grads:
             p.grad = g
         for m, flag in training:
@@ -202,6 +204,7 @@ class Run:
     param_grads: dict[str, torch.Tensor]
     output_grads: dict[str, torch.Tensor]
     loss_value: float | None
+    not_stored: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why
 
 
 def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwargs: dict,
@@ -227,10 +230,31 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
     rec.mark_grads()
     if check is not None:
         check(outputs)
+    not_stored: dict[str, str] = {}
     return Run(rec, inputs=tree.plain(call, lambda t: Slot(placeholders[id(t)])),
                outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
-               params=model_tensors(model, before), param_grads=taken_grads(model),
-               output_grads=output_grads, loss_value=loss_value)
+               params=model_tensors(model, before, not_stored), param_grads=taken_grads(model, not_stored),
+               output_grads=plain_tensors(output_grads, "output_grads.", not_stored),
+               loss_value=loss_value, not_stored=not_stored)
+
+
+def plain_tensors(tensors: dict[str, torch.Tensor], prefix: str = "",
+                  not_stored: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """``tensors`` as a capture can store them (``plain.as_plain``: sparse made dense, quantized
+    dequantized); those that cannot be stored are left out, and why goes to ``not_stored``
+    under ``prefix + name``."""
+    out = {}
+    for name, t in tensors.items():
+        if is_plain(t):
+            out[name] = t
+            continue
+        value, why = as_plain(t)
+        if value is None:
+            if not_stored is not None:
+                not_stored[prefix + name] = why
+        else:
+            out[name] = value
+    return out
 
 
 def backward(model: torch.nn.Module, outputs: Any, config: RunConfig) -> tuple[float | None, dict[str, torch.Tensor]]:
@@ -299,17 +323,20 @@ def _takes_model(loss: Loss) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
-def model_tensors(model: torch.nn.Module, before: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_tensors(model: torch.nn.Module, before: dict[int, torch.Tensor],
+                  not_stored: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The model's parameters as the run used them (``before``: copies from ``preserved_state``) and
-    copies of its buffers as the run left them (batch norm's running statistics), by name."""
+    copies of its buffers as the run left them (batch norm's running statistics), by name, as
+    ``plain_tensors`` stores them (unstorable ones left out, why in ``not_stored["params.NAME"]``)."""
     params = {n: before[id(p)] if id(p) in before else p.detach().clone() for n, p in model.named_parameters()}
     params.update({n: b.detach().clone() for n, b in model.named_buffers()})
-    return params
+    return plain_tensors(params, "params.", not_stored)
 
 
-def taken_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def taken_grads(model: torch.nn.Module, not_stored: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The run's parameter gradients; the caller puts the model's own ``.grad`` back afterwards."""
-    return {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+    return plain_tensors(grads, "param_grads.", not_stored)
 
 
 def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig, started: datetime.datetime,
@@ -318,10 +345,17 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
     rec = run.recorder
     graph_nodes = {n.name: n for n in rec.graph.nodes}
 
-    def fill(slot: Slot) -> torch.Tensor:
+    not_stored = dict(run.not_stored)
+
+    def fill(slot: Slot) -> torch.Tensor | None:
         if slot.node in rec.values:
             return rec.values[slot.node]
-        return run.params[str(graph_nodes[slot.node].target)]  # a parameter returned as is
+        node = graph_nodes[slot.node]
+        if node.op == "get_attr" and str(node.target) in run.params:
+            return run.params[str(node.target)]  # a parameter returned as is
+        not_stored[f"{node.op}.{slot.node}"] = node.meta.get(NOT_STORED) or not_stored.get(
+            f"params.{node.target}", "no value was recorded")
+        return None
 
     ops = sum(1 for n in rec.graph.nodes if n.op == "call_function")
     first = next(iter(run.params.values()), None)
@@ -344,9 +378,12 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
         "modules": {path: type(m).__name__ for path, m in model.named_modules()},
         **(meta or {}),
     }
+    inputs, outputs = tree.map_leaves(run.inputs, Slot, fill), tree.map_leaves(run.outputs, Slot, fill)
+    if not_stored:
+        info["not_stored"] = not_stored
     return Capture(graph=rec.graph, values=rec.values, grads=rec.grads, params=run.params,
-                   param_grads=run.param_grads, inputs=tree.map_leaves(run.inputs, Slot, fill),
-                   outputs=tree.map_leaves(run.outputs, Slot, fill), output_grads=run.output_grads, meta=info)
+                   param_grads=run.param_grads, inputs=inputs, outputs=outputs,
+                   output_grads=run.output_grads, meta=info)
 
 
 def _loss_name(config: RunConfig) -> str:

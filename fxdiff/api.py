@@ -124,8 +124,11 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
     if options.inputs is not None:
         args, kwargs = _inputs(options.inputs, model, options)
         meta["inputs"] = options.inputs if isinstance(options.inputs, str) else "given in Python"
-    else:
-        args, kwargs = _inputs((tuple(ref.inputs.get("args", ())), dict(ref.inputs.get("kwargs", {}))), model, options)
+    else:   # the saved inputs, floating ones in the candidate's own dtype unless one is asked for
+        first = next(model.parameters(), None)
+        own = options if options.dtype is not None or first is None or not first.is_floating_point() \
+            else dataclasses.replace(options, dtype=first.dtype)
+        args, kwargs = _inputs((tuple(ref.inputs.get("args", ())), dict(ref.inputs.get("kwargs", {}))), model, own)
         meta["inputs"] = "the reference's saved inputs"
     config = RunConfig(mode=options.mode or ref.meta.get("mode", "eval"),
                        seed=ref.meta.get("seed", 0) if options.seed is None else options.seed,

@@ -167,7 +167,7 @@ def test_exit_2_names_the_user_code_that_raised(specs):
     result = runner.invoke(main, ["compare", str(ref), f"{spec}:broken"])
     assert result.exit_code == 2
     assert result.stderr.strip() == (f"fxdiff: error: model spec {spec}:broken raised ZeroDivisionError: "
-                                     "division by zero at port.py:7")
+                                     "division by zero at port.py:9")
 
 
 def test_exit_3_with_a_traceback_for_a_bug_in_fxdiff(specs, monkeypatch):

@@ -65,8 +65,10 @@ def output_slice(transform: dict) -> tuple[int, int] | None:
 
 
 def digest(t: torch.Tensor) -> bytes:
-    """A name-free identity of a tensor's content: a hash of its dtype and its elements in
-    row-major order (so equal for a tensor and its reshapes, not for its transpose)."""
+    """A name-free identity of a tensor's content: a hash of its elements in row-major order (so
+    equal for a tensor and its reshapes, not for its transpose). Floating elements are hashed at
+    bfloat16 precision, so a weight and its cast to float64, float16 or bfloat16 share a digest
+    (the judge then compares the values themselves)."""
     t = t.detach()
     if t.is_quantized:
         t = t.dequantize()
@@ -76,9 +78,10 @@ def digest(t: torch.Tensor) -> bytes:
         return hashlib.blake2b(f"{t.device.type}{list(t.shape)}{t.dtype}".encode(), digest_size=16).digest()
     if type(t) is not torch.Tensor:
         t = t.as_subclass(torch.Tensor)
-    t = t.cpu().contiguous()
+    kind = "float" if t.is_floating_point() else str(t.dtype)
+    t = (t.to(torch.bfloat16) if t.is_floating_point() else t).cpu().contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return hashlib.blake2b(data + str(t.dtype).encode(), digest_size=16).digest()
+    return hashlib.blake2b(data + kind.encode(), digest_size=16).digest()
 
 
 _digest = digest

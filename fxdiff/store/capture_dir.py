@@ -199,10 +199,12 @@ def _writing(path: Path) -> Iterator[None]:
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):
             raise FxdiffError(f"{path}: another fxdiff process is writing this capture right now") from None
-        _clean(path)
-        yield
-        with contextlib.suppress(OSError):
-            os.unlink(lock_file)
+        try:
+            _clean(path)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file)
     finally:
         os.close(fd)
 

@@ -41,7 +41,8 @@ def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     views = {}
     for key, t in tensors.items():
         if t.layout != torch.strided or t.device.type == "meta" or type(t) not in (torch.Tensor, torch.nn.Parameter):
-            raise FxdiffError(f"cannot store {key}: a {t.layout} {type(t).__name__} on {t.device} holds no plain data")
+            kind = "tensor" if type(t) is torch.Tensor else type(t).__name__
+            raise FxdiffError(f"cannot store {key}: a {t.layout} {kind} on {t.device} holds no plain data")
         storage = t.untyped_storage()
         size = t.element_size()
         first = t.storage_offset() * size

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from typing import Any, Iterable
 
 import torch
@@ -31,7 +32,7 @@ from .isolate import replay
 from .noise import OWN_ROUNDING
 from ..match.confidence import WEAK
 from ..ops import DEFAULT_OPS, node_key
-from ..outputs import pair_outputs
+from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
 
@@ -125,7 +126,7 @@ def _eps(dtype: torch.dtype) -> float:
 
 
 def _rms(t: torch.Tensor) -> float:
-    return float(t.double().abs().square().mean().sqrt()) if t.numel() else 0.0
+    return float(t.abs().double().square().mean().sqrt()) if t.numel() else 0.0
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -194,6 +195,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     cand_nodes = {n.name: n for n in cand.graph.nodes}
     node_floor, param_floor = grad_floor(ref.grads.values()), grad_floor(ref.param_grads.values())
     depth = {n.name: i for i, n in enumerate(ref.graph.nodes)}
+    out_pairs, ref_outputs_left, cand_outputs_left = pair_outputs(tree.flatten(ref.outputs), tree.flatten(cand.outputs))
+    mixed_ref, mixed_cand, warnings = _seeded_elsewhere(ref, cand, out_pairs, ref_outputs_left, cand_outputs_left, tol)
     rows: list[NodeRow] = []
     for pair in alignment.pairs:
         rn, cn = ref_nodes[pair.ref], cand_nodes[pair.cand]
@@ -205,31 +208,34 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             ref_module=rn.meta.get(MODULE, ""), cand_module=cn.meta.get(MODULE, ""), op=op,
             ref_shape=rn.meta.get(SHAPE), cand_shape=cn.meta.get(SHAPE),
             forward=compare_tensors(_cut(ref.values[pair.ref], pair.ref_slice),
-                                    _cut(cand.values[pair.cand], pair.cand_slice), tol),
-            backward=_grad_metrics(_cut(ref.grads.get(pair.ref), pair.ref_slice),
-                                   _cut(cand.grads.get(pair.cand), pair.cand_slice), tol, node_floor),
+                                    _cut(cand.values[pair.cand], pair.cand_slice, pair.cand_index), tol),
+            backward=None if pair.ref in mixed_ref or pair.cand in mixed_cand else
+            _grad_metrics(_cut(ref.grads.get(pair.ref), pair.ref_slice),
+                          _cut(cand.grads.get(pair.cand), pair.cand_slice, pair.cand_index), tol, node_floor),
             rationale=pair.rationale, confidence=pair.confidence, depth=depth[pair.ref],
             ref_slice=list(pair.ref_slice) if pair.ref_slice else None,
             cand_slice=list(pair.cand_slice) if pair.cand_slice else None,
+            cand_permuted=pair.cand_index is not None,
             ref_block=list(pair.ref_block), cand_block=list(pair.cand_block),
         ))
-    if not tol.strict:
-        noise.judge_rows(ref.graph, rows, node_floor)
-    rows, rejected = _verify_weak(ref.graph, rows)
-    _mark_frontier(ref.graph, rows)
-    _isolate_frontier(ref, cand, rows, tol)
     params = []
     for pp in alignment.params:
         cand_value = _transformed(cand.params, pp)
+        mixed = pp.ref in mixed_ref or any(c in mixed_cand for c in pp.cand)
         params.append(ParamRow(ref=pp.ref, cand=list(pp.cand), transform=pp.transform, evidence=pp.evidence,
-                               grad=_grad_metrics(ref.param_grads.get(pp.ref), _transformed(cand.param_grads, pp),
-                                                  tol, param_floor),
+                               grad=None if mixed else _grad_metrics(ref.param_grads.get(pp.ref),
+                                                                     _transformed(cand.param_grads, pp, gradient=True), tol, param_floor),
                                value=compare_tensors(ref.params[pp.ref], cand_value, tol)
                                if cand_value is not None else None))
     if not tol.strict:
-        noise.judge_params(ref.graph, rows, params, param_floor)
-    outputs, ref_outputs_left, cand_outputs_left = _compare_outputs(ref, cand, tol, rows)
+        noise.judge(ref.graph, rows, params, node_floor, param_floor)
+    rows, rejected = _verify_weak(ref.graph, rows)
+    _mark_frontier(ref.graph, rows)
+    _blame_one_sided(ref, cand, rows, alignment)
+    _isolate_frontier(ref, cand, rows, tol)
+    outputs = _compare_outputs(ref, cand, out_pairs, tol, rows)
     return Report(
+        warnings=warnings,
         ref={"label": ref_label, **ref.meta},
         cand={"label": cand_label, **cand.meta},
         tolerance=dataclasses.asdict(tol),
@@ -248,24 +254,29 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     )
 
 
-def _cut(t: torch.Tensor | None, block: tuple[int, int] | None) -> torch.Tensor | None:
-    """The ``start:stop`` block of the last dimension (the part of a fused output that pairs)."""
-    return t if t is None or block is None else t[..., block[0]:block[1]]
+def _cut(t: torch.Tensor | None, block: tuple[int, int] | None,
+         index: tuple[int, ...] | None = None) -> torch.Tensor | None:
+    """The ``start:stop`` block of the last dimension (the part of a fused output that pairs), or
+    the last dimension reordered by ``index`` (features permuted like the weight that made them)."""
+    if t is None:
+        return None
+    if index is not None and t.shape[-1] == len(index):
+        return t[..., torch.as_tensor(index)]
+    return t if block is None else t[..., block[0]:block[1]]
 
 
-def _transformed(table: dict[str, torch.Tensor], pp) -> torch.Tensor | None:
-    """The candidate tensor(s) of a parameter pair mapped into the reference's layout."""
+def _transformed(table: dict[str, torch.Tensor], pp, gradient: bool = False) -> torch.Tensor | None:
+    """The candidate tensor(s) of a parameter pair (or their gradients) in the reference's layout."""
     parts = [table.get(name) for name in pp.cand]
     if any(p is None for p in parts):
         return None
-    return apply_transform(parts, pp.transform)
+    return apply_transform(parts, pp.transform, gradient)
 
 
-def _compare_outputs(ref: Capture, cand: Capture, tol: Tolerance, rows: list[NodeRow]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    """Outputs paired by what they are (``outputs.py``), judged like the nodes that made them;
-    returns (compared outputs, reference outputs left over, candidate outputs left over)."""
+def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,
+                     rows: list[NodeRow]) -> list[dict[str, Any]]:
+    """The paired outputs (``outputs.py``), judged like the nodes that made them."""
     ref_out, cand_out = dict(tree.flatten(ref.outputs)), dict(tree.flatten(cand.outputs))
-    pairs, ref_left, cand_left = pair_outputs(list(ref_out.items()), list(cand_out.items()))
     inherited = max([r.forward.error or 0.0 for r in rows if r.forward is not None and r.forward.passed], default=0.0)
     compared = []
     for p in pairs:
@@ -273,7 +284,52 @@ def _compare_outputs(ref: Capture, cand: Capture, tol: Tolerance, rows: list[Nod
         if not tol.strict:
             metrics = noise.verdict(metrics, inherited)
         compared.append({"ref": p.ref, "cand": p.cand, "metrics": metrics})
-    return compared, ref_left, cand_left
+    return compared
+
+
+def _seeded_elsewhere(ref: Capture, cand: Capture, pairs: list[OutputPair], ref_left: list[str],
+                      cand_left: list[str], tol: Tolerance) -> tuple[set[str], set[str], list[str]]:
+    """Nodes and parameters whose gradients cannot be compared, and why, in words.
+
+    A gradient is comparable only where both backward passes started from the same seed. An output
+    on one side only that received a gradient feeds that gradient into everything it depends on;
+    and if paired outputs got different gradients (two captures with different losses), nothing
+    can be compared backward. Returns (reference nodes, candidate nodes, warnings).
+    """
+    for p in pairs:
+        a, b = ref.output_grads.get(p.ref), cand.output_grads.get(p.cand)
+        if a is None or b is None:
+            continue
+        m = compare_tensors(a, b, tol)
+        if not (m.passed if tol.strict else noise.verdict(m, 0.0).passed):
+            every = ({n.name for n in ref.graph.nodes} | set(ref.params),
+                     {n.name for n in cand.graph.nodes} | set(cand.params))
+            return (*every, [f"the two runs started backward from different gradients of output {p.ref} "
+                             "(different losses?): gradients are not compared"])
+    warnings, mixed = [], []
+    for capture, left, side in ((ref, ref_left, "reference"), (cand, cand_left, "candidate")):
+        seeded = [p for p in left if p in capture.output_grads and bool(capture.output_grads[p].any())]
+        nodes = dict(zip((p for p, _ in tree.flatten(capture.outputs)), capture.output_nodes()))
+        mixed.append(_ancestors([nodes[p] for p in seeded if p in nodes]))
+        if seeded:
+            warnings.append(f"the {side}'s gradients include those of output(s) {', '.join(seeded)}, which the other "
+                            f"side does not have: {len(mixed[-1])} nodes upstream of them are not compared backward")
+    return mixed[0], mixed[1], warnings
+
+
+def _ancestors(nodes: list[torch.fx.Node]) -> set[str]:
+    """The names of ``nodes`` and of every node they depend on (parameters: their targets too)."""
+    seen: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op == "get_attr":
+            seen.add(str(n.target))
+        stack.extend(n.all_input_nodes)
+    return seen
 
 
 def _describe(node: torch.fx.Node, reason: str = "no counterpart found") -> dict[str, Any]:
@@ -326,13 +382,69 @@ def _structure(capture: Capture) -> list[dict[str, Any]]:
 def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> None:
     """Replay the candidate's block behind each forward frontier row on the reference's values."""
     boundary = {r.cand_node: r.ref_node for r in rows
-                if r.forward.passed and r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice)}
+                if r.forward.passed and r.ref_shape == r.cand_shape
+                and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
     for row in rows:
-        if not row.first_forward or row.ref_slice or row.cand_slice:
+        if not row.first_forward or row.ref_slice or row.cand_slice or row.cand_permuted:
             continue
         out = replay(ref, cand, row.cand_node, boundary)
         if isinstance(out, torch.Tensor):
             row.isolated = compare_tensors(ref.values[row.ref_node], out, tol)
+
+
+def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
+    """Blame a forward first divergence on an op present on one side only (a forgotten residual
+    add, an extra scale) when such an op lies between the divergent node and its compared inputs on
+    one side, and none on the other (where both sides have some, they compute the same thing in
+    different ways): the divergence starts at that op's module, not at the first matched op
+    downstream."""
+    # an op fed by compared activations (not only by the model's inputs, as a mask is)
+    compared_r = {r.ref_node for r in rows if r.op != "input"}
+    compared_c = {r.cand_node for r in rows if r.op != "input"}
+    only_r, only_c = set(alignment.unmatched_ref), set(alignment.unmatched_cand)
+    for row in rows:
+        if not row.first_forward:
+            continue
+        op_r = _one_sided_input(ref.node(row.ref_node), compared_r, only_r)
+        op_c = _one_sided_input(cand.node(row.cand_node), compared_c, only_c)
+        if (op_r is None) == (op_c is None):
+            continue
+        side, op = ("ref", op_r) if op_r is not None else ("cand", op_c)
+        module = op.meta.get(MODULE, "")
+        other = _counterpart_module(rows, module, side)
+        row.blame = [f"{side}-only {node_key(op)} ({op.name})", *((module, other) if side == "ref" else (other, module))]
+
+
+def _one_sided_input(start: torch.fx.Node, compared: set[str], only: set[str]) -> torch.fx.Node | None:
+    """An input of ``start`` (through views) that is an op in ``only`` whose every tensor input is
+    a compared node or a parameter: an op added to (or left out of) a matched computation, such as
+    a residual add, and not a side computation of its own, such as a mask."""
+    for a in start.all_input_nodes:
+        op = _through_views(a, compared)
+        if op.name in only and all(_through_views(x, compared).name in compared
+                                   or _through_views(x, compared).op == "get_attr" for x in op.all_input_nodes):
+            return op
+    return None
+
+
+def _through_views(node: torch.fx.Node, compared: set[str]) -> torch.fx.Node:
+    """``node``, or the node it is a view of (through reshapes, transposes, expands...), stopping at
+    a compared node."""
+    while (node.name not in compared and node.op == "call_function" and node_key(node) in DEFAULT_OPS.transparent
+           and len(node.all_input_nodes) == 1):
+        node = node.all_input_nodes[0]
+    return node
+
+
+def _counterpart_module(rows: list[NodeRow], module: str, side: str) -> str:
+    """The module on the other side that corresponds to ``module``: where the matched rows of
+    ``module`` (else of its submodules) lie on the other side."""
+    mine, theirs = ("ref_module", "cand_module") if side == "ref" else ("cand_module", "ref_module")
+    exact = [getattr(r, theirs) for r in rows if getattr(r, mine) == module]
+    if exact:
+        return max(set(exact), key=exact.count)
+    inner = [getattr(r, theirs).split(".") for r in rows if getattr(r, mine).startswith(module + ".")]
+    return ".".join(os.path.commonprefix(inner)) if inner else ""
 
 
 def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow]) -> None:

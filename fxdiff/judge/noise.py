@@ -71,39 +71,41 @@ def nearest(graph: torch.fx.Graph, compared: set[str]) -> tuple[dict[str, set[st
     return preds, succs
 
 
-def judge_rows(graph: torch.fx.Graph, rows: list[NodeRow], grad_floor: float) -> None:
-    """Noise-aware verdicts for every row: forward in topological order, backward in reverse."""
+def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], node_floor: float,
+          param_floor: float) -> None:
+    """Noise-aware verdicts for every row and parameter: parameter values first (each at its own
+    rounding), then forward values in topological order (inheriting from compared inputs and from
+    the parameters they read), then gradients in reverse order, then parameter gradients."""
+    for p in params:
+        p.value = verdict(p.value, 0.0)
+    value_error = {p.ref: p.value.error or 0.0 for p in params if p.value is not None and p.value.passed}
+    param_nodes = {n.name: str(n.target) for n in graph.nodes if n.op == "get_attr" and str(n.target) in value_error}
     by_ref: dict[str, list[NodeRow]] = {}
     for r in rows:
         by_ref.setdefault(r.ref_node, []).append(r)
-    preds, succs = nearest(graph, set(by_ref))
+    preds, succs = nearest(graph, set(by_ref) | set(param_nodes))
     order = sorted(rows, key=lambda r: r.depth)
 
     def passing(names: set[str], direction: str) -> float:
-        errors = [getattr(x, direction).error or 0.0 for n in names for x in by_ref[n]
+        errors = [getattr(x, direction).error or 0.0 for n in names for x in by_ref.get(n, ())
                   if getattr(x, direction) is not None and getattr(x, direction).passed]
+        if direction == "forward":
+            errors += [value_error[param_nodes[n]] for n in names if n in param_nodes]
         return max(errors, default=0.0)
 
     for r in order:
         r.forward = verdict(r.forward, passing(preds[r.ref_node], "forward"))
     for r in reversed(order):
         inherited = max(passing(succs[r.ref_node], "backward"), passing(preds[r.ref_node] | {r.ref_node}, "forward"))
-        r.backward = verdict(r.backward, inherited, grad_floor)
-
-
-def judge_params(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], grad_floor: float) -> None:
-    """Parameter gradients and values: judged against the noise of the ops that consume them."""
-    by_ref: dict[str, list[NodeRow]] = {}
-    for r in rows:
-        by_ref.setdefault(r.ref_node, []).append(r)
-    _, succs = nearest(graph, set(by_ref))
+        r.backward = verdict(r.backward, inherited, node_floor)
     users: dict[str, set[str]] = {}
-    for n in graph.nodes:
-        if n.op == "get_attr":
-            users.setdefault(str(n.target), set()).update(succs[n.name])
+    for name, target in param_nodes.items():
+        users.setdefault(target, set()).update(succs[name])
+    for n in graph.nodes:   # parameters whose values failed still have consumers to judge by
+        if n.op == "get_attr" and n.name not in param_nodes:
+            users.setdefault(str(n.target), set()).update(x for x in succs[n.name] if x in by_ref)
     for p in params:
-        consumers = [x for n in users.get(p.ref, ()) for x in by_ref[n]]
+        consumers = [x for n in users.get(p.ref, ()) for x in by_ref.get(n, ())]
         inherited = max([m.error or 0.0 for x in consumers for m in (x.forward, x.backward)
                          if m is not None and m.passed], default=0.0)
-        p.grad = verdict(p.grad, inherited, grad_floor)
-        p.value = verdict(p.value, 0.0)
+        p.grad = verdict(p.grad, inherited, param_floor)

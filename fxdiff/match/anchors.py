@@ -8,7 +8,7 @@ import re
 from collections import defaultdict
 
 from ..model.alignment import Pair, ParamPair
-from ..params import output_slice
+from ..params import output_index, output_slice
 from .compute_graph import ComputeGraph
 from .confidence import CERTAIN, GRAPH_OUTPUT, SIZE_ONLY
 from .patience import lis
@@ -95,11 +95,16 @@ def param_anchors(r: ComputeGraph, c: ComputeGraph, params: list[ParamPair]) -> 
             continue
         cand_users = c.param_users.get(pp.cand[0], [])
         block = output_slice(pp.transform)
+        index = output_index(pp.transform)
         for ru, cu in zip(ref_users, cand_users):
             if block is not None:
                 if r.key[ru] == c.key[cu]:
                     raw.append(Pair(ru, cu, f"parameter {pp.ref} = {pp.cand[0]}[{block[0]}:{block[1]}]",
                                     pp.confidence, cand_slice=block))
+            elif index is not None:
+                if r.key[ru] == c.key[cu] and r.numel[ru] == c.numel[cu]:
+                    raw.append(Pair(ru, cu, f"parameter {pp.ref} = {pp.cand[0]} with rows permuted",
+                                    pp.confidence, cand_index=index))
             elif r.numel[ru] == c.numel[cu]:
                 raw.append(Pair(ru, cu, f"parameter {pp.ref} <-> {pp.cand[0]}", pp.confidence))
     return merge_decomposed(r, c, raw)
@@ -107,8 +112,8 @@ def param_anchors(r: ComputeGraph, c: ComputeGraph, params: list[ParamPair]) -> 
 
 def merge_decomposed(r: ComputeGraph, c: ComputeGraph, raw: list[Pair]) -> list[Pair]:
     """One op on one side anchored to several on the other: keep the last, fold the others."""
-    sliced = [p for p in raw if p.ref_slice or p.cand_slice]
-    plain = [p for p in raw if not (p.ref_slice or p.cand_slice)]
+    sliced = [p for p in raw if p.ref_slice or p.cand_slice or p.cand_index]
+    plain = [p for p in raw if not (p.ref_slice or p.cand_slice or p.cand_index)]
     by_ref: dict[str, list[Pair]] = defaultdict(list)
     for p in plain:
         by_ref[p.ref].append(p)

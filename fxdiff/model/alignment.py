@@ -11,7 +11,7 @@ class Pair:
 
     ``ref_slice`` / ``cand_slice`` (``start, stop`` on the last dimension) select the part of a
     fused node's output that corresponds to the other side, e.g. the q block of a fused qkv
-    projection. ``ref_block`` / ``cand_block`` list the nodes folded into a many-to-many match.
+    projection; ``cand_index`` reorders the candidate's last dimension into the reference's. ``ref_block`` / ``cand_block`` list the nodes folded into a many-to-many match.
     """
 
     ref: str
@@ -20,6 +20,9 @@ class Pair:
     confidence: float = 1.0
     ref_slice: tuple[int, int] | None = None
     cand_slice: tuple[int, int] | None = None
+    # features of the candidate's output in the reference's order: a weight stored row-permuted
+    # (a per-head RoPE layout) makes its op's output features permuted the same way
+    cand_index: tuple[int, ...] | None = None
     ref_block: tuple[str, ...] = ()
     cand_block: tuple[str, ...] = ()
 

@@ -75,10 +75,14 @@ class NodeRow:
     first_backward: bool = False
     ref_slice: list[int] | None = None    # [start, stop] of the last dim compared (fused outputs)
     cand_slice: list[int] | None = None
+    cand_permuted: bool = False           # the candidate's features compared in the reference's order
     ref_block: list[str] = dataclasses.field(default_factory=list)   # nodes folded into a block match
     cand_block: list[str] = dataclasses.field(default_factory=list)
     # first forward divergences only: the candidate's block replayed on the reference's inputs
     isolated: Metrics | None = None
+    # first forward divergences only: an op on one side only between this row and its compared
+    # inputs, which the divergence is blamed on: (what, reference module, candidate module)
+    blame: list[str] | None = None
 
 
     def cause(self) -> str | None:
@@ -129,12 +133,25 @@ class Report:
                 or s["param_values"]["mismatched"] > 0 or s["uncompared"]["trained_ref_params"] > 0
                 or s["nodes"]["forward_mismatches"] > 0 or s["nodes"]["backward_mismatches"] > 0)
 
+    @property
+    def verdict(self) -> str:
+        """``"diverged"``; ``"within noise"`` when every difference is within its noise level but
+        some tensors are not bit for bit equal; ``"match"`` when none differs at all."""
+        if self.diverged:
+            return "diverged"
+        metrics = [m for r in self.nodes for m in (r.forward, r.backward)] + [o["metrics"] for o in self.outputs]
+        metrics += [m for p in self.params for m in (p.grad, p.value)]
+        return "within noise" if any(m is not None and m.within_noise for m in metrics) else "match"
+
     def first_divergence(self) -> dict[str, list[dict[str, Any]]]:
         """The earliest mismatching nodes, forward and backward, whose matched inputs all match."""
         def entry(row: NodeRow, m: Metrics) -> dict[str, Any]:
-            return {"ref_node": row.ref_node, "cand_node": row.cand_node, "ref_module": row.ref_module,
-                    "cand_module": row.cand_module, "op": row.op, "max_abs_diff": m.max_abs_diff,
-                    "max_rel_diff": m.max_rel_diff, "cosine": m.cosine, "isolated": row.cause()}
+            return {"ref_node": row.ref_node, "cand_node": row.cand_node,
+                    "ref_module": row.blame[1] if row.blame else row.ref_module,
+                    "cand_module": row.blame[2] if row.blame else row.cand_module, "op": row.op,
+                    "max_abs_diff": m.max_abs_diff, "max_rel_diff": m.max_rel_diff, "cosine": m.cosine,
+                    "error": m.error, "noise": m.noise, "isolated": row.cause(),
+                    "one_sided": row.blame[0] if row.blame else None}
         return {
             "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward],
             "backward": [entry(r, r.backward) for r in self.nodes if r.first_backward],
@@ -172,7 +189,7 @@ class Report:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "verdict": "diverged" if self.diverged else "match",
+            "verdict": self.verdict,
             "ref": self.ref,
             "cand": self.cand,
             "tolerance": self.tolerance,

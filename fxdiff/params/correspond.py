@@ -17,6 +17,7 @@ A transform is a small JSON-able dict, so a mapping file can hold it and ``conve
 - ``{"kind": "concat"}``: the reference is the candidates concatenated along dim 0 (first step of
   a chain only)
 - ``{"kind": "permute_rows", "index": [...]}``: the reference is ``cand[index]``
+- ``{"kind": "offset", "value": v}``: the reference is ``cand + v`` (a norm gain stored as ``1 + g``)
 - ``{"kind": "chain", "steps": [...]}``: several of the above, applied in order
 """
 
@@ -31,13 +32,14 @@ from ..errors import FxdiffError
 from ..model.alignment import ParamPair
 
 
-def apply_transform(parts: list[torch.Tensor], transform: dict) -> torch.Tensor:
-    """The reference-layout tensor obtained from candidate tensor(s) ``parts``."""
+def apply_transform(parts: list[torch.Tensor], transform: dict, gradient: bool = False) -> torch.Tensor:
+    """The reference-layout tensor obtained from candidate tensor(s) ``parts`` (their gradients,
+    with ``gradient``: an offset moves a value, not its gradient)."""
     kind = transform.get("kind", "identity")
     if kind == "chain":
         out = parts
         for step in transform["steps"]:
-            out = [apply_transform(out, step)]
+            out = [apply_transform(out, step, gradient)]
         return out[0]
     if kind == "concat":
         return torch.cat(parts, dim=0)
@@ -54,6 +56,8 @@ def apply_transform(parts: list[torch.Tensor], transform: dict) -> torch.Tensor:
         return t[transform["start"]:transform["stop"]]
     if kind == "permute_rows":
         return t[torch.as_tensor(transform["index"], dtype=torch.long)]
+    if kind == "offset":
+        return t if gradient else t + transform["value"]
     raise FxdiffError(f"unknown parameter transform {kind!r}")
 
 
@@ -62,6 +66,16 @@ def output_slice(transform: dict) -> tuple[int, int] | None:
     steps = transform["steps"] if transform.get("kind") == "chain" else [transform]
     rows = [s for s in steps if s.get("kind") == "rows"]
     return (rows[0]["start"], rows[0]["stop"]) if rows else None
+
+
+def output_index(transform: dict) -> tuple[int, ...] | None:
+    """For a weight whose rows are permuted on the other side: the order in which the other side's
+    output features give this side's (``cand_out[..., index]`` is laid out like ``ref_out``)."""
+    steps = transform["steps"] if transform.get("kind") == "chain" else [transform]
+    perms = [s for s in steps if s.get("kind") == "permute_rows"]
+    if len(perms) != 1 or any(s.get("kind") in ("rows", "concat") for s in steps):
+        return None
+    return tuple(int(i) for i in perms[0]["index"])
 
 
 def digest(t: torch.Tensor) -> bytes:
@@ -126,7 +140,11 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
     take(_fused(ref, cand, ref_left, cand_left, claimed, dig_r))
     cand_left[:] = [n for n in cand_left if (n, False) not in claimed and (n, True) not in claimed]
     take(_fused_ref(ref, cand, ref_left, cand_left, dig_c))
-    take(_permuted(ref, cand, ref_left, cand_left))
+    matrices = _permuted(ref, cand, ref_left, cand_left) + _permuted(ref, cand, ref_left, cand_left, transposed=True)
+    take(matrices)
+    take(_permuted(ref, cand, ref_left, cand_left, vectors=True,
+                   known=[output_index(p.transform) for p in matrices]))
+    take(_offset(ref, cand, ref_left, cand_left, dig_c))
     return pairs, ref_left, cand_left
 
 
@@ -263,22 +281,31 @@ def _fused_ref(ref, cand, ref_left, cand_left, dig_c=None) -> list[ParamPair]:
     return out
 
 
-def _permuted(ref, cand, ref_left, cand_left) -> list[ParamPair]:
-    """Same-shape parameters whose rows are the same multiset in another order."""
+def _permuted(ref, cand, ref_left, cand_left, transposed: bool = False, vectors: bool = False,
+              known: list[tuple[int, ...] | None] = ()) -> list[ParamPair]:
+    """Matrices whose rows are the same multiset in another order (with ``transposed``, the rows of
+    the reference's transpose: a per-head fused qkv stored as GPT-2's transposed Conv1D against a
+    Linear whose rows are grouped by head); or ``vectors`` whose elements are, preferring an order
+    already ``known`` from the matrices (a bias is permuted like its weight, and its elements may
+    tie at bfloat16 precision)."""
     def row_keys(t):
         return [_digest(row) for row in t.reshape(t.shape[0], -1)]
+
+    def fits(t: torch.Tensor) -> bool:
+        return t.dim() == (1 if vectors else 2) and t.shape[0] > 1
     by_sig: dict[tuple, list[str]] = defaultdict(list)
     keys_c = {}
     for c in cand_left:
-        if cand[c].dim() >= 2 and cand[c].shape[0] > 1:
+        if fits(cand[c]):
             keys_c[c] = row_keys(cand[c])
             by_sig[(tuple(cand[c].shape), tuple(sorted(keys_c[c])))].append(c)
     out = []
     for r in ref_left:
-        if ref[r].dim() < 2 or ref[r].shape[0] < 2:
+        if not fits(ref[r]):
             continue
-        keys_r = row_keys(ref[r])
-        options = by_sig.get((tuple(ref[r].shape), tuple(sorted(keys_r))))
+        t = ref[r].t() if transposed else ref[r]
+        keys_r = row_keys(t)
+        options = by_sig.get((tuple(t.shape), tuple(sorted(keys_r))))
         if not options:
             continue
         ambiguous = len(options) > 1
@@ -286,10 +313,35 @@ def _permuted(ref, cand, ref_left, cand_left) -> list[ParamPair]:
         where = defaultdict(list)
         for i, k in enumerate(keys_c[c]):
             where[k].append(i)
-        index = [where[k].pop(0) for k in keys_r]
-        out.append(ParamPair(r, (c,), {"kind": "permute_rows", "index": index},
-                             "identical rows, permuted" + (" (several candidates, paired in order of use)"
-                                                           if ambiguous else ""), 0.7 if ambiguous else 1.0))
+        index = next((list(i) for i in known if i is not None and len(i) == len(keys_r)
+                      and [keys_c[c][j] for j in i] == keys_r), None)
+        if index is None:
+            rows_c = cand[c].reshape(cand[c].shape[0], -1).double()
+            rows_r = t.reshape(t.shape[0], -1).double()
+            index = []
+            for i, k in enumerate(keys_r):   # rows equal at bfloat16 precision: the closest one
+                j = min(where[k], key=lambda j: float((rows_c[j] - rows_r[i]).abs().sum()))
+                where[k].remove(j)
+                index.append(j)
+        permute = {"kind": "permute_rows", "index": index}
+        out.append(ParamPair(r, (c,), {"kind": "chain", "steps": [permute, {"kind": "transpose"}]} if transposed
+                             else permute,
+                             "identical rows, permuted" + (", transposed" if transposed else "")
+                             + (" (several candidates, paired in order of use)" if ambiguous else ""),
+                             0.7 if ambiguous else 1.0))
+    return out
+
+
+def _offset(ref, cand, ref_left, cand_left, dig_c) -> list[ParamPair]:
+    """Vectors stored as an offset from one (``ref = cand + 1``): norm gains kept as ``1 + g``."""
+    free = {dig_c[(c, False)]: c for c in cand_left if cand[c].dim() == 1}
+    out = []
+    for r in ref_left:
+        if ref[r].dim() != 1 or not ref[r].is_floating_point():
+            continue
+        c = free.pop(_digest(ref[r] - 1), None)
+        if c is not None:
+            out.append(ParamPair(r, (c,), {"kind": "offset", "value": 1.0}, "identical up to an offset of 1", 1.0))
     return out
 
 
@@ -339,11 +391,15 @@ def _write(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, transform: 
             view, mview = view[step["start"]:step["stop"]], mview[step["start"]:step["stop"]]
         elif kind == "reshape":
             view, mview = view.view(step["shape"]), mview.view(step["shape"])
-        elif kind == "permute_rows":
+        elif kind == "permute_rows":   # what follows the permutation applies to src, inverted
             index = torch.as_tensor(step["index"], dtype=torch.long)
+            for later in reversed(steps[steps.index(step) + 1:]):
+                src = src.t() if later.get("kind") == "transpose" else src
             view[index] = src.to(view.dtype)
             mview[index] = True
             return
+        elif kind == "offset":
+            src = src - step["value"]
         elif kind != "identity":
             raise FxdiffError(f"cannot invert parameter transform {kind!r}")
     view.copy_(src)

@@ -2,10 +2,9 @@
 
 Each pair module defines a ``Pair``: ``build_ref()`` (a tiny reference model, random weights, fixed
 seed), ``build_cand(ref)`` (an independent implementation whose weights are *converted* from the
-reference's by ``convert``), ``inputs()`` (the reference's ``(args, kwargs)``), ``call_cand`` (the
-candidate-side call adapter: maps the reference's ``(args, kwargs)`` to the candidate's; candidates
-that need another convention are wrapped in a thin module taking the reference's arguments) and a
-list of ``Bug`` variants planted in the converted candidate.
+reference's by ``convert``), ``inputs()`` (the reference's ``(args, kwargs)``; a candidate with another call convention is
+wrapped in a thin module taking the reference's arguments) and a list of ``Bug`` variants planted
+in the converted candidate.
 
 Localisation (see ``localised``): a bug is localised when ONE entry of the report's first-divergence
 frontier (``report.first_divergence()["forward"]`` for forward bugs, ``["backward"]`` for
@@ -52,7 +51,6 @@ class Pair:
     build_cand: Callable[[torch.nn.Module], torch.nn.Module]  # converted candidate (wrapped)
     inputs: Callable[[], tuple[tuple, dict]]
     bugs: list[Bug]
-    call_cand: Callable[[tuple, dict], tuple[tuple, dict]] = lambda a, k: (a, k)
     covers: tuple[str, ...] = ()                         # failure classes this pair exercises
     note: str = ""
     bf16: bool = True      # False: the candidate library itself cannot run after .to(bfloat16) (eager, no fxdiff)
@@ -87,16 +85,6 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 fan_in = p[0].numel() if p.ndim > 1 else 1
                 p.copy_(r / fan_in ** 0.5)
     return model
-
-
-def cast_floating(x: Any, dtype: torch.dtype) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() else x
-    if isinstance(x, (list, tuple)):
-        return type(x)(cast_floating(v, dtype) for v in x)
-    if isinstance(x, dict):
-        return {k: cast_floating(v, dtype) for k, v in x.items()}
-    return x
 
 
 def _inside(path: str, pattern: str, exact: bool = False) -> bool:
@@ -146,8 +134,8 @@ def build(pair: Pair, variant: str | None = None):
 
 
 def run_pair(pair: Pair, variant: str | None = None, dtype: torch.dtype = torch.float32, ref_capture=None):
-    """Capture ref and cand (cand cast to ``dtype``, on the same inputs cast likewise) with
-    ``fxdiff.capture`` and compare the two captures.
+    """Capture ref with ``fxdiff.capture`` and compare the candidate live against it (cast to
+    ``dtype``, on the reference's saved inputs cast likewise).
 
     Returns ``(report, verdict_ok, localised, details)``: ``verdict_ok`` is "clean port compares
     clean" for ``variant=None`` and "bug diverges" for a bug; ``localised`` is as in the module doc
@@ -164,17 +152,13 @@ def run_pair(pair: Pair, variant: str | None = None, dtype: torch.dtype = torch.
         stage = "capture ref"
         if ref_capture is None:
             ref_capture = fxdiff.capture(ref, args=args, kwargs=kwargs, mode="eval", seed=0)
-        cargs, ckwargs = pair.call_cand(args, kwargs)
-        if dtype != torch.float32:
-            cand = cand.to(dtype)
-            cargs, ckwargs = cast_floating(cargs, dtype), cast_floating(ckwargs, dtype)
-        stage = "capture cand"
-        cand_capture = fxdiff.capture(cand, args=cargs, kwargs=ckwargs, mode="eval", seed=0)
         stage = "compare"
-        report = fxdiff.compare(ref_capture, cand_capture)
+        # the port runs live on the reference's saved inputs and starts its backward from the
+        # reference's output gradients, as in the two-environment workflow
+        report = fxdiff.compare(ref_capture, cand, dtype=None if dtype == torch.float32 else dtype)
     except Exception as e:  # noqa: BLE001 - the benchmark reports every failure
         tb = traceback.extract_tb(e.__traceback__)
-        where = next((f"{f.filename.split('/work/wt-pairs/')[-1]}:{f.lineno} ({f.name})" for f in reversed(tb)
+        where = next((f"{f.filename.rsplit('fxdiff/', 1)[-1]}:{f.lineno} ({f.name})" for f in reversed(tb)
                       if "fxdiff/" in f.filename), None)
         details.update(error=f"{type(e).__name__}: {e}", stage=stage, where=where,
                        traceback="".join(traceback.format_exception(e)))

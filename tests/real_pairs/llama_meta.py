@@ -256,8 +256,8 @@ BUGS = [
     Bug("silu_backward", "wrong custom autograd backward (backward-only)", bug_silu_backward,
         r"layers\.1\.mlp", r"layers\.1\.feed_forward", direction="backward",
         note="wrong in every layer; backward reaches layer 1 first"),
-    Bug("mask_shift", "mask bug (causal mask off by one)", bug_mask_shift,
-        r"layers\.0\.self_attn", r"layers\.0\.attention"),
+    Bug("mask_shift", "mask bug (causal mask off by one)", bug_mask_shift, "", "", exact=True,
+        note="both sides build the mask in the root module's forward (HF: create_causal_mask)"),
     Bug("no_attn_residual", "forgotten residual add (attention, layer 1)", bug_no_attn_residual,
         r"layers\.1", r"layers\.1", exact=True),
 ]

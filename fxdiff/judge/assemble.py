@@ -232,6 +232,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     rows, rejected = _verify_weak(ref.graph, rows)
     _mark_frontier(ref.graph, rows)
     _blame_one_sided(ref, cand, rows, alignment)
+    _name_role_swaps(ref, cand, rows)
     _isolate_frontier(ref, cand, rows, tol)
     outputs = _compare_outputs(ref, cand, out_pairs, tol, rows)
     return Report(
@@ -413,6 +414,57 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
         module = op.meta.get(MODULE, "")
         other = _counterpart_module(rows, module, side)
         row.blame = [f"{side}-only {node_key(op)} ({op.name})", *((module, other) if side == "ref" else (other, module))]
+
+
+def _name_role_swaps(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Name a role swap at a forward first divergence: an input of the candidate's op that is a
+    slice of a fused output (q, k, v of one qkv projection; the two halves of a GLU) holding what
+    the reference computes in another role than the one it is used in here."""
+    sliced: dict[str, list[NodeRow]] = {}   # fused candidate node -> its slices' rows
+    for r in rows:
+        if r.cand_slice:
+            sliced.setdefault(r.cand_node, []).append(r)
+    if not sliced:
+        return
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        ref_inputs = {_through_views(a, set()).name for a in ref.node(row.ref_node).all_input_nodes}
+        for a in cand.node(row.cand_node).all_input_nodes:
+            fused = _fused_source(a, sliced)
+            value = cand.values.get(a.name)
+            if fused is None or value is None:
+                continue
+            distance = {r.ref_node: _relative_distance(ref.values.get(r.ref_node), value) for r in sliced[fused]}
+            holds = min(distance, key=distance.get)
+            used_as = [r.ref_node for r in sliced[fused] if r.ref_node in ref_inputs and r.ref_node != holds]
+            if distance[holds] < 0.1 and holds not in ref_inputs and used_as:
+                cand_module = cand.node(fused).meta.get(MODULE, "")
+                row.blame = [f"role swap: a slice of the candidate's {cand_module or '<root>'} output holds what the "
+                             f"reference computes in {ref.node(holds).meta.get(MODULE, '') or '<root>'}, and is used "
+                             f"where the reference uses {ref.node(used_as[0]).meta.get(MODULE, '') or '<root>'}",
+                             ref.node(used_as[0]).meta.get(MODULE, ""), cand_module]
+                break
+
+
+def _fused_source(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:
+    """The fused node that ``node`` is a slice or view of (through getitem, chunk items and views)."""
+    for _ in range(8):
+        if node.name in sliced:
+            return node.name
+        if node.op != "call_function" or not node.all_input_nodes:
+            return None
+        node = node.all_input_nodes[0]
+    return None
+
+
+def _relative_distance(a: torch.Tensor | None, b: torch.Tensor) -> float:
+    """RMS of ``a - b`` over the RMS of ``a`` (inf when the shapes differ)."""
+    if a is None or a.shape != b.shape:
+        return math.inf
+    a, b = a.detach().double(), b.detach().double()
+    scale = float(a.square().mean().sqrt())
+    return float((a - b).square().mean().sqrt()) / scale if scale > 0 else math.inf
 
 
 def _one_sided_input(start: torch.fx.Node, compared: set[str], only: set[str]) -> torch.fx.Node | None:

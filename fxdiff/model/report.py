@@ -151,7 +151,7 @@ class Report:
                     "cand_module": row.blame[2] if row.blame else row.cand_module, "op": row.op,
                     "max_abs_diff": m.max_abs_diff, "max_rel_diff": m.max_rel_diff, "cosine": m.cosine,
                     "error": m.error, "noise": m.noise, "isolated": row.cause(),
-                    "one_sided": row.blame[0] if row.blame else None}
+                    "blame": row.blame[0] if row.blame else None}
         return {
             "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward],
             "backward": [entry(r, r.backward) for r in self.nodes if r.first_backward],

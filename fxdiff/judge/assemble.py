@@ -28,7 +28,7 @@ from .. import tree
 from ..model.alignment import Alignment
 from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from . import noise
-from .isolate import replay
+from .isolate import replay, replay_backward
 from .noise import OWN_ROUNDING
 from ..match.confidence import WEAK
 from ..ops import DEFAULT_OPS, node_key
@@ -233,6 +233,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     _mark_frontier(ref.graph, rows)
     _blame_one_sided(ref, cand, rows, alignment)
     _name_role_swaps(ref, cand, rows)
+    _isolate_backward(ref, cand, rows, tol, node_floor)
     _isolate_frontier(ref, cand, rows, tol)
     outputs = _compare_outputs(ref, cand, out_pairs, tol, rows)
     return Report(
@@ -390,7 +391,8 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             continue
         out = replay(ref, cand, row.cand_node, boundary)
         if isinstance(out, torch.Tensor):
-            row.isolated = compare_tensors(ref.values[row.ref_node], out, tol)
+            m = compare_tensors(ref.values[row.ref_node], out, tol)
+            row.isolated = m if tol.strict else noise.verdict(m, 0.0)
 
 
 def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
@@ -414,6 +416,49 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
         module = op.meta.get(MODULE, "")
         other = _counterpart_module(rows, module, side)
         row.blame = [f"{side}-only {node_key(op)} ({op.name})", *((module, other) if side == "ref" else (other, module))]
+
+
+def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance, node_floor: float) -> None:
+    """For each backward first divergence that no forward divergence explains, differentiate the
+    candidate's ops back from its compared consumers with the reference's gradients there
+    (``isolate.replay_backward``). If that derivative agrees with the reference, the candidate's
+    recorded gradient came from a backward of its own (a custom ``autograd.Function``, a hook):
+    the divergence is blamed on the module of those ops."""
+    plain = {r.cand_node: r for r in rows
+             if r.forward.passed and r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
+    boundary = {c: r.ref_node for c, r in plain.items()}
+    for row in rows:
+        if not row.first_backward or row.consequence or row.cand_node not in plain:
+            continue
+        block, consumers = _block_after(cand.node(row.cand_node), plain)
+        if not consumers or any(plain[c].backward is None or not plain[c].backward.passed for c in consumers):
+            continue
+        grad = replay_backward(ref, cand, row.cand_node, {c: boundary[c] for c in consumers}, boundary)
+        if grad is None:
+            continue
+        m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
+        row.isolated_backward = m if tol.strict else noise.verdict(m, 0.0, node_floor)
+        if row.isolated_backward.passed:
+            module = (block[0] if block else cand.node(consumers[0])).meta.get(MODULE, "")
+            row.blame = [f"backward only: the candidate's backward through {module or '<root>'} is not the derivative "
+                         "of its forward ops (a custom autograd.Function or a gradient hook)",
+                         _counterpart_module(rows, module, "cand") or row.ref_module, module]
+
+
+def _block_after(node: torch.fx.Node, compared: dict[str, NodeRow]) -> tuple[list[torch.fx.Node], list[str]]:
+    """The ops between ``node`` and its nearest ``compared`` users, and those users."""
+    block, consumers, queue, seen = [], [], list(node.users), set()
+    while queue:
+        n = queue.pop(0)
+        if n.name in seen or n.op != "call_function":
+            continue
+        seen.add(n.name)
+        if n.name in compared:
+            consumers.append(n.name)
+        else:
+            block.append(n)
+            queue.extend(n.users)
+    return block, consumers
 
 
 def _name_role_swaps(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
@@ -515,8 +560,13 @@ def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow]) -> None:
         tainted[name] = any(fails(p, "forward") or tainted[p] for p in preds[name])
         for row in by_ref[name]:
             row.first_forward = row.forward is not None and not row.forward.passed and not tainted[name]
+    forward_failed = {name for name in order if fails(name, "forward")}
     tainted.clear()
+    downstream: dict[str, bool] = {}   # a forward divergence at the node or after it
     for name in reversed(order):
         tainted[name] = any(fails(s, "backward") or tainted[s] for s in succs[name])
+        downstream[name] = name in forward_failed or any(downstream[s] for s in succs[name])
         for row in by_ref[name]:
             row.first_backward = row.backward is not None and not row.backward.passed and not tainted[name]
+            # backward through a node uses the forward values after it: a divergence there explains it
+            row.consequence = row.first_backward and downstream[name]

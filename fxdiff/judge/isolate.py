@@ -41,6 +41,40 @@ def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]
         return None
 
 
+def replay_backward(ref: Capture, cand: Capture, cand_node: str, consumers: dict[str, str],
+                    boundary: dict[str, str], targets: Targets | None = None) -> torch.Tensor | None:
+    """The gradient at ``cand_node`` that the candidate's ops give when differentiated by autograd
+    from the reference: its forward ops from ``cand_node`` (set to the reference's value) to its
+    compared ``consumers`` (candidate node -> reference node) are replayed, and the reference's
+    gradients at the consumers are taken back through them. None when the block cannot be replayed.
+
+    Compared with the candidate's recorded gradient, it tells a backward that is not the derivative
+    of the forward (a custom ``autograd.Function``, a gradient hook) from ops whose derivative differs.
+    """
+    nodes = {n.name: n for n in cand.graph.nodes}
+    source = boundary.get(cand_node)
+    if source is None or any(c not in nodes or ref.grads.get(r) is None for c, r in consumers.items()):
+        return None
+    x = ref.values[source].detach().clone().requires_grad_(_differentiable(ref.values[source]))
+    memo: dict[str, Any] = {cand_node: x}
+    try:
+        with torch.enable_grad():
+            outs = [_value(nodes[c], ref, cand, boundary, memo, targets or Targets.default(), root=True)
+                    for c in consumers]
+            seeds = [ref.grads[r].to(o.dtype) for o, r in zip(outs, consumers.values())]
+            if not x.requires_grad or any(not isinstance(o, torch.Tensor) or o.shape != g.shape
+                                          for o, g in zip(outs, seeds)):
+                return None
+            grad, = torch.autograd.grad(outs, x, seeds, allow_unused=True)
+    except (_NotReplayable, RuntimeError):
+        return None
+    return grad
+
+
+def _differentiable(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 def _value(node: torch.fx.Node, ref, cand, boundary, memo, targets: Targets, root=False) -> Any:
     if node.name in memo:
         return memo[node.name]

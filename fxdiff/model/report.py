@@ -83,6 +83,10 @@ class NodeRow:
     # first forward divergences only: an op on one side only between this row and its compared
     # inputs, which the divergence is blamed on: (what, reference module, candidate module)
     blame: list[str] | None = None
+    # first backward divergences only: a forward divergence at this node or after it explains it;
+    # the candidate's ops differentiated back from the reference's gradients at their consumers
+    consequence: bool = False
+    isolated_backward: Metrics | None = None
 
 
     def cause(self) -> str | None:
@@ -92,6 +96,16 @@ class NodeRow:
         if self.isolated is None:
             return None
         return "amplified" if self.isolated.passed else "introduced"
+
+
+    def backward_cause(self) -> str | None:
+        """What differentiating the candidate's ops back from the reference's gradients says of a
+        backward first divergence: ``custom backward`` when that derivative agrees with the
+        reference (the candidate's own backward differs from it), ``introduced`` when it does not,
+        None when not replayed."""
+        if self.isolated_backward is None:
+            return None
+        return "custom backward" if self.isolated_backward.passed else "introduced"
 
 
 @dataclasses.dataclass
@@ -154,7 +168,8 @@ class Report:
                     "blame": row.blame[0] if row.blame else None}
         return {
             "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward],
-            "backward": [entry(r, r.backward) for r in self.nodes if r.first_backward],
+            "backward": [{**entry(r, r.backward), "consequence_of_forward": r.consequence,
+                          "isolated": r.backward_cause()} for r in self.nodes if r.first_backward],
         }
 
     def summary(self) -> dict[str, Any]:
@@ -219,7 +234,8 @@ class Report:
             ref=doc["ref"], cand=doc["cand"], tolerance=doc["tolerance"],
             outputs=[{**o, "metrics": metrics(o["metrics"])} for o in doc["outputs"]],
             nodes=[NodeRow(**{**r, "forward": metrics(r["forward"]), "backward": metrics(r["backward"]),
-                              "isolated": metrics(r.get("isolated"))})
+                              "isolated": metrics(r.get("isolated")),
+                              "isolated_backward": metrics(r.get("isolated_backward"))})
                    for r in doc["nodes"]],
             params=[ParamRow(**{**p, "grad": metrics(p["grad"]), "value": metrics(p.get("value"))})
                     for p in doc["params"]],

@@ -243,10 +243,15 @@ def _draw(report, d: dict[str, Any]) -> None:
 @click.option("--map", "map_path", type=click.Path(), help="YAML/JSON file of module regexes and parameter "
                                                             "pairs for what the matcher cannot settle.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON here.")
-@click.option("--all", "show_all", is_flag=True, help="Show every row, not only the mismatches.")
+@click.option("--modules-depth", type=click.IntRange(min=1),
+              help="Rows of the module table: the modules N levels deep (default: the repeated blocks, such as "
+                   "layers.0, layers.1, ..., and the modules beside them).")
+@click.option("--ops", is_flag=True, help="Also list the ops (matched node pairs) that differ.")
+@click.option("--all", "show_all", is_flag=True, help="Show every row of every table, ops included, not only "
+                                                      "the mismatches.")
 @drawing_options
 def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_path: str | None,
-            json_path: str | None, show_all: bool, **o: Any) -> int:
+            json_path: str | None, modules_depth: int | None, ops: bool, show_all: bool, **o: Any) -> int:
     """Compare REF and CAND; each is a capture directory or a model spec.
 
     A model spec CAND runs on REF's saved inputs, seed and mode, and starts its backward pass from
@@ -262,7 +267,7 @@ def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_pat
     report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, **_live(o))
     for warning in report.warnings:
         click.echo(f"fxdiff: warning: {warning}", err=True)
-    console.print(text.render(report, show_all))
+    console.print(text.render(report, show_all, ops, modules_depth))
     if json_path:
         report.save(json_path)
         console.print(f"report written to {json_path}")

@@ -51,7 +51,9 @@ def _verdict(m: Metrics | None) -> Text:
         return Text("-", style="dim")
     if m.within_noise:
         return Text("within noise", style="green")
-    return Text("ok", style="green") if m.passed else Text("DIFF", style="bold red")
+    if m.passed:
+        return Text("ok", style="green")
+    return Text.assemble(("DIFF", "bold red"), f": {m.note}" if m.note else "")
 
 
 def _verdicts(ms: list[Metrics]) -> Text:
@@ -78,7 +80,7 @@ def _rule(report: Report) -> str:
     noisy = [m for m in metrics if m.within_noise]
     coarsest = max((m.eps for m in metrics), default=0.0)
     return (f"noise-aware ({_precision(coarsest)}): {len(noisy)} of {len(metrics)} comparisons differ within "
-            "their noise level (see the report's error and noise per node)")
+            "their noise level")
 
 
 class Rows:
@@ -105,8 +107,8 @@ class Rows:
         yield Text(self.title, style="table.title")
         for name, *cells in self.rows:
             facts = [Text.assemble(f"{col} ", cell) for col, cell in zip(self.columns[1:], cells) if cell.plain]
-            yield Padding(name, (0, 0, 0, 2))
-            yield Padding(Text(" · ").join(facts), (0, 0, 0, 6))
+            yield Padding(name, (0, 0, 0, 2), expand=False)
+            yield Padding(Text(" · ").join(facts), (0, 0, 0, 6), expand=False)
         if self.caption:
             yield Text(self.caption, style="table.caption")
 
@@ -202,7 +204,7 @@ def first_divergence(report: Report) -> RenderableType | None:
 
 
 def _indent(text: Text) -> Padding:
-    return Padding(text, (0, 0, 0, 4))
+    return Padding(text, (0, 0, 0, 4), expand=False)
 
 
 def _judged(m: Metrics) -> str:
@@ -365,7 +367,8 @@ def params_section(report: Report, key: Callable[[str], str], what: str = "grad"
 
 def _param_rows(title: str, params: list[ParamRow], what: str, caption: str) -> Rows:
     transforms = any(p.transform.get("kind", "identity") != "identity" for p in params)
-    columns = ["parameter", *(["transform"] if transforms else []), "match", "max abs diff", "max rel diff"]
+    columns = ["parameter" if what == "grad" else "parameter or buffer", *(["transform"] if transforms else []),
+               "match", "max abs diff", "max rel diff"]
     rows = []
     for p in params:
         m = getattr(p, what)
@@ -429,11 +432,11 @@ def summary_panel(report: Report) -> Panel:
         + (f"; {t['unpaired']} without a counterpart" if t["unpaired"] else ""),
         f"parameter gradients: {p['matched']} match, {p['mismatched']} differ"
         + (f", {s['uncompared']['trained_ref_params']} not compared" if s["uncompared"]["trained_ref_params"] else ""),
-        f"parameter values:    {v['compared'] - v['mismatched']} match, {v['mismatched']} differ",
+        f"values:              {v['compared'] - v['mismatched']} parameters and buffers match, {v['mismatched']} differ",
         f"verdicts:            {_rule(report)}",
     ]
     word = "[bold red]DIVERGED[/]" if report.diverged else "[bold green]MATCH[/]"
-    return Panel(escape("\n".join(lines)), title=f"Summary: {word}", title_align="left")
+    return Panel(escape("\n".join(lines)), title=f"Summary: {word}", title_align="left", expand=False)
 
 
 def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:

@@ -67,7 +67,8 @@ def _verdicts(ms: list[Metrics]) -> Text:
 
 
 def _all_metrics(report: Report) -> list[Metrics]:
-    return [m for m in [*(o["metrics"] for o in report.outputs), *(x for r in report.nodes for x in (r.forward, r.backward)),
+    return [m for m in [*(o["metrics"] for o in report.outputs),
+                        *(x for r in report.nodes for x in (r.forward, r.backward)),
                         *(x for p in report.params for x in (p.grad, p.value))] if m is not None]
 
 
@@ -155,7 +156,8 @@ def outputs_section(report: Report, show_all: bool = False) -> RenderableType:
     for side in ("ref", "cand"):
         left = report.unmatched.get(f"{side}_outputs", [])
         if left:
-            lines.append(Text(f"{_plural(len(left), 'output')} on the {_SIDE[side]} only, not compared: {_names(left)}"))
+            lines.append(Text(f"{_plural(len(left), 'output')} on the {_SIDE[side]} only, not compared: "
+                              f"{_names(left)}"))
     return Group(*lines)
 
 
@@ -352,7 +354,8 @@ def params_section(report: Report, key: Callable[[str], str], what: str = "grad"
     bad = [p for p in compared if not getattr(p, what).passed]
     lines: list[RenderableType] = []
     if compared and (bad or show_all):
-        caption = "" if show_all else _more(len(compared) - len(bad), "parameter gradient" if what == "grad" else "value")
+        noun = "parameter gradient" if what == "grad" else "value"
+        caption = "" if show_all else _more(len(compared) - len(bad), noun)
         lines.append(_param_rows(title, compared if show_all else bad, what, caption) if show_all or len(bad) <= MANY
                      else _param_groups(title, compared, what, key, caption))
     elif compared:
@@ -372,8 +375,9 @@ def _param_rows(title: str, params: list[ParamRow], what: str, caption: str) -> 
     rows = []
     for p in params:
         m = getattr(p, what)
-        rows.append([_pair_name(p.ref, ", ".join(p.cand)), *([p.transform.get("kind", "identity")] if transforms else []),
-                     _verdict(m), fmt(m.max_abs_diff), fmt(m.max_rel_diff)])
+        kind = [p.transform.get("kind", "identity")] if transforms else []
+        rows.append([_pair_name(p.ref, ", ".join(p.cand)), *kind, _verdict(m), fmt(m.max_abs_diff),
+                     fmt(m.max_rel_diff)])
     return Rows(title, columns, rows, caption)
 
 
@@ -432,7 +436,8 @@ def summary_panel(report: Report) -> Panel:
         + (f"; {t['unpaired']} without a counterpart" if t["unpaired"] else ""),
         f"parameter gradients: {p['matched']} match, {p['mismatched']} differ"
         + (f", {s['uncompared']['trained_ref_params']} not compared" if s["uncompared"]["trained_ref_params"] else ""),
-        f"values:              {v['compared'] - v['mismatched']} parameters and buffers match, {v['mismatched']} differ",
+        f"values:              {v['compared'] - v['mismatched']} parameters and buffers match, "
+        f"{v['mismatched']} differ",
         f"verdicts:            {_rule(report)}",
     ]
     word = "[bold red]DIVERGED[/]" if report.diverged else "[bold green]MATCH[/]"

@@ -221,6 +221,8 @@ def test_first_divergence_says_why_it_is_believed(ex, runs):
     assert f"forward: {first.ref_module} {first.ref_node} ({first.op})" in out
     assert f"relative error {text.fmt(m.error)} is {m.error / m.noise:.3g}x its noise level {text.fmt(m.noise)}" in out
     assert "introduced here" in out
+    if first.blame:      # an op on one side only, or a role swap, that the divergence starts at
+        assert f"starts at: {first.blame[0]} in {first.blame[1]}" in out
     back = next(r for r in report.nodes if r.first_backward)
     assert f"backward: {back.ref_module} {back.ref_node}" in out
     assert "consequence of the forward divergence" in out

@@ -130,13 +130,11 @@ def verdict(report: Report) -> Text:
         if unpaired:
             how.append(f"{unpaired} trained reference {_plural(unpaired, 'parameter')} found no counterpart")
         return Text.assemble(("DIVERGED", "bold red"), ": " + "; ".join(how) if how else "")
-    differing = [m for m in _all_metrics(report) if m.max_abs_diff > 0]
-    if not differing:
-        how = "bit for bit"
-    elif any(m.within_noise for m in differing):
-        how = f"within {_precision(max(m.eps for m in differing if m.within_noise))} noise"
+    metrics = _all_metrics(report)
+    if report.verdict == "within noise":
+        how = f"within {_precision(max(m.eps for m in metrics if m.within_noise))} noise"
     else:
-        how = "within the tolerance"
+        how = "within the tolerance" if any(m.max_abs_diff > 0 for m in metrics) else "bit for bit"
     return Text.assemble(("MATCH", "bold green"), f", {how}")
 
 
@@ -198,8 +196,13 @@ def first_divergence(report: Report) -> RenderableType | None:
             if (r.cand_module, r.cand_node) != (r.ref_module, r.ref_node):
                 where += f", cand {r.cand_module or ROOT} {r.cand_node}"
             why = _cause(r) if d == "forward" else _consequence(r, downstream)
-            lines += [Text.assemble((f"{d}: ", "bold"), where), _indent(Text(_judged(m))),
-                      _indent(Text.from_markup(why))]
+            lines.append(Text.assemble((f"{d}: ", "bold"), where))
+            if d == "forward" and r.blame:
+                what, ref_module, cand_module = r.blame
+                lines.append(_indent(Text.assemble(("starts at: ", "bold"), f"{what} in {ref_module or ROOT}"
+                                                   + (f" (cand {cand_module or ROOT})" if cand_module != ref_module
+                                                      else ""))))
+            lines += [_indent(Text(_judged(m))), _indent(Text.from_markup(why))]
         if len(rows) > SHOWN_FIRST:
             lines.append(_indent(Text(f"and {len(rows) - SHOWN_FIRST} more {d} (--ops lists them)")))
     return Group(*lines)
@@ -302,16 +305,22 @@ def modules_section(report: Report, key: Callable[[str], str], show_all: bool = 
         groups[key(r.ref_module)].append(r)
     if not groups:
         return None
+    # a divergence blamed on an op on one side only (or a role swap) starts in that op's module
+    blamed = {key(r.blame[1]): r for r in report.nodes if r.first_forward and r.blame}
     rows, same = [], 0
     for name, members in groups.items():
         fwd = [r.forward for r in members if r.forward is not None]
         bwd = [r.backward for r in members if r.backward is not None]
-        if all(m.passed for m in fwd + bwd) and not show_all:
+        if all(m.passed for m in fwd + bwd) and name not in blamed and not show_all:
             same += 1
             continue
         cand = _common_prefix([r.cand_module for r in members])
+        first = _first_inside(name, members)
+        if name in blamed:
+            first = Text.assemble(blamed[name].blame[0], ", then " if first.plain else "",
+                                  first if first.plain else (" <- first", "bold yellow"))
         rows.append([_pair_name(name or ROOT, cand or None), _verdicts(fwd), _verdicts(bwd),
-                     fmt(max((m.max_abs_diff for m in fwd), default=None)), _first_inside(name, members)])
+                     fmt(max((m.max_abs_diff for m in fwd), default=None)), first])
     if not rows:
         return Text(f"modules: all {same} match")
     return Rows("Modules", ["module", "forward", "backward", "fwd max abs diff", "first divergent op"], rows,

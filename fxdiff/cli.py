@@ -157,15 +157,16 @@ def shape_options(fn):
     """Options that say how to draw a report: direction, metric, collapsing, folding."""
     from .render.scale import METRICS
     options = [
-        click.option("--direction", type=click.Choice(["forward", "backward", "both"]), default="both",
-                     show_default=True, help="Draw forward values, backward gradients, or both side by side."),
+        click.option("--direction", type=click.Choice(["forward", "backward", "both"]),
+                     help="Draw forward values, backward gradients, or both side by side (default: --svg draws "
+                          "the direction the first divergence is in, --html both)."),
         click.option("--metric", type=click.Choice(list(METRICS)), default="max_abs", show_default=True,
                      help="Error measure that colours the nodes (log scale)."),
         click.option("--depth", type=click.IntRange(min=1), help="Collapse modules nested deeper than N "
                      "(default: fit the drawing to --max-nodes boxes)."),
-        click.option("--max-nodes", type=click.IntRange(min=1), default=150, show_default=True,
-                     help="Box budget: without --depth, modules open while they fit; past it, runs of "
-                          "similar consecutive ops merge into one box."),
+        click.option("--max-nodes", type=click.IntRange(min=1),
+                     help="Box budget (default 40 for --svg, 150 for --html): without --depth, modules open "
+                          "while they fit; past it, runs of similar consecutive ops merge into one box."),
         click.option("--focus/--no-focus", default=True, show_default=True,
                      help="Keep the modules around the first divergence open."),
         click.option("--fold/--no-fold", default=True, show_default=True,
@@ -181,6 +182,9 @@ def drawing_options(fn):
     options = [
         click.option("--svg", "svg_path", type=click.Path(dir_okay=False),
                      help="Write the matched graph as SVG here (a .png or .pdf path gets that format)."),
+        click.option("--around", type=click.IntRange(min=0),
+                     help="--svg draws only the nodes within N steps upstream or downstream of the first "
+                          "divergence (default 5; 0 draws the whole graph)."),
         click.option("--html", "html_path", type=click.Path(dir_okay=False),
                      help="Write a self-contained HTML report (graph, tables, charts) here."),
         click.option("--model-explorer", "me_path", type=click.Path(dir_okay=False),
@@ -193,7 +197,8 @@ def drawing_options(fn):
     return fn
 
 
-DRAWING_KEYS = ("svg_path", "html_path", "me_path", "direction", "metric", "depth", "max_nodes", "focus", "fold")
+DRAWING_KEYS = ("svg_path", "html_path", "me_path", "direction", "metric", "depth", "max_nodes", "focus", "fold",
+                "around")
 
 
 def _drawing(o: dict[str, Any]) -> dict[str, Any]:
@@ -208,13 +213,18 @@ def _drawing(o: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _shape(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: d[k] for k in ("metric", "depth", "focus", "fold", "max_nodes") if d.get(k) is not None}
+
+
 def _draw(report, d: dict[str, Any]) -> None:
-    """Write what the drawing options ask for."""
-    shape = {k: d[k] for k in ("metric", "depth", "focus", "fold", "max_nodes") if k in d}
-    direction = d.get("direction", "both")
+    """Write what the drawing options ask for; options left out take each writer's defaults."""
+    shape = _shape(d)
+    direction = d.get("direction") or "both"
     if d.get("svg_path"):
         from .render.svg import write_svg
-        console.print(f"graph written to {write_svg(report, d['svg_path'], direction, **shape)}")
+        extra = {"around": d["around"]} if d.get("around") is not None else {}
+        console.print(f"graph written to {write_svg(report, d['svg_path'], d.get('direction'), **shape, **extra)}")
     if d.get("html_path"):
         from .render.html import write_html
         console.print(f"HTML report written to {write_html(report, d['html_path'], direction, **shape)}")
@@ -233,10 +243,15 @@ def _draw(report, d: dict[str, Any]) -> None:
 @click.option("--map", "map_path", type=click.Path(), help="YAML/JSON file of module regexes and parameter "
                                                             "pairs for what the matcher cannot settle.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON here.")
-@click.option("--all", "show_all", is_flag=True, help="Show every row, not only the mismatches.")
+@click.option("--modules-depth", type=click.IntRange(min=1),
+              help="Rows of the module table: the modules N levels deep (default: the repeated blocks, such as "
+                   "layers.0, layers.1, ..., and the modules beside them).")
+@click.option("--ops", is_flag=True, help="Also list the ops (matched node pairs) that differ.")
+@click.option("--all", "show_all", is_flag=True, help="Show every row of every table, ops included, not only "
+                                                      "the mismatches.")
 @drawing_options
 def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_path: str | None,
-            json_path: str | None, show_all: bool, **o: Any) -> int:
+            json_path: str | None, modules_depth: int | None, ops: bool, show_all: bool, **o: Any) -> int:
     """Compare REF and CAND; each is a capture directory or a model spec.
 
     A model spec CAND runs on REF's saved inputs, seed and mode, and starts its backward pass from
@@ -252,7 +267,7 @@ def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_pat
     report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, **_live(o))
     for warning in report.warnings:
         click.echo(f"fxdiff: warning: {warning}", err=True)
-    console.print(text.render(report, show_all))
+    console.print(text.render(report, show_all, ops, modules_depth))
     if json_path:
         report.save(json_path)
         console.print(f"report written to {json_path}")
@@ -346,8 +361,7 @@ def view(report_path: str, output: str | None, no_open: bool, **o: Any) -> None:
     require_dot()
     report = load_report(report_path)
     out = Path(output) if output else Path(report_path).with_suffix(".html")
-    shape = {k: drawing[k] for k in ("metric", "depth", "focus", "fold", "max_nodes") if k in drawing}
-    path = write_html(report, out, drawing.get("direction", "both"), **shape).resolve()
+    path = write_html(report, out, drawing.get("direction") or "both", **_shape(drawing)).resolve()
     if not no_open and open_in_browser(path):
         console.print(f"opened {path}")
     else:

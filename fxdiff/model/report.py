@@ -173,16 +173,24 @@ class Report:
         }
 
     def summary(self) -> dict[str, Any]:
-        """Counts and match rates."""
+        """Counts and match rates. ``tensors`` counts the reference's parameters and buffers:
+        ``trained`` (a gradient on either side; the parameter gradients compared plus the trained
+        ones without a counterpart) and ``buffers_or_frozen`` (no gradient) add up to ``total``;
+        ``unpaired`` of them found no counterpart."""
         fwd = [r.forward for r in self.nodes if r.forward is not None]
         bwd = [r.backward for r in self.nodes if r.backward is not None]
         grads = [p.grad for p in self.params if p.grad is not None]
         ok = sum(g.passed for g in grads)
+        values = [p.value for p in self.params if p.value is not None]
+        unpaired = len(self.unmatched.get("ref_params", []))
+        trained = len(grads) + len(self.unmatched.get("trained_ref_params", []))
         return {
             "forward_output_match": self.forward_output_match,
+            "tensors": {"total": len(self.params) + unpaired, "trained": trained,
+                        "buffers_or_frozen": len(self.params) + unpaired - trained, "unpaired": unpaired},
             "param_grads": {"matched": ok, "mismatched": len(grads) - ok,
                             "match_rate": ok / len(grads) if grads else 1.0},
-            "param_values": {"mismatched": sum(1 for p in self.params if p.value is not None and not p.value.passed)},
+            "param_values": {"compared": len(values), "mismatched": sum(not v.passed for v in values)},
             "uncompared": {"trained_ref_params": len(self.unmatched.get("trained_ref_params", [])),
                            "ref_outputs": len(self.unmatched.get("ref_outputs", [])),
                            "cand_outputs": len(self.unmatched.get("cand_outputs", []))},

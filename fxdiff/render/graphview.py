@@ -77,6 +77,8 @@ class View:
     clusters: dict[str, Cluster]              # "" is the top level
     module_classes: dict[str, str]            # module path -> class name (reference side)
     hidden: int = 0                           # union-graph nodes not drawn as their own box
+    around: int = 0                           # drawn: the nodes this many steps from the first divergence
+    left_out: int = 0                         # union-graph nodes outside that window
 
     def item_status(self, i: int, direction: str) -> str:
         it = self.items[i]
@@ -265,9 +267,10 @@ class _Tree:
 
 
 def build_view(report: Report, direction: str = "both", *, depth: int | None = None, focus: bool = True,
-               fold: bool = True, max_nodes: int = 150, max_focus: int = 3) -> View:
+               fold: bool = True, max_nodes: int = 150, max_focus: int = 3, around: int = 0) -> View:
     """Decide what to draw: see the module docstring. ``depth=None`` fits the view to ``max_nodes``;
-    ``focus`` keeps the modules around the first ``max_focus`` divergences per direction open."""
+    ``focus`` keeps the modules around the first ``max_focus`` divergences per direction open;
+    ``around`` > 0 draws only the nodes within that many steps upstream or downstream of them."""
     directions = check_direction(direction)
     if "backward" in directions and direction == "both" and not any(r.backward for r in report.nodes):
         directions = ("forward",)
@@ -275,19 +278,29 @@ def build_view(report: Report, direction: str = "both", *, depth: int | None = N
         raise FxdiffError(f"--depth must be 1 or more, not {depth}")
     if max_nodes < 1:
         raise FxdiffError(f"--max-nodes must be 1 or more, not {max_nodes}")
+    if around < 0:
+        raise FxdiffError(f"--around must be 0 or more, not {around}")
     items, item_edges = union_items(report)
-    tree = _Tree(items)
     view = View(report=report, directions=directions, items=items, units=[], edges=[], clusters={},
                 module_classes=dict((report.ref.get("modules") or {})))
-
     statuses = [tuple(view.item_status(i, d) for d in directions) for i in range(len(items))]
+    first: set[int] = set()
+    for k, d in enumerate(directions):  # the earliest few in the direction the error flows
+        firsts = sorted((i for i, st in enumerate(statuses) if st[k] == "first"),
+                        key=lambda i: items[i].order, reverse=d == "backward")
+        first.update(firsts[:max_focus])
+    if around and first:
+        keep = sorted(_within(first, item_edges, around))
+        new = {old: k for k, old in enumerate(keep)}
+        view.around, view.left_out = around, len(items) - len(keep)
+        items = view.items = [items[i] for i in keep]
+        statuses = [statuses[i] for i in keep]
+        item_edges = [(new[u], new[v]) for u, v in item_edges if u in new and v in new]
+        first = {new[i] for i in first}
+    tree = _Tree(items)
+
     focus_items: set[int] = set()
     if focus:
-        first: set[int] = set()
-        for k, d in enumerate(directions):  # the earliest few in the direction the error flows
-            firsts = sorted((i for i, st in enumerate(statuses) if st[k] == "first"),
-                            key=lambda i: items[i].order, reverse=d == "backward")
-            first.update(firsts[:max_focus])
         focus_items = set(first)
         for u, v in item_edges:   # the path around the divergence: inputs and consumers
             if u in first:
@@ -309,6 +322,23 @@ def build_view(report: Report, direction: str = "both", *, depth: int | None = N
 
     _place(view, tree, expanded, folds, item_edges, statuses, focus_items, max_nodes)
     return view
+
+
+def _within(start: set[int], edges: list[tuple[int, int]], steps: int) -> set[int]:
+    """The items at most ``steps`` edges upstream or downstream of ``start`` (not sideways: a
+    shared input does not pull in all its other consumers)."""
+    succ: dict[int, list[int]] = defaultdict(list)
+    pred: dict[int, list[int]] = defaultdict(list)
+    for u, v in edges:
+        succ[u].append(v)
+        pred[v].append(u)
+    found = set(start)
+    for nbrs in (succ, pred):
+        frontier = set(start)
+        for _ in range(steps):
+            frontier = {w for u in frontier for w in nbrs[u]} - found
+            found |= frontier
+    return found
 
 
 def _close_upwards(expanded: set[str]) -> set[str]:
@@ -457,9 +487,23 @@ def _place(view: View, tree: _Tree, expanded: set[str], folds: dict[str, list[li
                                    children=sorted(kids.get(p, []), key=lambda c: tree.first.get(c, math.inf)))
         for k in view.clusters[p].units:
             view.units[k].parent = p
+    _drop_empty_frames(view.clusters)
     edges = {(item_unit[a], item_unit[b]) for a, b in item_edges}
     view.edges = sorted((a, b) for a, b in edges if a != b and a >= 0 and b >= 0)
     view.hidden = len(items) - sum(1 for u in view.units if u.kind == "node")
+
+
+def _drop_empty_frames(clusters: dict[str, Cluster]) -> None:
+    """A frame that holds nothing but one other frame says nothing: the inner one takes its place
+    (drawn ``layers.1.self_attn`` instead of ``layers`` > ``1`` > ``self_attn``)."""
+    inner = {p: c.children[0] for p, c in clusters.items() if p and not c.units and len(c.children) == 1}
+    for p in inner:
+        del clusters[p]
+    for c in clusters.values():
+        for k, child in enumerate(c.children):
+            while child in inner:
+                child = inner[child]
+            c.children[k] = child
 
 
 def _merge_runs(units: list[Unit], items: list[Item], statuses: list[tuple[str, ...]], focus_items: set[int],

@@ -5,8 +5,10 @@ an SVG ``<title>`` tooltip with both sides' names, shapes and metrics. Layout is
 (layered: the engine that draws a dataflow DAG top to bottom with few crossings). Its time grows
 faster than linearly (the 20k-node benchmark graph drawn fully open took it 6 minutes on a 2-core
 machine), so the view is collapsed *before* layout (``graphview``) and ``dot`` sees a budget of
-boxes (150 by default; the same graph collapsed: 0.4 s). Views of more than ``BIG`` boxes (only
-when asked for) get polyline edges and capped network-simplex and crossing-minimisation passes.
+boxes (150 in the HTML report; the same graph collapsed: 0.4 s). A drawing shows less by default
+(``screen_view``): the nodes a few steps around the first divergence, in at most 40 boxes. Views of
+more than ``BIG`` boxes (only when asked for) get polyline edges and capped network-simplex and
+crossing-minimisation passes.
 
 Each box's SVG element has ``id="<f|b>_u<N>"`` and classes ``unit u-<kind> <status>``
 (e.g. ``unit u-node first``; kinds: node, module, fold, run), which the HTML report and the tests
@@ -38,26 +40,35 @@ STATUS_WORD = {"clean": "all clean", "none": "not compared", "ref_only": "ref on
 BIG = 600          # boxes beyond which edges are drawn as polylines (spline routing dominates dot's time)
 
 
-def render_svg(report: Report, direction: str = "both", *, metric: str = sc.DEFAULT_METRIC,
-               depth: int | None = None, focus: bool = True, fold: bool = True, max_nodes: int = 150) -> str:
-    """The SVG drawing of ``report``: see ``graphview.build_view`` for what each option does."""
+def render_svg(report: Report, direction: str | None = None, *, metric: str = sc.DEFAULT_METRIC,
+               **options: Any) -> str:
+    """The SVG drawing of ``report``; ``direction`` and ``options`` as ``screen_view`` takes them."""
     sc.check_metric(metric)
-    view = build_view(report, direction, depth=depth, focus=focus, fold=fold, max_nodes=max_nodes)
-    return draw(view, metric)
+    return draw(screen_view(report, direction, **options), metric)
+
+
+def screen_view(report: Report, direction: str | None = None, *, max_nodes: int = 40, around: int = 5,
+                **options: Any) -> View:
+    """What a drawing shows by default: the direction the first divergence is in (forward when
+    values diverge, backward when only gradients do), the nodes within ``around`` steps of it, in
+    at most ``max_nodes`` boxes: a picture a screen can show. See ``graphview.build_view``."""
+    if direction is None:
+        only_backward = not any(r.first_forward for r in report.nodes) and any(r.first_backward for r in report.nodes)
+        direction = "backward" if only_backward else "forward"
+    return build_view(report, direction, max_nodes=max_nodes, around=around, **options)
 
 
 RASTER = {".png": "png", ".pdf": "pdf"}
 
 
-def write_svg(report: Report, path: str | os.PathLike, direction: str = "both", **options: Any) -> Path:
+def write_svg(report: Report, path: str | os.PathLike, direction: str | None = None, **options: Any) -> Path:
     """Render ``report`` and write the SVG to ``path`` (a ``.png`` or ``.pdf`` path gets that format,
     laid out the same, without the hover tooltips)."""
     fmt = RASTER.get(Path(path).suffix.lower())
     if fmt is None:
         return atomic_write(path, render_svg(report, direction, **options))
     metric = sc.check_metric(options.pop("metric", sc.DEFAULT_METRIC))
-    view = build_view(report, direction, **options)
-    dot, _ = to_dot(view, metric)
+    dot, _ = to_dot(screen_view(report, direction, **options), metric)
     if fmt == "png":
         dot.graph_attr["dpi"] = "110"
     return atomic_write(path, run_dot(dot, fmt))
@@ -324,6 +335,9 @@ def _title(view: View, directions: tuple[str, ...]) -> str:
              f"{_esc(_short(r.cand.get('label', 'cand')))}: {verdict}"]
     if first:
         lines.append("first divergence: " + "; ".join(first))
+    if view.left_out:
+        lines.append(f'<font point-size="9" color="#666666">{len(view.items)} of {len(view.items) + view.left_out} '
+                     f"nodes drawn: those within {view.around} steps of the first divergence</font>")
     if view.hidden:
         lines.append(f'<font point-size="9" color="#666666">{view.hidden} of {len(view.items)} nodes are '
                      "inside collapsed or folded boxes</font>")

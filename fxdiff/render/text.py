@@ -1,18 +1,33 @@
-"""Terminal tables for a report, with rich. Data in, renderables out; the caller prints them."""
+"""The terminal report of a comparison, with rich. Data in, renderables out; the caller prints them.
+
+In order: the verdict and the outputs; the first divergence, forward and backward, and why it is
+believed; one row per module (the repeated blocks, by default) that differs; the parameter
+gradients and the parameter and buffer values that differ (grouped by module when there are many);
+op-level rows on request; the summary. A table with no rows is one line instead, and names are
+never cut: a table too wide for the console is printed one block per row.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections import defaultdict
+from typing import Callable, Iterable, Iterator
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, NewLine, RenderableType, RenderResult
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.table import Table
 from rich.markup import escape
 from rich.text import Text
 
+from ..judge.noise import TAIL
 from ..ops import node_key
 from ..model.capture import DTYPE, GRAD, MODULE, SHAPE, Capture
-from ..model.report import Metrics, Report
+from ..model.report import Metrics, NodeRow, ParamRow, Report
+
+MANY = 12          # more parameter rows than this are grouped by module
+SHOWN_FIRST = 3    # first-divergence entries shown per direction
+ROOT = "<root>"
 
 
 def fmt(x: float | None) -> str:
@@ -24,19 +39,37 @@ def fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def _verdict(m: Metrics | None) -> Text:
-    if m is None:
-        return Text("-", style="dim")
-    if m.within_noise:
-        return Text(f"ok, within {_precision(m.eps)} noise", style="green")
-    return Text("ok", style="green") if m.passed else Text("DIFF", style="bold red")
-
-
 _PRECISIONS = {2.0 ** -7: "bfloat16", 2.0 ** -10: "float16", 2.0 ** -23: "float32", 2.0 ** -52: "float64"}
 
 
 def _precision(eps: float) -> str:
     return _PRECISIONS.get(eps, f"eps {eps:.3g}")
+
+
+def _verdict(m: Metrics | None) -> Text:
+    if m is None:
+        return Text("-", style="dim")
+    if m.within_noise:
+        return Text("within noise", style="green")
+    if m.passed:
+        return Text("ok", style="green")
+    return Text.assemble(("DIFF", "bold red"), f": {m.note}" if m.note else "")
+
+
+def _verdicts(ms: list[Metrics]) -> Text:
+    """One verdict for many comparisons: DIFF with how many differ, else the best that fits all."""
+    if not ms:
+        return Text("-", style="dim")
+    bad = sum(not m.passed for m in ms)
+    if bad:
+        return Text(f"DIFF {bad}/{len(ms)}", style="bold red")
+    return _verdict(next((m for m in ms if m.within_noise), ms[0]))
+
+
+def _all_metrics(report: Report) -> list[Metrics]:
+    return [m for m in [*(o["metrics"] for o in report.outputs),
+                        *(x for r in report.nodes for x in (r.forward, r.backward)),
+                        *(x for p in report.params for x in (p.grad, p.value))] if m is not None]
 
 
 def _rule(report: Report) -> str:
@@ -48,96 +81,376 @@ def _rule(report: Report) -> str:
     noisy = [m for m in metrics if m.within_noise]
     coarsest = max((m.eps for m in metrics), default=0.0)
     return (f"noise-aware ({_precision(coarsest)}): {len(noisy)} of {len(metrics)} comparisons differ within "
-            "their noise level (see the report's error and noise per node)")
+            "their noise level")
 
 
-def _node_name(node: str, module: str) -> str:
-    return f"{module or '<root>'} [dim]{node}[/dim]"
+class Rows:
+    """A table of names and verdicts: a rich table when it fits the console, else one block per
+    row with the name on a line of its own, so that no name is ever cut."""
+
+    def __init__(self, title: str, columns: list[str], rows: list[list[Text | str]], caption: str = ""):
+        self.title, self.columns, self.caption = title, columns, caption
+        self.rows = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+
+    def table(self) -> Table:
+        table = Table(title=self.title, title_justify="left", caption=self.caption or None, caption_justify="left")
+        for col in self.columns:
+            table.add_column(col, overflow="fold")
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = self.table()
+        if Measurement.get(console, options.update_width(10**6), table).maximum <= options.max_width:
+            yield table
+            return
+        yield Text(self.title, style="table.title")
+        for name, *cells in self.rows:
+            facts = [Text.assemble(f"{col} ", cell) for col, cell in zip(self.columns[1:], cells) if cell.plain]
+            yield Padding(name, (0, 0, 0, 2), expand=False)
+            yield Padding(Text(" · ").join(facts), (0, 0, 0, 6), expand=False)
+        if self.caption:
+            yield Text(self.caption, style="table.caption")
 
 
-def outputs_table(report: Report) -> Table:
-    table = Table(title="Forward outputs", title_justify="left")
-    for col in ("ref output", "cand output", "match", "max abs diff", "max rel diff", "cosine"):
-        table.add_column(col)
-    for o in report.outputs:
-        m = o["metrics"]
-        table.add_row(o["ref"], o["cand"] or "-", _verdict(m), fmt(m.max_abs_diff), fmt(m.max_rel_diff),
-                      fmt(m.cosine))
-    return table
+def verdict(report: Report) -> Text:
+    """MATCH or DIVERGED, and in a few words how."""
+    if report.diverged:
+        s = report.summary()
+        n, g = s["nodes"], s["param_grads"]
+        parts = [(sum(not o["metrics"].passed for o in report.outputs), len(report.outputs), "outputs"),
+                 (n["forward_mismatches"], n["forward_matches"] + n["forward_mismatches"], "op values"),
+                 (n["backward_mismatches"], n["backward_matches"] + n["backward_mismatches"], "op gradients"),
+                 (g["mismatched"], g["matched"] + g["mismatched"], "parameter gradients"),
+                 (s["param_values"]["mismatched"], s["param_values"]["compared"], "parameter and buffer values")]
+        how = [", ".join(f"{bad} of {of} {what}" for bad, of, what in parts if bad) + " differ"] \
+            if any(bad for bad, _, _ in parts) else []
+        unpaired = s["uncompared"]["trained_ref_params"]
+        if unpaired:
+            how.append(f"{unpaired} trained reference {_plural(unpaired, 'parameter')} found no counterpart")
+        return Text.assemble(("DIVERGED", "bold red"), ": " + "; ".join(how) if how else "")
+    metrics = _all_metrics(report)
+    if report.verdict == "within noise":
+        how = f"within {_precision(max(m.eps for m in metrics if m.within_noise))} noise"
+    else:
+        how = "within the tolerance" if any(m.max_abs_diff > 0 for m in metrics) else "bit for bit"
+    return Text.assemble(("MATCH", "bold green"), f", {how}")
 
 
-def params_table(report: Report, show_all: bool) -> Table:
-    rows = [p for p in report.params if show_all or (p.grad is not None and not p.grad.passed)]
-    table = Table(title="Parameter gradients", title_justify="left")
-    for col in ("ref parameter", "cand parameter", "transform", "match", "max abs diff", "max rel diff"):
-        table.add_column(col)
-    for p in rows:
-        table.add_row(p.ref, ", ".join(p.cand), p.transform.get("kind", "identity"), _verdict(p.grad),
-                      fmt(p.grad.max_abs_diff if p.grad else None), fmt(p.grad.max_rel_diff if p.grad else None))
-    hidden = len(report.params) - len(rows)
-    if hidden:
-        table.caption = f"{hidden} matching parameter gradients not shown (--all shows them)"
-    return table
+def outputs_section(report: Report, show_all: bool = False) -> RenderableType:
+    """The outputs that differ, by name (all with ``show_all``); one line when all match."""
+    rows = [o for o in report.outputs if show_all or not o["metrics"].passed]
+    lines: list[RenderableType] = []
+    if rows:
+        same = len(report.outputs) - len(rows)
+        lines.append(Rows("Outputs", ["output", "match", "max abs diff", "max rel diff", "cosine"],
+                          [[_pair_name(o["ref"], o["cand"]), _verdict(o["metrics"]), fmt(o["metrics"].max_abs_diff),
+                            fmt(o["metrics"].max_rel_diff), fmt(o["metrics"].cosine)] for o in rows],
+                          _more(same, "output")))
+    elif report.outputs:
+        names = [o["ref"] for o in report.outputs]
+        lines.append(Text(f"outputs: all {len(names)} match ({_names(names)})"))
+    for side in ("ref", "cand"):
+        left = report.unmatched.get(f"{side}_outputs", [])
+        if left:
+            lines.append(Text(f"{_plural(len(left), 'output')} on the {_SIDE[side]} only, not compared: "
+                              f"{_names(left)}"))
+    return Group(*lines)
 
 
-def nodes_table(report: Report, show_all: bool) -> Table:
+_SIDE = {"ref": "reference", "cand": "candidate"}
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else word + "s"
+
+
+def _more(n: int, word: str) -> str:
+    """``and 3 more modules match``; empty for none."""
+    return f"and {n} more {_plural(n, word)} {'matches' if n == 1 else 'match'}" if n else ""
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _pair_name(ref: str, cand: str | None) -> str:
+    return ref if cand in (None, ref) else f"{ref} (cand {cand})"
+
+
+def first_divergence(report: Report) -> RenderableType | None:
+    """The frontier of the divergence, forward and backward, and why each entry is believed."""
+    firsts = {d: sorted((r for r in report.nodes if getattr(r, f"first_{d}")), key=lambda r: r.depth,
+                        reverse=d == "backward") for d in ("forward", "backward")}
+    if not any(firsts.values()):
+        return None
+    downstream = _downstream(report, {r.ref_node for r in firsts["forward"]})
+    lines = [Text("First divergence", style="bold")]
+    for d, rows in firsts.items():
+        if not rows:
+            lines.append(Text(f"{d}: none, every compared {'value' if d == 'forward' else 'gradient'} matches"))
+        for r in rows[:SHOWN_FIRST]:
+            m = r.forward if d == "forward" else r.backward
+            where = f"{r.ref_module or ROOT} {r.ref_node} ({r.op})"
+            if (r.cand_module, r.cand_node) != (r.ref_module, r.ref_node):
+                where += f", cand {r.cand_module or ROOT} {r.cand_node}"
+            why = _cause(r) if d == "forward" else _consequence(r, downstream)
+            lines.append(Text.assemble((f"{d}: ", "bold"), where))
+            if d == "forward" and r.blame:
+                what, ref_module, cand_module = r.blame
+                lines.append(_indent(Text.assemble(("starts at: ", "bold"), f"{what} in {ref_module or ROOT}"
+                                                   + (f" (cand {cand_module or ROOT})" if cand_module != ref_module
+                                                      else ""))))
+            lines += [_indent(Text(_judged(m))), _indent(Text.from_markup(why))]
+        if len(rows) > SHOWN_FIRST:
+            lines.append(_indent(Text(f"and {len(rows) - SHOWN_FIRST} more {d} (--ops lists them)")))
+    return Group(*lines)
+
+
+def _indent(text: Text) -> Padding:
+    return Padding(text, (0, 0, 0, 4), expand=False)
+
+
+def _judged(m: Metrics) -> str:
+    """What the verdict compared: the error and the noise level it was judged against."""
+    diffs = f"max abs diff {fmt(m.max_abs_diff)}, max rel diff {fmt(m.max_rel_diff)}"
+    if m.error is None or not m.noise:
+        what = m.note or f"{m.mismatched} of {m.numel} elements outside the tolerance"
+        return f"{what}; {diffs}"
+    level = f"noise level {fmt(m.noise)} ({_precision(m.eps)})"
+    if m.error > m.noise:
+        return f"relative error {fmt(m.error)} is {m.error / m.noise:.3g}x its {level}; {diffs}"
+    return (f"relative error {fmt(m.error)} is within its {level}, but some element is off by more than {TAIL} "
+            f"noise levels; {diffs}")
+
+
+def _cause(r: NodeRow) -> str:
+    cause = r.cause()
+    if cause == "introduced":
+        return "[bold]introduced here[/]: the candidate's ops, replayed alone on the reference's inputs, already differ"
+    if cause == "amplified":
+        return ("[bold]amplified here[/]: replayed alone on the reference's inputs the candidate agrees; "
+                "differences within the noise upstream grew here")
+    return ("not replayed in isolation (the candidate's ops leading to it could not be rerun on the reference's "
+            "values): introduced here or amplified is not known")
+
+
+def _consequence(r: NodeRow, downstream: set[str]) -> str:
+    if r.forward is not None and not r.forward.passed:
+        return "[bold]consequence of the forward divergence[/]: this node's forward value already differs"
+    if r.ref_node in downstream:
+        return "[bold]consequence of the forward divergence[/]: this node is downstream of it"
+    return "[bold]backward only[/]: its forward value matches and no forward divergence precedes it"
+
+
+def _downstream(report: Report, start: set[str]) -> set[str]:
+    """The reference nodes that ``start`` feeds, directly or not, ``start`` included."""
+    users: dict[str, list[str]] = defaultdict(list)
+    for n in report.graph.get("ref", []):
+        for a in n.get("inputs", ()):
+            users[a].append(n["name"])
+    seen, stack = set(start), list(start)
+    while stack:
+        for u in users[stack.pop()]:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def module_key(report: Report, depth: int | None = None) -> Callable[[str], str]:
+    """The module table's row for a module path: its ancestor ``depth`` levels deep; by default the
+    repeated block it is in (``layers.3``) or, outside the blocks, the outermost module beside them
+    (``decoder``); without repeated blocks, depth 1."""
+    if depth is None:
+        blocks = repeated_blocks(p for n in report.graph.get("ref", []) for p in _prefixes(n.get("module") or ""))
+        if blocks:
+            parent = next(iter(blocks)).rpartition(".")[0]
+
+            def key(module: str) -> str:
+                for prefix in _prefixes(module):
+                    if prefix in blocks or not (parent == prefix or parent.startswith(prefix + ".")):
+                        return prefix
+                return module
+            return key
+        depth = 1
+    return lambda module: ".".join(module.split(".")[:depth])
+
+
+def repeated_blocks(paths: Iterable[str]) -> set[str]:
+    """The shallowest modules named by an integer index under one parent (``layers.0``,
+    ``layers.1``, ...), two or more of them; the largest group at that depth."""
+    groups: dict[str, set[str]] = defaultdict(set)
+    for path in paths:
+        parent, _, last = path.rpartition(".")
+        if last.isdigit():
+            groups[parent].add(path)
+    groups = {p: g for p, g in groups.items() if len(g) >= 2}
+    if not groups:
+        return set()
+    return groups[min(groups, key=lambda p: (len(_prefixes(p)), -len(groups[p])))]
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+
+
+def modules_section(report: Report, key: Callable[[str], str], show_all: bool = False) -> RenderableType | None:
+    """One row per module (of ``key``) that differs, like the original "Intermediate layers" table;
+    one line when every module matches."""
+    groups: dict[str, list[NodeRow]] = defaultdict(list)
+    for r in sorted(report.nodes, key=lambda r: r.depth):
+        groups[key(r.ref_module)].append(r)
+    if not groups:
+        return None
+    # a divergence blamed on an op on one side only (or a role swap) starts in that op's module
+    blamed = {key(r.blame[1]): r for r in report.nodes if r.first_forward and r.blame}
+    rows, same = [], 0
+    for name, members in groups.items():
+        fwd = [r.forward for r in members if r.forward is not None]
+        bwd = [r.backward for r in members if r.backward is not None]
+        if all(m.passed for m in fwd + bwd) and name not in blamed and not show_all:
+            same += 1
+            continue
+        cand = _common_prefix([r.cand_module for r in members])
+        first = _first_inside(name, members)
+        if name in blamed:
+            first = Text.assemble(blamed[name].blame[0], ", then " if first.plain else "",
+                                  first if first.plain else (" <- first", "bold yellow"))
+        rows.append([_pair_name(name or ROOT, cand or None), _verdicts(fwd), _verdicts(bwd),
+                     fmt(max((m.max_abs_diff for m in fwd), default=None)), first])
+    if not rows:
+        return Text(f"modules: all {same} match")
+    return Rows("Modules", ["module", "forward", "backward", "fwd max abs diff", "first divergent op"], rows,
+                _more(same, "module"))
+
+
+def _first_inside(name: str, members: list[NodeRow]) -> Text:
+    """The module's first op whose value differs, else its last (first in backward order) whose
+    gradient differs; marked when it is the first divergence itself."""
+    fwd = [r for r in members if r.forward is not None and not r.forward.passed]
+    bwd = [r for r in members if r.backward is not None and not r.backward.passed]
+    if not fwd and not bwd:
+        return Text("")
+    r, d = (fwd[0], "forward") if fwd else (bwd[-1], "backward")
+    inside = r.ref_module[len(name) + 1:] if name and r.ref_module.startswith(name + ".") else \
+        ("" if r.ref_module == name else r.ref_module)
+    text = Text(("" if d == "forward" else "bwd: ") + r.ref_node + (f" in {inside}" if inside else ""))
+    if r.first_forward if d == "forward" else r.first_backward:
+        text.append(" <- first", style="bold yellow")
+    return text
+
+
+def _common_prefix(modules: list[str]) -> str:
+    parts = [m.split(".") if m else [] for m in modules]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def params_section(report: Report, key: Callable[[str], str], what: str = "grad",
+                   show_all: bool = False) -> RenderableType | None:
+    """The parameter gradients (``what="grad"``) or the parameter and buffer values (``"value"``)
+    that differ: one row each, or one row per module of ``key`` when there are more than ``MANY``;
+    one line when all match."""
+    title = "Parameter gradients" if what == "grad" else "Parameter and buffer values"
+    compared = [p for p in report.params if getattr(p, what) is not None]
+    bad = [p for p in compared if not getattr(p, what).passed]
+    lines: list[RenderableType] = []
+    if compared and (bad or show_all):
+        noun = "parameter gradient" if what == "grad" else "value"
+        caption = "" if show_all else _more(len(compared) - len(bad), noun)
+        lines.append(_param_rows(title, compared if show_all else bad, what, caption) if show_all or len(bad) <= MANY
+                     else _param_groups(title, compared, what, key, caption))
+    elif compared:
+        lines.append(Text(f"{title.lower()}: all {len(compared)} match"))
+    if what == "grad":
+        unpaired = report.unmatched.get("ref_params", [])
+        if unpaired:
+            lines.append(Text(f"not compared, no counterpart in the candidate: "
+                              f"{_names(unpaired, len(unpaired) if show_all else 8)}"))
+    return Group(*lines) if lines else None
+
+
+def _param_rows(title: str, params: list[ParamRow], what: str, caption: str) -> Rows:
+    transforms = any(p.transform.get("kind", "identity") != "identity" for p in params)
+    columns = ["parameter" if what == "grad" else "parameter or buffer", *(["transform"] if transforms else []),
+               "match", "max abs diff", "max rel diff"]
+    rows = []
+    for p in params:
+        m = getattr(p, what)
+        kind = [p.transform.get("kind", "identity")] if transforms else []
+        rows.append([_pair_name(p.ref, ", ".join(p.cand)), *kind, _verdict(m), fmt(m.max_abs_diff),
+                     fmt(m.max_rel_diff)])
+    return Rows(title, columns, rows, caption)
+
+
+def _param_groups(title: str, params: list[ParamRow], what: str, key: Callable[[str], str], caption: str) -> Rows:
+    groups: dict[str, list[ParamRow]] = defaultdict(list)
+    for p in params:
+        groups[key(p.ref.rpartition(".")[0])].append(p)
+    rows = []
+    for name, members in groups.items():
+        bad = [p for p in members if not getattr(p, what).passed]
+        if not bad:
+            continue
+        worst = max(bad, key=lambda p: getattr(p, what).max_abs_diff)
+        rows.append([name or ROOT, Text(f"{len(bad)} of {len(members)}", style="bold red"),
+                     fmt(getattr(worst, what).max_abs_diff), worst.ref[len(name) + 1:] if name else worst.ref])
+    return Rows(f"{title}, by module", ["module", "differ", "worst max abs diff", "worst of them"], rows, caption)
+
+
+def nodes_table(report: Report, show_all: bool = False) -> RenderableType:
+    """Op-level rows: the matched pairs that differ (all with ``show_all``)."""
     rows = [r for r in report.nodes if show_all or _failing(r)]
-    table = Table(title="Intermediate nodes", title_justify="left")
-    for col in ("ref node", "cand node", "op", "fwd", "bwd", "fwd max abs", "bwd max abs", "match basis"):
-        table.add_column(col)
+    if not rows:
+        return Text(f"ops: all {len(report.nodes)} matched pairs match")
+    out = []
     for r in rows:
-        mark = " [bold yellow]<- first[/]" if r.first_forward or r.first_backward else ""
-        table.add_row(_node_name(r.ref_node, r.ref_module) + mark, _node_name(r.cand_node, r.cand_module),
-                      r.op, _verdict(r.forward), _verdict(r.backward),
-                      fmt(r.forward.max_abs_diff if r.forward else None),
-                      fmt(r.backward.max_abs_diff if r.backward else None), r.rationale)
+        name = Text(f"{r.ref_module or ROOT} {r.ref_node}")
+        if r.first_forward or r.first_backward:
+            name.append(" <- first", style="bold yellow")
+        out.append([name, f"{r.cand_module or ROOT} {r.cand_node}", r.op, _verdict(r.forward), _verdict(r.backward),
+                    fmt(r.forward.max_abs_diff if r.forward else None),
+                    fmt(r.backward.max_abs_diff if r.backward else None), r.rationale])
     hidden = len(report.nodes) - len(rows)
-    if hidden:
-        table.caption = f"{hidden} matching nodes not shown (--all shows them)"
-    return table
+    return Rows("Ops", ["ref op", "cand op", "op", "fwd", "bwd", "fwd max abs", "bwd max abs", "match basis"], out,
+                f"and {hidden} more matched pairs match (--all shows them)" if hidden else "")
 
 
-def _failing(r) -> bool:
+def _failing(r: NodeRow) -> bool:
     return (r.forward is not None and not r.forward.passed) or (r.backward is not None and not r.backward.passed)
 
 
 def summary_panel(report: Report) -> Panel:
+    """Counts that add up, and how the verdicts were reached."""
     s = report.summary()
-    n, p = s["nodes"], s["param_grads"]
+    n, p, t, v = s["nodes"], s["param_grads"], s["tensors"], s["param_values"]
+    outputs_bad = sum(not o["metrics"].passed for o in report.outputs)
     lines = [
-        f"forward output match: {'yes' if s['forward_output_match'] else 'NO'}",
-        f"parameter gradients: {p['matched']} match, {p['mismatched']} differ ({p['match_rate']:.1%})",
-        f"node values:         {n['forward_matches']} match, {n['forward_mismatches']} differ "
-        f"({n['forward_match_rate']:.1%})",
-        f"node gradients:      {n['backward_matches']} match, {n['backward_mismatches']} differ "
+        f"outputs:             {len(report.outputs) - outputs_bad} match, {outputs_bad} differ"
+        + (f"; {s['uncompared']['ref_outputs']} ref, {s['uncompared']['cand_outputs']} cand not paired"
+           if s["uncompared"]["ref_outputs"] or s["uncompared"]["cand_outputs"] else ""),
+        f"op values:           {n['forward_matches']} match, {n['forward_mismatches']} differ "
+        f"({n['forward_match_rate']:.1%}); {n['unmatched_ref']} ref, {n['unmatched_cand']} cand ops unmatched",
+        f"op gradients:        {n['backward_matches']} match, {n['backward_mismatches']} differ "
         f"({n['backward_match_rate']:.1%})",
-        f"unmatched nodes:     {n['unmatched_ref']} ref, {n['unmatched_cand']} cand",
+        f"parameters:          {t['total']} parameters and buffers = {t['trained']} trained + "
+        f"{t['buffers_or_frozen']} buffers or frozen (no gradient)"
+        + (f"; {t['unpaired']} without a counterpart" if t["unpaired"] else ""),
+        f"parameter gradients: {p['matched']} match, {p['mismatched']} differ"
+        + (f", {s['uncompared']['trained_ref_params']} not compared" if s["uncompared"]["trained_ref_params"] else ""),
+        f"values:              {v['compared'] - v['mismatched']} parameters and buffers match, "
+        f"{v['mismatched']} differ",
         f"verdicts:            {_rule(report)}",
     ]
-    verdict = "[bold red]DIVERGED[/]" if report.diverged else "[bold green]MATCH[/]"
-    return Panel("\n".join(lines), title=f"Summary: {verdict}", title_align="left")
-
-
-def first_divergence_panel(report: Report) -> Panel:
-    fd = report.first_divergence()
-    lines = []
-    for direction in ("forward", "backward"):
-        entries = fd[direction]
-        if not entries:
-            lines.append(f"[bold]{direction}[/]: none")
-        for e in entries:
-            lines.append(f"[bold]{direction}[/]: ref {e['ref_module'] or '<root>'} ({e['ref_node']})  <->  "
-                         f"cand {e['cand_module'] or '<root>'} ({e['cand_node']})  op={e['op']}  "
-                         f"max abs {fmt(e['max_abs_diff'])}, max rel {fmt(e['max_rel_diff'])}"
-                         + _CAUSE.get(e.get("isolated"), ""))
-    return Panel("\n".join(lines), title="First divergence", title_align="left")
-
-
-_CAUSE = {
-    "introduced": "\n    [bold]introduced here[/]: the candidate's ops, replayed on the reference's inputs, already differ",
-    "amplified": "\n    [bold]amplified[/]: replayed on the reference's inputs the candidate agrees; "
-                 "input differences within tolerance grew here",
-}
+    word = "[bold red]DIVERGED[/]" if report.diverged else "[bold green]MATCH[/]"
+    return Panel(escape("\n".join(lines)), title=f"Summary: {word}", title_align="left", expand=False)
 
 
 def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:
@@ -162,13 +475,22 @@ def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:
     return Group(*(Text.from_markup(line) for line in lines), table)
 
 
-def render(report: Report, show_all: bool = False) -> RenderableType:
-    """All sections of the terminal report, in order."""
-    def parts() -> Iterator[RenderableType]:
-        yield outputs_table(report)
-        if report.params:
-            yield params_table(report, show_all)
-        yield nodes_table(report, show_all)
+def render(report: Report, show_all: bool = False, ops: bool = False,
+           modules_depth: int | None = None) -> RenderableType:
+    """The terminal report, in order: verdict and outputs, first divergence, modules, parameter
+    gradients, parameter and buffer values, op-level rows (with ``ops`` or ``show_all``), summary.
+    ``show_all`` shows every row of every table; ``modules_depth`` picks the module table's rows
+    (see ``module_key``)."""
+    key = module_key(report, modules_depth)
+
+    def parts() -> Iterator[RenderableType | None]:
+        yield Group(verdict(report), outputs_section(report, show_all))
+        yield first_divergence(report)
+        yield modules_section(report, key, show_all)
+        yield params_section(report, key, "grad", show_all)
+        yield params_section(report, key, "value", show_all)
+        if ops or show_all:
+            yield nodes_table(report, show_all)
         yield summary_panel(report)
-        yield first_divergence_panel(report)
-    return Group(*parts())
+    shown = [p for p in parts() if p is not None]
+    return Group(*(x for p in shown for x in (p, NewLine())))

@@ -95,3 +95,12 @@ def test_a_custom_backward_is_isolated_by_replaying_the_candidates_ops():
     entry, = report.first_divergence()["backward"]
     assert entry["isolated"] == "custom backward" and not entry["consequence_of_forward"]
     assert entry["cand_module"] == "" and entry["blame"].startswith("backward only")
+
+
+def test_mixed_precision_as_users_run_it_on_the_bundled_example():
+    """The Conformer's STFT has no bfloat16 CPU kernel, so the model cannot be cast; autocast runs it."""
+    spec = "examples/conformer/specs.py"
+    ref = fxdiff.capture_spec(f"{spec}:reference", inputs=f"{spec}:inputs", loss=f"{spec}:loss")
+    assert fxdiff.compare(ref, f"{spec}:port", autocast="bfloat16").verdict == "within noise"
+    bug = fxdiff.compare(ref, f"{spec}:port_bug_glu_order", autocast="bfloat16")
+    assert [(e["ref_module"], e["cand_module"]) for e in bug.first_divergence()["forward"]] == [("layers.2.conv",) * 2]

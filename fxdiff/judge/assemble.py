@@ -96,6 +96,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance) -> Me
     rel = float((diff / scale.clamp_min(torch.finfo(dtype).tiny)).max()) if max_abs > 0 else 0.0
     return Metrics(
         rms_diff=rms_diff, cand_rms=cand_rms, eps=eps,
+        max_scaled_diff=float((diff / scale.clamp_min(max(ref_rms, cand_rms, torch.finfo(dtype).tiny))).max()),
         passed=bad == 0,
         max_abs_diff=max_abs,
         max_rel_diff=rel,

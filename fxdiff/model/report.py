@@ -34,6 +34,7 @@ class Metrics:
     note: str = ""                # e.g. "shape (2, 3) vs (3, 2)", "gradient on ref only"
     histogram: list[int] = dataclasses.field(default_factory=list)  # see HIST_EDGES
     rms_diff: float = 0.0         # RMS of cand - ref
+    max_scaled_diff: float = 0.0  # max of |cand - ref| / max(|ref|, RMS): the worst element, at its own scale
     cand_rms: float = 0.0
     eps: float = 0.0              # machine epsilon of the coarser of the two dtypes (0: exact dtypes)
     # noise-aware verdicts: the relative error measured (RMS of the difference over the tensors' RMS)
@@ -48,7 +49,7 @@ class Metrics:
 
 
 _FLOAT_FIELDS = ("max_abs_diff", "max_rel_diff", "mean_abs_diff", "cosine", "ref_rms", "rms_diff", "cand_rms", "eps",
-                 "error", "noise")
+                 "error", "noise", "max_scaled_diff")
 
 # Metrics.histogram[0] counts |diff| == 0; bin k >= 1 counts [HIST_EDGES[k], HIST_EDGES[k+1]), the
 # first decade also holding anything below 1e-12 and the last anything from 10 up.

@@ -1,0 +1,249 @@
+"""RNG replay: train mode with dropout kept compares two implementations that draw randomness differently.
+
+Each pair below computes the same function, written independently, but consumes the RNG in another
+order (branches evaluated the other way round; random masks drawn before the dropout rather than
+after it) and in another style (``nn.Dropout`` modules vs ``F.dropout``). Without replay, the same
+seed gives each side different dropout masks and random draws, so everything downstream differs.
+With replay (the default), each random op the alignment pairs takes the reference's recorded value
+in the candidate, and the comparison is clean. This file is also a model spec file for the CLI
+test (``tests/test_rng_replay.py:ref_branches`` ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+import fxdiff
+from fxdiff.cli import main
+
+HERE = Path(__file__).resolve()
+D_IN, D_HID, D_OUT, T = 8, 16, 4, 6
+P = 0.3
+# the op keys of the random ops these models run (report["first_divergence"] entries' "op")
+RANDOM_OPS = {"dropout", "rand", "randn", "bernoulli", "randperm", "normal_", "uniform_", "rand_like", "randn_like"}
+
+
+def _seeded(cls, *args):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls(*args)
+
+
+def inputs():
+    return (torch.randn(2, T, D_IN, generator=torch.Generator().manual_seed(1)),)
+
+
+# -- pair 1: two dropped-out branches, evaluated left-right vs right-left -------------------------
+
+class RefBranches(nn.Module):
+    """nn.Dropout modules; the left branch runs (and draws its mask) first."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Linear(D_IN, D_HID)
+        self.left_act = nn.Tanh()
+        self.left_drop = nn.Dropout(P)
+        self.right = nn.Linear(D_IN, D_HID)
+        self.right_act = nn.SiLU()
+        self.right_drop = nn.Dropout(P)
+        self.out_drop = nn.Dropout(P)
+        self.out = nn.Linear(D_HID, D_OUT)
+
+    def forward(self, x):
+        a = self.left_drop(self.left_act(self.left(x)))
+        b = self.right_drop(self.right_act(self.right(x)))
+        return self.out(self.out_drop(a + b))
+
+
+class CandBranches(nn.Module):
+    """F.dropout over raw parameters; the right branch runs first. ``bug``: sigmoid for tanh."""
+
+    def __init__(self, bug=False):
+        super().__init__()
+        self.bug = bug
+        self.w_l, self.b_l = nn.Parameter(torch.empty(D_HID, D_IN)), nn.Parameter(torch.empty(D_HID))
+        self.w_r, self.b_r = nn.Parameter(torch.empty(D_HID, D_IN)), nn.Parameter(torch.empty(D_HID))
+        self.w_o, self.b_o = nn.Parameter(torch.empty(D_OUT, D_HID)), nn.Parameter(torch.empty(D_OUT))
+
+    def forward(self, x):
+        r = F.dropout(F.silu(F.linear(x, self.w_r, self.b_r)), P, self.training)
+        act = torch.sigmoid if self.bug else torch.tanh
+        lft = F.dropout(act(F.linear(x, self.w_l, self.b_l)), P, self.training)
+        return F.linear(F.dropout(lft + r, P, self.training), self.w_o, self.b_o)
+
+
+def _branches_state(ref: RefBranches) -> dict[str, torch.Tensor]:
+    s = ref.state_dict()
+    return {"w_l": s["left.weight"], "b_l": s["left.bias"], "w_r": s["right.weight"], "b_r": s["right.bias"],
+            "w_o": s["out.weight"], "b_o": s["out.bias"]}
+
+
+def ref_branches():
+    return _seeded(RefBranches)
+
+
+def cand_branches(bug=False):
+    cand = CandBranches(bug)
+    cand.load_state_dict(_branches_state(ref_branches()))
+    return cand
+
+
+def cand_branches_bug():
+    return cand_branches(bug=True)
+
+
+# -- pair 2: NEST-style random masking and noise, drawn after vs before the dropout ---------------
+
+class RefMasking(nn.Module):
+    """dropout, then (train mode) block-free random frame masking with torch.rand, a learned mask
+    embedding plus in-place normal_ noise, a torch.randperm frame shuffle, a torch.bernoulli
+    frame keep and an in-place uniform_ gain per example; in that order."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D_IN, D_HID)
+        self.drop = nn.Dropout(P)
+        self.mask_embedding = nn.Parameter(torch.randn(D_HID))
+        self.out = nn.Linear(D_HID, D_OUT)
+
+    def forward(self, x):
+        h = self.drop(self.proj(x))
+        if self.training:
+            masked = torch.rand(h.shape[:2], device=h.device) < 0.3
+            noise = torch.empty_like(h).normal_()
+            h = torch.where(masked.unsqueeze(-1), self.mask_embedding + 0.1 * noise, h)
+            h = h[:, torch.randperm(h.shape[1], device=h.device)]
+            keep = torch.bernoulli(torch.full((h.shape[0], h.shape[1], 1), 0.8, device=h.device))
+            gain = torch.empty(h.shape[0], 1, 1, device=h.device).uniform_(0.5, 1.5)
+            h = h * keep * gain
+        return self.out(h)
+
+
+class CandMasking(nn.Module):
+    """The same function; every random draw happens up front, in reverse order, before the dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in, self.b_in = nn.Parameter(torch.empty(D_HID, D_IN)), nn.Parameter(torch.empty(D_HID))
+        self.emb = nn.Parameter(torch.empty(D_HID))
+        self.w_out, self.b_out = nn.Parameter(torch.empty(D_OUT, D_HID)), nn.Parameter(torch.empty(D_OUT))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        if self.training:
+            gain = torch.empty(b, 1, 1).uniform_(0.5, 1.5)
+            keep = torch.bernoulli(torch.full((b, t, 1), 0.8))
+            order = torch.randperm(t)
+            noise = torch.empty(b, t, D_HID).normal_()
+            masked = torch.rand(b, t) < 0.3
+        h = F.dropout(F.linear(x, self.w_in, self.b_in), P, self.training)
+        if self.training:
+            h = torch.where(masked[..., None], self.emb + 0.1 * noise, h)
+            h = h[:, order] * keep * gain
+        return F.linear(h, self.w_out, self.b_out)
+
+
+def ref_masking():
+    return _seeded(RefMasking)
+
+
+def cand_masking():
+    s = ref_masking().state_dict()
+    cand = CandMasking()
+    cand.load_state_dict({"w_in": s["proj.weight"], "b_in": s["proj.bias"], "emb": s["mask_embedding"],
+                          "w_out": s["out.weight"], "b_out": s["out.bias"]})
+    return cand
+
+
+PAIRS = {"branches": (ref_branches, cand_branches), "masking": (ref_masking, cand_masking)}
+
+
+def capture_train(build_ref):
+    return fxdiff.capture(build_ref(), inputs(), mode="train", keep_dropout=True, seed=0)
+
+
+def is_random(node) -> bool:
+    """Whether a capture node is a random op (by its recorded target, e.g. torch.rand)."""
+    target = str(node.meta.get("fxdiff_target", node.target)).rsplit(".", 1)[-1]
+    return target in RANDOM_OPS or "dropout" in target
+
+
+def first_forward(report):
+    return report.first_divergence()["forward"]
+
+
+# -- the API ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_pair_is_one_function(pair):
+    """Control: in eval mode (no randomness) the two implementations match."""
+    build_ref, build_cand = PAIRS[pair]
+    ref = fxdiff.capture(build_ref(), inputs(), mode="eval")
+    report = fxdiff.compare(ref, build_cand())
+    assert report.diverged is False, report.summary()
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_train_mode_with_dropout_is_clean_with_replay(pair):
+    build_ref, build_cand = PAIRS[pair]
+    ref = capture_train(build_ref)
+    dropped = [n.name for n in ref.nodes("call_function")
+               if "dropout" in str(n.meta.get("fxdiff_target")) and bool((ref.values[n.name] == 0).any())]
+    assert dropped, "the reference ran with dropout active"
+    report = fxdiff.compare(ref, build_cand())  # replay is on by default; mode, dropout, seed from ref
+    assert report.diverged is False, (report.summary(), first_forward(report))
+    summary = report.summary()
+    assert summary["nodes"]["forward_matches"] > 0 and summary["nodes"]["backward_matches"] > 0
+    assert fxdiff.compare(ref, build_cand(), rng_replay=True).diverged is False
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_train_mode_with_dropout_diverges_without_replay(pair):
+    build_ref, build_cand = PAIRS[pair]
+    ref = capture_train(build_ref)
+    report = fxdiff.compare(ref, build_cand(), rng_replay=False)
+    assert report.diverged is True
+    first = first_forward(report)
+    # at the random ops, or (when the alignment leaves differing random ops unpaired) their consumers
+    assert first and all(e["op"] in RANDOM_OPS or any(map(is_random, ref.node(e["ref_node"]).all_input_nodes))
+                         for e in first), first
+
+
+def test_replay_does_not_hide_a_bug():
+    """A real difference (sigmoid for tanh in the left branch) still diverges, at that branch: replay
+    hands the candidate the reference's random draws (dropout's mask), not the values they produced."""
+    ref = capture_train(ref_branches)
+    report = fxdiff.compare(ref, cand_branches_bug())
+    assert report.diverged is True
+    first = first_forward(report)
+    assert first, "no first forward divergence"
+    assert all(e["ref_module"] in ("left_act", "left_drop") for e in first), first
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_cli_replay_on_by_default_and_off_with_flag(tmp_path, pair):
+    ref = tmp_path / "ref"
+    result = cli("capture", f"{HERE}:ref_{pair}", "--inputs", f"{HERE}:inputs", "--mode", "train",
+                 "--keep-dropout", "-o", ref)
+    assert result.exit_code == 0, result.output
+    result = cli("compare", ref, f"{HERE}:cand_{pair}", "--json", tmp_path / "on.json")
+    assert result.exit_code == 0, result.output
+    result = cli("compare", ref, f"{HERE}:cand_{pair}", "--no-rng-replay", "--json", tmp_path / "off.json")
+    assert result.exit_code == 1, result.output
+    assert fxdiff.load_report(tmp_path / "off.json").diverged
+    assert not fxdiff.load_report(tmp_path / "on.json").diverged

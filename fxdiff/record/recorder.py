@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import operator
 import weakref
 from typing import Any, Callable, Iterator
@@ -40,7 +41,18 @@ from ..targets import mutated, target_name
 from .plain import as_plain, is_plain, transformed
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-            F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout}
+            F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+            torch.feature_alpha_dropout}
+# Random ops besides dropout: draws return new tensors, fills write into their first argument.
+_DRAWS = {torch.rand, torch.randn, torch.rand_like, torch.randn_like, torch.randint, torch.randint_like,
+          torch.randperm, torch.bernoulli, torch.Tensor.bernoulli, torch.multinomial, torch.Tensor.multinomial,
+          torch.normal, torch.poisson}
+_FILLS = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+          torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_, torch.Tensor.log_normal_}
+RANDOM_OPS = frozenset(target_name(f).rpartition(".")[2] for f in _DROPOUT | _DRAWS | _FILLS)
+RANDOM_CALL = "fxdiff_random_call"   # node.meta: k for the run's k-th random call (from 0)
+REPLAYED = "fxdiff_replayed"         # node.meta: True when that call took the reference's draw
+_ALPHA = 1.7580993408473766          # SELU's alpha, as alpha dropout uses it
 _CONST_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device,
                 torch.layout, torch.memory_format)
 _INPLACE_DUNDERS = {"__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
@@ -88,6 +100,7 @@ class Recorder(TorchFunctionMode):
 
     Subclass and override ``record_call`` to change what becomes a node; pass the subclass to
     ``record(recorder=...)``. ``copy=True`` copies every value and gradient when it is produced.
+    ``replay`` maps k to the reference's draw for the run's k-th random call (see ``reference_draw``).
     """
 
     def __init__(self, model: torch.nn.Module, *, disable_dropout: bool, copy: bool = False):
@@ -117,6 +130,8 @@ class Recorder(TorchFunctionMode):
                 self._paths.setdefault(id(m), []).append(path)
                 self._types[id(m)] = type(m).__name__
         self._hooks: list[Any] = []
+        self.replay: dict[int, torch.Tensor] = {}
+        self.random_calls = 0
 
     def __enter__(self):
         """Start recording: module hooks are registered here and removed on exit, whatever happens."""
@@ -302,17 +317,31 @@ class Recorder(TorchFunctionMode):
             args, kwargs, skip = _without_dropout(func, args, kwargs)
             if skip:
                 return args[0] if args else kwargs["input"]
+        if _is_random(func, args, kwargs):
+            return self._random_call(func, args, kwargs)
         return self.call(func, args, kwargs)
 
-    def call(self, func, args: tuple, kwargs: dict) -> Any:
-        """Run ``func`` and record it."""
+    def _random_call(self, func, args: tuple, kwargs: dict) -> Any:
+        """Run and record the run's next random call, with the reference's draw when ``replay`` has it."""
+        k, draw = self.random_calls, self.replay.get(self.random_calls)
+        self.random_calls += 1
+        out = self.call(func, args, kwargs, None if draw is None else lambda: _replayed(func, draw, args, kwargs))
+        live = self._live.get(id(out)) if isinstance(out, torch.Tensor) else None
+        if live is not None and live.ref() is out:
+            live.node.meta[RANDOM_CALL] = k
+            if draw is not None and draw.shape == out.shape:
+                live.node.meta[REPLAYED] = True
+        return out
+
+    def call(self, func, args: tuple, kwargs: dict, run: Callable[[], Any] | None = None) -> Any:
+        """Run ``func`` (or ``run()`` in its place) and record it as ``func``."""
         inputs = _tensors((args, kwargs))
         versions = [t._version for t in inputs]
         written = _written(func, args, kwargs)
         if written:
             self.protect(written)
         try:
-            out = func(*args, **kwargs)
+            out = func(*args, **kwargs) if run is None else run()
         except BaseException as e:
             self.failed_op = e
             raise
@@ -505,6 +534,77 @@ def _without_dropout(func, args, kwargs):
     if func is F.multi_head_attention_forward:
         return args, {**kwargs, "training": False}, False
     return args, kwargs, False
+
+
+def is_random(node: torch.fx.Node) -> bool:
+    """Whether a capture node is a random op (dropout, a draw such as ``torch.rand``, a fill such as ``uniform_``)."""
+    return str(node.meta.get(TARGET, node.target)).rpartition(".")[2] in RANDOM_OPS
+
+
+def _dropout_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool, bool]:
+    """(input, p, training, inplace) of a dropout call, ``F.dropout``'s or ``torch.dropout``'s spelling."""
+    given = dict(zip(("input", "p", "training", "inplace"), args))
+    given.update({"training" if k == "train" else k: v for k, v in kwargs.items()})
+    training, inplace = bool(given.get("training", True)), bool(given.get("inplace", False))
+    return given["input"], float(given.get("p", 0.5)), training, inplace
+
+
+def _is_random(func, args: tuple, kwargs: dict) -> bool:
+    """Whether this call draws random numbers (a dropout only when training with ``p > 0``)."""
+    if func in _DROPOUT:
+        _, p, training, _ = _dropout_args(args, kwargs)
+        return training and p > 0
+    return func in _DRAWS or func in _FILLS
+
+
+def _alpha_scale(p: float) -> float:
+    return 1 / math.sqrt((_ALPHA * _ALPHA * p + 1) * (1 - p))
+
+
+def reference_draw(node: torch.fx.Node, values: dict[str, torch.Tensor],
+                   grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """What a candidate takes from the reference's random op ``node``: the value it drew, or for
+    dropout its keep mask (bool) recovered from values. Where dropout's input is 0 the output is 0
+    either way; there the input's gradient tells, when the dropout is its only user (elsewhere: kept,
+    which changes no value). None when a value needed was not stored."""
+    out = values.get(node.name)
+    if out is None or "dropout" not in str(node.meta.get(TARGET, node.target)):
+        return out
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    x = values.get(source.name) if isinstance(source, torch.fx.Node) else None
+    if x is None or x.shape != out.shape:
+        return None
+    if "alpha" in str(node.meta.get(TARGET)):
+        p = float(node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5))
+        a, x, out = _alpha_scale(p), x.double(), out.double()
+        return (out - (x + _ALPHA * p) * a).abs() <= (out - _ALPHA * (p - 1) * a).abs()
+    grad = grads.get(source.name) if len(source.users) == 1 else None
+    unseen = grad != 0 if grad is not None and grad.shape == x.shape else True
+    return (out != 0) | ((x == 0) & unseen)
+
+
+def _replayed(func, draw: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """Run a random call, then give it the reference's ``draw`` where the shapes agree: a dropout
+    applies the reference's keep mask to its own input with its own ``p``; a fill copies the draw
+    in; a draw returns it, with the op's own gradient path (straight through)."""
+    if func in _DROPOUT:
+        x, p, _, inplace = _dropout_args(args, kwargs)
+        if draw.shape != x.shape:
+            return func(*args, **kwargs)
+        func(x.detach(), p, True)   # draw as the op would, so later random calls see the same RNG state
+        keep = draw.to(x.device, x.dtype)
+        if "alpha" in func.__name__:
+            out = (x * keep + _ALPHA * (keep - 1 + p)) * _alpha_scale(p)
+        else:
+            out = x * (keep / (1 - p)) if p < 1 else x * 0
+        return x.copy_(out) if inplace else out
+    out = func(*args, **kwargs)
+    if draw.shape != out.shape:
+        return out
+    value = draw.to(out.device, out.dtype)
+    if any(out is t for t in _tensors((args, kwargs))):   # a fill, or out=: written in place
+        return out.copy_(value)
+    return out + (value - out).detach() if out.requires_grad else value
 
 
 class NoDropout(TorchFunctionMode):

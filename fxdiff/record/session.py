@@ -51,7 +51,9 @@ class RunConfig:
     ``backward_seed`` starts backward from a reference's output gradients instead, each given to
     the candidate output that pairs with its reference output: a candidate run so needs none of the
     reference's code. ``autocast`` runs forward
-    under ``torch.autocast`` in that dtype (mixed precision as users run it).
+    under ``torch.autocast`` in that dtype (mixed precision as users run it). ``replay`` gives the
+    run's k-th random call the reference's draw ``replay[k]`` (``recorder.reference_draw``): how a
+    live candidate takes the reference's dropout masks and random numbers.
     """
 
     mode: str = "eval"
@@ -60,6 +62,7 @@ class RunConfig:
     loss: Loss | None = None
     backward_seed: BackwardSeed | None = None
     autocast: torch.dtype | None = None
+    replay: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -216,6 +219,7 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
     the call and then calls ``rec.release()``.
     """
     call = {"args": call_args, "kwargs": call_kwargs}
+    rec.replay = dict(config.replay)
     placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
                     for path, t in tree.flatten(call)}
     try:

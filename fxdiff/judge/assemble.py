@@ -34,6 +34,7 @@ from ..match.confidence import WEAK
 from ..ops import DEFAULT_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
+from ..record.recorder import RANDOM_OPS
 from ..model.report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
 
 
@@ -348,7 +349,8 @@ def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow]) -> tuple[list[NodeR
 
     Such a pair is more likely a mis-pairing of look-alike ops (two ``add``s of a length formula
     written differently) than a divergence; a real divergence there still shows at the next
-    strongly matched node. Returns (kept, rejected).
+    strongly matched node. Random ops are kept: two runs that drew differently differ there. Returns
+    (kept, rejected).
     """
     by_ref: dict[str, list[NodeRow]] = {}
     for r in rows:
@@ -364,7 +366,7 @@ def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow]) -> tuple[list[NodeR
             continue
         clean_upstream = all(x.forward.passed for p in acc for x in by_ref[p])
         keep = [r for r in by_ref[n.name]
-                if not (r.confidence < WEAK and not r.forward.passed and clean_upstream)]
+                if not (r.confidence < WEAK and not r.forward.passed and clean_upstream and r.op not in RANDOM_OPS)]
         rejected += [r for r in by_ref[n.name] if r not in keep]
         if keep:
             by_ref[n.name] = keep

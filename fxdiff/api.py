@@ -9,7 +9,11 @@ What a live candidate inherits from the reference (its "rules"): the saved input
 ``inputs`` is given), the seed, the mode and whether dropout was kept (unless given), and the
 backward seed: without a ``loss`` of its own, the candidate's backward starts from the reference's
 gradient of the loss with respect to each matched output, so the candidate's environment needs
-none of the reference's code. With its own ``loss`` the two loss values are compared too.
+none of the reference's code. With its own ``loss`` the two loss values are compared too. And,
+unless ``rng_replay=False``, the reference's random draws: the candidate runs once, is aligned,
+and runs again with each random op that pairs with one of the reference's (same op, same shape,
+same constant arguments) taking the reference's draw; dropout takes the reference's keep mask
+and applies it to the candidate's own input. Two captures cannot be replayed.
 Executing a model spec, inputs spec or loss spec runs that code: that is their point. Nothing
 named inside a capture, report or checkpoint is ever imported or called.
 """
@@ -28,11 +32,14 @@ from .errors import FxdiffError
 from .judge import Tolerance, judge
 from .load import specs
 from .match import UserMap, match
-from .model.alignment import ParamMap
+from .model.alignment import Alignment, ParamMap
 from .model.capture import Capture
 from .model.report import Report
+from .model.capture import MODULE, SHAPE
+from .ops import node_key
 from .params import convert as convert_state
 from .record import BackwardSeed, RunConfig, record
+from .record.recorder import RANDOM_CALL, RANDOM_OPS, REPLAYED, is_random, reference_draw
 from .store import is_capture, load, save
 
 Side = Capture | str | os.PathLike
@@ -68,6 +75,7 @@ class LiveOptions:
     dtype: torch.dtype | str | None = None
     autocast: torch.dtype | str | None = None
     tracer: str = "eager"
+    rng_replay: bool = True
 
     def given(self) -> list[str]:
         """The options set to something other than their default."""
@@ -104,22 +112,28 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
     """
     options = LiveOptions(**run)
     ref_capture = _reference(ref, options)
+    user_map = _user_map(user_map)
     if _is_live(cand):
-        cand_capture = run_candidate(ref_capture, cand, options)
+        cand_capture = run_candidate(ref_capture, cand, options, user_map)
     else:
         if not _is_live(ref) and options.given():
             raise FxdiffError(f"{', '.join(options.given())}: these options run a model, and both sides are "
                               "captures", option=options.given()[0])
         cand_capture = _as_capture(cand)
-    alignment = match(ref_capture, cand_capture, _user_map(user_map))
+    alignment = match(ref_capture, cand_capture, user_map)
     report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
                    ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
-    report.warnings.extend(_setup_differences(ref_capture, cand_capture) if not _is_live(cand) else [])
+    report.replayed = _replayed(ref_capture, cand_capture, alignment)
+    if not _is_live(cand):
+        report.warnings.extend(_setup_differences(ref_capture, cand_capture) + _random_differences(report))
     return report
 
 
-def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOptions) -> Capture:
-    """Record a live candidate as ``compare`` does: on ``ref``'s inputs, seed, mode and backward seed."""
+def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOptions,
+                  user_map: UserMap | None = None) -> Capture:
+    """Record a live candidate as ``compare`` does: on ``ref``'s inputs, seed, mode and backward seed,
+    and, with ``options.rng_replay`` and the eager tracer, again with ``ref``'s random draws where
+    its random ops pair with ``ref``'s (``user_map`` helps align them)."""
     model, meta = _build(cand, options)
     if options.inputs is not None:
         args, kwargs = _inputs(options.inputs, model, options)
@@ -142,7 +156,33 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
     elif ref.meta.get("loss") not in (None, "random cotangent"):
         raise FxdiffError("the reference capture holds no output gradients (it was made by an older fxdiff) and "
                           "its loss was code; give the candidate's loss", option="loss")
-    return record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
+    first = record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
+    if not options.rng_replay or options.tracer != "eager":
+        return first
+    draws = replay_table(ref, first, match(ref, first, user_map))
+    if not draws:
+        return first
+    return record(model, args, kwargs, dataclasses.replace(config, replay=draws), tracer=options.tracer, meta=meta)
+
+
+def replay_table(ref: Capture, cand: Capture, alignment: Alignment) -> dict[int, torch.Tensor]:
+    """``ref``'s draw for each random call of ``cand`` (by call index) that ``alignment`` pairs with a
+    random op of ``ref`` of the same op, shape and constant arguments (dropout's ``p`` excepted: the
+    candidate applies its own to the reference's mask)."""
+    ref_nodes, cand_nodes = {n.name: n for n in ref.graph.nodes}, {n.name: n for n in cand.graph.nodes}
+    table = {}
+    for pair in alignment.pairs:
+        r, c = ref_nodes[pair.ref], cand_nodes[pair.cand]
+        k = c.meta.get(RANDOM_CALL)
+        if k is None or not is_random(r) or pair.ref_slice or pair.cand_slice or _random_op(r) != _random_op(c) \
+                or r.meta.get(SHAPE) != c.meta.get(SHAPE):
+            continue
+        if "dropout" not in _random_op(c) and _constants(r) != _constants(c):
+            continue
+        draw = reference_draw(r, ref.values, ref.grads)
+        if draw is not None:
+            table[k] = draw
+    return table
 
 
 def map_params(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *,
@@ -154,9 +194,10 @@ def map_params(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *,
     """
     options = LiveOptions(**run)
     ref_capture = _reference(ref, options)
-    cand_capture = run_candidate(ref_capture, cand, options) if _is_live(cand) else _as_capture(cand)
     user_map = _user_map(user_map)
-    alignment = match(ref_capture, cand_capture, UserMap(params=user_map.params) if user_map else None)
+    params_only = UserMap(params=user_map.params) if user_map else None
+    cand_capture = run_candidate(ref_capture, cand, options, params_only) if _is_live(cand) else _as_capture(cand)
+    alignment = match(ref_capture, cand_capture, params_only)
     rank = {name: i for i, name in enumerate(ref_capture.params)}
     pairs = sorted(alignment.params, key=lambda p: rank.get(p.ref, len(rank)))
     return ParamMap(pairs, alignment.unmatched_ref_params, alignment.unmatched_cand_params,
@@ -241,6 +282,49 @@ def _label(side: Any) -> str:
     if isinstance(side, torch.nn.Module):
         return type(side).__name__
     return str(side.meta.get("model", "capture")) if isinstance(side, Capture) else str(side)
+
+
+def _random_op(node: torch.fx.Node) -> str:
+    """The random op a node runs, ``rand_like`` and ``rand`` alike."""
+    return node_key(node).removesuffix("_like")
+
+
+_NOT_CONSTANTS = ("dtype", "device", "layout", "generator", "requires_grad", "pin_memory", "memory_format", "out")
+
+
+def _constants(node: torch.fx.Node) -> list:
+    """The numbers and flags a random op was called with (sizes, bounds, probabilities), in order."""
+    found: list = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, (bool, int, float)):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(node.args)
+    walk([v for k, v in node.kwargs.items() if k not in _NOT_CONSTANTS])
+    return found
+
+
+def _replayed(ref: Capture, cand: Capture, alignment: Alignment) -> list[dict[str, Any]]:
+    """The pairs whose candidate random op took the reference's draw, for the report."""
+    ref_nodes, cand_nodes = {n.name: n for n in ref.graph.nodes}, {n.name: n for n in cand.graph.nodes}
+    return [{"ref_node": p.ref, "cand_node": p.cand, "op": node_key(cand_nodes[p.cand]),
+             "ref_module": ref_nodes[p.ref].meta.get(MODULE, ""),
+             "cand_module": cand_nodes[p.cand].meta.get(MODULE, ""), "call": cand_nodes[p.cand].meta[RANDOM_CALL]}
+            for p in alignment.pairs if cand_nodes[p.cand].meta.get(REPLAYED)]
+
+
+def _random_differences(report: Report) -> list[str]:
+    """Two captures whose paired random ops drew differently, in words: only a live candidate is replayed."""
+    differ = [r for r in report.nodes if r.op in RANDOM_OPS and r.forward is not None and not r.forward.passed]
+    if not differ:
+        return []
+    where = ", ".join(f"{r.op} at {r.ref_module or '<root>'}" for r in differ[:3])
+    return [f"{len(differ)} paired random ops drew differently ({where}{', ...' if len(differ) > 3 else ''}): "
+            "two captures cannot be replayed; compare the candidate live (a model spec or module) to give it "
+            "the reference's random draws"]
 
 
 _SETUP = ("mode", "keep_dropout", "dtype", "device", "seed", "torch", "autocast")

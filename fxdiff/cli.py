@@ -249,9 +249,12 @@ def _draw(report, d: dict[str, Any]) -> None:
 @click.option("--ops", is_flag=True, help="Also list the ops (matched node pairs) that differ.")
 @click.option("--all", "show_all", is_flag=True, help="Show every row of every table, ops included, not only "
                                                       "the mismatches.")
+@click.option("--no-rng-replay", is_flag=True, help="Let a live CAND draw its own random numbers (dropout masks, "
+                                                   "torch.rand...) instead of taking REF's where its random ops pair.")
 @drawing_options
 def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_path: str | None,
-            json_path: str | None, modules_depth: int | None, ops: bool, show_all: bool, **o: Any) -> int:
+            json_path: str | None, modules_depth: int | None, ops: bool, show_all: bool, no_rng_replay: bool,
+            **o: Any) -> int:
     """Compare REF and CAND; each is a capture directory or a model spec.
 
     A model spec CAND runs on REF's saved inputs, seed and mode, and starts its backward pass from
@@ -264,7 +267,8 @@ def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_pat
     if json_path:
         _writable(json_path, "--json")
     tolerance = Tolerance(atol if atol is not None else Tolerance.atol, rtol if rtol is not None else Tolerance.rtol)
-    report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, **_live(o))
+    replay = {"rng_replay": False} if no_rng_replay else {}
+    report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, **_live(o), **replay)
     for warning in report.warnings:
         click.echo(f"fxdiff: warning: {warning}", err=True)
     console.print(text.render(report, show_all, ops, modules_depth))

@@ -134,6 +134,9 @@ class Report:
     unmatched: dict[str, list[dict[str, Any]]]   # {"ref": [...], "cand": [...]}
     graph: dict[str, list[dict[str, Any]]]       # structure of both graphs, for rendering
     warnings: list[str] = dataclasses.field(default_factory=list)   # setup differences worth knowing
+    # random ops of a live candidate that took the reference's draw: {ref_node, cand_node, op, ref_module,
+    # cand_module, call (the candidate's k-th random call)}
+    replayed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def forward_output_match(self) -> bool:
@@ -225,6 +228,7 @@ class Report:
             "unmatched": self.unmatched,
             "graph": self.graph,
             "warnings": self.warnings,
+            "replayed": self.replayed,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -249,6 +253,7 @@ class Report:
             params=[ParamRow(**{**p, "grad": metrics(p["grad"]), "value": metrics(p.get("value"))})
                     for p in doc["params"]],
             unmatched=doc["unmatched"], graph=doc["graph"], warnings=list(doc.get("warnings", [])),
+            replayed=list(doc.get("replayed", [])),
         )
 
 

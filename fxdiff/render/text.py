@@ -448,6 +448,7 @@ def summary_panel(report: Report) -> Panel:
         f"values:              {v['compared'] - v['mismatched']} parameters and buffers match, "
         f"{v['mismatched']} differ",
         f"verdicts:            {_rule(report)}",
+        *([f"rng replay:          {len(report.replayed)} random ops took ref's draws"] if report.replayed else []),
     ]
     word = "[bold red]DIVERGED[/]" if report.diverged else "[bold green]MATCH[/]"
     return Panel(escape("\n".join(lines)), title=f"Summary: {word}", title_align="left", expand=False)

@@ -33,11 +33,11 @@ from .judge import Tolerance, judge
 from .load import specs
 from .match import UserMap, match
 from .model.alignment import Alignment, ParamMap
-from .model.capture import Capture
+from .model.capture import MODULE, SHAPE, Capture
 from .model.report import Report
-from .model.capture import MODULE, SHAPE
 from .ops import node_key
 from .params import convert as convert_state
+from .progress import step
 from .record import BackwardSeed, RunConfig, record
 from .record.recorder import RANDOM_CALL, RANDOM_OPS, REPLAYED, is_random, reference_draw
 from .store import is_capture, load, save
@@ -96,7 +96,8 @@ def capture_spec(model: str | torch.nn.Module, **run: Any) -> Capture:
         meta["loss"] = options.loss   # a description: a capture's loss is never loaded from it
     config = RunConfig(mode=options.mode or "eval", seed=options.seed or 0, keep_dropout=bool(options.keep_dropout),
                        loss=_loss(options.loss), autocast=_dtype(options.autocast))
-    return record(built, args, kwargs, config, tracer=options.tracer, meta=meta)
+    with step(f"capturing {_label(model)}"):
+        return record(built, args, kwargs, config, tracer=options.tracer, meta=meta)
 
 
 def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_map: UserMap | str | None = None,
@@ -120,9 +121,11 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
             raise FxdiffError(f"{', '.join(options.given())}: these options run a model, and both sides are "
                               "captures", option=options.given()[0])
         cand_capture = _as_capture(cand)
-    alignment = match(ref_capture, cand_capture, user_map)
-    report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
-                   ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
+    with step("matching"):
+        alignment = match(ref_capture, cand_capture, user_map)
+    with step("judging"):
+        report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
+                       ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
     report.replayed = _replayed(ref_capture, cand_capture, alignment)
     if not _is_live(cand):
         report.warnings.extend(_setup_differences(ref_capture, cand_capture) + _random_differences(report))
@@ -156,13 +159,17 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
     elif ref.meta.get("loss") not in (None, "random cotangent"):
         raise FxdiffError("the reference capture holds no output gradients (it was made by an older fxdiff) and "
                           "its loss was code; give the candidate's loss", option="loss")
-    first = record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
+    with step(f"running {_label(cand)}"):
+        first = record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
     if not options.rng_replay or options.tracer != "eager":
         return first
-    draws = replay_table(ref, first, match(ref, first, user_map))
+    with step("matching random ops"):
+        draws = replay_table(ref, first, match(ref, first, user_map))
     if not draws:
         return first
-    return record(model, args, kwargs, dataclasses.replace(config, replay=draws), tracer=options.tracer, meta=meta)
+    with step(f"running {_label(cand)} again with the reference's random draws"):
+        return record(model, args, kwargs, dataclasses.replace(config, replay=draws), tracer=options.tracer,
+                      meta=meta)
 
 
 def replay_table(ref: Capture, cand: Capture, alignment: Alignment) -> dict[int, torch.Tensor]:
@@ -197,7 +204,8 @@ def map_params(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *,
     user_map = _user_map(user_map)
     params_only = UserMap(params=user_map.params) if user_map else None
     cand_capture = run_candidate(ref_capture, cand, options, params_only) if _is_live(cand) else _as_capture(cand)
-    alignment = match(ref_capture, cand_capture, params_only)
+    with step("matching"):
+        alignment = match(ref_capture, cand_capture, params_only)
     rank = {name: i for i, name in enumerate(ref_capture.params)}
     pairs = sorted(alignment.params, key=lambda p: rank.get(p.ref, len(rank)))
     return ParamMap(pairs, alignment.unmatched_ref_params, alignment.unmatched_cand_params,
@@ -230,7 +238,8 @@ def _as_capture(side: Side) -> Capture:
         return side
     if isinstance(side, (str, os.PathLike)) and not Path(side).is_dir() and ":" not in str(side):
         raise FxdiffError(f"{side}: not a capture directory nor a model spec (file.py:function)")
-    return load(side)
+    with step(f"loading {side}"):
+        return load(side)
 
 
 def _reference(ref: Side | torch.nn.Module, options: LiveOptions) -> Capture:

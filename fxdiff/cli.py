@@ -15,7 +15,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from . import api
+from . import api, progress
 from .errors import FxdiffError
 from .judge import Tolerance
 from .version import __version__
@@ -31,7 +31,8 @@ class _Commands(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with progress.shown():
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             code = e.exit_code
         except click.ClickException as e:
@@ -134,7 +135,8 @@ def capture(model: str, output: str, tracer: str, **o: Any) -> int:
         click.echo(f"fxdiff: warning: {loaded['path']}: {len(loaded['missing'])} missing keys "
                    f"{loaded['missing'][:5]}, {len(loaded['unexpected'])} unexpected keys {loaded['unexpected'][:5]}",
                    err=True)
-    path = api.save(cap, output)
+    with progress.step(f"saving {output}"):
+        path = api.save(cap, output)
     s = cap.summary()
     console.print(f"captured {s['ops']} ops, {s['values']} values, {s['grads']} gradients, "
                   f"{s['param_grads']} parameter gradients -> {path}")

@@ -17,6 +17,7 @@ import inspect
 import math
 import platform
 import random
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -293,13 +294,31 @@ def backward(model: torch.nn.Module, outputs: Any, config: RunConfig) -> tuple[f
 
 def _output_grads(config: RunConfig, outputs: Any, leaves: list[tuple[str, torch.Tensor]],
                   model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """d(loss)/d(each output leaf), the leaves taken as independent: the loss on detached copies."""
-    stand_ins = {id(t): t.detach().requires_grad_() for _, t in leaves}
-    value = objective(config, tree.map_tensors(outputs, lambda t: stand_ins.get(id(t), t.detach())), model)
-    paths = [p for p, _ in leaves]
-    inputs = [stand_ins[id(t)] for _, t in leaves]
+    """d(loss)/d(each output leaf), the leaves taken as independent: the loss on detached copies.
+    A tensor returned at several paths (Hugging Face's last hidden state, also the last of
+    ``hidden_states``) is one leaf: its gradient is stored under its first path only, so a backward
+    seeded from these gradients counts it once."""
+    stand_ins: dict[int, tuple[str, torch.Tensor]] = {}
+    for p, t in leaves:
+        stand_ins.setdefault(id(t), (p, t.detach().requires_grad_()))
+    copies = _retyped(outputs, tree.map_tensors(outputs, lambda t: stand_ins[id(t)][1] if id(t) in stand_ins
+                                                else t.detach()))
+    value = objective(config, copies, model)
+    paths = [p for p, _ in stand_ins.values()]
+    inputs = [t for _, t in stand_ins.values()]
     grads = torch.autograd.grad(value, inputs, allow_unused=True) if value.requires_grad else [None] * len(inputs)
     return {p: g for p, g in zip(paths, grads) if g is not None}
+
+
+def _retyped(like: Any, copy: Any) -> Any:
+    """``copy`` (``tree.map_tensors`` of ``like``) in ``like``'s own mapping type when that type can be
+    rebuilt from its items (a Hugging Face ``ModelOutput``): the loss gets what the model returns."""
+    if isinstance(like, Mapping) and type(like) is not dict and isinstance(copy, dict):
+        try:
+            return type(like)(**copy)
+        except TypeError:
+            return copy
+    return copy
 
 
 def objective(config: RunConfig, outputs: Any, model: torch.nn.Module | None = None) -> torch.Tensor:

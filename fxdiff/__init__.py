@@ -10,7 +10,8 @@ render*. ``api.py`` is the one pipeline; the names below are the public API::
     report.diverged, report.first_divergence()
 """
 
-from .api import LiveOptions, capture, capture_spec, compare, convert, load, map_params, save, write_checkpoint
+from .api import (LiveOptions, capture, capture_spec, compare, convert, load, map_params, save, save_inputs,
+                  write_checkpoint)
 from .errors import FxdiffError, UserCodeError
 from .judge import Tolerance, compare_tensors
 from .model import Capture, ParamMap, Report, load_report
@@ -18,4 +19,4 @@ from .version import __version__
 
 __all__ = ["Capture", "FxdiffError", "LiveOptions", "ParamMap", "Report", "Tolerance", "UserCodeError",
            "__version__", "capture", "capture_spec", "compare", "compare_tensors", "convert", "load", "load_report",
-           "map_params", "save", "write_checkpoint"]
+           "map_params", "save", "save_inputs", "write_checkpoint"]

@@ -45,7 +45,8 @@ from .store import is_capture, load, save
 Side = Capture | str | os.PathLike
 LossSpec = Callable[..., torch.Tensor] | str | None
 
-__all__ = ["LiveOptions", "capture", "capture_spec", "compare", "convert", "load", "map_params", "save"]
+__all__ = ["LiveOptions", "capture", "capture_spec", "compare", "convert", "load", "map_params", "save",
+           "save_inputs"]
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, loss: LossSpec = None,
@@ -219,6 +220,13 @@ def convert(mapping: ParamMap, ref_checkpoint: str | dict[str, torch.Tensor]) ->
     return convert_state(state, mapping.pairs, {k: tuple(v) for k, v in mapping.cand_shapes.items()})
 
 
+def save_inputs(path: str | os.PathLike, args: tuple = (), kwargs: dict | None = None) -> Path:
+    """Write a model call as ``.safetensors`` for ``inputs``, atomically: tensors (copies, so
+    tensors sharing memory can be written), and non-tensor arguments in its metadata."""
+    from .util import atomic_write
+    return atomic_write(path, specs.inputs_file(tuple(args), dict(kwargs or {})))
+
+
 def write_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write a state dict as ``.safetensors``, atomically."""
     from safetensors.torch import save as st_save
@@ -230,14 +238,19 @@ def write_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike) ->
 # -- the rules, in one place --------------------------------------------------------------------
 
 def _is_live(side: Any) -> bool:
-    return isinstance(side, torch.nn.Module) or (isinstance(side, str) and not is_capture(side) and ":" in side)
+    """A module, a model spec, a Hugging Face model directory or a ``.nemo`` file: a model to run."""
+    if isinstance(side, torch.nn.Module):
+        return True
+    return isinstance(side, (str, os.PathLike)) and not is_capture(side) and (
+        ":" in str(side) or specs.is_model_file(str(side)))
 
 
 def _as_capture(side: Side) -> Capture:
     if isinstance(side, Capture):
         return side
     if isinstance(side, (str, os.PathLike)) and not Path(side).is_dir() and ":" not in str(side):
-        raise FxdiffError(f"{side}: not a capture directory nor a model spec (file.py:function)")
+        raise FxdiffError(f"{side}: not a capture directory nor a model (file.py:function, a Hugging Face model "
+                          "directory or a .nemo file)")
     with step(f"loading {side}"):
         return load(side)
 
@@ -249,9 +262,9 @@ def _reference(ref: Side | torch.nn.Module, options: LiveOptions) -> Capture:
 def _build(model: str | torch.nn.Module, options: LiveOptions) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model (weights loaded, placed on the device and dtype asked for) and metadata about it."""
     meta: dict[str, Any] = {}
-    if isinstance(model, str):
-        meta["model"] = model
-        model = specs.load_model(model)
+    if isinstance(model, (str, os.PathLike)):
+        meta["model"] = str(model)
+        model = specs.load_model(str(model))
     if options.checkpoint:
         loaded = specs.load_checkpoint(model, options.checkpoint)
         meta["checkpoint"] = dataclasses.asdict(loaded)

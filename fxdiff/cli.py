@@ -124,7 +124,8 @@ def main() -> None:
               help="eager: record the model's own run; fx: run its torch.fx.symbolic_trace graph "
                    "(refused unless outputs and gradients equal eager's).")
 def capture(model: str, output: str, tracer: str, **o: Any) -> int:
-    """Run MODEL (file.py:function or package.module:function) and record it.
+    """Run MODEL (file.py:function, package.module:function, a Hugging Face model directory or a .nemo
+    file) and record it.
 
     Loading MODEL, --inputs and --loss executes that code: it is your model code.
     """
@@ -257,7 +258,7 @@ def _draw(report, d: dict[str, Any]) -> None:
 def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_path: str | None,
             json_path: str | None, modules_depth: int | None, ops: bool, show_all: bool, no_rng_replay: bool,
             **o: Any) -> int:
-    """Compare REF and CAND; each is a capture directory or a model spec.
+    """Compare REF and CAND; each is a capture directory or a model (as for capture).
 
     A model spec CAND runs on REF's saved inputs, seed and mode, and starts its backward pass from
     REF's output gradients; --inputs, --loss and the other run options apply to it and override.

@@ -1,9 +1,11 @@
 """Load model: model, inputs and loss specs, and checkpoints.
 
 A spec is ``path/to/file.py:function`` or ``package.module:function``. Loading a spec *executes*
-that file, which is the point: it is the user's own model code. Data files (inputs, checkpoints)
-are never unpickled: ``torch.load`` runs with ``weights_only=True`` and archives are read member
-by member with path checks.
+that file, which is the point: it is the user's own model code. A model may also be a local Hugging
+Face model directory (``config.json`` and weights: transformers' ``AutoModel``, offline, no remote
+code) or a ``.nemo`` file (NeMo's own ``restore_from``, which builds the class its config names: as
+with a spec, that is the user's model code). Data files (inputs, checkpoints) are never unpickled:
+``torch.load`` runs with ``weights_only=True`` and archives are read member by member with path checks.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import json
 import re
 import sys
 import tarfile
@@ -66,8 +69,18 @@ def _import_file(path: Path, what: str, spec: str):
     return module
 
 
+def is_model_file(spec: str) -> bool:
+    """Whether ``spec`` is a model given as files: a Hugging Face model directory or a ``.nemo`` file."""
+    return Path(spec, "config.json").is_file() or (spec.endswith(".nemo") and Path(spec).is_file())
+
+
 def load_model(spec: str) -> torch.nn.Module:
-    """Call the zero-argument model builder named by ``spec``."""
+    """The model ``spec`` names: a zero-argument builder's result, a Hugging Face model directory
+    or a ``.nemo`` file (see the module docstring)."""
+    if Path(spec, "config.json").is_file():
+        return _load_hf(spec)
+    if spec.endswith(".nemo") and Path(spec).is_file():
+        return _load_nemo(spec)
     build = load_callable(spec, "model spec")
     try:
         model = build()
@@ -76,6 +89,33 @@ def load_model(spec: str) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise FxdiffError(f"model {spec!r}: returned {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def _load_hf(path: str) -> torch.nn.Module:
+    """``AutoModel.from_pretrained(path)``: local files only, no code from the directory."""
+    try:
+        from transformers import AutoModel
+    except ImportError:
+        raise FxdiffError(f"model {path}: a Hugging Face model directory needs transformers "
+                          "(pip install transformers)") from None
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 -- transformers raises many types for a bad directory
+        raise FxdiffError(f"model {path}: transformers cannot load it ({type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0]})") from None
+
+
+def _load_nemo(path: str) -> torch.nn.Module:
+    """``ModelPT.restore_from(path)`` on the CPU, with NeMo."""
+    try:
+        from nemo.core import ModelPT
+    except ImportError:
+        raise FxdiffError(f"model {path}: restoring a .nemo model needs NeMo (pip install nemo_toolkit); without "
+                          "it, give a file.py:function that builds the model, with this file as its checkpoint") from None
+    try:
+        return ModelPT.restore_from(restore_path=path, map_location=torch.device("cpu"))
+    except Exception as e:
+        raise blame_user(f"model {path}: NeMo's restore_from", e) from None
 
 
 def load_loss(spec: str) -> Callable[[Any], torch.Tensor]:
@@ -102,12 +142,17 @@ def split_call(obj: Any, what: str) -> tuple[tuple, dict]:
 def load_inputs(spec: str) -> tuple[tuple, dict]:
     """Model inputs from ``file.py:function``, a ``.safetensors`` file or a ``.pt`` file."""
     if spec.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
         _require_file(spec, "inputs")
         try:
             flat = load_file(spec)
+            with safe_open(spec, "pt") as f:
+                structure = (f.metadata() or {}).get(CALL_KEY)
         except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
             raise FxdiffError(f"inputs {spec}: not a readable safetensors file ({e})", option="inputs") from None
+        if structure is not None:
+            return split_call(_decode_call(structure, flat, spec), f"inputs {spec}")
         return split_call(_unflatten_args(flat), f"inputs {spec}")
     if spec.endswith((".pt", ".pth")):
         return split_call(_torch_load(spec, "inputs"), f"inputs {spec}")
@@ -117,6 +162,58 @@ def load_inputs(spec: str) -> tuple[tuple, dict]:
     except Exception as e:
         raise blame_user(f"inputs spec {spec}", e) from None
     return split_call(made, f"inputs spec {spec}")
+
+
+CALL_KEY = "fxdiff.args"     # safetensors metadata: the call's structure as JSON, tensors by key
+_TENSOR = "fxdiff.tensor"    # {"fxdiff.tensor": key} stands for the tensor stored under key
+
+
+def inputs_file(args: tuple, kwargs: dict) -> bytes:
+    """A call as a ``.safetensors`` file: every tensor cloned under its path (``args.0``,
+    ``kwargs.mask``; safetensors refuses tensors that share memory, so copies are written), and the
+    structure with non-tensor arguments (None, bools, numbers, strings, lists, tuples as lists,
+    dicts) as JSON in the metadata under ``fxdiff.args``. ``load_inputs`` reads it back."""
+    from safetensors.torch import save
+    tensors: dict[str, torch.Tensor] = {}
+    structure = {"args": _encode(list(args), tensors, "args"), "kwargs": _encode(dict(kwargs), tensors, "kwargs")}
+    return save(tensors, metadata={CALL_KEY: json.dumps(structure, allow_nan=False)})
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().clone().contiguous()
+        return {_TENSOR: path}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+    raise FxdiffError(f"inputs: {path} is a {type(obj).__name__}; an inputs file holds tensors, None, bools, "
+                      "numbers, strings, lists and dicts with string keys", option="inputs")
+
+
+def _decode_call(text: str, tensors: dict[str, torch.Tensor], spec: str) -> Any:
+    """The call stored by ``inputs_file``, its tensors taken from ``tensors``."""
+    def decode(obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [decode(v) for v in obj]
+        if not isinstance(obj, dict):
+            return obj
+        if set(obj) == {_TENSOR}:
+            if obj[_TENSOR] not in tensors:
+                raise FxdiffError(f"inputs {spec}: {CALL_KEY} refers to tensor {obj[_TENSOR]!r}, which the file "
+                                  "lacks", option="inputs")
+            return tensors[obj[_TENSOR]]
+        return {k: decode(v) for k, v in obj.items()}
+    try:
+        structure = json.loads(text)
+    except ValueError as e:
+        raise FxdiffError(f"inputs {spec}: {CALL_KEY} is not JSON ({e})", option="inputs") from None
+    if not isinstance(structure, dict) or not isinstance(structure.get("args"), list) \
+            or not isinstance(structure.get("kwargs"), dict):
+        raise FxdiffError(f"inputs {spec}: {CALL_KEY} is not {{'args': [...], 'kwargs': {{...}}}}", option="inputs")
+    return decode(structure)
 
 
 def _unflatten_args(flat: dict[str, torch.Tensor]) -> Any:

@@ -84,7 +84,8 @@ def _writable(path: str, flag: str) -> None:
 def run_options(fn):
     """Options that say how to run a model: inputs, loss, weights, mode, seed, device, dtype."""
     options = [
-        click.option("--inputs", help="file.py:function, .safetensors or .pt with the model inputs."),
+        click.option("--inputs", help="file.py:function, .safetensors or .pt with the model inputs (fxdiff.save_inputs "
+                                      "writes a .safetensors with non-tensor arguments and shared tensors)."),
         click.option("--loss", help="file.py:function taking the model output (and optionally the model), "
                                     "returning a scalar (default: a seeded random cotangent on every floating "
                                     "output; a live candidate starts from the reference's output gradients)."),

@@ -247,3 +247,124 @@ def test_cli_replay_on_by_default_and_off_with_flag(tmp_path, pair):
     assert result.exit_code == 1, result.output
     assert fxdiff.load_report(tmp_path / "off.json").diverged
     assert not fxdiff.load_report(tmp_path / "on.json").diverged
+
+
+# -- every kind of random op, drawn in the other order on each side ---------------------------------
+
+class Drawn(nn.Module):
+    """A linear layer, then ``fn(h)``: the random part under test (module ``noise``)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.proj = _seeded(nn.Linear, D_IN, D_HID)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.proj(x))
+
+
+def draws_ref(h):
+    a, b, c = torch.randn(h.shape), torch.rand_like(h), torch.randn_like(h)
+    return h * b + a * c
+
+
+def draws_cand(h):
+    c = torch.randn_like(h)
+    b = torch.rand_like(h)
+    return h * b + torch.randn(h.shape) * c
+
+
+def indices_ref(h):
+    frame = torch.randint(0, T, (h.shape[0],))
+    picks = torch.multinomial(h.detach().abs().sum(-1), 2)
+    shift = torch.empty(h.shape[0], dtype=torch.long).random_(0, 4)
+    rows = torch.arange(h.shape[0])
+    return h[rows, frame] + h[rows, picks[:, 0]] * h[rows, picks[:, 1]] + shift[:, None]
+
+
+def indices_cand(h):
+    shift = torch.empty(h.shape[0], dtype=torch.long).random_(0, 4)
+    picks = torch.multinomial(h.detach().abs().sum(-1), 2)
+    frame = torch.randint(0, T, (h.shape[0],))
+    rows = torch.arange(h.shape[0])
+    return h[rows, frame] + h[rows, picks[:, 0]] * h[rows, picks[:, 1]] + shift[:, None]
+
+
+def dropouts_ref(h):
+    keep = torch.empty(h.shape).bernoulli_(0.7)
+    a = F.alpha_dropout(h, 0.2, True)
+    b = F.dropout1d(h.transpose(1, 2), 0.3, True).transpose(1, 2)
+    c = F.dropout(torch.relu(h) * 1.5, 0.4, True, inplace=True)   # zeros from relu; written in place
+    return a * keep + b + c
+
+
+def dropouts_cand(h):
+    c = F.dropout(1.5 * torch.relu(h), 0.4, True)
+    b = F.dropout1d(h.transpose(1, 2), 0.3, True).transpose(1, 2)
+    a = F.alpha_dropout(h, 0.2, True)
+    return a * torch.empty(h.shape).bernoulli_(0.7) + b + c
+
+
+def spec_augment_ref(h, width=3):
+    """SpecAugment-style time and feature masks: widths drawn, then starts."""
+    b, t, f = h.shape
+    tw, fw = torch.randint(1, width + 1, (b, 1)), torch.randint(1, width + 1, (b, 1))
+    t0, f0 = (torch.rand(b, 1) * (t - tw)).long(), (torch.rand(b, 1) * (f - fw)).long()
+    tpos, fpos = torch.arange(t)[None], torch.arange(f)[None]
+    time = (tpos >= t0) & (tpos < t0 + tw)
+    feat = (fpos >= f0) & (fpos < f0 + fw)
+    return h.masked_fill(time[:, :, None] | feat[:, None, :], 0.0)
+
+
+def spec_augment_cand(h, width=3):
+    """The same masks, each start drawn right after its width (look-alike draws keep their order:
+    the matcher pairs those by order)."""
+    b, t, f = h.shape
+    tw = torch.randint(1, width + 1, (b, 1))
+    t0 = (torch.rand(b, 1) * (t - tw)).long()
+    fw = torch.randint(1, width + 1, (b, 1))
+    f0 = (torch.rand(b, 1) * (f - fw)).long()
+    feat = (torch.arange(f)[None] >= f0) & (torch.arange(f)[None] < f0 + fw)
+    time = (torch.arange(t)[None] >= t0) & (torch.arange(t)[None] < t0 + tw)
+    return h.masked_fill(feat[:, None, :] | time[:, :, None], 0.0)
+
+
+KINDS = {"draws": (draws_ref, draws_cand, {"randn", "rand_like", "randn_like"}),
+         "indices": (indices_ref, indices_cand, {"randint", "multinomial", "random_"}),
+         "dropouts": (dropouts_ref, dropouts_cand, {"bernoulli_", "alpha_dropout", "dropout1d", "dropout"}),
+         "spec_augment": (spec_augment_ref, spec_augment_cand, {"randint", "rand"})}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_kind_of_random_op_is_replayed(kind):
+    ref_fn, cand_fn, ops = KINDS[kind]
+    ref = fxdiff.capture(Drawn(ref_fn), inputs(), mode="train", keep_dropout=True)
+    assert fxdiff.compare(ref, Drawn(cand_fn), rng_replay=False).diverged, "the two draw differently"
+    report = fxdiff.compare(ref, Drawn(cand_fn))
+    assert report.diverged is False, (report.summary(), first_forward(report), report.unmatched)
+    assert {e["op"] for e in report.replayed} == ops, report.replayed
+    assert all(e["ref_node"] in ref.values and isinstance(e["call"], int) for e in report.replayed)
+
+
+def test_replay_casts_to_the_candidates_dtype():
+    ref = fxdiff.capture(Drawn(draws_ref), inputs(), mode="train")
+    report = fxdiff.compare(ref, Drawn(draws_cand), dtype="float64")
+    assert report.diverged is False and len(report.replayed) == 3, report.summary()
+
+
+def test_other_distribution_parameters_are_not_replayed():
+    """uniform_(0.5, 1.5) against uniform_(0, 1): a bug replay must not hide."""
+    ref = fxdiff.capture(Drawn(lambda h: h * torch.empty(h.shape).uniform_(0.5, 1.5)), inputs(), mode="train")
+    report = fxdiff.compare(ref, Drawn(lambda h: h * torch.empty(h.shape).uniform_()))
+    assert report.diverged and report.replayed == []
+    assert [e["op"] for e in first_forward(report)] == ["uniform_"], first_forward(report)
+
+
+def test_two_captures_are_not_replayed_and_the_report_says_so():
+    ref = capture_train(ref_branches)
+    cand = fxdiff.capture(cand_branches(), inputs(), mode="train", keep_dropout=True)
+    report = fxdiff.compare(ref, cand)
+    assert report.diverged and report.replayed == []
+    assert any("cannot be replayed" in w for w in report.warnings), report.warnings
+    same = fxdiff.compare(ref, ref)
+    assert not same.diverged and not any("random" in w for w in same.warnings)

@@ -118,9 +118,10 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
     if _is_live(cand):
         cand_capture = run_candidate(ref_capture, cand, options, user_map)
     else:
-        if not _is_live(ref) and options.given():
-            raise FxdiffError(f"{', '.join(options.given())}: these options run a model, and both sides are "
-                              "captures", option=options.given()[0])
+        given = [name for name in options.given() if name != "rng_replay"]   # two captures are never replayed
+        if not _is_live(ref) and given:
+            raise FxdiffError(f"{', '.join(given)}: these options run a model, and both sides are captures",
+                              option=given[0])
         cand_capture = _as_capture(cand)
     with step("matching"):
         alignment = match(ref_capture, cand_capture, user_map)
@@ -161,16 +162,23 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
         raise FxdiffError("the reference capture holds no output gradients (it was made by an older fxdiff) and "
                           "its loss was code; give the candidate's loss", option="loss")
     with step(f"running {_label(cand)}"):
-        first = record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
-    if not options.rng_replay or options.tracer != "eager":
-        return first
-    with step("matching random ops"):
-        draws = replay_table(ref, first, match(ref, first, user_map))
+        once = record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
+    draws = _reference_draws(ref, once, options, user_map)
     if not draws:
-        return first
+        return once
     with step(f"running {_label(cand)} again with the reference's random draws"):
         return record(model, args, kwargs, dataclasses.replace(config, replay=draws), tracer=options.tracer,
                       meta=meta)
+
+
+def _reference_draws(ref: Capture, cand: Capture, options: LiveOptions,
+                     user_map: UserMap | None) -> dict[int, torch.Tensor]:
+    """The replay table for a candidate run once: empty unless replay is on, the tracer eager and both sides drew."""
+    drew = any(RANDOM_CALL in n.meta for n in cand.graph.nodes) and any(map(is_random, ref.graph.nodes))
+    if not (options.rng_replay and options.tracer == "eager" and drew):
+        return {}
+    with step("matching random ops"):
+        return replay_table(ref, cand, match(ref, cand, user_map))
 
 
 def replay_table(ref: Capture, cand: Capture, alignment: Alignment) -> dict[int, torch.Tensor]:

@@ -110,8 +110,8 @@ def _load_nemo(path: str) -> torch.nn.Module:
     try:
         from nemo.core import ModelPT
     except ImportError:
-        raise FxdiffError(f"model {path}: restoring a .nemo model needs NeMo (pip install nemo_toolkit); without "
-                          "it, give a file.py:function that builds the model, with this file as its checkpoint") from None
+        raise FxdiffError(f"model {path}: restoring a .nemo model needs NeMo (pip install nemo_toolkit); without it, "
+                          "give a file.py:function that builds the model, with this file as its checkpoint") from None
     try:
         return ModelPT.restore_from(restore_path=path, map_location=torch.device("cpu"))
     except Exception as e:

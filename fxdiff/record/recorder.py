@@ -537,7 +537,7 @@ def _without_dropout(func, args, kwargs):
 
 
 def is_random(node: torch.fx.Node) -> bool:
-    """Whether a capture node is a random op (dropout, a draw such as ``torch.rand``, a fill such as ``uniform_``)."""
+    """Whether a capture node is a random op: dropout, a draw (``torch.rand``), a fill (``uniform_``)."""
     return str(node.meta.get(TARGET, node.target)).rpartition(".")[2] in RANDOM_OPS
 
 
@@ -579,8 +579,8 @@ def reference_draw(node: torch.fx.Node, values: dict[str, torch.Tensor],
         a, x, out = _alpha_scale(p), x.double(), out.double()
         return (out - (x + _ALPHA * p) * a).abs() <= (out - _ALPHA * (p - 1) * a).abs()
     grad = grads.get(source.name) if len(source.users) == 1 else None
-    unseen = grad != 0 if grad is not None and grad.shape == x.shape else True
-    return (out != 0) | ((x == 0) & unseen)
+    kept_at_zero = grad != 0 if grad is not None and grad.shape == x.shape else True
+    return (out != 0) | ((x == 0) & kept_at_zero)
 
 
 def _replayed(func, draw: torch.Tensor, args: tuple, kwargs: dict) -> Any:

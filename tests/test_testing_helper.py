@@ -58,7 +58,8 @@ def test_bug_raises_naming_the_module():
     first = message.splitlines()[1]
     assert "first forward divergence: ref act" in first and "cand mid" in first, message
     assert "first backward divergence" in message
-    assert "Intermediate nodes" in message and "DIVERGED" in message, message   # the rendered report
+    modules = message[message.index("Modules"):]   # the rendered report's per-module table
+    assert "DIVERGED" in message and "act (cand mid)" in modules, message
     assert "\x1b[" not in message, "plain text, no terminal colours"
 
 

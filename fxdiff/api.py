@@ -39,7 +39,8 @@ from .ops import node_key
 from .params import convert as convert_state
 from .progress import step
 from .record import BackwardSeed, RunConfig, record
-from .record.recorder import RANDOM_CALL, RANDOM_OPS, REPLAYED, is_random, reference_draw
+from .ops import RANDOM_OPS
+from .record.recorder import RANDOM_CALL, REPLAYED, is_random, reference_draw
 from .store import is_capture, load, save
 
 Side = Capture | str | os.PathLike

@@ -62,6 +62,13 @@ _UNINITIALISED = ("empty", "empty_like", "new_empty", "empty_strided", "new_empt
 # Multi-output ops whose items are slices of their one input: contracted like views.
 _SPLITS = ("chunk", "split", "split_with_sizes", "unbind", "tensor_split", "hsplit", "vsplit")
 
+# Ops that draw random numbers: two runs differ there unless the draws are replayed.
+RANDOM_OPS = frozenset({
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "feature_dropout",
+    "rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "multinomial",
+    "normal", "poisson", "uniform_", "normal_", "bernoulli_", "random_", "exponential_", "geometric_", "cauchy_",
+    "log_normal_"})
+
 
 class OpKeys:
     """An op-key table: stripped op name -> canonical key, plus the op sets keyed by canonical key.

@@ -31,10 +31,9 @@ from . import noise
 from .isolate import replay, replay_backward
 from .noise import OWN_ROUNDING
 from ..match.confidence import WEAK
-from ..ops import DEFAULT_OPS, node_key
+from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
-from ..record.recorder import RANDOM_OPS
 from ..model.report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
 
 

@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import tree
 from ..model.capture import DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET
+from ..ops import RANDOM_OPS
 from ..targets import mutated, target_name
 from .plain import as_plain, is_plain, transformed
 
@@ -49,7 +50,6 @@ _DRAWS = {torch.rand, torch.randn, torch.rand_like, torch.randn_like, torch.rand
           torch.normal, torch.poisson}
 _FILLS = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.random_,
           torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_, torch.Tensor.log_normal_}
-RANDOM_OPS = frozenset(target_name(f).rpartition(".")[2] for f in _DROPOUT | _DRAWS | _FILLS)
 RANDOM_CALL = "fxdiff_random_call"   # node.meta: k for the run's k-th random call (from 0)
 REPLAYED = "fxdiff_replayed"         # node.meta: True when that call took the reference's draw
 _ALPHA = 1.7580993408473766          # SELU's alpha, as alpha dropout uses it

@@ -117,7 +117,7 @@ def _same_layout(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, s
         fits = [p for p in itertools.permutations(range(cand.dim()))
                 if tuple(cand.shape[i] for i in p) == tuple(ref.shape)]
         if fits:
-            best = min(fits, key=lambda p: float((cand.permute(p).double() - ref.double()).abs().max()))
+            best = min(fits, key=lambda p: float((cand.permute(p).detach().cpu().double() - ref.detach().cpu().double()).abs().max()))
             return cand.permute(best), f"candidate permuted {best}"
     return cand.reshape(ref.shape), f"candidate reshaped from {tuple(cand.shape)}"
 
@@ -228,15 +228,16 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                                                                      _transformed(cand.param_grads, pp, gradient=True), tol, param_floor),
                                value=compare_tensors(ref.params[pp.ref], cand_value, tol)
                                if cand_value is not None else None))
+    precision = noise.TF32_EPS if ref.meta.get("tf32") or cand.meta.get("tf32") else 0.0
     if not tol.strict:
-        noise.judge(ref.graph, rows, params, node_floor, param_floor)
+        noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
     rows, rejected = _verify_weak(ref.graph, rows)
     _mark_frontier(ref.graph, rows)
     _blame_one_sided(ref, cand, rows, alignment)
     _name_role_swaps(ref, cand, rows)
     _isolate_backward(ref, cand, rows, tol, node_floor)
     _isolate_frontier(ref, cand, rows, tol)
-    outputs = _compare_outputs(ref, cand, out_pairs, tol, rows)
+    outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
     return Report(
         warnings=warnings,
         ref={"label": ref_label, **ref.meta},
@@ -277,7 +278,7 @@ def _transformed(table: dict[str, torch.Tensor], pp, gradient: bool = False) -> 
 
 
 def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,
-                     rows: list[NodeRow]) -> list[dict[str, Any]]:
+                     rows: list[NodeRow], precision: float) -> list[dict[str, Any]]:
     """The paired outputs (``outputs.py``), judged like the nodes that made them."""
     ref_out, cand_out = dict(tree.flatten(ref.outputs)), dict(tree.flatten(cand.outputs))
     inherited = max([r.forward.error or 0.0 for r in rows if r.forward is not None and r.forward.passed], default=0.0)
@@ -285,7 +286,7 @@ def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: 
     for p in pairs:
         metrics = compare_tensors(ref_out[p.ref], cand_out[p.cand], tol)
         if not tol.strict:
-            metrics = noise.verdict(metrics, inherited)
+            metrics = noise.verdict(metrics, inherited, precision=precision)
         compared.append({"ref": p.ref, "cand": p.cand, "metrics": metrics})
     return compared
 
@@ -509,7 +510,7 @@ def _relative_distance(a: torch.Tensor | None, b: torch.Tensor) -> float:
     """RMS of ``a - b`` over the RMS of ``a`` (inf when the shapes differ)."""
     if a is None or a.shape != b.shape:
         return math.inf
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     scale = float(a.square().mean().sqrt())
     return float((a - b).square().mean().sqrt()) / scale if scale > 0 else math.inf
 

@@ -43,12 +43,19 @@ def relative_error(m: Metrics, floor: float = 0.0) -> float:
     return 0.0 if m.rms_diff == 0 else math.inf
 
 
-def verdict(m: Metrics | None, inherited: float, floor: float = 0.0, tail: float = TAIL) -> Metrics | None:
+TF32_EPS = 2.0 ** -10   # float32 matrix products and convolutions on CUDA may round inputs to TF32
+
+
+def verdict(m: Metrics | None, inherited: float, floor: float = 0.0, tail: float = TAIL,
+            precision: float = 0.0) -> Metrics | None:
     """``m`` judged against its noise level; exact dtypes, shape mismatches and NaN/Inf
-    differences keep their verdict."""
+    differences keep their verdict. ``precision``: the machine epsilon the run computed at, when
+    coarser than its tensors' dtypes say (TF32)."""
     if m is None or m.eps == 0 or not math.isfinite(m.max_abs_diff) or "NaN/Inf" in m.note:
         return m
-    noise = max(OWN_ROUNDING * m.eps, AMPLIFY * inherited)
+    eps = max(m.eps, precision)
+    m = dataclasses.replace(m, eps=eps)
+    noise = max(OWN_ROUNDING * eps, AMPLIFY * inherited)
     error = relative_error(m, floor)
     # the worst element: both are upper bounds of |d| / max(|ref|, RMS, floor)
     worst = min(m.max_scaled_diff, m.max_abs_diff / floor) if floor > 0 else m.max_scaled_diff
@@ -76,7 +83,7 @@ def nearest(graph: torch.fx.Graph, compared: set[str]) -> tuple[dict[str, set[st
 
 
 def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], node_floor: float,
-          param_floor: float) -> None:
+          param_floor: float, precision: float = 0.0) -> None:
     """Noise-aware verdicts for every row and parameter: parameter values first (each at its own
     rounding), then forward values in topological order (inheriting from compared inputs and from
     the parameters they read), then gradients in reverse order, then parameter gradients."""
@@ -98,10 +105,10 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
         return max(errors, default=0.0)
 
     for r in order:
-        r.forward = verdict(r.forward, passing(preds[r.ref_node], "forward"))
+        r.forward = verdict(r.forward, passing(preds[r.ref_node], "forward"), precision=precision)
     for r in reversed(order):
         inherited = max(passing(succs[r.ref_node], "backward"), passing(preds[r.ref_node] | {r.ref_node}, "forward"))
-        r.backward = verdict(r.backward, inherited, node_floor, TAIL_BACKWARD)
+        r.backward = verdict(r.backward, inherited, node_floor, TAIL_BACKWARD, precision)
     users: dict[str, set[str]] = {}
     for name, target in param_nodes.items():
         users.setdefault(target, set()).update(succs[name])
@@ -112,4 +119,4 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
         consumers = [x for n in users.get(p.ref, ()) for x in by_ref.get(n, ())]
         inherited = max([m.error or 0.0 for x in consumers for m in (x.forward, x.backward)
                          if m is not None and m.passed], default=0.0)
-        p.grad = verdict(p.grad, inherited, param_floor, TAIL_BACKWARD)
+        p.grad = verdict(p.grad, inherited, param_floor, TAIL_BACKWARD, precision)

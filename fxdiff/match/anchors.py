@@ -7,6 +7,8 @@ import bisect
 import re
 from collections import defaultdict
 
+import torch
+
 from ..model.alignment import Pair, ParamPair
 from ..params import output_index, output_slice
 from .compute_graph import ComputeGraph
@@ -21,19 +23,33 @@ def input_anchors(r: ComputeGraph, c: ComputeGraph) -> list[Pair]:
     cand_in = [n for n in c.order if c.key[n] == "input"]
     out, free = [], list(cand_in)
     rv, cv = r.capture.values, c.capture.values
-    for rule in ("identical value", "same shape and dtype"):
+    for rule in ("identical value", "same shape and kind"):
         for n in ref_in:
             if any(p.ref == n for p in out):
                 continue
             for m in free:
                 a, b = rv[n], cv[m]
-                same = a.shape == b.shape and a.dtype == b.dtype
-                if same and (rule != "identical value" or bool((a == b).all()) or
-                             (a.is_floating_point() and bool(a.isnan().any()) and bool(a.equal(b)))):
+                if a.shape == b.shape and a.is_floating_point() == b.is_floating_point() and \
+                        (rule != "identical value" or _identical(a, b)):
                     out.append(Pair(n, m, f"input: {rule}", CERTAIN if rule == "identical value" else SIZE_ONLY))
                     free.remove(m)
                     break
     return out
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values at the coarser of the two precisions, NaNs in the same places counting as equal
+    (an input cast to the candidate's dtype is still the same input)."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.is_floating_point() and a.dtype != b.dtype:
+        coarse = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
+        a, b = a.to(coarse), b.to(coarse)
+    elif a.dtype != b.dtype:
+        return False
+    same = a == b
+    if a.is_floating_point():
+        same |= a.isnan() & b.isnan()
+    return bool(same.all())
 
 
 def output_anchors(r: ComputeGraph, c: ComputeGraph) -> list[Pair]:

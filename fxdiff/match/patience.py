@@ -94,7 +94,7 @@ def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
 
 def _value_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """How unlike two tensors are (0 = equal), for breaking ties between look-alike ops."""
-    x, y = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (x, y))
+    x, y = (torch.view_as_real(t.detach().cpu()) if t.is_complex() else t.detach().cpu() for t in (x, y))
     x, y = x.reshape(-1).double(), y.reshape(-1).double()
     if x.numel() != y.numel():
         return 2.0

@@ -316,8 +316,8 @@ def _permuted(ref, cand, ref_left, cand_left, transposed: bool = False, vectors:
         index = next((list(i) for i in known if i is not None and len(i) == len(keys_r)
                       and [keys_c[c][j] for j in i] == keys_r), None)
         if index is None:
-            rows_c = cand[c].reshape(cand[c].shape[0], -1).double()
-            rows_r = t.reshape(t.shape[0], -1).double()
+            rows_c = cand[c].detach().cpu().reshape(cand[c].shape[0], -1).double()
+            rows_r = t.detach().cpu().reshape(t.shape[0], -1).double()
             index = []
             for i, k in enumerate(keys_r):   # rows equal at bfloat16 precision: the closest one
                 j = min(where[k], key=lambda j: float((rows_c[j] - rows_r[i]).abs().sum()))
@@ -339,7 +339,7 @@ def _offset(ref, cand, ref_left, cand_left, dig_c) -> list[ParamPair]:
     for r in ref_left:
         if ref[r].dim() != 1 or not ref[r].is_floating_point():
             continue
-        c = free.pop(_digest(ref[r] - 1), None)
+        c = free.pop(_digest(ref[r].detach().cpu() - 1), None)
         if c is not None:
             out.append(ParamPair(r, (c,), {"kind": "offset", "value": 1.0}, "identical up to an offset of 1", 1.0))
     return out

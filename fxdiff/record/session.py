@@ -394,6 +394,9 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
         "loss": _loss_name(config),
         "loss_value": run.loss_value,
         "device": str(first.device) if first is not None else "cpu",
+        # float32 convolutions and matrix products on CUDA may round their inputs to TF32
+        "tf32": first is not None and first.device.type == "cuda"
+        and bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32),
         "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "started": started.isoformat(timespec="seconds"),

@@ -39,7 +39,7 @@ def fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-_PRECISIONS = {2.0 ** -7: "bfloat16", 2.0 ** -10: "float16", 2.0 ** -23: "float32", 2.0 ** -52: "float64"}
+_PRECISIONS = {2.0 ** -7: "bfloat16", 2.0 ** -10: "float16 or TF32", 2.0 ** -23: "float32", 2.0 ** -52: "float64"}
 
 
 def _precision(eps: float) -> str:

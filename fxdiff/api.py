@@ -32,15 +32,13 @@ from .errors import FxdiffError
 from .judge import Tolerance, judge
 from .load import specs
 from .match import UserMap, match
-from .model.alignment import Alignment, ParamMap
-from .model.capture import MODULE, SHAPE, Capture
+from .model.alignment import ParamMap
+from .model.capture import Capture
 from .model.report import Report
-from .ops import node_key
 from .params import convert as convert_state
 from .progress import step
 from .record import BackwardSeed, RunConfig, record
-from .ops import RANDOM_OPS
-from .record.recorder import RANDOM_CALL, REPLAYED, is_random, reference_draw
+from .replay import drew, random_differences, replay_table, replayed
 from .store import is_capture, load, save
 
 Side = Capture | str | os.PathLike
@@ -129,9 +127,9 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
     with step("judging"):
         report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
                        ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
-    report.replayed = _replayed(ref_capture, cand_capture, alignment)
+    report.replayed = replayed(ref_capture, cand_capture, alignment)
     if not _is_live(cand):
-        report.warnings.extend(_setup_differences(ref_capture, cand_capture) + _random_differences(report))
+        report.warnings.extend(_setup_differences(ref_capture, cand_capture) + random_differences(report))
     return report
 
 
@@ -175,31 +173,10 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
 def _reference_draws(ref: Capture, cand: Capture, options: LiveOptions,
                      user_map: UserMap | None) -> dict[int, torch.Tensor]:
     """The replay table for a candidate run once: empty unless replay is on, the tracer eager and both sides drew."""
-    drew = any(RANDOM_CALL in n.meta for n in cand.graph.nodes) and any(map(is_random, ref.graph.nodes))
-    if not (options.rng_replay and options.tracer == "eager" and drew):
+    if not (options.rng_replay and options.tracer == "eager" and drew(ref, cand)):
         return {}
     with step("matching random ops"):
         return replay_table(ref, cand, match(ref, cand, user_map))
-
-
-def replay_table(ref: Capture, cand: Capture, alignment: Alignment) -> dict[int, torch.Tensor]:
-    """``ref``'s draw for each random call of ``cand`` (by call index) that ``alignment`` pairs with a
-    random op of ``ref`` of the same op, shape and constant arguments (dropout's ``p`` excepted: the
-    candidate applies its own to the reference's mask)."""
-    ref_nodes, cand_nodes = {n.name: n for n in ref.graph.nodes}, {n.name: n for n in cand.graph.nodes}
-    table = {}
-    for pair in alignment.pairs:
-        r, c = ref_nodes[pair.ref], cand_nodes[pair.cand]
-        k = c.meta.get(RANDOM_CALL)
-        if k is None or not is_random(r) or pair.ref_slice or pair.cand_slice or _random_op(r) != _random_op(c) \
-                or r.meta.get(SHAPE) != c.meta.get(SHAPE):
-            continue
-        if "dropout" not in _random_op(c) and _constants(r) != _constants(c):
-            continue
-        draw = reference_draw(r, ref.values, ref.grads)
-        if draw is not None:
-            table[k] = draw
-    return table
 
 
 def map_params(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *,
@@ -313,49 +290,6 @@ def _label(side: Any) -> str:
     if isinstance(side, torch.nn.Module):
         return type(side).__name__
     return str(side.meta.get("model", "capture")) if isinstance(side, Capture) else str(side)
-
-
-def _random_op(node: torch.fx.Node) -> str:
-    """The random op a node runs, ``rand_like`` and ``rand`` alike."""
-    return node_key(node).removesuffix("_like")
-
-
-_NOT_CONSTANTS = ("dtype", "device", "layout", "generator", "requires_grad", "pin_memory", "memory_format", "out")
-
-
-def _constants(node: torch.fx.Node) -> list:
-    """The numbers and flags a random op was called with (sizes, bounds, probabilities), in order."""
-    found: list = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, (bool, int, float)):
-            found.append(x)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-    walk(node.args)
-    walk([v for k, v in node.kwargs.items() if k not in _NOT_CONSTANTS])
-    return found
-
-
-def _replayed(ref: Capture, cand: Capture, alignment: Alignment) -> list[dict[str, Any]]:
-    """The pairs whose candidate random op took the reference's draw, for the report."""
-    ref_nodes, cand_nodes = {n.name: n for n in ref.graph.nodes}, {n.name: n for n in cand.graph.nodes}
-    return [{"ref_node": p.ref, "cand_node": p.cand, "op": node_key(cand_nodes[p.cand]),
-             "ref_module": ref_nodes[p.ref].meta.get(MODULE, ""),
-             "cand_module": cand_nodes[p.cand].meta.get(MODULE, ""), "call": cand_nodes[p.cand].meta[RANDOM_CALL]}
-            for p in alignment.pairs if cand_nodes[p.cand].meta.get(REPLAYED)]
-
-
-def _random_differences(report: Report) -> list[str]:
-    """Two captures whose paired random ops drew differently, in words: only a live candidate is replayed."""
-    differ = [r for r in report.nodes if r.op in RANDOM_OPS and r.forward is not None and not r.forward.passed]
-    if not differ:
-        return []
-    where = ", ".join(f"{r.op} at {r.ref_module or '<root>'}" for r in differ[:3])
-    return [f"{len(differ)} paired random ops drew differently ({where}{', ...' if len(differ) > 3 else ''}): "
-            "two captures cannot be replayed; compare the candidate live (a model spec or module) to give it "
-            "the reference's random draws"]
 
 
 _SETUP = ("mode", "keep_dropout", "dtype", "device", "seed", "torch", "autocast")

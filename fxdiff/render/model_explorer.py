@@ -11,7 +11,6 @@ the decades of the log scale, so the overlay reads the same as ``fxdiff compare 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path

@@ -188,34 +188,4 @@ def _registry() -> dict[str, Pair]:
     return pairs
 
 
-class _Lazy(dict):
-    def _fill(self):
-        if not dict.__len__(self):
-            dict.update(self, _registry())
-
-    def __getitem__(self, k):
-        self._fill()
-        return dict.__getitem__(self, k)
-
-    def __iter__(self):
-        self._fill()
-        return dict.__iter__(self)
-
-    def __len__(self):
-        self._fill()
-        return dict.__len__(self)
-
-    def items(self):
-        self._fill()
-        return dict.items(self)
-
-    def keys(self):
-        self._fill()
-        return dict.keys(self)
-
-    def values(self):
-        self._fill()
-        return dict.values(self)
-
-
-PAIRS: dict[str, Pair] = _Lazy()
+PAIRS: dict[str, Pair] = _registry()

@@ -7,8 +7,6 @@ the file works from ``file://`` and can be mailed or attached to a bug.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import re
 import sys
@@ -21,7 +19,7 @@ from ..version import __version__
 from ..model.report import HIST_EDGES, Metrics, Report
 from . import scale as sc
 from .graphview import View, build_view
-from ..util import atomic_write
+from ..util import atomic_write, dumps
 from .svg import draw, fit_scale
 
 
@@ -102,28 +100,18 @@ def _side_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _m(m: Metrics | None) -> list[Any] | None:
-    """passed, max_abs, max_rel, mean_abs, cosine, ref_rms, mismatched, numel, note, histogram"""
+    """passed, max_abs, max_rel, mean_abs, cosine, ref_rms, mismatched, numel, note, histogram, and
+    every measure of ``scale.METRICS`` by name: the page reads them, it does not define them."""
     if m is None:
         return None
     d = dataclasses.asdict(m)
     return [int(d["passed"]), d["max_abs_diff"], d["max_rel_diff"], d["mean_abs_diff"], d["cosine"], d["ref_rms"],
-            d["mismatched"], d["numel"], d["note"], d["histogram"]]
+            d["mismatched"], d["numel"], d["note"], d["histogram"], {k: sc.measure(m, k) for k in sc.METRICS}]
 
 
 def _script_json(data: Any) -> str:
     """JSON for a ``<script type="application/json">``: non-finite numbers as strings, no ``</``."""
-    text = json.dumps(_finite(data), separators=(",", ":"), allow_nan=False)
-    return text.replace("</", "<\\/").replace("<!--", "<\\!--")
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if x != x else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+    return dumps(data, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
 def _strip_prolog(svg: str) -> str:

@@ -17,6 +17,7 @@
       passed: !!a[0], max_abs: num(a[1]), max_rel: num(a[2]), mean_abs: num(a[3]),
       cosine: a[4] === null ? null : num(a[4]), ref_rms: num(a[5]), mismatched: a[6], numel: a[7],
       note: a[8] || "", hist: a[9] || [],
+      measures: Object.fromEntries(Object.entries(a[10]).map(([k, v]) => [k, num(v)])),
     };
   }
   const rows = D.rows.map((r, i) => ({
@@ -37,18 +38,10 @@
   const PREFIX = { forward: "f", backward: "b" };
   const DIRS = ["forward", "backward"];
 
-  const ratio = (a, b) => (a === 0 ? 0 : b > 0 ? a / b : Infinity);
-  const MEASURES = {
-    max_abs: (m) => m.max_abs,
-    max_rel: (m) => m.max_rel,
-    mean_abs: (m) => m.mean_abs,
-    rel_mean: (m) => ratio(m.mean_abs, m.ref_rms),
-    cosine: (m) => (m.cosine === null ? (m.passed ? 0 : Infinity) : Math.max(0, 1 - m.cosine)),
-    mismatch: (m) => ratio(m.mismatched, m.numel),
-  };
+  // the measures are computed in Python (fxdiff/render/scale.py METRICS) and read here by name
   function measure(m, key) {
     if (!m) return null;
-    const v = MEASURES[key](m);
+    const v = m.measures[key];
     return Number.isNaN(v) ? Infinity : v;
   }
   const RANK = { none: 0, clean: 1, diverged: 2, first: 3 };

@@ -253,7 +253,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                    "ref_params": alignment.unmatched_ref_params,
                    "cand_params": alignment.unmatched_cand_params,
                    "ref_outputs": ref_outputs_left, "cand_outputs": cand_outputs_left,
-                   "trained_ref_params": [n for n in alignment.unmatched_ref_params if n in ref.param_grads]},
+                   "trained_ref_params": [n for n in alignment.unmatched_ref_params if n in ref.param_grads],
+                   "ref_inputs": [n for n in alignment.unmatched_ref if ref_nodes[n].op == "placeholder"]},
         graph={"ref": _structure(ref), "cand": _structure(cand)},
     )
 

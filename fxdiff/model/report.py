@@ -145,7 +145,8 @@ class Report:
     @property
     def diverged(self) -> bool:
         """True when any output, node value, gradient, parameter or parameter gradient differs, or
-        a trained reference parameter found no counterpart (it could not be compared)."""
+        a trained reference parameter found no counterpart (it could not be compared). Inputs and
+        outputs on one side only are listed: call conventions differ (a mask against lengths)."""
         s = self.summary()
         return (not s["forward_output_match"] or s["param_grads"]["mismatched"] > 0
                 or s["param_values"]["mismatched"] > 0 or s["uncompared"]["trained_ref_params"] > 0
@@ -196,6 +197,7 @@ class Report:
                             "match_rate": ok / len(grads) if grads else 1.0},
             "param_values": {"compared": len(values), "mismatched": sum(not v.passed for v in values)},
             "uncompared": {"trained_ref_params": len(self.unmatched.get("trained_ref_params", [])),
+                           "ref_inputs": len(self.unmatched.get("ref_inputs", [])),
                            "ref_outputs": len(self.unmatched.get("ref_outputs", [])),
                            "cand_outputs": len(self.unmatched.get("cand_outputs", []))},
             "nodes": {

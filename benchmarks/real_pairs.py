@@ -53,8 +53,6 @@ def main(argv=None) -> int:
             bug = pair.bug(variant) if variant else None
             size = None
             for dname, dtype in (("fp32", torch.float32), ("bf16", BF16)):
-                if dtype == BF16 and not pair.bf16:
-                    continue
                 report, _, loc, d = run_pair(pair, variant, dtype, ref_capture=ref_capture)
                 row = {"pair": name, "variant": variant or "correct", "dtype": dname,
                        "verdict": report.verdict if report else "ERROR", "localised": bool(loc) and bug is not None}

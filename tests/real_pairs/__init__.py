@@ -53,7 +53,9 @@ class Pair:
     bugs: list[Bug]
     covers: tuple[str, ...] = ()                         # failure classes this pair exercises
     note: str = ""
-    bf16: bool = True      # False: the candidate library itself cannot run after .to(bfloat16) (eager, no fxdiff)
+    # how the candidate runs in bfloat16: cast with .to(), or under torch.autocast where the library
+    # itself cannot run after a cast
+    bf16_by: str = "cast"
 
     def bug(self, name: str) -> Bug:
         for b in self.bugs:
@@ -134,8 +136,8 @@ def build(pair: Pair, variant: str | None = None):
 
 
 def run_pair(pair: Pair, variant: str | None = None, dtype: torch.dtype = torch.float32, ref_capture=None):
-    """Capture ref with ``fxdiff.capture`` and compare the candidate live against it (cast to
-    ``dtype``, on the reference's saved inputs cast likewise).
+    """Capture ref with ``fxdiff.capture`` and compare the candidate live against it, in ``dtype``
+    (cast, or under autocast: see ``Pair.bf16_by``), on the reference's saved inputs.
 
     Returns ``(report, verdict_ok, localised, details)``: ``verdict_ok`` is "clean port compares
     clean" for ``variant=None`` and "bug diverges" for a bug; ``localised`` is as in the module doc
@@ -155,7 +157,8 @@ def run_pair(pair: Pair, variant: str | None = None, dtype: torch.dtype = torch.
         stage = "compare"
         # the port runs live on the reference's saved inputs and starts its backward from the
         # reference's output gradients, as in the two-environment workflow
-        report = fxdiff.compare(ref_capture, cand, dtype=None if dtype == torch.float32 else dtype)
+        low = {} if dtype == torch.float32 else {"dtype" if pair.bf16_by == "cast" else "autocast": dtype}
+        report = fxdiff.compare(ref_capture, cand, **low)
     except Exception as e:  # noqa: BLE001 - the benchmark reports every failure
         tb = traceback.extract_tb(e.__traceback__)
         where = next((f"{f.filename.rsplit('fxdiff/', 1)[-1]}:{f.lineno} ({f.name})" for f in reversed(tb)

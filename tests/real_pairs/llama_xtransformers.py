@@ -129,6 +129,6 @@ BUGS = [
 PAIR = Pair("llama_xtransformers", build_ref, convert, build_cand, inputs, BUGS,
             covers=("library port (einops, F.normalize RMSNorm)", "weights stored row-permuted (interleaved RoPE)",
                     "fused GLU with extra zero bias", "different call convention (wrapper)", "logits output"),
-            bf16=False,
-            note="x-transformers 2.31.10 cannot run after .to(bfloat16) even without fxdiff: its attention returns "
-                 "float32 and GLU.proj then fails 'mat1 and mat2 must have the same dtype'")
+            bf16_by="autocast",
+            note="x-transformers 2.31.10 cannot run after .to(bfloat16) even without fxdiff (its attention returns "
+                 "float32 and GLU.proj then fails 'mat1 and mat2 must have the same dtype'): bf16 runs under autocast")

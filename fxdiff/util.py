@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,10 +28,57 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def read_regular(path: str | os.PathLike, what: str = "") -> bytes:
+    """The bytes of ``path``, which must be a regular file (a link to one is fine): a directory,
+    a FIFO, a device or a link loop is refused without blocking on it. ``what`` starts the
+    message (default: the path)."""
+    label = what or str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FxdiffError(f"{label}: not found") from None
+    except IsADirectoryError:
+        raise FxdiffError(f"{label}: is a directory, expected a file") from None
+    except OSError as e:
+        raise FxdiffError(f"{label}: cannot be read ({e.strerror or e})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+            raise FxdiffError(f"{label}: is {kind}, expected a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise FxdiffError(f"{label}: cannot be read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+
+
+def check_replaceable(path: str | os.PathLike, what: str = "") -> None:
+    """Refuse an existing ``path`` that a new file must not replace: anything but a regular file
+    (a directory, a device such as ``/dev/full``, a FIFO, a socket). ``what`` starts the message."""
+    label = what or str(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise FxdiffError(f"{label}: cannot write here ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise FxdiffError(f"{label}: is a directory")
+    if not stat.S_ISREG(mode):
+        raise FxdiffError(f"{label}: exists and is not a regular file; refusing to replace it")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a
-    reader (or a kill) sees the old file or the new one, never half of one."""
+    reader (or a kill) sees the old file or the new one, never half of one. An existing ``path``
+    that is not a regular file (a directory, a device, a FIFO) is refused, never replaced; a
+    link to a regular file is written through (the file it points at is replaced)."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    check_replaceable(path)
     if isinstance(data, str):
         data = data.encode()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FxdiffError
-from ..util import atomic_write, dumps, to_float
+from ..util import atomic_write, dumps, read_regular, to_float
 
 FORMAT = "fxdiff-report"
 VERSION = 1
@@ -261,13 +261,16 @@ class Report:
 
 def load_report(path: str | os.PathLike) -> Report:
     """Read a report written by ``Report.save`` / ``compare --json``."""
+    if not str(path):
+        raise FxdiffError("report path is empty: give the JSON file compare --json wrote")
     path = Path(path)
+    if not os.path.lexists(path):
+        raise FxdiffError(f"{path}: report not found")
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FxdiffError(f"{path}: report not found") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FxdiffError(f"{path}: not a JSON report ({e})") from None
+        doc = json.loads(read_regular(path, f"report {path}"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FxdiffError(f"{path}: not a JSON report ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") \
+            from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise FxdiffError(f"{path}: not an {FORMAT} document")
     version = doc.get("version")

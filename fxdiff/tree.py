@@ -125,16 +125,30 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         raise FxdiffError(f"unexpected structure in capture: {str(obj)[:80]}")
     (tag, value), = obj.items()
     if tag == "__tensor__":
-        if value not in tensors:
-            raise FxdiffError(f"capture refers to tensor {value!r}, which is missing")
+        if not isinstance(value, str) or value not in tensors:
+            raise FxdiffError(f"capture refers to tensor {str(value)[:80]!r}, which is missing")
         return tensors[value]
+    if tag in ("__float__", "__dtype__", "__device__", "__repr__") and not isinstance(value, str):
+        raise FxdiffError(f"{tag} in capture holds {type(value).__name__}, expected a string")
+    if tag in ("__dict__", "__list__", "__tuple__") and not isinstance(value, list):
+        raise FxdiffError(f"{tag} in capture holds {type(value).__name__}, expected a list")
     if tag == "__float__":
+        if value.lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+            raise FxdiffError(f"__float__ in capture holds {value[:40]!r}, expected nan or inf")
         return float(value)
     if tag == "__dtype__":
-        return getattr(torch, value.removeprefix("torch."))
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise FxdiffError(f"{value[:40]!r} in capture is not a torch dtype")
+        return dtype
     if tag == "__device__":
-        return torch.device(value)
+        try:
+            return torch.device(value)
+        except (RuntimeError, ValueError):
+            raise FxdiffError(f"{value[:40]!r} in capture is not a torch device") from None
     if tag == "__dict__":
+        if not all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str) for kv in value):
+            raise FxdiffError("__dict__ in capture is not a list of [key, value] pairs")
         return {k: decode(v, tensors) for k, v in value}
     if tag == "__list__":
         return [decode(v, tensors) for v in value]
@@ -142,4 +156,4 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return tuple(decode(v, tensors) for v in value)
     if tag == "__repr__":
         return value
-    raise FxdiffError(f"unknown tag {tag!r} in capture")
+    raise FxdiffError(f"unknown tag {str(tag)[:40]!r} in capture")

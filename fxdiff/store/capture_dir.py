@@ -33,7 +33,8 @@ from .. import tree
 from ..errors import FxdiffError
 from ..model.capture import FORMAT, READABLE_VERSIONS, VERSION, Capture
 from ..targets import Targets
-from ..util import atomic_write, dumps, gc_paused
+from ..util import atomic_write, dumps, gc_paused, read_regular
+from . import consistency
 from .graph_json import graph_from_json, node_to_json
 from .tensor_file import read_tensors, write_tensors
 
@@ -93,16 +94,17 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
 
 def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     """Read and validate a capture directory; its tensors are memory-mapped, not copied."""
-    path = Path(path)
-    _recover(path)
+    if not str(path):
+        raise FxdiffError("capture path is empty")
+    path = _readable(Path(path))
     manifest = _read_manifest(path)
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(files.get(f), dict) for f in (GRAPH, TENSORS)):
         raise FxdiffError(f"{path / MANIFEST}: no sizes and digests of {GRAPH} and {TENSORS}")
     graph_file = path / GRAPH
-    if not graph_file.is_file():
+    if not os.path.lexists(graph_file):
         raise FxdiffError(f"{graph_file}: missing; the capture is incomplete")
-    raw = graph_file.read_bytes()
+    raw = read_regular(graph_file)
     expected = files[GRAPH]
     if len(raw) != expected.get("bytes"):
         raise FxdiffError(f"{graph_file}: {len(raw)} bytes, manifest says {expected.get('bytes')}; "
@@ -114,8 +116,8 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     tensors = read_tensors(path / TENSORS, files[TENSORS]["bytes"], files[TENSORS])
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FxdiffError(f"{graph_file}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FxdiffError(f"{graph_file}: not valid JSON ({_first_line(e)})") from None
     if not isinstance(doc, dict):
         raise FxdiffError(f"{graph_file}: expected an object with nodes, inputs and outputs")
     graph = graph_from_json(doc.get("nodes"), targets or Targets.default(), graph_file)
@@ -124,14 +126,23 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
         section, _, name = key.partition("/")
         if section in tables:
             tables[section][name] = t
-    try:
-        inputs = tree.decode(doc.get("inputs", {"__dict__": []}), tensors)
-        outputs = tree.decode(doc.get("outputs"), tensors)
+    if not {"inputs", "outputs"} <= set(doc):
+        raise FxdiffError(f"{graph_file}: expected an object with nodes, inputs and outputs")
+    try:   # each structure reads tensors of its own section only
+        inputs = tree.decode(doc["inputs"], {k: t for k, t in tensors.items() if k.startswith("input.")})
+        outputs = tree.decode(doc["outputs"], {k: t for k, t in tensors.items() if k.startswith("output.")})
     except FxdiffError as e:
         raise FxdiffError(f"{graph_file}: {e}") from None
+    except RecursionError:
+        raise FxdiffError(f"{graph_file}: inputs or outputs nested too deeply") from None
+    if not (isinstance(inputs, dict) and set(inputs) <= {"args", "kwargs"}
+            and isinstance(inputs.get("args", ()), (list, tuple)) and isinstance(inputs.get("kwargs", {}), dict)):
+        raise FxdiffError(f"{graph_file}: inputs are not {{'args': [...], 'kwargs': {{...}}}}")
     meta = manifest.get("meta", {})
     if not isinstance(meta, dict):
         raise FxdiffError(f"{path / MANIFEST}: meta is not a mapping")
+    consistency.check(graph, tensors, tables, inputs, outputs, [doc["inputs"], doc["outputs"]], meta,
+                      manifest["version"], path)
     return Capture(graph=graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
                    param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
                    output_grads=tables["output_grad"], meta=meta)
@@ -139,27 +150,37 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a capture, without reading its tensors."""
-    meta = _read_manifest(Path(path)).get("meta", {})
+    meta = _read_manifest(_readable(Path(path))).get("meta", {})
     return meta if isinstance(meta, dict) else {}
 
 
 def is_capture(path: str | os.PathLike) -> bool:
     """True when ``path`` is a directory holding a capture manifest."""
-    return (Path(path) / MANIFEST).is_file()
+    return (_readable(Path(path)) / MANIFEST).is_file()
+
+
+def _readable(path: Path) -> Path:
+    """Where the capture named ``path`` is: ``path``, or the old capture a writer killed between
+    the two renames of a replace left at ``.NAME.old`` (read in place: only a writer, holding the
+    lock, moves it back)."""
+    if not path.name:   # "", ".", "/"
+        return path
+    old = path.with_name(f".{path.name}.old")
+    if not os.path.lexists(path) and old.is_dir():
+        return old
+    return path
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise FxdiffError(f"{path}: not a capture directory")
     file = path / MANIFEST
-    if not file.is_file():
+    if not os.path.lexists(file):
         raise FxdiffError(f"{path}: no {MANIFEST}; not an fxdiff capture")
     try:
-        manifest = json.loads(file.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FxdiffError(f"{file}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise FxdiffError(f"{file}: unreadable ({e.strerror})") from None
+        manifest = json.loads(read_regular(file))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FxdiffError(f"{file}: not valid JSON ({_first_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FxdiffError(f"{file}: format is not {FORMAT!r}")
     version = manifest.get("version")
@@ -167,6 +188,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise FxdiffError(f"{path}: capture format version {version!r}; this fxdiff reads versions "
                           f"{', '.join(map(str, READABLE_VERSIONS))} (capture again with this fxdiff)")
     return manifest
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _digest(data: bytes | memoryview) -> str:

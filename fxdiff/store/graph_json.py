@@ -145,8 +145,9 @@ def _node_from_json(graph: torch.fx.Graph, d: Any, nodes: dict[str, torch.fx.Nod
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise _Invalid("args must be a sequence and kwargs a mapping")
     if op == "output":
-        if len(args) != 1:
-            raise _Invalid("the output node takes one argument")
+        if len(args) != 1 or not isinstance(args[0], (list, tuple)) \
+                or not all(isinstance(a, torch.fx.Node) for a in args[0]):
+            raise _Invalid("the output node takes one argument, the list of nodes it outputs")
         node = graph.output(args[0])
     else:
         if name in nodes:

@@ -16,6 +16,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -190,15 +191,25 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
 def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of a file written by ``write_tensors``, checked against its size and digest
     (``{"xxh3_64": hex}``, or ``{"crc32": int}`` for version-2 captures), memory-mapped."""
-    if not file.is_file():
+    if not os.path.lexists(file):
         raise FxdiffError(f"{file}: missing; the capture is incomplete")
-    actual = file.stat().st_size
-    if actual != size:
-        raise FxdiffError(f"{file}: {actual} bytes, manifest says {size}; the capture is truncated or was edited")
-    if size < 8:
-        raise FxdiffError(f"{file}: too short to be a tensor file")
-    with open(file, "rb") as f:
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:   # never blocks: a FIFO or a device is refused before it is read
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise FxdiffError(f"{file}: cannot be read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FxdiffError(f"{file}: is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, "
+                              "expected the capture's tensor file")
+        if st.st_size != size:
+            raise FxdiffError(f"{file}: {st.st_size} bytes, manifest says {size}; the capture is truncated or was "
+                              "edited")
+        if size < 8:
+            raise FxdiffError(f"{file}: too short to be a tensor file")
+        data = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
     view = memoryview(data)
     if "xxh3_64" in digest:
         ok = xxhash.xxh3_64_hexdigest(view) == digest["xxh3_64"]
@@ -220,8 +231,34 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, tor
                 if end > start else torch.empty(0, dtype=torch.uint8)
         if not isinstance(views, dict):
             raise ValueError("views is not a mapping")
-        return _rebuild(blobs, views, file)
+        tensors = _rebuild(blobs, views, file)
+        _check_layout(blobs, views, file)
+        return tensors
     except FxdiffError:
         raise
     except Exception as e:  # noqa: BLE001 -- any malformed header is bad input
         raise FxdiffError(f"{file}: unreadable tensor file ({type(e).__name__}: {e})") from None
+
+
+def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path) -> None:
+    """The blobs are laid out as ``write_tensors`` lays them out: numbered in the order tensors first
+    use them, each used, and each exactly the span its tensors cover (its start aligned down to
+    ``_ALIGN``). A tensor re-pointed at another blob, or given a blob of its own, breaks this."""
+    spans: dict[int, list[int]] = {}
+    for key, (blob, dtype_name, shape, stride, first) in views.items():   # valid: _rebuild took them
+        if type(blob) is not int:
+            raise FxdiffError(f"{file}: tensor {key} names blob {str(blob)[:20]!r}, expected a number")
+        if blob not in spans and blob != len(spans):
+            raise FxdiffError(f"{file}: tensor {key} uses blob {blob} before blob {len(spans)}; the tensor file was "
+                              "not written by fxdiff or was edited")
+        size = getattr(torch, dtype_name).itemsize
+        extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
+        span = spans.setdefault(blob, [first, first + extent * size])
+        span[0], span[1] = min(span[0], first), max(span[1], first + extent * size)
+    for blob, (first, end) in spans.items():
+        if first >= _ALIGN or end != blobs[f"storage/{blob}"].numel():
+            raise FxdiffError(f"{file}: blob {blob} holds bytes no tensor reads; the tensor file was not written "
+                              "by fxdiff or was edited")
+    if len(spans) != len(blobs):
+        raise FxdiffError(f"{file}: {len(blobs) - len(spans)} blobs are read by no tensor; the tensor file was not "
+                          "written by fxdiff or was edited")

@@ -18,6 +18,8 @@ from rich.console import Console
 from . import api, progress
 from .errors import FxdiffError
 from .judge import Tolerance
+from .store import is_capture, writing
+from .util import check_replaceable
 from .version import __version__
 
 # Wide tables when piped to a file or CI log; the terminal's own width otherwise.
@@ -70,15 +72,22 @@ def _finite(ctx, param, value):
     return value
 
 
-def _writable(path: str, flag: str) -> None:
-    """Refuse, before any work, an output path whose folder does not exist or cannot be written."""
+def _writable(path: str, flag: str, capture: bool = False) -> None:
+    """Refuse, before any work, an output path whose folder does not exist or cannot be written,
+    or that exists and must not be replaced: a directory (unless ``capture`` and it holds one), a
+    device, a FIFO."""
+    if not path:
+        raise FxdiffError(f"{flag}: empty path")
     folder = Path(path).resolve().parent
     if not folder.is_dir():
         raise FxdiffError(f"{flag} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise FxdiffError(f"{flag} {path}: folder {folder} is not writable")
-    if Path(path).is_dir():
-        raise FxdiffError(f"{flag} {path}: is a directory")
+    if capture:
+        if os.path.lexists(path) and not is_capture(path):
+            raise FxdiffError(f"{flag} {path}: exists and is not an fxdiff capture; refusing to overwrite it")
+        return
+    check_replaceable(path, f"{flag} {path}")
 
 
 def run_options(fn):
@@ -130,18 +139,19 @@ def capture(model: str, output: str, tracer: str, **o: Any) -> int:
 
     Loading MODEL, --inputs and --loss executes that code: it is your model code.
     """
-    _writable(output, "--output")
-    cap = api.capture_spec(model, **_live(o, tracer))
-    loaded = cap.meta.get("checkpoint")
-    if loaded and (loaded["missing"] or loaded["unexpected"]):
-        click.echo(f"fxdiff: warning: {loaded['path']}: {len(loaded['missing'])} missing keys "
-                   f"{loaded['missing'][:5]}, {len(loaded['unexpected'])} unexpected keys {loaded['unexpected'][:5]}",
-                   err=True)
-    with progress.step(f"saving {output}"):
-        path = api.save(cap, output)
+    _writable(output, "--output", capture=True)
+    with writing(output):   # a second capture to the same output is refused now, not after its run
+        cap = api.capture_spec(model, **_live(o, tracer))
+        loaded = cap.meta.get("checkpoint")
+        if loaded and (loaded["missing"] or loaded["unexpected"]):
+            click.echo(f"fxdiff: warning: {loaded['path']}: {len(loaded['missing'])} missing keys "
+                       f"{loaded['missing'][:5]}, {len(loaded['unexpected'])} unexpected keys "
+                       f"{loaded['unexpected'][:5]}", err=True)
+        with progress.step(f"saving {output}"):
+            path = api.save(cap, output)
     s = cap.summary()
     console.print(f"captured {s['ops']} ops, {s['values']} values, {s['grads']} gradients, "
-                  f"{s['param_grads']} parameter gradients -> {path}")
+                  f"{s['param_grads']} parameter gradients -> {path}", markup=False)
     return EXIT_MATCH
 
 

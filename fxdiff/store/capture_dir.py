@@ -8,10 +8,12 @@ Layout of a capture directory::
                          (see ``tensor_file.py``)
 
 A capture written by one torch version loads in another. Writing holds a lock beside the
-directory (a second writer to the same path is refused), builds the capture in a temporary
-directory and swaps it into place in one step, so a reader or a kill sees the old capture or the
-new one, never neither; temporary directories left by killed writers are removed by the next
-writer.
+directory (a second writer to the same path is refused; ``writing`` holds it for longer, as the
+CLI's ``capture`` does), builds the capture in a temporary directory and swaps it into place in one
+step, so a reader or a kill sees the old capture or the new one, never neither (where the swap
+takes two renames, a reader finds the old one at ``.NAME.old`` between them); temporary
+directories left by killed writers are removed by the next writer. Loading validates everything
+before use (``graph_json.py``, ``tensor_file.py``, ``consistency.py``) and reads only regular files.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -60,11 +63,7 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
             "outputs": tree.encode(capture.outputs, tensors, "output"),
         }
     graph_bytes = dumps(graph_doc, separators=(",", ":")).encode()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FxdiffError(f"{path}: cannot create its folder ({e.strerror})") from None
-    with _writing(path):
+    with writing(path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
             umask = os.umask(0)
@@ -207,6 +206,40 @@ def _digest_ok(data: bytes, expected: dict[str, Any]) -> bool:
 
 
 # -- writing safely -----------------------------------------------------------------------------
+
+_held: dict[str, int] = {}     # lock files this process holds -> the thread holding each
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the write lock of capture directory ``path`` for the block: another process, or
+    another thread, that asks for it meanwhile is refused at once (``FxdiffError``). ``save``
+    takes it too; inside the block the same thread saves without waiting on itself. The CLI holds
+    it for a whole ``capture``, so a second capture to the same output is refused before it runs
+    the model."""
+    path = Path(path)
+    key = os.path.abspath(path.with_name(f".{path.name}.lock"))
+    with _held_guard:
+        holder = _held.get(key)
+    if holder == threading.get_ident():
+        yield path
+        return
+    if holder is not None:
+        raise FxdiffError(f"{path}: another fxdiff process is writing this capture right now")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FxdiffError(f"{path}: cannot create its folder ({e.strerror})") from None
+    with _writing(path):
+        with _held_guard:
+            _held[key] = threading.get_ident()
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
+
 
 @contextlib.contextmanager
 def _writing(path: Path) -> Iterator[None]:

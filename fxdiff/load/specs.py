@@ -14,7 +14,9 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
+import os
 import re
 import sys
 import tarfile
@@ -42,7 +44,7 @@ def load_callable(spec: str, what: str) -> Callable:
             module = importlib.import_module(source)
         except ImportError as e:
             raise FxdiffError(f"{what} {spec!r}: cannot import {source} ({e})") from None
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # user code may call sys.exit
             raise blame_user(f"{what} {spec}: importing {source}", e) from None
     fn = getattr(module, name, None)
     if not callable(fn):
@@ -63,7 +65,7 @@ def _import_file(path: Path, what: str, spec: str):
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         del sys.modules[name]
         raise blame_user(f"{what} {spec}: importing {path.name}", e) from None
     return module
@@ -74,6 +76,18 @@ def is_model_file(spec: str) -> bool:
     return Path(spec, "config.json").is_file() or (spec.endswith(".nemo") and Path(spec).is_file())
 
 
+def _needs_arguments(fn: Callable, what: str, spec: str) -> None:
+    """Refuse a function that cannot be called without arguments, before calling it."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise FxdiffError(f"{what} {spec!r}: takes arguments ({', '.join(required)}); expected a function "
+                          "called with none")
+
+
 def load_model(spec: str) -> torch.nn.Module:
     """The model ``spec`` names: a zero-argument builder's result, a Hugging Face model directory
     or a ``.nemo`` file (see the module docstring)."""
@@ -82,9 +96,10 @@ def load_model(spec: str) -> torch.nn.Module:
     if spec.endswith(".nemo") and Path(spec).is_file():
         return _load_nemo(spec)
     build = load_callable(spec, "model spec")
+    _needs_arguments(build, "model spec", spec)
     try:
         model = build()
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise blame_user(f"model spec {spec}", e) from None
     if not isinstance(model, torch.nn.Module):
         raise FxdiffError(f"model {spec!r}: returned {type(model).__name__}, expected a torch.nn.Module")
@@ -153,13 +168,14 @@ def load_inputs(spec: str) -> tuple[tuple, dict]:
             raise FxdiffError(f"inputs {spec}: not a readable safetensors file ({e})", option="inputs") from None
         if structure is not None:
             return split_call(_decode_call(structure, flat, spec), f"inputs {spec}")
-        return split_call(_unflatten_args(flat), f"inputs {spec}")
+        return split_call(_unflatten_args(flat, spec), f"inputs {spec}")
     if spec.endswith((".pt", ".pth")):
         return split_call(_torch_load(spec, "inputs"), f"inputs {spec}")
     make = load_callable(spec, "inputs spec")
+    _needs_arguments(make, "inputs spec", spec)
     try:
         made = make()
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise blame_user(f"inputs spec {spec}", e) from None
     return split_call(made, f"inputs spec {spec}")
 
@@ -216,10 +232,16 @@ def _decode_call(text: str, tensors: dict[str, torch.Tensor], spec: str) -> Any:
     return decode(structure)
 
 
-def _unflatten_args(flat: dict[str, torch.Tensor]) -> Any:
+def _unflatten_args(flat: dict[str, torch.Tensor], spec: str) -> Any:
     """Keys ``args.0`` / ``kwargs.name`` rebuild the call; other keys are kwargs or positions."""
     if any(k.startswith(("args.", "kwargs.")) for k in flat):
-        args = [flat[k] for k in sorted((k for k in flat if k.startswith("args.")), key=lambda k: int(k[5:]))]
+        positions = {k: k[5:] for k in flat if k.startswith("args.")}
+        other = [k for k in flat if not k.startswith(("args.", "kwargs."))]
+        if other or not all(p.isascii() and p.isdigit() for p in positions.values()) \
+                or sorted(map(int, positions.values())) != list(range(len(positions))):
+            raise FxdiffError(f"inputs {spec}: keys {(other or sorted(positions))[:6]}: expected args.0, args.1, ... "
+                              "(no gap) and kwargs.NAME", option="inputs")
+        args = [flat[k] for k in sorted(positions, key=lambda k: int(positions[k]))]
         kwargs = {k[7:]: v for k, v in flat.items() if k.startswith("kwargs.")}
         return {"args": args, "kwargs": kwargs}
     return flat
@@ -228,6 +250,8 @@ def _unflatten_args(flat: dict[str, torch.Tensor]) -> Any:
 def _require_file(path: str, option: str) -> None:
     if Path(path).is_dir():
         raise FxdiffError(f"{option} {path}: is a directory, expected a file", option=option)
+    if os.path.exists(path) and not Path(path).is_file():
+        raise FxdiffError(f"{option} {path}: not a regular file", option=option)
     if not Path(path).is_file():
         raise FxdiffError(f"{option} {path}: file not found", option=option)
 
@@ -280,10 +304,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 NEMO_MEMBER_LIMIT = 64 << 30   # a weights member larger than this is refused before it is read
 
 
-def _read_nemo_weights(path: str, limit: int = NEMO_MEMBER_LIMIT) -> Any:
+def _read_nemo_weights(path: str, limit: int | None = None) -> Any:
     """The state dict in ``model_weights.ckpt`` of a ``.nemo`` tar, streamed from the archive; an
     archive with any member that is a link or whose name is absolute or climbs out with ``..`` is
-    refused as a whole, and so is a weights member over ``limit`` bytes."""
+    refused as a whole, and so is a weights member over ``limit`` bytes (default
+    ``NEMO_MEMBER_LIMIT``, read at call time so that a test can lower it)."""
+    limit = NEMO_MEMBER_LIMIT if limit is None else limit
     try:
         with tarfile.open(path) as tar:
             members = tar.getmembers()
@@ -358,6 +384,14 @@ def check_device(device: str) -> torch.device:
         raise FxdiffError(f"device {device}: this machine has no CUDA device", option="device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise FxdiffError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices", option="device")
+    if dev.type == "meta":
+        raise FxdiffError(f"device {device}: meta tensors hold no values to record", option="device")
+    if dev.type not in ("cpu", "cuda"):
+        try:   # mps, xpu, hpu...: torch raises its own types (AssertionError, RuntimeError) when absent
+            torch.empty(0, device=dev)
+        except Exception as e:  # noqa: BLE001 -- any failure to allocate there means the device is not usable
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FxdiffError(f"device {device}: not available on this machine ({reason})", option="device") from None
     return dev
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import inspect
 import math
+import os
 import platform
 import random
 from collections.abc import Mapping
@@ -226,7 +227,7 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
     try:
         with torch.enable_grad(), rec, forward_context(model, config):
             outputs = forward()
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # user code may call sys.exit
         if in_fxdiff(e) and e is not rec.failed_op:
             raise
         raise blame_user(f"the forward pass of {type(model).__name__}", e) from e
@@ -284,8 +285,8 @@ def backward(model: torch.nn.Module, outputs: Any, config: RunConfig) -> tuple[f
         value = objective(config, outputs, model)
         if not value.requires_grad:
             if config.loss is not None and leaves:
-                raise FxdiffError("the loss returned a tensor with no gradient path to the model's outputs",
-                                  option="loss")
+                raise FxdiffError(f"the loss {_loss_label(config.loss)} returned a tensor with no gradient path to "
+                                  "the model's outputs", option="loss")
             return float(value.detach().double()), {}
         grads = _output_grads(config, outputs, leaves, model)
         value.backward()
@@ -327,13 +328,20 @@ def objective(config: RunConfig, outputs: Any, model: torch.nn.Module | None = N
         return random_cotangent_loss(outputs, config.seed)
     try:
         value = config.loss(outputs, model) if model is not None and _takes_model(config.loss) else config.loss(outputs)
-    except Exception as e:
-        raise blame_user(f"the loss {getattr(config.loss, '__qualname__', 'function')}", e) from e
+    except (Exception, SystemExit) as e:
+        raise blame_user(f"the loss {_loss_label(config.loss)}", e) from e
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        raise UserCodeError(f"the loss returned {type(value).__name__}"
+        raise UserCodeError(f"the loss {_loss_label(config.loss)} returned {type(value).__name__}"
                             f"{'' if not isinstance(value, torch.Tensor) else f' of shape {tuple(value.shape)}'}; "
                             "expected a scalar tensor")
     return value.reshape(())
+
+
+def _loss_label(loss: Loss) -> str:
+    """``file.py:function`` of a loss function, for messages."""
+    name = getattr(loss, "__qualname__", None) or type(loss).__name__
+    code = getattr(loss, "__code__", None)
+    return f"{os.path.basename(code.co_filename)}:{name}" if code is not None else name
 
 
 def _takes_model(loss: Loss) -> bool:

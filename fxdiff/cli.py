@@ -238,14 +238,15 @@ def _draw(report, d: dict[str, Any]) -> None:
     if d.get("svg_path"):
         from .render.svg import write_svg
         extra = {"around": d["around"]} if d.get("around") is not None else {}
-        console.print(f"graph written to {write_svg(report, d['svg_path'], d.get('direction'), **shape, **extra)}")
+        console.print(f"graph written to {write_svg(report, d['svg_path'], d.get('direction'), **shape, **extra)}",
+                      markup=False)
     if d.get("html_path"):
         from .render.html import write_html
-        console.print(f"HTML report written to {write_html(report, d['html_path'], direction, **shape)}")
+        console.print(f"HTML report written to {write_html(report, d['html_path'], direction, **shape)}", markup=False)
     if d.get("me_path"):
         from .render.model_explorer import write_node_data
         paths = write_node_data(report, d["me_path"], direction, metric=d.get("metric", "max_abs"))
-        console.print("Model Explorer node data written to " + ", ".join(map(str, paths)))
+        console.print("Model Explorer node data written to " + ", ".join(map(str, paths)), markup=False)
 
 
 @main.command()
@@ -288,7 +289,7 @@ def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_pat
     console.print(text.render(report, show_all, ops, modules_depth))
     if json_path:
         report.save(json_path)
-        console.print(f"report written to {json_path}")
+        console.print(f"report written to {json_path}", markup=False)
     _draw(report, drawing)
     return EXIT_DIVERGED if report.diverged else EXIT_MATCH
 
@@ -309,6 +310,7 @@ def map_params(ref: str, cand: str, map_path: str | None, output: str | None, re
     write a checkpoint for CAND built from a REF checkpoint through that mapping.
     """
     from rich.table import Table
+    from rich.text import Text
 
     if bool(ref_checkpoint) != bool(cand_checkpoint):
         raise FxdiffError("--convert and --out go together")
@@ -320,19 +322,20 @@ def map_params(ref: str, cand: str, map_path: str | None, output: str | None, re
     for col in ("ref parameter", "cand parameter(s)", "transform", "evidence"):
         table.add_column(col, overflow="fold")
     for p in mapping.pairs:
-        table.add_row(p.ref, ", ".join(p.cand), _transform_text(p.transform), p.evidence)
+        table.add_row(*(Text(str(c)) for c in (p.ref, ", ".join(p.cand), _transform_text(p.transform), p.evidence)))
     console.print(table)
     console.print(f"{len(mapping.pairs)} mapped; unmapped: {len(mapping.unmapped_ref)} ref "
-                  f"{mapping.unmapped_ref[:8]}, {len(mapping.unmapped_cand)} cand {mapping.unmapped_cand[:8]}")
+                  f"{mapping.unmapped_ref[:8]}, {len(mapping.unmapped_cand)} cand {mapping.unmapped_cand[:8]}",
+                  markup=False)
     if output:
         from .util import atomic_write, dumps
         atomic_write(output, dumps(mapping.to_dict(ref, cand), indent=1))
-        console.print(f"mapping written to {output}")
+        console.print(f"mapping written to {output}", markup=False)
     if ref_checkpoint:
         state, missing = api.convert(mapping, ref_checkpoint)
         api.write_checkpoint(state, cand_checkpoint)
         console.print(f"converted {len(state)} tensors -> {cand_checkpoint}"
-                      + (f"; not filled: {missing}" if missing else ""))
+                      + (f"; not filled: {missing}" if missing else ""), markup=False)
     return EXIT_MATCH
 
 
@@ -381,7 +384,7 @@ def view(report_path: str, output: str | None, no_open: bool, **o: Any) -> None:
     out = Path(output) if output else Path(report_path).with_suffix(".html")
     path = write_html(report, out, drawing.get("direction") or "both", **_shape(drawing)).resolve()
     if not no_open and open_in_browser(path):
-        console.print(f"opened {path}")
+        console.print(f"opened {path}", markup=False)
     else:
         click.echo(str(path))
     return 0

@@ -459,9 +459,9 @@ def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:
     s, m = cap.summary(), cap.meta
     lines = [
         f"[bold]{escape(label)}[/]: {escape(str(m.get('model', m.get('model_class'))))}",
-        f"  fxdiff {m.get('fxdiff')}, torch {m.get('torch')}, python {m.get('python')}, tracer {m.get('tracer')}, "
-        f"{m.get('mode')} mode, seed {m.get('seed')}, device {m.get('device')}, dtype {m.get('dtype')}, "
-        f"captured {m.get('started')}",
+        escape(f"  fxdiff {m.get('fxdiff')}, torch {m.get('torch')}, python {m.get('python')}, "
+               f"tracer {m.get('tracer')}, {m.get('mode')} mode, seed {m.get('seed')}, device {m.get('device')}, "
+               f"dtype {m.get('dtype')}, captured {m.get('started')}"),
         f"  {s['nodes']} nodes ({s['ops']} ops, {s['inputs']} inputs), {s['params']} params/buffers, "
         f"{s['values']} values, {s['grads']} gradients, {s['param_grads']} parameter gradients",
         "  sizes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in s["bytes"].items()),
@@ -471,8 +471,9 @@ def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:
         table.add_column(col, overflow="fold")
     ranked = sorted((n for n in cap.graph.nodes if n.name in cap.values), key=lambda n: -cap.values[n.name].numel())
     for n in ranked[:top]:
-        table.add_row(n.name, str(n.meta.get(MODULE) or "<root>"), node_key(n), str(tuple(n.meta.get(SHAPE) or ())),
-                      str(n.meta.get(DTYPE)), str(n.meta.get(GRAD, "-")))
+        table.add_row(*(Text(c) for c in (n.name, str(n.meta.get(MODULE) or "<root>"), node_key(n),
+                                          str(tuple(n.meta.get(SHAPE) or ())), str(n.meta.get(DTYPE)),
+                                          str(n.meta.get(GRAD, "-")))))
     return Group(*(Text.from_markup(line) for line in lines), table)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import FxdiffError
 from ..util import atomic_write, dumps, read_regular, to_float
+from . import report_doc
 
 FORMAT = "fxdiff-report"
 VERSION = 1
@@ -276,6 +277,7 @@ def load_report(path: str | os.PathLike) -> Report:
     version = doc.get("version")
     if type(version) is not int or not 1 <= version <= VERSION:
         raise FxdiffError(f"{path}: report version {version!r}; this fxdiff reads versions 1 to {VERSION}")
+    report_doc.check(doc, path)
     try:
         return Report.from_dict(doc)
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -13,7 +13,10 @@ is what catches an edit that changes meaning without breaking the format:
 - each ``output_grad/PATH`` is the gradient of an output leaf, of its shape and dtype;
 - the stored inputs and outputs are the values of the graph's placeholders and of the nodes its
   output node reads, leaf by leaf (format version 3: earlier writers did not promise it);
-- there is no tensor the capture does not use.
+- there is no tensor the capture does not use;
+- (format 3) only a node with a stored value records a shape, dtype and gradient status, unless it
+  says why its value is not stored; a ``get_attr`` node reads a tensor of the module it is
+  recorded in, or holds a constant.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.fx
 
 from .. import tree
 from ..errors import FxdiffError
-from ..model.capture import DTYPE, GRAD, NOT_STORED, SHAPE, TARGET
+from ..model.capture import DTYPE, GRAD, MODULE, NOT_STORED, SHAPE, TARGET
 
 GRAPH, TENSORS = "graph.json", "tensors.safetensors"
 
@@ -94,6 +97,7 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
         _same_layout(grad, leaves[path], f"gradient of output {path!r}", "the output", refuse)
 
     if version >= 3:
+        _check_node_meta(graph, values, refuse)
         placeholders = [values[n.name] for n in graph.nodes if n.op == "placeholder" and n.name in values]
         _same_leaves([t for _, t in tree.flatten(inputs)], placeholders, f"the inputs {GRAPH} lists",
                      "the values of its placeholders", refuse)
@@ -107,6 +111,33 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
                 produced.append(t)
         _same_leaves(list(leaves.values()), produced, f"the outputs {GRAPH} lists",
                      "the values its output node reads", refuse)
+
+
+_CONSTANT = "_fxdiff_constant_"   # the target of a get_attr node for a tensor made outside the model
+
+
+def _check_node_meta(graph: torch.fx.Graph, values: dict[str, torch.Tensor], refuse) -> None:
+    """What only a node with a stored value records (shape, dtype, gradient status; unless the
+    node explains why its value is not stored); a get_attr node reads a parameter or buffer of
+    the module it is recorded in, or holds a constant of its own."""
+    for node in graph.nodes:
+        stored = node.name in values
+        if node.op == "get_attr":
+            target = str(node.target)
+            constant = target.startswith(_CONSTANT)
+            if stored and not constant or constant and not stored and not node.meta.get(NOT_STORED):
+                refuse(f"{GRAPH}: node {node.name!r} reads {target[:80]!r} and "
+                       + ("holds a value of its own" if stored else "holds none"))
+            if not constant and node.meta.get(MODULE) != target.rpartition(".")[0]:
+                refuse(f"{GRAPH}: node {node.name!r} reads {target[:80]!r} from module "
+                       f"{str(node.meta.get(MODULE))[:80]!r}")
+            if not stored and GRAD in node.meta:
+                refuse(f"{GRAPH}: node {node.name!r} records a gradient status without a value")
+        elif not stored and node.op != "output" and not node.meta.get(NOT_STORED):
+            recorded = [k for k in (SHAPE, DTYPE, GRAD) if k in node.meta]
+            if recorded:
+                refuse(f"{GRAPH}: node {node.name!r} records {', '.join(recorded)} but {TENSORS} holds no value "
+                       "for it")
 
 
 def _tensor_keys(doc: Any):

@@ -76,18 +76,24 @@ def _arg_from_json(a: Any, nodes: dict[str, torch.fx.Node]) -> Any:
         raise _Invalid(f"argument {str(a)[:60]} is not one tagged value")
     (tag, v), = a.items()
     if tag == "node":
-        if v not in nodes:
+        if not isinstance(v, str) or v not in nodes:
             raise _Invalid(f"argument refers to node {str(v)[:60]!r}, which does not come before it")
         return nodes[v]
+    if tag in ("tuple", "slice", "complex") and not isinstance(v, list) or tag == "dict" and not isinstance(v, dict):
+        raise _Invalid(f"{tag} argument holds {type(v).__name__}")
     if tag == "tuple":
         return tuple(_arg_from_json(x, nodes) for x in v)
     if tag == "dict":
         return {k: _arg_from_json(x, nodes) for k, x in v.items()}
     if tag == "slice":
+        if len(v) != 3:
+            raise _Invalid("a slice argument holds start, stop and step")
         return slice(*(_arg_from_json(x, nodes) for x in v))
     if tag == "ellipsis":
         return Ellipsis
     if tag == "float":
+        if not _non_finite(v):
+            raise _Invalid(f"float argument {str(v)[:40]!r} is not inf or nan")
         return float(v)
     if tag == "dtype":
         dtype = getattr(torch, str(v), None)
@@ -97,13 +103,20 @@ def _arg_from_json(a: Any, nodes: dict[str, torch.fx.Node]) -> Any:
     if tag == "device":
         try:
             return torch.device(v)
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError, ValueError):
             raise _Invalid(f"{str(v)[:40]!r} is not a torch device") from None
-    if tag == "complex":
-        return complex(*v)
+    if tag == "complex":   # parts that are not finite are written as strings (util.finite)
+        if len(v) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) or _non_finite(x) for x in v):
+            raise _Invalid("a complex argument holds its real and imaginary parts")
+        return complex(*(float(x) for x in v))
     if tag == "repr":
         return str(v)  # an object recorded only by its text
     raise _Invalid(f"unknown argument tag {str(tag)[:40]!r}")
+
+
+def _non_finite(v: Any) -> bool:
+    """``v`` is a non-finite float as the writer spells it (``repr``: ``inf``, ``-inf``, ``nan``)."""
+    return isinstance(v, str) and v.strip().lower().lstrip("+-") in ("inf", "nan", "infinity")
 
 
 def graph_from_json(docs: Any, targets: Targets, file: Path) -> torch.fx.Graph:
@@ -118,6 +131,8 @@ def graph_from_json(docs: Any, targets: Targets, file: Path) -> torch.fx.Graph:
             node = _node_from_json(graph, d, nodes, targets, last=i == len(docs) - 1)
         except _Invalid as e:
             raise FxdiffError(f"{file}: node {str(name)[:60]!r}: {e}") from None
+        except RecursionError:
+            raise FxdiffError(f"{file}: node {str(name)[:60]!r}: arguments nested too deeply") from None
         nodes[node.name] = node
     return graph
 
@@ -133,8 +148,8 @@ def _node_from_json(graph: torch.fx.Graph, d: Any, nodes: dict[str, torch.fx.Nod
         raise _Invalid(f"op {str(op)[:40]!r} is not one of {', '.join(_OPS)}")
     if (op == "output") != last:
         raise _Invalid("the graph must end with its one output node")
-    if not isinstance(target, str):
-        raise _Invalid("the target is not a string")
+    if not isinstance(target, str) or (not target and op in ("placeholder", "get_attr")):
+        raise _Invalid("the target is not a string" if not isinstance(target, str) else "the target is empty")
     if not isinstance(meta, dict) or any(k in meta and not isinstance(meta[k], t) for k, t in _META_TYPES.items()):
         raise _Invalid("metadata of the wrong types")
     shape = meta.get(SHAPE)
@@ -144,6 +159,10 @@ def _node_from_json(graph: torch.fx.Graph, d: Any, nodes: dict[str, torch.fx.Nod
     kwargs = _arg_from_json(d["kwargs"], nodes)
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise _Invalid("args must be a sequence and kwargs a mapping")
+    if op in ("placeholder", "get_attr") and (args or kwargs):
+        raise _Invalid(f"a {op} node takes no arguments")
+    if op == "call_function" and not isinstance(meta.get(TARGET), str):
+        raise _Invalid(f"metadata has no {TARGET}")
     if op == "output":
         if len(args) != 1 or not isinstance(args[0], (list, tuple)) \
                 or not all(isinstance(a, torch.fx.Node) for a in args[0]):

@@ -175,7 +175,8 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
         data = blobs.get(f"storage/{blob}")
         if data is not None and data.data_ptr() % _ALIGN:
             data = blobs[f"storage/{blob}"] = data.clone()
-        if not isinstance(dtype, torch.dtype) or data is None or first < 0 or min(shape + stride + [0]) < 0:
+        if not isinstance(dtype, torch.dtype) or str(dtype) != f"torch.{dtype_name}" or data is None or first < 0 \
+                or min(shape + stride + [0]) < 0:
             raise FxdiffError(f"{file}: tensor {key} has an invalid layout {[blob, dtype_name, shape, stride, first]}")
         size = dtype.itemsize
         extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
@@ -223,12 +224,17 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, tor
         meta = header.pop("__metadata__")
         views = json.loads(meta["views"])
         blobs = {}
-        for key, entry in header.items():
+        at = 8 + head_len   # blobs follow one another, as safetensors requires: no gap, no overlap
+        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = (8 + head_len + int(o) for o in entry["data_offsets"])
-            if entry.get("dtype") != "U8" or not 8 + head_len <= start <= end <= size:
-                raise ValueError(f"blob {key} is not a byte range of the file")
+            if entry.get("dtype") != "U8" or start != at or not start <= end <= size \
+                    or entry.get("shape") != [end - start]:
+                raise ValueError(f"blob {key} is not the next byte range of the file")
+            at = end
             blobs[key] = torch.frombuffer(data, dtype=torch.uint8, count=end - start, offset=start) \
                 if end > start else torch.empty(0, dtype=torch.uint8)
+        if at != size:
+            raise ValueError(f"{size - at} bytes at the end belong to no blob")
         if not isinstance(views, dict):
             raise ValueError("views is not a mapping")
         tensors = _rebuild(blobs, views, file)

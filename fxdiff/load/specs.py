@@ -344,7 +344,19 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> CheckpointLoad:
     if not expected & set(state):
         raise FxdiffError(f"checkpoint {path}: none of its {len(state)} keys are in the model "
                           f"(e.g. {next(iter(state), '?')!r} vs {next(iter(expected), '?')!r})", option="checkpoint")
-    result = model.load_state_dict(state, strict=False)
+    current = model.state_dict()
+    wrong = [k for k, v in state.items() if k in current and tuple(v.shape) != tuple(current[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise FxdiffError(f"checkpoint {path}: {len(wrong)} tensors do not fit the model, e.g. {k} is "
+                          f"{list(state[k].shape)} in the checkpoint, {list(current[k].shape)} in the model",
+                          option="checkpoint")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # torch refuses what else does not fit (a dtype it cannot copy...)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise FxdiffError(f"checkpoint {path}: does not fit the model ({lines[-1] if lines else e})",
+                          option="checkpoint") from None
     return CheckpointLoad(path, list(result.missing_keys), list(result.unexpected_keys), prefix)
 
 

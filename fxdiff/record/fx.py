@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from .. import tree
-from ..errors import FxdiffError
+from ..errors import FxdiffError, blame_user
 from .recorder import Aliased, NoDropout, Recorder
 from .session import (Run, RunConfig, backward, forward_context, prepared, record_run, seed_everything,
                       taken_grads)
@@ -103,7 +103,10 @@ def _eager_run(model, args, kwargs, config: RunConfig) -> tuple[list, dict[str, 
     with prepared(model, args, kwargs, config) as (_, call_args, call_kwargs):
         with torch.enable_grad(), NoDropout() if config.disable_dropout else contextlib.nullcontext(), \
                 forward_context(model, config):
-            outputs = model(*call_args, **call_kwargs)
+            try:
+                outputs = model(*call_args, **call_kwargs)
+            except (Exception, SystemExit) as e:   # the user's model failed, as it would without fxdiff
+                raise blame_user(f"the forward pass of {type(model).__name__}", e) from e
         backward(model, outputs, config)
         return ([(p, t.detach()) for p, t in tree.flatten(outputs)],
                 {n: p.grad for n, p in model.named_parameters() if p.grad is not None})

@@ -141,6 +141,8 @@ def _set_rng_state(state) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed torch (all devices), numpy and Python's ``random``."""
+    if type(seed) is not int or not -2**63 <= seed < 2**64:   # torch.manual_seed's range
+        raise FxdiffError(f"seed {str(seed)[:40]}: expected an integer from -2**63 to 2**64 - 1", option="seed")
     torch.manual_seed(seed)
     random.seed(seed)
     try:

@@ -11,6 +11,7 @@ import threading
 from typing import Iterator
 
 from rich.console import Console
+from rich.text import Text
 
 DELAY = 1.0   # seconds a step runs before it is shown
 _displays: list[_Spinner] = []
@@ -30,7 +31,7 @@ class _Spinner:
     def step(self, text: str) -> Iterator[None]:
         with self.lock:
             self.current += 1
-            self.status.update(text)
+            self.status.update(Text(text))   # a path or model name is text, never rich markup
         timer = threading.Timer(self.delay, self._start, (self.current,))
         timer.daemon = True
         timer.start()

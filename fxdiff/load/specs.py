@@ -217,19 +217,22 @@ def _decode_call(text: str, tensors: dict[str, torch.Tensor], spec: str) -> Any:
         if not isinstance(obj, dict):
             return obj
         if set(obj) == {_TENSOR}:
-            if obj[_TENSOR] not in tensors:
+            if not isinstance(obj[_TENSOR], str) or obj[_TENSOR] not in tensors:
                 raise FxdiffError(f"inputs {spec}: {CALL_KEY} refers to tensor {obj[_TENSOR]!r}, which the file "
                                   "lacks", option="inputs")
             return tensors[obj[_TENSOR]]
         return {k: decode(v) for k, v in obj.items()}
     try:
         structure = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise FxdiffError(f"inputs {spec}: {CALL_KEY} is not JSON ({e})", option="inputs") from None
     if not isinstance(structure, dict) or not isinstance(structure.get("args"), list) \
             or not isinstance(structure.get("kwargs"), dict):
         raise FxdiffError(f"inputs {spec}: {CALL_KEY} is not {{'args': [...], 'kwargs': {{...}}}}", option="inputs")
-    return decode(structure)
+    try:
+        return decode(structure)
+    except RecursionError:
+        raise FxdiffError(f"inputs {spec}: {CALL_KEY} is nested too deeply", option="inputs") from None
 
 
 def _unflatten_args(flat: dict[str, torch.Tensor], spec: str) -> Any:

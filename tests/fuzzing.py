@@ -1662,6 +1662,16 @@ def bad_command_lines(good: Path, spec: Path, work: Path) -> list[BadLine]:
     save_file({"nope": torch.zeros(1)}, str(work / "inputs_wrong.safetensors"))
     save_file({"args.x": torch.zeros(1)}, str(work / "inputs_badargs.safetensors"))
     save_file({"inp.weight": torch.zeros(3)}, str(work / "wrong_shape.safetensors"))
+    # inputs files with the call's structure in their metadata (fxdiff.save_inputs), damaged
+    for name, structure in [("call_not_json", "{nope"), ("call_not_dict", "[1]"),
+                            ("call_missing_tensor", '{"args": [{"fxdiff.tensor": "args.9"}], "kwargs": {}}'),
+                            ("call_key_not_str", '{"args": [{"fxdiff.tensor": [1]}], "kwargs": {}}'),
+                            ("call_deep", '{"args": ' + "[" * 100000 + "]" * 100000 + ', "kwargs": {}}')]:
+        save_file({"args.0": torch.zeros(2, 6, 8)}, str(work / f"{name}.safetensors"), metadata={"fxdiff.args": structure})
+    hf_dir = work / "hf_model"   # MODEL as a Hugging Face directory whose config is not one
+    hf_dir.mkdir(exist_ok=True)
+    (hf_dir / "config.json").write_text('{"model_type": "nope"}')
+    file("model.nemo", b"not a tar" * 10)
     make_nemo(work / "traversal.nemo", state_dict_bytes(), [("../escape.txt", "file")])
     make_nemo(work / "traversal2.nemo", state_dict_bytes(), [("a/../../escape.txt", "file")])
     make_nemo(work / "absolute.nemo", state_dict_bytes(), [("/tmp/fxdiff_fuzz_abs.txt", "file")])
@@ -1704,7 +1714,7 @@ def bad_command_lines(good: Path, spec: Path, work: Path) -> list[BadLine]:
               f"{sdir}/fz_syntax.py:build", f"{sdir}/fz_importerror.py:build", f"{sdir}/fz_raises.py:build",
               f"{w}/dir.py:build", f"{plain}:build", "fxdiff_fuzz_nope_pkg:build", "os:getcwd", "os.path:join",
               "json:loads", "torch:zeros", "builtins:exit", "", ":", "a:b:c", f"{s}:build:extra",
-              f"{s}:__import__", f"{s}:build ", "this:x"]:
+              f"{s}:__import__", f"{s}:build ", "this:x", str(hf_dir), f"{w}/model.nemo"]:
         add("capture.model_spec", cap + [m] + run + o)
     # -- inputs ----------------------------------------------------------------------------
     for i in [None, f"{s}:inputs_raises", f"{s}:inputs_oserror", f"{s}:inputs_assert", f"{s}:inputs_int", f"{s}:inputs_none",
@@ -1712,7 +1722,9 @@ def bad_command_lines(good: Path, spec: Path, work: Path) -> list[BadLine]:
               f"{w}/nope.pt", f"{w}/garbage.safetensors", f"{w}/garbage.pt", f"{w}/empty.pt", f"{w}/evil.pt",
               f"{w}/evil_zip.pt", f"{w}/evil.pth", f"{w}/list.pt", f"{w}/inputs_partial.pt",
               f"{w}/inputs_wrong_shape.pt", f"{w}/inputs_wrong.safetensors", f"{w}/inputs_badargs.safetensors",
-              f"{w}/dir.pt", f"{w}/dir.safetensors", plain, a_dir, "", "inputs"]:
+              f"{w}/dir.pt", f"{w}/dir.safetensors", plain, a_dir, "", "inputs",
+              *(f"{w}/{n}.safetensors" for n in ("call_not_json", "call_not_dict", "call_missing_tensor",
+                                                 "call_key_not_str", "call_deep"))]:
         args = cap + [f"{s}:build"] + (["--inputs", i] if i is not None else []) + ["--loss", f"{s}:loss"] + o
         add("capture.inputs", args, marker=str(marker_pkl) if i and "evil" in i else None)
     # -- loss ------------------------------------------------------------------------------

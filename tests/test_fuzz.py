@@ -489,6 +489,18 @@ def test_rich_markup_in_a_module_path_is_printed_as_text(env, module):
     assert res.exception is None and res.exit_code in (0, 1) and "Traceback" not in res.stderr, res.stderr + res.tb
 
 
+def test_progress_line_prints_a_path_with_markup_as_text():
+    """Was: rich.errors.MarkupError from the spinner of ``capture -o 'a[/]b.fxd'`` in a terminal."""
+    import io
+    from rich.console import Console
+    from fxdiff import progress
+    console = Console(file=io.StringIO(), force_terminal=True)
+    with progress.shown(console, delay=0.0):
+        with progress.step("saving a[/]b.fxd"):
+            time.sleep(0.3)
+    assert "a[/]b.fxd" in console.file.getvalue()
+
+
 def test_report_field_of_the_wrong_type_is_named(env):
     """Was: TypeError/AttributeError deep in the drawing code (exit 3)."""
     doc = json.loads(fz.good_report(env["good"], env["work"]).read_text())

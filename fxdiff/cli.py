@@ -37,6 +37,13 @@ class _Commands(click.Group):
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             code = e.exit_code
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()   # the help text, as for --help
+            code = EXIT_BAD_INPUT
+        except click.UsageError as e:   # one line, like every other bad input
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"fxdiff: error: {' '.join(e.format_message().split())}{where}", err=True)
+            code = EXIT_BAD_INPUT
         except click.ClickException as e:
             e.show()
             code = EXIT_BAD_INPUT

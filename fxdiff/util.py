@@ -36,7 +36,7 @@ def read_regular(path: str | os.PathLike, what: str = "") -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise FxdiffError(f"{label}: not found") from None
+        raise FxdiffError(f"{label}: file not found") from None
     except IsADirectoryError:
         raise FxdiffError(f"{label}: is a directory, expected a file") from None
     except OSError as e:

@@ -942,7 +942,8 @@ class Mutator:
     def mut_node_call_payload(self) -> Mutation:
         """A target rewritten to os.system / builtins.exec with a string argument and a diverging
         value, so that an isolated replay of the node would run the command."""
-        i = self._used_call()
+        i = self.rng.choice([i for i in self.m.calls if self.m.names[i] in self.m.used
+                             and f"value/{self.m.names[i]}" in self.m.views])   # chunk holds no value
         marker = str(self.work / f"fz_call_{self.rng.randrange(10 ** 9)}.marker")
         target, arg = self.rng.choice([("os.system", f"touch {marker}"),
                                        ("builtins.exec", f"open({marker!r}, 'w').write('x')"),

@@ -275,20 +275,41 @@ def test_save_inside_the_lock_of_its_own_process(specs_dir, tmp_path):
 def test_two_concurrent_saves_to_one_output(specs_dir, tmp_path):
     """Was: both exit 0 and the result is whichever renamed last. Exactly one succeeds; the other
     is refused with exit 2 and one line naming the output (another capture holds it: the lock is
-    taken when ``capture`` starts, so the loser is refused before it runs the model)."""
+    taken when ``capture`` starts, so the loser is refused before it runs the model).
+
+    Two processes started together race through their imports (seconds, more on a busy machine)
+    and a capture of this model takes a fraction of one, so the first one's model builder waits
+    until the second has been answered: the two captures overlap every time."""
     out = tmp_path / "race.fxd"
     spec = specs_dir / "fz_tiny.py"
+    release = tmp_path / "release"
+    (tmp_path / "waiting.py").write_text(
+        f"import os, sys, time\nsys.path.insert(0, {str(specs_dir)!r})\nimport fz_tiny\n"
+        f"def build():\n    end = time.time() + 120\n"
+        f"    while not os.path.exists({str(release)!r}) and time.time() < end:\n        time.sleep(0.05)\n"
+        "    return fz_tiny.build_big()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FXDIFF_FUZZ_WIDTH": "768"}
-    args = [sys.executable, "-m", "fxdiff.cli", "capture", f"{spec}:build_big", "--inputs", f"{spec}:inputs",
-            "--loss", f"{spec}:loss", "-o", str(out)]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
-    codes = sorted(r[0] for r in results)
-    assert codes == [0, 2], results
-    loser = next(r for r in results if r[0] == 2)
-    lines = [ln for ln in loser[2].splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fxdiff: error:") and str(out) in lines[0], loser[2]
+
+    def capture(model: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fxdiff.cli", "capture", model, "--inputs", f"{spec}:inputs",
+                                 "--loss", f"{spec}:loss", "-o", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = capture(f"{tmp_path / 'waiting.py'}:build")
+    try:
+        lock = out.with_name(f".{out.name}.lock")
+        deadline = time.time() + 120
+        while not lock.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert lock.exists(), f"the first capture never took the lock: {first.communicate(timeout=60)}"
+        second = capture(f"{spec}:build_big")
+        code, _, err = second.wait(timeout=300), second.stdout.read(), second.stderr.read()
+    finally:
+        release.touch()
+    first_out, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fxdiff: error:") and str(out) in lines[0], err
     assert "another fxdiff process is writing" in lines[0], lines[0]
     import fxdiff
     fxdiff.load(out)

@@ -510,6 +510,15 @@ def test_report_field_of_the_wrong_type_is_named(env):
     assert_clear(cli("render", bad, "--model-explorer", env["work"] / "me.json"), str(bad), "nodes[0].forward.passed")
 
 
+def test_report_graph_node_without_a_name_is_named(env):
+    """Was: KeyError 'name' in graphview (exit 3)."""
+    doc = json.loads(fz.good_report(env["good"], env["work"]).read_text())
+    doc["graph"]["cand"][0] = {"a": 1}
+    bad = env["work"] / "report_no_name.json"
+    bad.write_text(json.dumps(doc))
+    assert_clear(cli("render", bad, "--model-explorer", env["work"] / "me.json"), str(bad), "graph.cand[0]")
+
+
 def test_model_spec_that_takes_arguments(env):
     assert_clear(cli(*capture_args(env, model="build_takes_args")), "build_takes_args", "takes arguments")
 

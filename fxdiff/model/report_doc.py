@@ -2,8 +2,9 @@
 ``render`` and ``view`` draw whatever a report holds, so a field of the wrong type is refused here,
 naming it, instead of failing deep in the drawing code.
 
-Only the fields present are checked (``Report.from_dict`` says which are required), so a report
-with fields added by a later version still loads where their types agree.
+Only the fields present are checked, besides those the drawing code cannot do without
+(``Report.from_dict`` says which others are required), so a report with fields added by a later
+version still loads where their types agree.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..errors import FxdiffError
 
 NUM = "number"          # an int or float, or a non-finite float written as "inf", "-inf", "nan"
 ANY = "anything"
+REQUIRED = "!required"  # in an object's spec: the fields it must have (the drawing code indexes them)
 
 
 class _Map:
@@ -37,9 +39,9 @@ _NODE = {"ref_node": str, "cand_node": str, "ref_module": str, "cand_module": st
 _PARAM = {"ref": str, "cand": [str], "transform": _Map(ANY), "evidence": str, "grad": (_METRICS, None),
           "value": (_METRICS, None)}
 _OUTPUT = {"ref": str, "cand": (str, None), "metrics": _METRICS}
-_GRAPH_NODE = {"name": str, "op": str, "kind": str, "target": str, "module": str, "shape": _SHAPE,
+_GRAPH_NODE = {REQUIRED: ("name",), "name": str, "op": str, "kind": str, "target": str, "module": str, "shape": _SHAPE,
                "dtype": (str, None), "inputs": [str]}
-_UNMATCHED = (str, {"node": str, "module": str, "op": str, "shape": _SHAPE, "reason": str})
+_UNMATCHED = (str, {REQUIRED: ("node",), "node": str, "module": str, "op": str, "shape": _SHAPE, "reason": str})
 _SIDE = {"label": str, "modules": _Map(str)}
 REPORT = {"ref": _SIDE, "cand": _SIDE, "tolerance": {"atol": (NUM, None), "rtol": (NUM, None)},
           "outputs": [_OUTPUT], "nodes": [_NODE], "params": [_PARAM], "unmatched": _Map([_UNMATCHED]),
@@ -57,7 +59,12 @@ def _mismatch(value: Any, spec: Any, at: str) -> str | None:
     """Where ``value`` departs from ``spec`` (a description), or None when it fits."""
     if isinstance(spec, tuple):
         misses = [_mismatch(value, s, at) for s in spec]
-        return None if None in misses else next(m for m in misses if m is not None)
+        if None in misses:
+            return None
+        alike = [m for s, m in zip(spec, misses)   # the complaint of the alternative of the value's own kind
+                 if isinstance(value, dict) and isinstance(s, (dict, _Map))
+                 or isinstance(value, list) and isinstance(s, list)]
+        return (alike or misses)[0]
     if spec is None:
         return None if value is None else f"{at or 'the report'} is {_kind(value)}"
     if spec is ANY:
@@ -85,8 +92,11 @@ def _mismatch(value: Any, spec: Any, at: str) -> str | None:
             if miss is not None:
                 return miss
         return None
+    for key in spec.get(REQUIRED, ()):
+        if key not in value:
+            return f"{at} has no {key}"
     for key, item_spec in spec.items():
-        if key in value:
+        if key != REQUIRED and key in value:
             miss = _mismatch(value[key], item_spec, f"{at}.{key}" if at else key)
             if miss is not None:
                 return miss

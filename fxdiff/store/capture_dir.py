@@ -24,8 +24,9 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -35,7 +36,7 @@ from ..model.capture import FORMAT, READABLE_VERSIONS, VERSION, Capture
 from ..targets import Targets
 from ..util import atomic_write, dumps, gc_paused
 from .graph_json import graph_from_json, node_to_json
-from .tensor_file import read_tensors, write_tensors
+from .tensor_file import read_tensors, verify_digest, write_tensors
 
 MANIFEST, GRAPH, TENSORS = "manifest.json", "graph.json", "tensors.safetensors"
 _SECTIONS = ("value", "grad", "param", "param_grad", "output_grad")
@@ -93,7 +94,27 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
 
 def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     """Read and validate a capture directory; its tensors are memory-mapped, not copied."""
+    return _load(Path(path), targets, verify=True)
+
+
+_VERIFY = ThreadPoolExecutor(2, thread_name_prefix="fxdiff-verify")
+
+
+def load_deferred(path: str | os.PathLike, targets: Targets | None = None) -> tuple[Capture, Callable[[], None]]:
+    """``load``, with the digest of the tensor file checked in a thread meanwhile: returns the
+    capture and a function that waits for the check and raises ``FxdiffError`` if it failed.
+    Call it before anything read from the capture is reported."""
     path = Path(path)
+    try:
+        capture, (file, expected) = _load(path, targets, verify=False)
+    except FxdiffError:
+        _load(path, targets, verify=True)   # a modified file says so first, as load() does
+        raise
+    check = _VERIFY.submit(verify_digest, file, expected)
+    return capture, check.result
+
+
+def _load(path: Path, targets: Targets | None, verify: bool):
     _recover(path)
     manifest = _read_manifest(path)
     files = manifest.get("files")
@@ -111,7 +132,7 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
         raise FxdiffError(f"{graph_file}: checksum mismatch; the capture was modified after it was written")
     if not isinstance(files[TENSORS].get("bytes"), int):
         raise FxdiffError(f"{path / MANIFEST}: no size for {TENSORS}")
-    tensors = read_tensors(path / TENSORS, files[TENSORS]["bytes"], files[TENSORS])
+    tensors = read_tensors(path / TENSORS, files[TENSORS]["bytes"], files[TENSORS], verify=verify)
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -132,9 +153,10 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     meta = manifest.get("meta", {})
     if not isinstance(meta, dict):
         raise FxdiffError(f"{path / MANIFEST}: meta is not a mapping")
-    return Capture(graph=graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
-                   param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
-                   output_grads=tables["output_grad"], meta=meta)
+    capture = Capture(graph=graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
+                      param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
+                      output_grads=tables["output_grad"], meta=meta)
+    return capture if verify else (capture, (path / TENSORS, files[TENSORS]))
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -4,6 +4,13 @@ Views share storage (``x.view``, ``x.t()``, a gradient passed on unchanged), so 
 bytes are written once, and ``__metadata__["views"]`` says how to rebuild each tensor from its
 blob. The file is written by a background thread that also hashes it (xxh3), and read back by
 memory-mapping it: loading a capture copies nothing, and tensors are paged in as they are used.
+
+Blobs start at multiples of 64 bytes in the file (the header and each blob are padded), so every
+view is aligned for its dtype in the mapping; files written before that (capture format 2 and
+early 3) have blobs at any offset, and those not aligned for their dtype are copied on load.
+Checking the digest reads the file once in chunks, handing each chunk's pages back as it goes;
+``evict`` hands back the pages of tensors one is done with (the judge does, pair by pair), so a
+process's resident memory does not grow with the size of the captures it reads.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import json
 import math
 import mmap
 import os
+import threading
+import weakref
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -55,24 +64,27 @@ def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     offset = 0
     for i, span in enumerate(spans.values()):
         span[0] -= span[0] % _ALIGN  # every dtype's size divides it, so views stay aligned in their blob
-        header[f"storage/{i}"] = {"dtype": "U8", "shape": [span[1] - span[0]],
-                                  "data_offsets": [offset, offset + span[1] - span[0]]}
-        offset += span[1] - span[0]
+        length = span[1] - span[0]
+        length += -length % _FILE_ALIGN   # zero padding, so that the next blob starts aligned
+        header[f"storage/{i}"] = {"dtype": "U8", "shape": [length], "data_offsets": [offset, offset + length]}
+        offset += length
     index = {sid: i for i, sid in enumerate(spans)}
     for view in views.values():
         view[4] -= spans[view[0]][0]
         view[0] = index[view[0]]
     header["__metadata__"] = {"format": FORMAT, "views": json.dumps(views, separators=(",", ":"))}
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    head += b" " * (-(8 + len(head)) % _FILE_ALIGN)   # blobs start aligned in the file
     with _Writer(file) as out:
         out.write(memoryview(len(head).to_bytes(8, "little") + head))
         for first, end, storage in spans.values():
             out.write(_span_bytes(storage, first, end))
+            out.write(memoryview(bytes(-(end - first) % _FILE_ALIGN)))
     return out.size, out.digest
 
 
-_ALIGN = 16
+_ALIGN = 16        # a view's first byte within its blob is a multiple of this
+_FILE_ALIGN = 64   # each blob's first byte in the file is a multiple of this
 
 
 def _span_bytes(storage: torch.UntypedStorage, first: int, end: int) -> memoryview:
@@ -172,8 +184,8 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
     for key, (blob, dtype_name, shape, stride, first) in views.items():
         dtype = getattr(torch, str(dtype_name), None)
         data = blobs.get(f"storage/{blob}")
-        if data is not None and data.data_ptr() % _ALIGN:
-            data = blobs[f"storage/{blob}"] = data.clone()
+        if data is not None and isinstance(dtype, torch.dtype) and data.data_ptr() % _alignment(dtype):
+            data = blobs[f"storage/{blob}"] = data.clone()   # written by an older fxdiff, unaligned
         if not isinstance(dtype, torch.dtype) or data is None or first < 0 or min(shape + stride + [0]) < 0:
             raise FxdiffError(f"{file}: tensor {key} has an invalid layout {[blob, dtype_name, shape, stride, first]}")
         size = dtype.itemsize
@@ -187,9 +199,16 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
     return tensors
 
 
-def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _alignment(dtype: torch.dtype) -> int:
+    """The address alignment torch's kernels expect of ``dtype`` (complex128 is declared 16-aligned)."""
+    return 16 if dtype == torch.complex128 else dtype.itemsize
+
+
+def read_tensors(file: Path, size: int, digest: dict[str, Any], verify: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of a file written by ``write_tensors``, checked against its size and digest
-    (``{"xxh3_64": hex}``, or ``{"crc32": int}`` for version-2 captures), memory-mapped."""
+    (``{"xxh3_64": hex}``, or ``{"crc32": int}`` for version-2 captures), memory-mapped.
+
+    ``verify=False`` leaves the digest to the caller (``verify_digest``, e.g. in a thread)."""
     if not file.is_file():
         raise FxdiffError(f"{file}: missing; the capture is incomplete")
     actual = file.stat().st_size
@@ -199,13 +218,9 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, tor
         raise FxdiffError(f"{file}: too short to be a tensor file")
     with open(file, "rb") as f:
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if verify:
+        verify_digest(file, digest, data)
     view = memoryview(data)
-    if "xxh3_64" in digest:
-        ok = xxhash.xxh3_64_hexdigest(view) == digest["xxh3_64"]
-    else:
-        ok = zlib.crc32(view) == digest.get("crc32")
-    if not ok:
-        raise FxdiffError(f"{file}: checksum mismatch; the capture was modified after it was written")
     try:
         head_len = int.from_bytes(view[:8], "little")
         header = json.loads(bytes(view[8:8 + head_len]))
@@ -220,8 +235,109 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, tor
                 if end > start else torch.empty(0, dtype=torch.uint8)
         if not isinstance(views, dict):
             raise ValueError("views is not a mapping")
-        return _rebuild(blobs, views, file)
+        tensors = _rebuild(blobs, views, file)
     except FxdiffError:
         raise
     except Exception as e:  # noqa: BLE001 -- any malformed header is bad input
         raise FxdiffError(f"{file}: unreadable tensor file ({type(e).__name__}: {e})") from None
+    _register(data, size)
+    return tensors
+
+
+VERIFY_CHUNK = 1 << 26
+
+
+def verify_digest(file: Path, digest: dict[str, Any], data: mmap.mmap | None = None) -> None:
+    """Raise unless ``file`` (or its mapping ``data``) has ``digest``. Reads the file once, in
+    chunks whose pages are handed back as soon as they are hashed."""
+    own = data is None
+    if own:
+        with open(file, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
+    try:
+        ok = _digest_of(data, "xxh3_64" in digest) == (digest["xxh3_64"] if "xxh3_64" in digest else digest.get("crc32"))
+    finally:
+        if own and data is not None:
+            data.close()
+    if not ok:
+        raise FxdiffError(f"{file}: checksum mismatch; the capture was modified after it was written")
+
+
+def _digest_of(data: mmap.mmap | None, xxh3: bool) -> str | int:
+    h = xxhash.xxh3_64() if xxh3 else None
+    crc = 0
+    size = len(data) if data is not None else 0
+    with memoryview(data if data is not None else b"") as view:
+        for start in range(0, size, VERIFY_CHUNK):
+            with view[start:start + VERIFY_CHUNK] as part:
+                if h is not None:
+                    h.update(part)
+                else:
+                    crc = zlib.crc32(part, crc)
+            _dontneed(data, start, min(VERIFY_CHUNK, size - start))
+    return h.hexdigest() if h is not None else crc
+
+
+def _dontneed(data: mmap.mmap, start: int, length: int) -> None:
+    """Unmap the pages of ``data[start:start + length]`` from this process (the file's pages stay in
+    the page cache, and are mapped again when touched)."""
+    if not hasattr(mmap, "MADV_DONTNEED") or length <= 0:
+        return
+    page = mmap.PAGESIZE
+    lo = start - start % page
+    hi = min(len(data), start + length + (-(start + length) % page))
+    try:
+        data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError):
+        pass
+
+
+# -- handing pages back ----------------------------------------------------------------------
+
+_MAPPINGS: dict[int, tuple[int, weakref.ref]] = {}   # base address -> (size, mapping)
+_MAPPINGS_LOCK = threading.Lock()
+
+
+def _register(data: mmap.mmap, size: int) -> None:
+    if not size:
+        return
+    probe = torch.frombuffer(data, dtype=torch.uint8, count=1)
+    base = probe.data_ptr()
+    del probe
+    with _MAPPINGS_LOCK:
+        _MAPPINGS[base] = (size, weakref.ref(data, lambda _, base=base: _forget(base)))
+
+
+def _forget(base: int) -> None:
+    with _MAPPINGS_LOCK:
+        _MAPPINGS.pop(base, None)
+
+
+def evict(*tensors: torch.Tensor | None) -> None:
+    """Hand back the resident pages of memory-mapped capture tensors (whole storage blobs): a
+    tensor read once need not stay in the process's memory. Reading it again maps its pages again
+    (from the page cache, or the disk); tensors not mapped from a capture are left alone."""
+    if not _MAPPINGS:
+        return
+    for t in tensors:
+        if t is None or t.device.type != "cpu" or t.layout != torch.strided:
+            continue
+        try:
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        with _MAPPINGS_LOCK:
+            found = [(base, size, ref()) for base, (size, ref) in _MAPPINGS.items() if base <= ptr < base + size]
+        for base, size, data in found:
+            if data is not None:
+                _dontneed(data, ptr - base, min(nbytes, base + size - ptr))
+
+
+def trim() -> None:
+    """Hand back every resident page of every capture mapped in this process."""
+    with _MAPPINGS_LOCK:
+        found = [(size, ref()) for size, ref in _MAPPINGS.values()]
+    for size, data in found:
+        if data is not None:
+            _dontneed(data, 0, size)

@@ -30,6 +30,7 @@ import torch
 from . import tree
 from .errors import FxdiffError
 from .judge import Tolerance, judge
+from .judge.tensors import statistics
 from .load import specs
 from .match import UserMap, match
 from .model.alignment import ParamMap
@@ -39,7 +40,7 @@ from .params import convert as convert_state
 from .progress import step
 from .record import BackwardSeed, RunConfig, record
 from .replay import drew, random_differences, replay_table, replayed
-from .store import is_capture, load, save
+from .store import is_capture, load, load_deferred, save, trim
 
 Side = Capture | str | os.PathLike
 LossSpec = Callable[..., torch.Tensor] | str | None
@@ -102,7 +103,7 @@ def capture_spec(model: str | torch.nn.Module, **run: Any) -> Capture:
 
 def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_map: UserMap | str | None = None,
             tolerance: Tolerance | None = None, ref_label: str | None = None, cand_label: str | None = None,
-            **run: Any) -> Report:
+            histograms: bool = False, **run: Any) -> Report:
     """Align ``cand`` to ``ref`` and judge every pair.
 
     Each side is a ``Capture``, a capture directory, a module or a ``file.py:function`` model spec.
@@ -110,26 +111,39 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
     reference's saved inputs under the rules in the module docstring, ``options`` overriding.
     ``options`` given with two captures are refused: they would change nothing. ``run`` holds
     ``LiveOptions`` fields (``inputs``, ``loss``, ``checkpoint``, ``mode``, ``seed``, ``dtype``...).
+    ``histograms``: compute each pair's error histogram (the HTML report draws them; they cost time).
+
+    Capture directories are checked against their digests while they are matched and judged;
+    a capture modified after it was written is refused before the report is returned.
     """
     options = LiveOptions(**run)
-    ref_capture = _reference(ref, options)
-    user_map = _user_map(user_map)
-    if _is_live(cand):
-        cand_capture = run_candidate(ref_capture, cand, options, user_map)
-    else:
-        given = [name for name in options.given() if name != "rng_replay"]   # two captures are never replayed
-        if not _is_live(ref) and given:
-            raise FxdiffError(f"{', '.join(given)}: these options run a model, and both sides are captures",
-                              option=given[0])
-        cand_capture = _as_capture(cand)
-    with step("matching"):
-        alignment = match(ref_capture, cand_capture, user_map)
-    with step("judging"):
-        report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
-                       ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
-    report.replayed = replayed(ref_capture, cand_capture, alignment)
-    if not _is_live(cand):
-        report.warnings.extend(_setup_differences(ref_capture, cand_capture) + random_differences(report))
+    checks: list[Callable[[], None]] = []
+    try:
+        ref_capture = _reference(ref, options, checks)
+        user_map = _user_map(user_map)
+        if _is_live(cand):
+            cand_capture = run_candidate(ref_capture, cand, options, user_map)
+        else:
+            given = [name for name in options.given() if name != "rng_replay"]   # two captures are never replayed
+            if not _is_live(ref) and given:
+                raise FxdiffError(f"{', '.join(given)}: these options run a model, and both sides are captures",
+                                  option=given[0])
+            cand_capture = _as_capture(cand, checks)
+        with step("matching"):
+            alignment = match(ref_capture, cand_capture, user_map)
+        trim()   # what matching read goes back to the page cache
+        with step("judging"), statistics(histograms=histograms):
+            report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
+                           ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
+        report.replayed = replayed(ref_capture, cand_capture, alignment)
+        if not _is_live(cand):
+            report.warnings.extend(_setup_differences(ref_capture, cand_capture) + random_differences(report))
+    except BaseException:
+        for check in checks:   # a modified capture is the error to report, whatever it caused
+            check()
+        raise
+    for check in checks:
+        check()
     return report
 
 
@@ -231,18 +245,25 @@ def _is_live(side: Any) -> bool:
         ":" in str(side) or specs.is_model_file(str(side)))
 
 
-def _as_capture(side: Side) -> Capture:
+def _as_capture(side: Side, checks: list[Callable[[], None]] | None = None) -> Capture:
+    """``side`` as a capture; with ``checks``, a directory's digest is checked in a thread and the
+    function that waits for that check is appended to ``checks``."""
     if isinstance(side, Capture):
         return side
     if isinstance(side, (str, os.PathLike)) and not Path(side).is_dir() and ":" not in str(side):
         raise FxdiffError(f"{side}: not a capture directory nor a model (file.py:function, a Hugging Face model "
                           "directory or a .nemo file)")
     with step(f"loading {side}"):
-        return load(side)
+        if checks is None:
+            return load(side)
+        capture, check = load_deferred(side)
+    checks.append(check)
+    return capture
 
 
-def _reference(ref: Side | torch.nn.Module, options: LiveOptions) -> Capture:
-    return capture_spec(ref, **dataclasses.asdict(options)) if _is_live(ref) else _as_capture(ref)
+def _reference(ref: Side | torch.nn.Module, options: LiveOptions,
+               checks: list[Callable[[], None]] | None = None) -> Capture:
+    return capture_spec(ref, **dataclasses.asdict(options)) if _is_live(ref) else _as_capture(ref, checks)
 
 
 def _build(model: str | torch.nn.Module, options: LiveOptions) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -272,7 +272,8 @@ def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_pat
         _writable(json_path, "--json")
     tolerance = Tolerance(atol if atol is not None else Tolerance.atol, rtol if rtol is not None else Tolerance.rtol)
     replay = {"rng_replay": False} if no_rng_replay else {}
-    report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, **_live(o), **replay)
+    drawn = any(drawing.get(k) for k in ("svg_path", "html_path", "me_path"))
+    report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, histograms=drawn, **_live(o), **replay)
     for warning in report.warnings:
         click.echo(f"fxdiff: warning: {warning}", err=True)
     console.print(text.render(report, show_all, ops, modules_depth))

@@ -152,6 +152,8 @@ def _chunked_max(a: torch.Tensor, b: torch.Tensor | None) -> float:
         return 0.0
     a = a.detach()
     b = b.detach() if b is not None else None
+    if b is not None and a.device != b.device:   # two devices (a capture against a live GPU run): compare on the CPU
+        a, b = a.cpu(), b.cpu()
     cdt = _compute_dtype(a.dtype, (b if b is not None else a).dtype)
     best = 0.0
     chunks = _Chunks(a, b if b is not None else a)
@@ -592,9 +594,13 @@ class _Chunks:
     def pair(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.flat is not None:
             lo, hi = k * CHUNK, min(self.n, (k + 1) * CHUNK)
-            return self.flat[0][lo:hi], self.flat[1][lo:hi]
-        index = self.blocks[k]
-        return self.a[index].reshape(-1), self.b[index].reshape(-1)
+            x, y = self.flat[0][lo:hi], self.flat[1][lo:hi]
+        else:
+            index = self.blocks[k]
+            x, y = self.a[index].reshape(-1), self.b[index].reshape(-1)
+        if x.device != y.device:   # a capture against a live run on a GPU: this chunk compared on the CPU
+            x, y = x.cpu(), y.cpu()
+        return x, y
 
     def size(self, k: int) -> int:
         """How many elements chunk ``k`` holds."""

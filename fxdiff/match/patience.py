@@ -4,10 +4,10 @@ ops paired in small leftover windows."""
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter, defaultdict
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..model.alignment import Pair
 from .compute_graph import LEVELS, ComputeGraph
@@ -73,6 +73,8 @@ def patience(ps: PairSet, a: list[str], b: list[str], level: int) -> None:
 def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
     """Look-alike ops (same key and size) whose matched inputs agree, paired by value closeness
     among themselves, kept in order."""
+    from scipy.optimize import linear_sum_assignment   # imported when needed: half a second of every start
+
     r, c = ps.ref, ps.cand
     groups: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
     for i, n in enumerate(a):
@@ -93,15 +95,20 @@ def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
 
 
 def _value_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """How unlike two tensors are (0 = equal), for breaking ties between look-alike ops."""
-    x, y = (torch.view_as_real(t.detach().cpu()) if t.is_complex() else t.detach().cpu() for t in (x, y))
-    x, y = x.reshape(-1).double(), y.reshape(-1).double()
+    """How unlike two tensors are (0 = equal), for breaking ties between look-alike ops: the largest
+    difference over the reference's largest magnitude (complex: of their real and imaginary parts).
+    Read in chunks, in the tensors' own precision (float32 differences round the same maxima
+    float64 ones would, to float32)."""
+    from ..judge.tensors import max_abs, max_abs_diff
+    x, y = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (x, y))
     if x.numel() != y.numel():
         return 2.0
     if not x.numel():
         return 0.0
-    scale = float(x.abs().max().clamp_min(1e-30))
-    d = float((x - y).abs().max()) / scale
+    if x.shape != y.shape:
+        x, y = x.reshape(-1), y.reshape(-1)
+    scale = max_abs(x)
+    d = max_abs_diff(x, y) / max(scale, 1e-30) if scale == scale else math.nan
     return min(d, 2.0) if d == d else 2.0
 
 

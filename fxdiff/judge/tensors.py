@@ -45,6 +45,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..model.report import HIST_EDGES, Metrics
+from ..store.summary import Summary, summarise
 from .noise import OWN_ROUNDING
 
 CHUNK = 1 << 18              # elements per chunk: a few of them fit in a core's cache
@@ -126,6 +127,8 @@ def rms_many(ts: Iterable[torch.Tensor]) -> list[float]:
 def _rms(t: torch.Tensor) -> float:
     if t.numel() == 0:
         return 0.0
+    if isinstance(t, Summary):
+        return _summary_rms(t)
     if t.is_complex():
         return math.sqrt(2.0) * _rms(torch.view_as_real(t))
     total = 0.0
@@ -183,9 +186,153 @@ def same_layout(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, st
     return cand.reshape(ref.shape), f"candidate reshaped from {tuple(cand.shape)}"
 
 
+def value_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """How unlike two tensors are (0 = equal), for breaking ties between look-alike ops: the largest
+    difference over the first's largest magnitude, capped at 2 (2 also when they cannot be
+    compared; complex tensors by their real and imaginary parts). Read in chunks, in the tensors' own
+    precision; summaries compare on their sample."""
+    x, y = (torch.view_as_real(t.detach()) if not isinstance(t, Summary) and t.is_complex() else t for t in (x, y))
+    if x.numel() != y.numel():
+        return 2.0
+    if not x.numel():
+        return 0.0
+    if isinstance(x, Summary) or isinstance(y, Summary):
+        pair = _samples(x, y)
+        if pair is None:
+            return 2.0
+        x, y = pair
+    x, y = x.detach(), y.detach()
+    if x.shape != y.shape:
+        x, y = x.reshape(-1), y.reshape(-1)
+    scale = max_abs(x)
+    d = max_abs_diff(x, y) / max(scale, 1e-30) if scale == scale else math.nan
+    return min(d, 2.0) if d == d else 2.0
+
+
+# -- summarised tensors (capture --keep summary / grads) -----------------------------------------
+
+def _summary_rms(s: Summary) -> float:
+    if s.stats:
+        return math.sqrt(s.stats["sumsq"] / s.stats["numel"]) if s.stats["numel"] else 0.0
+    return _rms(s.sample) if s.sample.numel() else 0.0
+
+
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t.detach()) if not isinstance(t, Summary) and t.is_complex() else t
+
+
+def _gather(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Elements of a full tensor at row-major ``positions`` (no copy of the tensor)."""
+    t = t.detach()
+    if not positions.numel():
+        return t.reshape(-1)[:0].cpu()
+    index = positions.to(t.device)
+    if t.is_contiguous():
+        return t.reshape(-1).index_select(0, index).cpu()
+    return t[torch.unravel_index(index, tuple(t.shape))].cpu()
+
+
+def _samples(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The elements of ``a`` and ``b`` (same count, at least one a summary) at the positions both
+    hold, in row-major order; None when they hold none in common."""
+    a, b = _as_real(a), _as_real(b)
+    if isinstance(a, Summary) and isinstance(b, Summary):
+        if a.positions.shape == b.positions.shape and torch.equal(a.positions, b.positions):
+            return a.sample, b.sample
+        common, ia, ib = _intersect(a.positions, b.positions)
+        return (a.sample[ia], b.sample[ib]) if common else None
+    if isinstance(a, Summary):
+        return a.sample, _gather(b, a.positions)
+    return _gather(a, b.positions), b.sample
+
+
+def _intersect(pa: torch.Tensor, pb: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    sa, ia = torch.sort(pa)
+    sb, ib = torch.sort(pb)
+    ka, kb = torch.isin(sa, sb), torch.isin(sb, sa)
+    return int(ka.sum()), ia[ka], ib[kb]
+
+
+def _stats_of(t: torch.Tensor) -> dict[str, float]:
+    return t.stats if isinstance(t, Summary) else summarise(t).stats
+
+
+def _compare_summarised(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance, grad_floor: float | None) -> Metrics:
+    """A pair where one side or both are summaries: compared element for element on the sample,
+    bounded below by what the whole-tensor statistics say, identical when the hashes agree."""
+    a, b = _as_real(ref), _as_real(cand)
+    n = a.numel()
+    if n != b.numel():
+        return Metrics(passed=False, max_abs_diff=math.inf, max_rel_diff=math.inf, mean_abs_diff=math.inf,
+                       cosine=None, ref_rms=_rms(a), mismatched=n, numel=n,
+                       note=f"shape {tuple(ref.shape)} vs {tuple(cand.shape)}")
+    notes = []
+    if tuple(a.shape) != tuple(b.shape):
+        notes.append(f"candidate {tuple(cand.shape)} compared in row-major order (a summary cannot be permuted)")
+    eps = 0.0 if not (a.is_floating_point() and b.is_floating_point()) else max(_eps(a.dtype), _eps(b.dtype))
+    stats_a = a.stats if isinstance(a, Summary) else None
+    stats_b = b.stats if isinstance(b, Summary) else None
+    if stats_a or stats_b:   # a sliced summary has no statistics: the full side's are not needed either
+        stats_a = stats_a if stats_a is not None else (_stats_of(a) if stats_b else None)
+        stats_b = stats_b if stats_b is not None else (_stats_of(b) if stats_a else None)
+    digest_a = a.digest if isinstance(a, Summary) else None
+    digest_b = b.digest if isinstance(b, Summary) else None
+    if a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and (digest_a or digest_b):
+        from ..store.summary import _digest
+        digest_a = digest_a or (_digest(a) if not isinstance(a, Summary) and a.device.type == "cpu" else None)
+        digest_b = digest_b or (_digest(b) if not isinstance(b, Summary) and b.device.type == "cpu" else None)
+        if digest_a is not None and digest_a == digest_b:
+            rms_a = math.sqrt(stats_a["sumsq"] / n) if stats_a else _rms(a)
+            hist = [n] + [0] * (len(HIST_EDGES) - 1) if _HISTOGRAMS.get() else []
+            return Metrics(passed=True, max_abs_diff=0.0, max_rel_diff=0.0, mean_abs_diff=0.0,
+                           cosine=None if eps == 0 else 1.0, ref_rms=rms_a, cand_rms=rms_a, rms_diff=0.0, eps=eps,
+                           mismatched=0, numel=n, histogram=hist,
+                           note="; ".join(notes + ["summary: bit-identical (equal hashes)"]))
+    pair = _samples(a, b)
+    if pair is None or not pair[0].numel():
+        return Metrics(passed=False, max_abs_diff=math.inf, max_rel_diff=math.inf, mean_abs_diff=math.inf,
+                       cosine=None, ref_rms=_rms(a), mismatched=n, numel=n,
+                       note="; ".join(notes + ["summaries with no sampled elements in common"]))
+    sa, sb = pair
+    k = sa.numel()
+    full_rms = (math.sqrt(stats_a["sumsq"] / n), math.sqrt(stats_b["sumsq"] / n)) if stats_a and stats_b else None
+    m = _Pair(sa.detach(), sb.detach(), tol, grad_floor, _HISTOGRAMS.get(), rms=full_rms).run()
+    ref_rms, cand_rms, rms_diff = m.ref_rms, m.cand_rms, m.rms_diff
+    max_abs, max_scaled, mean_abs, special = m.max_abs, m.max_scaled, m.mean_abs, m.special_bad
+    bound_bad = False
+    if stats_a and stats_b:
+        mean_gap = abs(stats_a["sum"] - stats_b["sum"]) / n
+        rms_diff = max(rms_diff, abs(ref_rms - cand_rms), mean_gap)
+        mean_abs = max(mean_abs, mean_gap)
+        special = max(special, sum(abs(stats_a[x] - stats_b[x]) for x in ("nan", "posinf", "neginf")))
+        if not any(stats_a[x] or stats_b[x] for x in ("nan", "posinf", "neginf")):
+            edge_gap = max(abs(stats_a["max"] - stats_b["max"]), abs(stats_a["min"] - stats_b["min"]))
+            largest = max(abs(stats_a["max"]), abs(stats_a["min"]))
+            max_abs = max(max_abs, edge_gap)
+            if edge_gap:   # an element differs by edge_gap, at a magnitude of at most ``largest``
+                max_scaled = max(max_scaled, edge_gap / max(largest, ref_rms, cand_rms, 1e-300))
+            if tol.strict:
+                scale = max(ref_rms, cand_rms, grad_floor) if grad_floor is not None else 1.0
+                limit = (tol.atol or 0.0) * (scale if scale and math.isfinite(scale) else 1.0) \
+                    + (tol.rtol or 0.0) * largest
+                bound_bad = edge_gap > limit
+    sampled_bad = m.bad - m.special_bad
+    bad = (math.ceil(sampled_bad * n / k) if sampled_bad else 0) + int(special) + int(bound_bad)
+    notes.append(f"summary: judged on a sample of {k} of {n} elements and whole-tensor statistics"
+                 + (f"; {int(special)} NaN/Inf positions differ" if special else "")
+                 + ("; mismatched elements estimated from the sample" if sampled_bad else ""))
+    if m.scale_note:
+        notes.append(m.scale_note)
+    return Metrics(passed=bad == 0, max_abs_diff=max_abs, max_rel_diff=m.max_rel, max_scaled_diff=max_scaled,
+                   mean_abs_diff=mean_abs, cosine=m.cosine, ref_rms=ref_rms, cand_rms=cand_rms, rms_diff=rms_diff,
+                   eps=eps, mismatched=min(bad, n), numel=n, histogram=m.histogram, note="; ".join(notes))
+
+
 # -- the pass ----------------------------------------------------------------------------------
 
 def _compare(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance, grad_floor: float | None = None) -> Metrics:
+    if isinstance(ref, Summary) or isinstance(cand, Summary):
+        return _compare_summarised(ref, cand, tol, grad_floor)
     layout = ""
     if tuple(ref.shape) != tuple(cand.shape):
         if ref.numel() != cand.numel():

@@ -4,7 +4,6 @@ ops paired in small leftover windows."""
 from __future__ import annotations
 
 import bisect
-import math
 from collections import Counter, defaultdict
 
 import torch
@@ -96,20 +95,11 @@ def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
 
 def _value_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """How unlike two tensors are (0 = equal), for breaking ties between look-alike ops: the largest
-    difference over the reference's largest magnitude (complex: of their real and imaginary parts).
-    Read in chunks, in the tensors' own precision (float32 differences round the same maxima
-    float64 ones would, to float32)."""
-    from ..judge.tensors import max_abs, max_abs_diff
-    x, y = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (x, y))
-    if x.numel() != y.numel():
-        return 2.0
-    if not x.numel():
-        return 0.0
-    if x.shape != y.shape:
-        x, y = x.reshape(-1), y.reshape(-1)
-    scale = max_abs(x)
-    d = max_abs_diff(x, y) / max(scale, 1e-30) if scale == scale else math.nan
-    return min(d, 2.0) if d == d else 2.0
+    difference over the reference's largest magnitude, complex tensors by their real and imaginary
+    parts (``judge.tensors.value_distance``: read in chunks in the tensors' own precision,
+    summarised values on their sample)."""
+    from ..judge.tensors import value_distance
+    return value_distance(x, y)
 
 
 def lis(pairs: list[tuple[int, int]], strict: bool = True) -> list[tuple[int, int]]:

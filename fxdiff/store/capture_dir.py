@@ -36,9 +36,12 @@ from ..model.capture import FORMAT, READABLE_VERSIONS, VERSION, Capture
 from ..targets import Targets
 from ..util import atomic_write, dumps, gc_paused
 from .graph_json import graph_from_json, node_to_json
+from .summary import GRAD_SUMMARY, VALUE_SUMMARY, is_summary
+from .summary import from_json as summary_from_json, to_json as summary_to_json
 from .tensor_file import read_tensors, verify_digest, write_tensors
 
 MANIFEST, GRAPH, TENSORS = "manifest.json", "graph.json", "tensors.safetensors"
+PARTIAL_VERSION = 4   # what captures that keep less than every value and gradient are written as
 _SECTIONS = ("value", "grad", "param", "param_grad", "output_grad")
 
 
@@ -49,13 +52,17 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     if path.exists() and not (path / MANIFEST).is_file():
         raise FxdiffError(f"{path}: exists and is not an fxdiff capture; refusing to overwrite it")
     tensors: dict[str, torch.Tensor] = {}
+    summaries: dict[tuple[str, str], dict] = {}
     tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
     for section, table in zip(_SECTIONS, tables):
         for name, t in table.items():
+            if is_summary(t):   # its sample as the tensor, its statistics in the node's metadata
+                summaries[(section, name)] = summary_to_json(t)
+                t = t.sample
             tensors[f"{section}/{name}"] = t
     with gc_paused():
         graph_doc = {
-            "nodes": [node_to_json(n, targets) for n in capture.graph.nodes],
+            "nodes": [_with_summaries(node_to_json(n, targets), summaries) for n in capture.graph.nodes],
             "inputs": tree.encode(capture.inputs, tensors, "input"),
             "outputs": tree.encode(capture.outputs, tensors, "output"),
         }
@@ -74,7 +81,9 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
             size, digest = write_tensors(tmp / TENSORS, tensors)
             manifest = {
                 "format": FORMAT,
-                "version": VERSION,
+                # partial captures (capture --keep values/grads/summary) are version 4: a version-3
+                # reader would take a missing or summarised tensor for a difference
+                "version": VERSION if not summaries and capture.meta.get("keep", "both") == "both" else PARTIAL_VERSION,
                 "meta": capture.meta,
                 "files": {
                     GRAPH: {"bytes": len(graph_bytes), "xxh3_64": _digest(graph_bytes)},
@@ -145,6 +154,11 @@ def _load(path: Path, targets: Targets | None, verify: bool):
         section, _, name = key.partition("/")
         if section in tables:
             tables[section][name] = t
+    for node in graph.nodes:
+        for section, key in (("value", VALUE_SUMMARY), ("grad", GRAD_SUMMARY)):
+            if key in node.meta and node.name in tables[section]:
+                tables[section][node.name] = summary_from_json(node.meta[key], tables[section][node.name],
+                                                               f"{graph_file}: node {node.name!r}")
     try:
         inputs = tree.decode(doc.get("inputs", {"__dict__": []}), tensors)
         outputs = tree.decode(doc.get("outputs"), tensors)
@@ -157,6 +171,14 @@ def _load(path: Path, targets: Targets | None, verify: bool):
                       param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
                       output_grads=tables["output_grad"], meta=meta)
     return capture if verify else (capture, (path / TENSORS, files[TENSORS]))
+
+
+def _with_summaries(doc: dict[str, Any], summaries: dict[tuple[str, str], dict]) -> dict[str, Any]:
+    for section, key in (("value", VALUE_SUMMARY), ("grad", GRAD_SUMMARY)):
+        found = summaries.get((section, doc["name"]))
+        if found is not None:
+            doc["meta"][key] = found
+    return doc
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -51,14 +51,20 @@ __all__ = ["LiveOptions", "capture", "capture_spec", "compare", "convert", "load
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, loss: LossSpec = None,
             seed: int = 0, mode: str = "eval", keep_dropout: bool = False, autocast: torch.dtype | str | None = None,
-            tracer: str = "eager", meta: dict[str, Any] | None = None) -> Capture:
+            tracer: str = "eager", meta: dict[str, Any] | None = None, keep: str = "both",
+            modules: str | None = None) -> Capture:
     """Run ``model(*args, **kwargs)`` forward and backward once and record it.
 
     ``loss`` maps the output (and, if it takes two arguments, the model) to a scalar; a
     ``file.py:function`` string names one. Default: a seeded random cotangent on every floating
     output. ``autocast`` (``"bfloat16"``, ``torch.float16``...) runs forward under ``torch.autocast``.
+    ``keep``: ``"both"`` (every value and gradient), ``"values"`` (no node gradients), ``"grads"``
+    (values summarised) or ``"summary"`` (both summarised: statistics, a fixed-seed sample and a
+    hash; ``store.summary``). ``modules``: a regular expression; only ops inside modules whose path
+    matches it are kept (values made outside and used inside become placeholders).
     """
-    config = RunConfig(mode=mode, seed=seed, keep_dropout=keep_dropout, loss=_loss(loss), autocast=_dtype(autocast))
+    config = RunConfig(mode=mode, seed=seed, keep_dropout=keep_dropout, loss=_loss(loss), autocast=_dtype(autocast),
+                       keep=keep, modules=modules)
     return record(model, args, kwargs, config, tracer=tracer, meta=meta)
 
 
@@ -77,6 +83,8 @@ class LiveOptions:
     autocast: torch.dtype | str | None = None
     tracer: str = "eager"
     rng_replay: bool = True
+    keep: str = "both"              # capture only: see ``capture``
+    modules: str | None = None      # capture only
 
     def given(self) -> list[str]:
         """The options set to something other than their default."""
@@ -96,7 +104,8 @@ def capture_spec(model: str | torch.nn.Module, **run: Any) -> Capture:
     if isinstance(options.loss, str):
         meta["loss"] = options.loss   # a description: a capture's loss is never loaded from it
     config = RunConfig(mode=options.mode or "eval", seed=options.seed or 0, keep_dropout=bool(options.keep_dropout),
-                       loss=_loss(options.loss), autocast=_dtype(options.autocast))
+                       loss=_loss(options.loss), autocast=_dtype(options.autocast), keep=options.keep,
+                       modules=options.modules)
     with step(f"capturing {_label(model)}"):
         return record(built, args, kwargs, config, tracer=options.tracer, meta=meta)
 
@@ -129,6 +138,7 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
                 raise FxdiffError(f"{', '.join(given)}: these options run a model, and both sides are captures",
                                   option=given[0])
             cand_capture = _as_capture(cand, checks)
+        ref_capture, cand_capture = _comparable(ref_capture, cand_capture)
         with step("matching"):
             alignment = match(ref_capture, cand_capture, user_map)
         trim()   # what matching read goes back to the page cache
@@ -145,6 +155,14 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
     for check in checks:
         check()
     return report
+
+
+def _comparable(ref: Capture, cand: Capture) -> tuple[Capture, Capture]:
+    """Two captures as far as both can be compared: when one kept no node gradients (``--keep
+    values``), the other's are set aside too (missing is not different)."""
+    if "values" in (ref.meta.get("keep"), cand.meta.get("keep")):
+        ref, cand = dataclasses.replace(ref, grads={}), dataclasses.replace(cand, grads={})
+    return ref, cand
 
 
 def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOptions,

@@ -124,14 +124,21 @@ def main() -> None:
 @click.option("--tracer", type=click.Choice(["eager", "fx"]), default="eager", show_default=True,
               help="eager: record the model's own run; fx: run its torch.fx.symbolic_trace graph "
                    "(refused unless outputs and gradients equal eager's).")
-def capture(model: str, output: str, tracer: str, **o: Any) -> int:
+@click.option("--keep", type=click.Choice(["both", "values", "grads", "summary"]), default="both", show_default=True,
+              help="What to keep of each node: values and gradients; values only; gradients, with values "
+                   "summarised; or summaries of both (statistics, a fixed-seed sample of elements and a hash: "
+                   "enough to compare and localise, in a fraction of the memory and disk).")
+@click.option("--modules", "modules", metavar="REGEX",
+              help="Keep only the ops inside modules whose path matches REGEX in full (e.g. 'layers\\.1[0-5]'); "
+                   "the model still runs whole, and values made outside and used inside become placeholders.")
+def capture(model: str, output: str, tracer: str, keep: str, modules: str | None, **o: Any) -> int:
     """Run MODEL (file.py:function, package.module:function, a Hugging Face model directory or a .nemo
     file) and record it.
 
     Loading MODEL, --inputs and --loss executes that code: it is your model code.
     """
     _writable(output, "--output")
-    cap = api.capture_spec(model, **_live(o, tracer))
+    cap = api.capture_spec(model, **_live(o, tracer), keep=keep, modules=modules)
     loaded = cap.meta.get("checkpoint")
     if loaded and (loaded["missing"] or loaded["unexpected"]):
         click.echo(f"fxdiff: warning: {loaded['path']}: {len(loaded['missing'])} missing keys "

@@ -52,7 +52,7 @@ __all__ = ["LiveOptions", "capture", "capture_spec", "compare", "convert", "load
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, loss: LossSpec = None,
             seed: int = 0, mode: str = "eval", keep_dropout: bool = False, autocast: torch.dtype | str | None = None,
             tracer: str = "eager", meta: dict[str, Any] | None = None, keep: str = "both",
-            modules: str | None = None) -> Capture:
+            modules: str | None = None, stream_to: str | os.PathLike | None = None) -> Capture:
     """Run ``model(*args, **kwargs)`` forward and backward once and record it.
 
     ``loss`` maps the output (and, if it takes two arguments, the model) to a scalar; a
@@ -62,9 +62,12 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     (values summarised) or ``"summary"`` (both summarised: statistics, a fixed-seed sample and a
     hash; ``store.summary``). ``modules``: a regular expression; only ops inside modules whose path
     matches it are kept (values made outside and used inside become placeholders).
+    ``stream_to``: write the capture to this directory while the model runs (each value and
+    gradient goes to disk as it is produced: memory stays near the model's own) and return it
+    memory-mapped from there; ``save`` is then not needed.
     """
     config = RunConfig(mode=mode, seed=seed, keep_dropout=keep_dropout, loss=_loss(loss), autocast=_dtype(autocast),
-                       keep=keep, modules=modules)
+                       keep=keep, modules=modules, stream_to=None if stream_to is None else str(stream_to))
     return record(model, args, kwargs, config, tracer=tracer, meta=meta)
 
 
@@ -85,6 +88,7 @@ class LiveOptions:
     rng_replay: bool = True
     keep: str = "both"              # capture only: see ``capture``
     modules: str | None = None      # capture only
+    stream_to: str | None = None    # capture only
 
     def given(self) -> list[str]:
         """The options set to something other than their default."""
@@ -105,7 +109,7 @@ def capture_spec(model: str | torch.nn.Module, **run: Any) -> Capture:
         meta["loss"] = options.loss   # a description: a capture's loss is never loaded from it
     config = RunConfig(mode=options.mode or "eval", seed=options.seed or 0, keep_dropout=bool(options.keep_dropout),
                        loss=_loss(options.loss), autocast=_dtype(options.autocast), keep=options.keep,
-                       modules=options.modules)
+                       modules=options.modules, stream_to=options.stream_to)
     with step(f"capturing {_label(model)}"):
         return record(built, args, kwargs, config, tracer=options.tracer, meta=meta)
 

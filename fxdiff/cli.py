@@ -138,14 +138,13 @@ def capture(model: str, output: str, tracer: str, keep: str, modules: str | None
     Loading MODEL, --inputs and --loss executes that code: it is your model code.
     """
     _writable(output, "--output")
-    cap = api.capture_spec(model, **_live(o, tracer), keep=keep, modules=modules)
+    cap = api.capture_spec(model, **_live(o, tracer), keep=keep, modules=modules, stream_to=output)
     loaded = cap.meta.get("checkpoint")
     if loaded and (loaded["missing"] or loaded["unexpected"]):
         click.echo(f"fxdiff: warning: {loaded['path']}: {len(loaded['missing'])} missing keys "
                    f"{loaded['missing'][:5]}, {len(loaded['unexpected'])} unexpected keys {loaded['unexpected'][:5]}",
                    err=True)
-    with progress.step(f"saving {output}"):
-        path = api.save(cap, output)
+    path = Path(output)   # written while the model ran
     s = cap.summary()
     console.print(f"captured {s['ops']} ops, {s['values']} values, {s['grads']} gradients, "
                   f"{s['param_grads']} parameter gradients -> {path}")

@@ -400,3 +400,53 @@ def test_a_modified_header_is_reported_as_modified(tmp_path, saved):
     (d / TENSORS).write_bytes(bytes(data))
     with pytest.raises(FxdiffError, match=r"checksum mismatch"):
         fxdiff.compare(saved, d)
+
+
+# -- captures written while the model runs (capture(stream_to=...), the CLI's -o) ----------------
+
+@pytest.mark.parametrize("name", ["conformer", "gpt2", "mha"])
+def test_streamed_capture_equals_a_saved_one(tmp_path, name):
+    model, args, kwargs, loss = build(name)
+    saved = fxdiff.load(fxdiff.save(fxdiff.capture(model, args, kwargs, loss=loss), tmp_path / "saved"))
+    streamed = fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "streamed")
+    streamed.meta["started"] = saved.meta["started"]
+    assert_same_capture(saved, streamed)
+    manifest = json.loads((tmp_path / "streamed" / MANIFEST).read_text())
+    assert manifest["version"] == 4 and "xxh3_64_header" in manifest["files"][TENSORS]
+    sizes = [(tmp_path / d / TENSORS).stat().st_size for d in ("saved", "streamed")]
+    assert sizes[1] < sizes[0] * 1.1 + (2 << 20)   # views written once here too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "streamed"]   # no debris, no lock
+
+
+def test_streamed_header_grows_past_its_reserve(tmp_path, conformer_capture, monkeypatch):
+    from fxdiff.store import stream
+
+    model, args, kwargs, loss = build("conformer")
+    monkeypatch.setattr(stream, "HEADER", 4096)
+    streamed = fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "s", meta={"note": "round trip"})
+    streamed.meta["started"] = conformer_capture.meta["started"]
+    assert_same_capture(conformer_capture, streamed)
+
+
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_a_modified_streamed_capture_is_refused(tmp_path, where):
+    model, args, kwargs, loss = build("mha")
+    fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "s")
+    data = bytearray((tmp_path / "s" / TENSORS).read_bytes())
+    data[20 if where == "header" else len(data) - 30] ^= 0x04
+    (tmp_path / "s" / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(FxdiffError, match="checksum mismatch"):
+        fxdiff.load(tmp_path / "s")
+
+
+def test_a_failing_streamed_capture_leaves_the_previous_one_and_no_debris(tmp_path):
+    model, args, kwargs, loss = build("mlp")
+    fxdiff.capture(model, args, kwargs, stream_to=tmp_path / "s")
+    before = (tmp_path / "s" / TENSORS).read_bytes()
+
+    def bad_loss(out):
+        raise ValueError("no loss today")
+    with pytest.raises(fxdiff.UserCodeError):
+        fxdiff.capture(model, args, kwargs, loss=bad_loss, stream_to=tmp_path / "s")
+    assert (tmp_path / "s" / TENSORS).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

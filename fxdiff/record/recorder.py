@@ -219,19 +219,23 @@ class Recorder(TorchFunctionMode):
     # -- values held by reference -------------------------------------------------------------
     keep: Keep = Keep()          # set by ``restrict`` before the run
     output_values: dict | None = None
+    stream: Any = None           # store.stream.CaptureStream: values and gradients go to disk as produced
 
-    def restrict(self, keep: Keep) -> None:
-        """Keep only what ``keep`` asks for (call before the run)."""
+    def restrict(self, keep: Keep, stream: Any = None) -> None:
+        """Keep only what ``keep`` asks for; with ``stream``, write values and gradients to it as
+        they are produced instead of holding them (call before the run)."""
         self.keep = keep
+        self.stream = stream
         self.output_values = {}
         self._outside_refs: dict[str, weakref.ref] = {}
 
     def keep_outputs(self, nodes: list[torch.fx.Node], outputs: Any) -> None:
         """The outputs' values in full, for the nodes whose values are summarised or not kept."""
-        if self.keep.everything:
+        if self.keep.everything and self.stream is None:
             return
         for node, (_, t) in zip(nodes, tree.flatten(outputs)):
-            if not isinstance(self.values.get(node.name), torch.Tensor) or is_summary(self.values[node.name]):
+            value = self.values.get(node.name)
+            if not isinstance(value, torch.Tensor) or is_summary(value) or value.device.type == "meta":
                 self.output_values[node.name] = t.detach()
             if self._outside_refs.pop(node.name, None) is not None and self.keep.grads != "none" \
                     and t.requires_grad and transformed(t) is None:   # made outside: its gradient too
@@ -240,9 +244,13 @@ class Recorder(TorchFunctionMode):
                 except RuntimeError:
                     pass
 
-    def _keep(self, name: str, t: torch.Tensor, copy: bool, summary: bool = False) -> None:
+    def _keep(self, name: str, t: torch.Tensor, copy: bool, summary: bool = False, stream: bool = False) -> None:
         if summary:
             self.values[name] = summarise(t)
+            return
+        if stream:   # copied to the capture file now: nothing is held, nothing to protect
+            self.stream.put(f"value/{name}", t)
+            self.values[name] = _stand_in(t)
             return
         value = t.detach()
         key = None if copy else _storage_key(value)
@@ -317,16 +325,17 @@ class Recorder(TorchFunctionMode):
             if keep.modules is not None:
                 self._keep_boundary(node)
         summary = keep.values == "summary" and node.op == "call_function"
+        stream = self.stream is not None and node.op == "call_function"
         stored = True
         if is_plain(t):
-            self._keep(node.name, t, copy, summary)
+            self._keep(node.name, t, copy, summary, stream)
         else:  # sparse, quantized, a subclass: kept as a plain tensor; batched, meta...: not kept
             value, why = as_plain(t)
             if value is None:
                 node.meta[NOT_STORED] = why
                 stored = False
             else:
-                self._keep(node.name, value, copy, summary)
+                self._keep(node.name, value, copy, summary, stream)
         # no value, no gradient: no hook either; none when gradients are not kept
         live = _Live(t, node, hooked=not stored or (keep.grads == "none" and node.op == "call_function"))
         self._live[id(t)] = live
@@ -348,7 +357,7 @@ class Recorder(TorchFunctionMode):
             if value is None:
                 continue
             a.meta[BOUNDARY] = a.meta.get(TARGET, "")
-            self._keep(a.name, value, self.copy)
+            self._keep(a.name, value, self.copy, stream=self.stream is not None)
             if self.keep.grads != "none" and t.requires_grad and transformed(t) is None:
                 try:
                     t.register_hook(self._store_grad(a.name))
@@ -372,6 +381,10 @@ class Recorder(TorchFunctionMode):
                     return
             if self.keep.grads == "summary":
                 self.grads[name] = summarise(grad)
+                return
+            if self.stream is not None:
+                self.stream.put(f"grad/{name}", grad)
+                self.grads[name] = _stand_in(grad)
                 return
             if plain:
                 if self.copy:
@@ -507,6 +520,11 @@ class Recorder(TorchFunctionMode):
         for node in self.graph.nodes:
             if node.name in self.values:
                 node.meta[GRAD] = "recorded" if node.name in self.grads else "none"
+
+
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """What a recorder holds for a value written to the capture file: its shape and dtype, no data."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 def _call_site(paths: list[str], caller: str) -> str:

@@ -30,6 +30,7 @@ from ..model.capture import GRAD, MODULE, NOT_STORED, TARGET, Capture
 from ..outputs import pair_outputs
 from ..util import gc_paused
 from .plain import as_plain, is_plain
+from ..store.stream import CaptureStream
 from .recorder import BOUNDARY, Keep, Recorder, Slot
 
 Loss = Callable[..., torch.Tensor]
@@ -68,6 +69,7 @@ class RunConfig:
     replay: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     keep: str = "both"            # what is kept of each node: see ``Keep`` (recorder.py)
     modules: str | None = None    # keep only ops inside modules matching this regular expression
+    stream_to: str | None = None  # write the capture here while the model runs (store/stream.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -225,6 +227,7 @@ class Run:
     output_grads: dict[str, torch.Tensor]
     loss_value: float | None
     not_stored: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why
+    stream: Any = None       # store.stream.CaptureStream the run is being written to
 
 
 def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwargs: dict,
@@ -236,9 +239,19 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
     the call and then calls ``rec.release()``.
     """
     call = {"args": call_args, "kwargs": call_kwargs}
+    stream = CaptureStream(config.stream_to) if config.stream_to is not None else None
+    try:
+        return _record_run(model, rec, call, forward, config, before, check, stream)
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+        raise
+
+
+def _record_run(model, rec, call, forward, config, before, check, stream) -> Run:
     rec.replay = dict(config.replay)
-    if not config.kept.everything:
-        rec.restrict(config.kept)
+    if not config.kept.everything or stream is not None:
+        rec.restrict(config.kept, stream)
     placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
                     for path, t in tree.flatten(call)}
     try:
@@ -260,7 +273,7 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
                outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
                params=model_tensors(model, before, not_stored), param_grads=taken_grads(model, not_stored),
                output_grads=plain_tensors(output_grads, "output_grads.", not_stored),
-               loss_value=loss_value, not_stored=not_stored)
+               loss_value=loss_value, not_stored=not_stored, stream=stream)
 
 
 def plain_tensors(tensors: dict[str, torch.Tensor], prefix: str = "",
@@ -433,9 +446,13 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
     inputs, outputs = tree.map_leaves(run.inputs, Slot, fill), tree.map_leaves(run.outputs, Slot, fill)
     if not_stored:
         info["not_stored"] = not_stored
-    return Capture(graph=graph, values=values, grads=grads, params=run.params,
-                   param_grads=run.param_grads, inputs=inputs, outputs=outputs,
-                   output_grads=run.output_grads, meta=info)
+    capture = Capture(graph=graph, values=values, grads=grads, params=run.params,
+                      param_grads=run.param_grads, inputs=inputs, outputs=outputs,
+                      output_grads=run.output_grads, meta=info)
+    if run.stream is None:
+        return capture
+    from ..store.capture_dir import load_written
+    return load_written(run.stream.finish(capture))   # memory-mapped from the file just written
 
 
 def _kept(rec: Recorder, config: RunConfig) -> tuple[torch.fx.Graph, dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -51,22 +51,7 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     targets = targets or Targets.default()
     if path.exists() and not (path / MANIFEST).is_file():
         raise FxdiffError(f"{path}: exists and is not an fxdiff capture; refusing to overwrite it")
-    tensors: dict[str, torch.Tensor] = {}
-    summaries: dict[tuple[str, str], dict] = {}
-    tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
-    for section, table in zip(_SECTIONS, tables):
-        for name, t in table.items():
-            if is_summary(t):   # its sample as the tensor, its statistics in the node's metadata
-                summaries[(section, name)] = summary_to_json(t)
-                t = t.sample
-            tensors[f"{section}/{name}"] = t
-    with gc_paused():
-        graph_doc = {
-            "nodes": [_with_summaries(node_to_json(n, targets), summaries) for n in capture.graph.nodes],
-            "inputs": tree.encode(capture.inputs, tensors, "input"),
-            "outputs": tree.encode(capture.outputs, tensors, "output"),
-        }
-    graph_bytes = dumps(graph_doc, separators=(",", ":")).encode()
+    tensors, graph_bytes, partial = _contents(capture, targets)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -74,24 +59,9 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     with _writing(path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)
             (tmp / GRAPH).write_bytes(graph_bytes)
             size, digest = write_tensors(tmp / TENSORS, tensors)
-            manifest = {
-                "format": FORMAT,
-                # partial captures (capture --keep values/grads/summary) are version 4: a version-3
-                # reader would take a missing or summarised tensor for a difference
-                "version": VERSION if not summaries and capture.meta.get("keep", "both") == "both" else PARTIAL_VERSION,
-                "meta": capture.meta,
-                "files": {
-                    GRAPH: {"bytes": len(graph_bytes), "xxh3_64": _digest(graph_bytes)},
-                    TENSORS: {"bytes": size, "xxh3_64": digest},
-                },
-            }
-            atomic_write(tmp / MANIFEST, dumps(manifest, indent=1, default=str))
-            _swap_in(tmp, path)
+            _complete(tmp, path, capture, graph_bytes, size, {"xxh3_64": digest}, partial)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FxdiffError(f"{path}: cannot write the capture ({e.strerror or e})") from None
@@ -101,9 +71,81 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     return path
 
 
+def _contents(capture: Capture, targets: Targets, streamed: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], bytes, bool]:
+    """(tensors by key, graph.json bytes, whether the capture is partial: version 4). Keys in
+    ``streamed`` are already in the file."""
+    tensors: dict[str, torch.Tensor] = {}
+    summaries: dict[tuple[str, str], dict] = {}
+    tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
+    for section, table in zip(_SECTIONS, tables):
+        for name, t in table.items():
+            key = f"{section}/{name}"
+            if key in streamed:
+                continue
+            if is_summary(t):   # its sample as the tensor, its statistics in the node's metadata
+                summaries[(section, name)] = summary_to_json(t)
+                t = t.sample
+            tensors[key] = t
+    with gc_paused():
+        graph_doc = {
+            "nodes": [_with_summaries(node_to_json(n, targets), summaries) for n in capture.graph.nodes],
+            "inputs": tree.encode(capture.inputs, tensors, "input"),
+            "outputs": tree.encode(capture.outputs, tensors, "output"),
+        }
+    # partial captures (capture --keep values/grads/summary) are version 4: a version-3 reader
+    # would take a missing or summarised tensor for a difference
+    partial = bool(summaries) or capture.meta.get("keep", "both") != "both"
+    return tensors, dumps(graph_doc, separators=(",", ":")).encode(), partial
+
+
+def _complete(tmp: Path, path: Path, capture: Capture, graph_bytes: bytes, size: int, digest: dict[str, Any],
+              partial: bool) -> None:
+    """Write the manifest into ``tmp`` and swap ``tmp`` in at ``path`` (the write lock held)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    manifest = {
+        "format": FORMAT,
+        "version": PARTIAL_VERSION if partial or "xxh3_64" not in digest else VERSION,
+        "meta": capture.meta,
+        "files": {
+            GRAPH: {"bytes": len(graph_bytes), "xxh3_64": _digest(graph_bytes)},
+            TENSORS: {"bytes": size, **digest},
+        },
+    }
+    atomic_write(tmp / MANIFEST, dumps(manifest, indent=1, default=str))
+    _swap_in(tmp, path)
+
+
+def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> None:
+    """Complete a capture whose values and gradients ``stream`` (``stream.CaptureStream``) wrote
+    during the run: the remaining tensors, the header, the graph and the manifest."""
+    targets = targets or Targets.default()
+    streamed = set(stream.tensors._views)
+    tensors, graph_bytes, partial = _contents(capture, targets, streamed)
+    try:
+        for key, t in tensors.items():
+            stream.put(key, t)
+        views = stream.tensors._views   # in the capture's order, as save() writes them
+        tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
+        order = [f"{section}/{name}" for section, table in zip(_SECTIONS, tables) for name in table]
+        stream.tensors._views = {**{k: views[k] for k in order if k in views}, **views}
+        size, digest = stream.tensors.close()
+        (stream.tmp / GRAPH).write_bytes(graph_bytes)
+        _complete(stream.tmp, stream.path, capture, graph_bytes, size, digest, partial)
+    except OSError as e:
+        raise FxdiffError(f"{stream.path}: cannot write the capture ({e.strerror or e})") from None
+
+
 def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     """Read and validate a capture directory; its tensors are memory-mapped, not copied."""
     return _load(Path(path), targets, verify=True)
+
+
+def load_written(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
+    """``load`` of a capture this process has just written: its digest is not checked again."""
+    capture, _ = _load(Path(path), targets, verify=False)
+    return capture
 
 
 _VERIFY = ThreadPoolExecutor(2, thread_name_prefix="fxdiff-verify")

@@ -38,7 +38,7 @@ SEED = 0
 VALUE_SUMMARY = "fxdiff_value_summary"
 GRAD_SUMMARY = "fxdiff_grad_summary"
 _STATS = ("numel", "sum", "sumsq", "abssum", "min", "max", "nan", "posinf", "neginf")
-_CHUNK = 1 << 20
+_CHUNK = 1 << 18
 
 
 class SummarisedValue(FxdiffError):
@@ -138,9 +138,10 @@ def summarise(t: torch.Tensor) -> Summary:
     stats["min"], stats["max"] = math.inf, -math.inf
     flat = real.reshape(-1) if real.is_contiguous() else None
     if numel:
-        for start in range(0, numel, _CHUNK):
-            chunk = flat[start:start + _CHUNK] if flat is not None else _rows(real, start, _CHUNK)
-            _add_stats(stats, chunk)
+        from ..judge.tensors import _Chunks   # the statistics do not depend on the order of the elements
+        chunks = _Chunks(real, real)
+        for k in range(len(chunks)):
+            _add_stats(stats, chunks.pair(k)[0])
         if flat is not None:
             sample = flat.index_select(0, positions.to(flat.device))
         else:
@@ -153,15 +154,25 @@ def summarise(t: torch.Tensor) -> Summary:
     return Summary(real.shape, real.dtype, stats, sample.cpu().clone(), positions, digest)
 
 
-def _rows(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """Elements ``start:start+length`` in row-major order of a non-contiguous tensor (a copy of
-    those elements only)."""
-    index = torch.arange(start, min(start + length, t.numel()), device=t.device)
-    return t[torch.unravel_index(index, tuple(t.shape))]
-
-
 def _add_stats(stats: dict[str, float], chunk: torch.Tensor) -> None:
-    c = chunk.to(torch.float64)
+    """Add one chunk's sums (float32 chunks are summed as float32, totals kept in float64; anything
+    with NaN, infinities or magnitudes float32 squares cannot hold is redone in float64)."""
+    from ..judge.tensors import _sumsq
+    c = chunk if chunk.dtype in (torch.float32, torch.float64) else \
+        chunk.to(torch.float32 if chunk.is_floating_point() else torch.float64)
+    total = float(c.sum())
+    if math.isfinite(total):
+        lo, hi = torch.aminmax(c)
+        absum = float(c.abs().sum())
+        sumsq = _sumsq(c)
+        if math.isfinite(absum) and math.isfinite(sumsq):
+            stats["sum"] += total
+            stats["sumsq"] += sumsq
+            stats["abssum"] += absum
+            stats["min"] = min(stats["min"], float(lo))
+            stats["max"] = max(stats["max"], float(hi))
+            return
+    c = c.to(torch.float64)
     finite = torch.isfinite(c)
     if not bool(finite.all()):
         stats["nan"] += int(torch.isnan(c).sum())
@@ -179,11 +190,12 @@ def _add_stats(stats: dict[str, float], chunk: torch.Tensor) -> None:
 
 
 def _digest(t: torch.Tensor) -> str:
+    """xxh3 of ``t``'s bytes in row-major order (read in blocks: no copy of the whole tensor)."""
+    from ..params.correspond import _row_major_blocks
     h = xxhash.xxh3_64()
-    c = t.contiguous()
-    if c.numel():
-        data = c.reshape(-1).view(torch.uint8) if c.dtype != torch.bool else c.reshape(-1)
-        h.update(data.numpy())
+    for block in _row_major_blocks(t):
+        block = block.contiguous()
+        h.update((block.view(torch.uint8) if block.dtype != torch.bool else block).numpy())
     return h.hexdigest()
 
 

@@ -111,15 +111,20 @@ class _Writer:
     ALIGN = 4096
     BUFFERS = 3
 
-    def __init__(self, file: Path):
+    def __init__(self, file: Path, base: int = 0, buffers: int = BUFFERS):
+        """``base``: where the stream starts in the file (a multiple of ``ALIGN``; the bytes before
+        it are written by the caller); ``buffers``: how many ``CHUNK``s may wait for the disk."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             self.fd = os.open(file, flags | getattr(os, "O_DIRECT", 0), 0o666)
         except OSError:
             self.fd = os.open(file, flags, 0o666)
+        self.base = base
+        if base:
+            os.lseek(self.fd, base, os.SEEK_SET)
         self.size = 0
         self._hash = xxhash.xxh3_64()
-        self._free = [mmap.mmap(-1, self.CHUNK) for _ in range(self.BUFFERS)]
+        self._free = [mmap.mmap(-1, self.CHUNK) for _ in range(buffers)]
         self._buf, self._fill = self._free.pop(), 0
         self._writes = ThreadPoolExecutor(1)
         self._pending: collections.deque[tuple[Future, mmap.mmap]] = collections.deque()
@@ -172,7 +177,7 @@ class _Writer:
                 else:
                     written.exception()  # wait; the error being raised already says what went wrong
             if exc_type is None:
-                os.ftruncate(self.fd, self.size)  # drop the padding of the last block
+                os.ftruncate(self.fd, self.base + self.size)  # drop the padding of the last block
         finally:
             self._writes.shutdown()
             os.close(self.fd)
@@ -248,14 +253,25 @@ VERIFY_CHUNK = 1 << 26
 
 
 def verify_digest(file: Path, digest: dict[str, Any], data: mmap.mmap | None = None) -> None:
-    """Raise unless ``file`` (or its mapping ``data``) has ``digest``. Reads the file once, in
+    """Raise unless ``file`` (or its mapping ``data``) has ``digest``: ``{"xxh3_64": hex}``,
+    ``{"crc32": int}`` (version 2), or, for a capture written while its model ran,
+    ``{"xxh3_64_header": hex, "xxh3_64_data": hex, "data_offset": n}``. Reads the file once, in
     chunks whose pages are handed back as soon as they are hashed."""
     own = data is None
     if own:
         with open(file, "rb") as f:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
     try:
-        ok = _digest_of(data, "xxh3_64" in digest) == (digest["xxh3_64"] if "xxh3_64" in digest else digest.get("crc32"))
+        if "xxh3_64_header" in digest:
+            split = digest.get("data_offset")
+            size = len(data) if data is not None else 0
+            ok = isinstance(split, int) and 0 <= split <= size and \
+                _digest_of(data, "xxh3", 0, split) == digest["xxh3_64_header"] and \
+                _digest_of(data, "xxh3", split, size) == digest.get("xxh3_64_data")
+        elif "xxh3_64" in digest:
+            ok = _digest_of(data, "xxh3") == digest["xxh3_64"]
+        else:
+            ok = _digest_of(data, "crc32") == digest.get("crc32")
     finally:
         if own and data is not None:
             data.close()
@@ -263,18 +279,21 @@ def verify_digest(file: Path, digest: dict[str, Any], data: mmap.mmap | None = N
         raise FxdiffError(f"{file}: checksum mismatch; the capture was modified after it was written")
 
 
-def _digest_of(data: mmap.mmap | None, xxh3: bool) -> str | int:
-    h = xxhash.xxh3_64() if xxh3 else None
+def _digest_of(data: mmap.mmap | None, kind: str, lo: int = 0, hi: int | None = None) -> str | int:
+    """xxh3-64 (hex) or CRC32 of ``data[lo:hi]``."""
+    h = xxhash.xxh3_64() if kind == "xxh3" else None
     crc = 0
     size = len(data) if data is not None else 0
+    hi = size if hi is None else hi
     with memoryview(data if data is not None else b"") as view:
-        for start in range(0, size, VERIFY_CHUNK):
-            with view[start:start + VERIFY_CHUNK] as part:
+        for start in range(lo, hi, VERIFY_CHUNK):
+            end = min(hi, start + VERIFY_CHUNK)
+            with view[start:end] as part:
                 if h is not None:
                     h.update(part)
                 else:
                     crc = zlib.crc32(part, crc)
-            _dontneed(data, start, min(VERIFY_CHUNK, size - start))
+            _dontneed(data, start, end - start)
     return h.hexdigest() if h is not None else crc
 
 

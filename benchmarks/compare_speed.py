@@ -9,7 +9,8 @@ sizes). It also captures the reference a second time: a bit-identical pair.
 
 Each case is then compared in a fresh Python process, twice: through ``fxdiff.compare`` (timed by
 phase: load, match, judge) and through the command line (``fxdiff compare A B``, interpreter start
-and imports included). Printed, as ratios: tensor data of both captures per second of compare, and
+and imports included). The ``drawn`` case also computes error histograms (``histograms=True``;
+the CLI with ``--html``, which draws the report too). Printed, as ratios: tensor data of both captures per second of compare, and
 the peak resident memory of the process (``VmHWM``, file pages mapped from the captures included)
 over the size of the two captures. Targets: >= 1 GB/s; peak RSS <= 1.5 GB at GPT-2 124M, i.e.
 independent of capture size.
@@ -65,7 +66,7 @@ def rss(key):
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
 base = rss("VmRSS:")
 t1 = time.perf_counter()
-report = fxdiff.compare(sys.argv[1], sys.argv[2])
+report = fxdiff.compare(sys.argv[1], sys.argv[2], histograms=sys.argv[4] == "1")
 t2 = time.perf_counter()
 s = report.summary()
 print(json.dumps({"compare_s": t2 - t1, "imports_s": t1 - t0, "phases": phases, "peak_rss": rss("VmHWM:"),
@@ -129,19 +130,20 @@ def warm(path: Path) -> None:
                 pass
 
 
-def run_case(name: str, ref: Path, cand: Path, a) -> dict:
+def run_case(name: str, ref: Path, cand: Path, a, histograms: bool = False) -> dict:
     warm(ref)
     warm(cand)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(ref), str(cand), str(a.threads)], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(ref), str(cand), str(a.threads), "1" if histograms else "0"],
+                         env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{name}: compare failed\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     warm(ref)
     warm(cand)
     start = time.perf_counter()
-    cli = subprocess.run([sys.executable, "-m", "fxdiff.cli", "compare", str(ref), str(cand)], env=env,
+    drawing = ["--html", os.path.join(tempfile.gettempdir(), "fxdiff-bench.html")] if histograms else []
+    cli = subprocess.run([sys.executable, "-m", "fxdiff.cli", "compare", str(ref), str(cand), *drawing], env=env,
                          capture_output=True, text=True)
     result["cli_s"] = time.perf_counter() - start
     result["cli_exit"] = cli.returncode
@@ -159,7 +161,7 @@ def main() -> int:
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fxdiff-bench-gpt2"),
                         help="where the captures are kept (reused when present)")
     parser.add_argument("--recapture", action="store_true", help="capture again even when present")
-    parser.add_argument("--cases", default="noisy,identical")
+    parser.add_argument("--cases", default="noisy,identical,drawn")
     a = parser.parse_args()
 
     paths = captures(a)
@@ -171,11 +173,12 @@ def main() -> int:
           f"{tensor_bytes(paths['cand']) / 1e9:.2f} GB (eager attention) of tensor data")
     ok = True
     cases = {"noisy": ("ref", "cand", "SDPA vs eager attention: values differ by rounding downstream of layer 0"),
-             "identical": ("ref", "ref2", "the same run captured twice: every pair bit-identical")}
+             "identical": ("ref", "ref2", "the same run captured twice: every pair bit-identical"),
+             "drawn": ("ref", "cand", "noisy, with the error histograms a drawing needs (CLI: --html)")}
     for case in a.cases.split(","):
         r, c, what = cases[case]
         data = tensor_bytes(paths[r]) + tensor_bytes(paths[c])
-        res = run_case(case, paths[r], paths[c], a)
+        res = run_case(case, paths[r], paths[c], a, histograms=case == "drawn")
         gbps = data / 1e9 / res["compare_s"]
         peak = res["peak_rss"] / 1e9
         ph = res["phases"]

@@ -74,20 +74,30 @@ class TensorStream:
         size = t.element_size()
         first = t.storage_offset() * size
         extent = (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * size if t.numel() else 0
+        gpu = None
         with self._lock:
             if self.error is not None:
                 raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
             storage = t.untyped_storage()
             sid = (str(t.device), storage.data_ptr())
-            blob = self._find(sid, t, first, first + extent)
-            if blob is None:
+            found = self._find(sid, t, first, first + extent)
+            if found is None:
                 lo = first - first % _ALIGN
                 blob, start = self._new_blob(sid, storage, t, lo, first + extent)
-                self._write(blob, storage, lo, first + extent, t)
+                if storage.device.type == "cuda" and first + extent > lo:
+                    gpu = (blob, storage, lo, first + extent)
+                else:
+                    self._append(blob, _span_bytes(storage, lo, first + extent))   # copied to the CPU now
             else:
-                blob, start = blob
+                blob, start = found
             self._views[key] = [blob, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()),
                                 first - start]
+        if gpu is not None:   # outside the lock: it may wait for the feeder, which takes the lock
+            if self._gpu is None:
+                with self._lock:
+                    if self._gpu is None:
+                        self._gpu = _GpuFeeder(self)
+            self._gpu.put(*gpu)
 
     def _find(self, sid, t: torch.Tensor, first: int, end: int) -> tuple[int, int] | None:
         """A written blob of this storage, not written to since, that holds bytes ``first:end``.
@@ -109,17 +119,6 @@ class TensorStream:
         except TypeError:
             pass
         return blob, lo
-
-    def _write(self, blob: int, storage: torch.UntypedStorage, lo: int, end: int, t: torch.Tensor) -> None:
-        if storage.device.type == "cpu" or end == lo:
-            self._append(blob, _span_bytes(storage, lo, end))
-            return
-        if storage.device.type != "cuda":
-            self._append(blob, _span_bytes(storage, lo, end))   # copied to the CPU now
-            return
-        if self._gpu is None:
-            self._gpu = _GpuFeeder(self)
-        self._gpu.put(blob, storage, lo, end)
 
     def _append(self, blob: int, data: memoryview) -> None:
         """Write ``data`` as blob ``blob`` (under the lock; from the feeder thread for GPU blobs)."""
@@ -197,7 +196,7 @@ class _GpuFeeder:
 
     def __init__(self, stream: TensorStream):
         self.owner = stream
-        self.copies = torch.cuda.Stream()
+        self.copies: dict[torch.device, torch.cuda.Stream] = {}
         self.queue: queue.Queue = queue.Queue()
         self.in_flight = 0
         self.cv = threading.Condition()
@@ -210,18 +209,23 @@ class _GpuFeeder:
             while self.in_flight and self.in_flight + n > IN_FLIGHT:
                 self.cv.wait()
             self.in_flight += n
-        span = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, lo, (n,), (1,))
-        clone = span.clone()     # in the model's stream: before any later in-place write
-        ready = torch.cuda.Event()
-        ready.record()
-        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        with torch.cuda.stream(self.copies):
-            self.copies.wait_event(ready)
-            host.copy_(clone, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.copies)
-        clone.record_stream(self.copies)   # its memory is not reused before the copy ends
-        del clone
+        device = storage.device
+        with torch.cuda.device(device):
+            copies = self.copies.get(device)
+            if copies is None:
+                copies = self.copies[device] = torch.cuda.Stream(device)
+            span = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, lo, (n,), (1,))
+            clone = span.clone()     # in the model's stream: before any later in-place write
+            ready = torch.cuda.Event()
+            ready.record()
+            host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            with torch.cuda.stream(copies):
+                copies.wait_event(ready)
+                host.copy_(clone, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(copies)
+            clone.record_stream(copies)   # its memory is not reused before the copy ends
+            del clone, span
         self.queue.put((blob, host, done, n))
 
     def _run(self) -> None:

@@ -3,8 +3,8 @@
 A ``Summary`` stands in a capture for a tensor it no longer holds. It has the tensor's shape and
 dtype (so a capture's structure, matching and reports are unchanged) and holds
 
-- whole-tensor statistics, in float64: element count, sum, sum of squares, sum of magnitudes,
-  minimum and maximum of the finite elements, and counts of NaN, +Inf and -Inf;
+- whole-tensor statistics, in float64: element count, sum, sum of squares, minimum and maximum of
+  the finite elements, and counts of NaN, +Inf and -Inf;
 - a fixed-seed sample of ``SAMPLE`` elements: one at a seeded position in each of ``SAMPLE``
   equal strata of the row-major order (``sample_index``), the same positions for every tensor of
   that size, so two summaries, or a summary and a full tensor, compare element for element;
@@ -37,7 +37,7 @@ SAMPLE = 4096
 SEED = 0
 VALUE_SUMMARY = "fxdiff_value_summary"
 GRAD_SUMMARY = "fxdiff_grad_summary"
-_STATS = ("numel", "sum", "sumsq", "abssum", "min", "max", "nan", "posinf", "neginf")
+_STATS = ("numel", "sum", "sumsq", "min", "max", "nan", "posinf", "neginf")
 _CHUNK = 1 << 18
 
 
@@ -163,12 +163,10 @@ def _add_stats(stats: dict[str, float], chunk: torch.Tensor) -> None:
     total = float(c.sum())
     if math.isfinite(total):
         lo, hi = torch.aminmax(c)
-        absum = float(c.abs().sum())
         sumsq = _sumsq(c)
-        if math.isfinite(absum) and math.isfinite(sumsq):
+        if math.isfinite(sumsq):
             stats["sum"] += total
             stats["sumsq"] += sumsq
-            stats["abssum"] += absum
             stats["min"] = min(stats["min"], float(lo))
             stats["max"] = max(stats["max"], float(hi))
             return
@@ -184,7 +182,6 @@ def _add_stats(stats: dict[str, float], chunk: torch.Tensor) -> None:
     lo, hi = torch.aminmax(c)
     stats["sum"] += float(c.sum())
     stats["sumsq"] += float(torch.dot(c, c))
-    stats["abssum"] += float(c.abs().sum())
     stats["min"] = min(stats["min"], float(lo))
     stats["max"] = max(stats["max"], float(hi))
 

@@ -102,13 +102,19 @@ def main():
                                                           stream_to=out),
             }
             held = fxdiff.capture(model, kwargs=inputs, loss=loss)   # the streamed capture must equal it
+            again = fxdiff.capture(model, kwargs=inputs, loss=loss)
             streamed = fxdiff.capture(model, kwargs=inputs, loss=loss, stream_to=out)
-            same = all(torch.equal(held.values[k].cpu(), streamed.values[k]) or bool(held.values[k].isnan().any())
-                       for k in held.values) and set(held.values) == set(streamed.values) and \
-                set(held.grads) == set(streamed.grads) and \
-                all(torch.equal(held.grads[k].cpu(), streamed.grads[k]) for k in held.grads)
-            print(f"{name}: the streamed capture equals the one held on the GPU: {'yes' if same else 'NO'}", flush=True)
-            del held, streamed
+
+            def gap(a, b):   # (tensors that differ, largest difference)
+                bad = [float((a[k].cpu().double() - b[k].cpu().double()).abs().max()) for k in a
+                       if not torch.equal(a[k].cpu(), b[k].cpu())]
+                return len(bad), max(bad, default=0.0)
+            same_keys = set(held.values) == set(streamed.values) and set(held.grads) == set(streamed.grads)
+            print(f"{name}: streamed vs held on the GPU: same nodes {'yes' if same_keys else 'NO'}; values differing "
+                  f"{gap(held.values, streamed.values)}, gradients differing {gap(held.grads, streamed.grads)}; two "
+                  f"held runs: values {gap(held.values, again.values)}, gradients {gap(held.grads, again.grads)} "
+                  "(CUDA backward kernels are not bit-reproducible run to run)", flush=True)
+            del held, again, streamed
             results = {}
             for kind, fn in kinds.items():
                 try:
@@ -126,7 +132,7 @@ def main():
                     print(f"  {kind:>15}: {t * 1e3:.1f} ms = {t / e:.2f}x eager [{', '.join(f'{x:.2f}' for x in times)} s]; "
                           f"peak GPU memory {p / 2**30:.2f} GiB = {p / pe:.2f}x eager's", flush=True)
             shutil.rmtree(out, ignore_errors=True)
-            del model, inputs
+            model = inputs = None
             torch.cuda.empty_cache()
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,33 +1,35 @@
-"""Compare two tensors at memory speed: one streaming pass per pair, in chunks, on every core.
+"""Compare two tensors at memory speed: chunk by chunk, in their own precision, on every core.
 
 ``compare_tensors(ref, cand, tol)`` returns the ``Metrics`` of ``cand`` against ``ref``. The
-tensors are read once, in chunks of ``CHUNK`` elements (views where the layout allows, copies of
-one chunk otherwise), each chunk compared in the pair's own precision: the difference of two
-float32 tensors is taken in float32 (exact for nearby values), float16 and bfloat16 in float32,
-and every sum is accumulated over chunks in float64. Memory stays at a few chunks per worker
-whatever the size of the tensors, and the pages of memory-mapped captures are handed back as soon
-as a pair is judged (``store.tensor_file.evict``).
+tensors are read in chunks of ``MIN_CHUNK`` to ``CHUNK`` elements (views where the layout allows,
+copies of one chunk otherwise), in the pair's own precision: the difference of two float32 tensors
+is taken in float32 (exact for nearby values), float16 and bfloat16 in float32; sums are float32
+within a chunk (float64 where float32 would under- or overflow) and float64 across chunks.
+Temporaries live in per-thread scratch buffers (fresh memory is slow to fault in), so memory stays
+at a few chunks per thread whatever the size of the tensors, and the pages of memory-mapped
+captures are handed back as soon as a pair is judged (``store.tensor_file.evict``).
 
-What one chunk costs:
+Two sweeps over the chunks:
 
-- bit-identical chunks (the raw bytes equal; a same-storage same-view pair is identical without
-  looking) cost one comparison and a sum of squares (the tensor's RMS is still reported);
-- a chunk that differs gets its statistics from one difference ``d = ref - cand`` and a few
-  dot products: RMS of ``d``, of each side, ``max |d|``, ``mean |d|``, ``max |d| / |ref|`` and the
-  cosine, whose ``1 - cos`` comes from ``d`` itself (``(|d|^2 - (|ref| - |cand|)^2) / 2|ref||cand|``
-  with ``|ref|^2 - |cand|^2 = d.ref + d.cand``), so it stays accurate for nearly equal tensors;
-- NaN and infinities are found from ``max |d|`` (finite only when both sides are), and only such a
-  chunk takes the masked path that compares them as data;
-- how many elements are out of bounds is counted exactly, elementwise, but only in the chunks
-  whose ``max |d|`` exceeds the smallest possible bound; where the bound depends on the whole
-  tensor (the noise model's own-rounding level, or a gradient's scale under ``--atol``), those
-  chunks are counted once the pass has given it;
-- the error histogram is computed only when a drawing asks for it (``statistics(histograms=True)``,
-  set by ``compare(..., histograms=True)`` and by the CLI's ``--svg``, ``--html`` and
-  ``--model-explorer``); otherwise ``Metrics.histogram`` is empty.
+- the first finds the bit-identical chunks (the raw bytes equal: one comparison) and the sums of
+  squares, which fix every scale: the RMS, the noise model's own-rounding level, a gradient's
+  scale under ``--atol``, the ``max(|ref|, RMS)`` of ``max_scaled_diff``. A bit-identical pair
+  costs no more;
+- the second visits only the chunks that differ and takes everything else from one difference
+  ``d = ref - cand`` and a few dot products: the RMS of ``d``, ``max |d|``, ``mean |d|``,
+  ``max |d| / |ref|``, ``max |d| / max(|ref|, RMS)``, the exact count of elements out of bounds
+  (in chunks whose ``max |d|`` exceeds the least bound), and the cosine, whose ``1 - cos`` comes
+  from ``d`` itself (``(|d|^2 - (|ref| - |cand|)^2) / 2|ref||cand|`` with
+  ``|ref|^2 - |cand|^2 = d.ref + d.cand``), so it keeps its digits for nearly equal tensors. Only
+  chunks holding NaN or infinities take the masked path that compares them as data.
 
-Large pairs are split over a small pool of threads (one per core, each running torch on one
-thread), which also keeps a loaded machine from stalling torch's own parallel loops.
+The error histogram is computed only when a drawing asks for it (``statistics(histograms=True)``,
+set by ``compare(..., histograms=True)`` and by the CLI's ``--svg``, ``--html`` and
+``--model-explorer``); otherwise ``Metrics.histogram`` is empty.
+
+Pairs of more than ``_PARALLEL_MIN`` elements are split over a small pool of threads (one per
+core, each running torch on one thread: torch's own parallel loops stall when the machine is
+loaded). Summarised tensors (``store.summary``, ``capture --keep``) compare on their sample.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from ..model.report import HIST_EDGES, Metrics
 from ..store.summary import Summary, summarise
 from .noise import OWN_ROUNDING
 
-CHUNK = 1 << 18              # elements per chunk: a few of them fit in a core's cache
-_PARALLEL_MIN = 4 * CHUNK    # smaller pairs run on the calling thread
+CHUNK = 1 << 18              # elements per chunk at most: a few of them fit in a core's cache
+MIN_CHUNK = 1 << 15          # chunks shrink down to this so that mid-sized pairs split over the threads
+_PARALLEL_MIN = 1 << 17      # smaller pairs run on the calling thread
 _TINY_SUM = 1e-30            # float32 sums of squares (and products) below this are redone in float64
 _HISTOGRAMS = contextvars.ContextVar("fxdiff_histograms", default=True)
 
@@ -450,7 +453,8 @@ class _Pair:
         self.histograms = histograms
         self.rms = rms                  # (ref, cand) RMS to use instead of the measured ones (summaries)
         self.raw = a.dtype == b.dtype   # bit-identical chunks can be recognised
-        self.chunks = _Chunks(a, b)
+        self.workers = _workers()       # (read before torch is set to one thread for the pass)
+        self.chunks = _Chunks(a, b, self.workers)
         self.n = a.numel()
 
     def run(self) -> _Result:
@@ -501,7 +505,7 @@ class _Pair:
     def _map(self, fn, items) -> list:
         """``fn(part)`` over parts of ``items``: on the calling thread, or one part per pool thread."""
         items = list(items)
-        workers = min(_workers(), len(items))
+        workers = min(self.workers, len(items))
         if workers < 2 or self.n < _PARALLEL_MIN:
             return [fn(items)]
         return list(_pool().map(fn, [items[w::workers] for w in range(workers)]))
@@ -546,7 +550,8 @@ class _Pair:
         return acc
 
     def _chunk(self, k: int, x: torch.Tensor, y: torch.Tensor, acc: _Acc, finite: torch.Tensor | None) -> None:
-        d = torch.sub(x, y)
+        n, dt = x.numel(), x.dtype
+        d = torch.sub(x, y, out=_scratch(n, dt, "d"))   # scratch buffers: fresh memory is slow to fault in
         lo, hi = torch.aminmax(d)
         peak = max(float(hi), -float(lo))   # infinite where finite values differ by more than the dtype holds
         if peak == 0:
@@ -565,14 +570,16 @@ class _Pair:
         acc.max_abs = _nanmax(acc.max_abs, peak)
         total = float(d.sum())
         acc.sum_abs += total if math.isfinite(total) or not math.isfinite(peak) else float(d.sum(dtype=torch.float64))
-        ax = x.abs()
-        acc.max_rel = _nanmax(acc.max_rel, float(torch.div(d, ax.clamp_min(self.tiny)).max()))
+        ax = torch.abs(x, out=_scratch(n, dt, "ax"))
+        q = _scratch(n, dt, "q")
+        acc.max_rel = _nanmax(acc.max_rel, float(torch.div(d, torch.clamp(ax, min=self.tiny, out=q), out=q).max()))
         if peak > self.bound.atol:
-            limit = ax.mul(self.bound.rtol).add_(self.bound.atol) if self.bound.rtol else self.bound.atol
-            acc.bad += _count_above(d, limit)
-        acc.max_scaled = _nanmax(acc.max_scaled, float(torch.div(d, ax.clamp_min_(self.scale)).max()))
+            limit = torch.mul(ax, self.bound.rtol, out=q).add_(self.bound.atol) if self.bound.rtol else self.bound.atol
+            acc.bad += _count_above(d, limit, _scratch(n, dt, "c"))
+        acc.max_scaled = _nanmax(acc.max_scaled,
+                                 float(torch.div(d, torch.clamp(ax, min=self.scale, out=q), out=q).max()))
         if self.histograms:
-            _histogram(d, acc.hist, peak, None if finite is None else int(finite.sum()))
+            _histogram(d, acc.hist, peak, None if finite is None else int(finite.sum()), _scratch(n, dt, "c"))
 
     def _exact_chunk(self, k: int, x: torch.Tensor, y: torch.Tensor, acc: _Acc) -> None:
         """Integer and bool tensors (or one of them): they must be equal; sums in float64."""
@@ -634,11 +641,11 @@ def _sumsq(x: torch.Tensor) -> float:
     return float(torch.dot(x, x))
 
 
-def _count_above(d: torch.Tensor, limit: float | torch.Tensor) -> int:
+def _count_above(d: torch.Tensor, limit: float | torch.Tensor, out: torch.Tensor | None = None) -> int:
     """How many elements of ``d`` (no NaN) exceed ``limit``, exactly: a float sum of zeros and ones
     (``sign(max(d - limit, 0))``), several times faster in torch than counting a boolean mask.
-    ``d - limit`` is positive exactly when ``d > limit``, in any IEEE precision."""
-    total = float(torch.sub(d, limit).clamp_min_(0).sign_().sum())
+    ``d - limit`` is positive exactly when ``d > limit``, in any IEEE precision. ``out``: scratch."""
+    total = float((torch.sub(d, limit) if out is None else torch.sub(d, limit, out=out)).clamp_min_(0).sign_().sum())
     if total != total:   # inf - inf somewhere
         return int(torch.count_nonzero(d > limit))
     return int(total)
@@ -659,13 +666,14 @@ def _below_edges(dtype: torch.dtype) -> list[float]:
     return edges
 
 
-def _histogram(d: torch.Tensor, hist: list[int], peak: float, valid: int | None = None) -> None:
+def _histogram(d: torch.Tensor, hist: list[int], peak: float, valid: int | None = None,
+               out: torch.Tensor | None = None) -> None:
     """Add the counts of ``|d|`` (``d >= 0``, ``peak = max d``) to ``hist``: ``== 0``, then per decade
     from 1e-12 (the first bin also holds anything smaller) to >= 10 (``model.report.HIST_EDGES``).
     ``valid``: how many elements count (the others are zeros standing for NaN/Inf)."""
     nonzero = int(float(torch.sign(d).sum()))
     hist[0] += (d.numel() if valid is None else valid) - nonzero
-    above = [(_count_above(d, edge) if edge < peak else 0) for edge in _below_edges(d.dtype)]
+    above = [(_count_above(d, edge, out) if edge < peak else 0) for edge in _below_edges(d.dtype)]
     for i, (lo, hi) in enumerate(zip([nonzero] + above, above + [0])):
         hist[1 + i] += lo - hi
 
@@ -709,27 +717,29 @@ class _Chunks:
     contiguous on its own (a copy of one chunk, never of the tensor).
     """
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, workers: int = 1):
         self.a, self.b = a, b
         self.n = a.numel()
+        # about four chunks a thread where the pair is not large
+        self.chunk = size = min(CHUNK, max(MIN_CHUNK, -(-self.n // (4 * workers))))
         flat_a, flat_b = _dense_block(a), _dense_block(b)
         if flat_a is not None and flat_b is not None and (a.stride() == b.stride() or a.dim() <= 1):
             self.flat = (flat_a, flat_b)
-            self.count = max(1, -(-self.n // CHUNK))
+            self.count = max(1, -(-self.n // size))
             return
         self.flat = None
         shape = list(a.shape) or [1]
         if not a.shape:
             self.a, self.b = a.reshape(1), b.reshape(1)
         inner, dim = 1, len(shape)
-        while dim > 0 and inner * shape[dim - 1] <= CHUNK:
+        while dim > 0 and inner * shape[dim - 1] <= size:
             dim -= 1
             inner *= shape[dim]
         if dim == 0:   # the whole tensor is one chunk
             self.blocks: list[tuple] = [()]
         else:
             split = dim - 1                      # walk dim `split` in steps, the dims before it one by one
-            step = max(1, CHUNK // inner)
+            step = max(1, size // inner)
             outer = itertools.product(*(range(s) for s in shape[:split]))
             self.blocks = [(*idx, slice(j, min(j + step, shape[split])))
                            for idx in outer for j in range(0, shape[split], step)]
@@ -740,7 +750,7 @@ class _Chunks:
 
     def pair(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.flat is not None:
-            lo, hi = k * CHUNK, min(self.n, (k + 1) * CHUNK)
+            lo, hi = k * self.chunk, min(self.n, (k + 1) * self.chunk)
             x, y = self.flat[0][lo:hi], self.flat[1][lo:hi]
         else:
             index = self.blocks[k]
@@ -752,7 +762,7 @@ class _Chunks:
     def size(self, k: int) -> int:
         """How many elements chunk ``k`` holds."""
         if self.flat is not None:
-            return min(self.n, (k + 1) * CHUNK) - k * CHUNK
+            return min(self.n, (k + 1) * self.chunk) - k * self.chunk
         return self.a[self.blocks[k]].numel()
 
     def flat_views(self, side: int) -> Iterator[torch.Tensor]:
@@ -795,6 +805,20 @@ def _pool() -> ThreadPoolExecutor:
             _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fxdiff-judge",
                                        initializer=torch.set_num_threads, initargs=(1,))
         return _POOL
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, dtype: torch.dtype, slot: str) -> torch.Tensor:
+    """A buffer of ``n`` elements, this thread's own for ``slot``: reused chunk after chunk."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(slot, dtype)] = torch.empty(max(n, CHUNK), dtype=dtype)
+    return buf[:n]
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ test: $(VENV)/.installed system-deps
 
 bench: $(VENV)/.installed system-deps
 	$(PY) benchmarks/capture_overhead.py
+	$(PY) benchmarks/capture_memory.py
+	$(PY) benchmarks/compare_speed.py
 	$(PY) benchmarks/matching.py
 	$(PY) benchmarks/render.py
 

@@ -30,6 +30,7 @@ import torch
 from . import tree
 from .errors import FxdiffError
 from .judge import Tolerance, judge
+from .judge.tensors import statistics
 from .load import specs
 from .match import UserMap, match
 from .model.alignment import ParamMap
@@ -39,7 +40,7 @@ from .params import convert as convert_state
 from .progress import step
 from .record import BackwardSeed, RunConfig, record
 from .replay import drew, random_differences, replay_table, replayed
-from .store import is_capture, load, save
+from .store import is_capture, load, load_deferred, save, trim
 
 Side = Capture | str | os.PathLike
 LossSpec = Callable[..., torch.Tensor] | str | None
@@ -50,14 +51,23 @@ __all__ = ["LiveOptions", "capture", "capture_spec", "compare", "convert", "load
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, loss: LossSpec = None,
             seed: int = 0, mode: str = "eval", keep_dropout: bool = False, autocast: torch.dtype | str | None = None,
-            tracer: str = "eager", meta: dict[str, Any] | None = None) -> Capture:
+            tracer: str = "eager", meta: dict[str, Any] | None = None, keep: str = "both",
+            modules: str | None = None, stream_to: str | os.PathLike | None = None) -> Capture:
     """Run ``model(*args, **kwargs)`` forward and backward once and record it.
 
     ``loss`` maps the output (and, if it takes two arguments, the model) to a scalar; a
     ``file.py:function`` string names one. Default: a seeded random cotangent on every floating
     output. ``autocast`` (``"bfloat16"``, ``torch.float16``...) runs forward under ``torch.autocast``.
+    ``keep``: ``"both"`` (every value and gradient), ``"values"`` (no node gradients), ``"grads"``
+    (values summarised) or ``"summary"`` (both summarised: statistics, a fixed-seed sample and a
+    hash; ``store.summary``). ``modules``: a regular expression; only ops inside modules whose path
+    matches it are kept (values made outside and used inside become placeholders).
+    ``stream_to``: write the capture to this directory while the model runs (each value and
+    gradient goes to disk as it is produced: memory stays near the model's own) and return it
+    memory-mapped from there; ``save`` is then not needed.
     """
-    config = RunConfig(mode=mode, seed=seed, keep_dropout=keep_dropout, loss=_loss(loss), autocast=_dtype(autocast))
+    config = RunConfig(mode=mode, seed=seed, keep_dropout=keep_dropout, loss=_loss(loss), autocast=_dtype(autocast),
+                       keep=keep, modules=modules, stream_to=None if stream_to is None else str(stream_to))
     return record(model, args, kwargs, config, tracer=tracer, meta=meta)
 
 
@@ -76,6 +86,9 @@ class LiveOptions:
     autocast: torch.dtype | str | None = None
     tracer: str = "eager"
     rng_replay: bool = True
+    keep: str = "both"              # capture only: see ``capture``
+    modules: str | None = None      # capture only
+    stream_to: str | None = None    # capture only
 
     def given(self) -> list[str]:
         """The options set to something other than their default."""
@@ -95,14 +108,15 @@ def capture_spec(model: str | torch.nn.Module, **run: Any) -> Capture:
     if isinstance(options.loss, str):
         meta["loss"] = options.loss   # a description: a capture's loss is never loaded from it
     config = RunConfig(mode=options.mode or "eval", seed=options.seed or 0, keep_dropout=bool(options.keep_dropout),
-                       loss=_loss(options.loss), autocast=_dtype(options.autocast))
+                       loss=_loss(options.loss), autocast=_dtype(options.autocast), keep=options.keep,
+                       modules=options.modules, stream_to=options.stream_to)
     with step(f"capturing {_label(model)}"):
         return record(built, args, kwargs, config, tracer=options.tracer, meta=meta)
 
 
 def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_map: UserMap | str | None = None,
             tolerance: Tolerance | None = None, ref_label: str | None = None, cand_label: str | None = None,
-            **run: Any) -> Report:
+            histograms: bool = False, **run: Any) -> Report:
     """Align ``cand`` to ``ref`` and judge every pair.
 
     Each side is a ``Capture``, a capture directory, a module or a ``file.py:function`` model spec.
@@ -110,27 +124,49 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
     reference's saved inputs under the rules in the module docstring, ``options`` overriding.
     ``options`` given with two captures are refused: they would change nothing. ``run`` holds
     ``LiveOptions`` fields (``inputs``, ``loss``, ``checkpoint``, ``mode``, ``seed``, ``dtype``...).
+    ``histograms``: compute each pair's error histogram (the HTML report draws them; they cost time).
+
+    Capture directories are checked against their digests while they are matched and judged;
+    a capture modified after it was written is refused before the report is returned.
     """
     options = LiveOptions(**run)
-    ref_capture = _reference(ref, options)
-    user_map = _user_map(user_map)
-    if _is_live(cand):
-        cand_capture = run_candidate(ref_capture, cand, options, user_map)
-    else:
-        given = [name for name in options.given() if name != "rng_replay"]   # two captures are never replayed
-        if not _is_live(ref) and given:
-            raise FxdiffError(f"{', '.join(given)}: these options run a model, and both sides are captures",
-                              option=given[0])
-        cand_capture = _as_capture(cand)
-    with step("matching"):
-        alignment = match(ref_capture, cand_capture, user_map)
-    with step("judging"):
-        report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
-                       ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
-    report.replayed = replayed(ref_capture, cand_capture, alignment)
-    if not _is_live(cand):
-        report.warnings.extend(_setup_differences(ref_capture, cand_capture) + random_differences(report))
+    checks: list[Callable[[], None]] = []
+    try:
+        ref_capture = _reference(ref, options, checks)
+        user_map = _user_map(user_map)
+        if _is_live(cand):
+            cand_capture = run_candidate(ref_capture, cand, options, user_map)
+        else:
+            given = [name for name in options.given() if name != "rng_replay"]   # two captures are never replayed
+            if not _is_live(ref) and given:
+                raise FxdiffError(f"{', '.join(given)}: these options run a model, and both sides are captures",
+                                  option=given[0])
+            cand_capture = _as_capture(cand, checks)
+        ref_capture, cand_capture = _comparable(ref_capture, cand_capture)
+        with step("matching"):
+            alignment = match(ref_capture, cand_capture, user_map)
+        trim()   # what matching read goes back to the page cache
+        with step("judging"), statistics(histograms=histograms):
+            report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
+                           ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
+        report.replayed = replayed(ref_capture, cand_capture, alignment)
+        if not _is_live(cand):
+            report.warnings.extend(_setup_differences(ref_capture, cand_capture) + random_differences(report))
+    except BaseException:
+        for check in checks:   # a modified capture is the error to report, whatever it caused
+            check()
+        raise
+    for check in checks:
+        check()
     return report
+
+
+def _comparable(ref: Capture, cand: Capture) -> tuple[Capture, Capture]:
+    """Two captures as far as both can be compared: when one kept no node gradients (``--keep
+    values``), the other's are set aside too (missing is not different)."""
+    if "values" in (ref.meta.get("keep"), cand.meta.get("keep")):
+        ref, cand = dataclasses.replace(ref, grads={}), dataclasses.replace(cand, grads={})
+    return ref, cand
 
 
 def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOptions,
@@ -231,18 +267,25 @@ def _is_live(side: Any) -> bool:
         ":" in str(side) or specs.is_model_file(str(side)))
 
 
-def _as_capture(side: Side) -> Capture:
+def _as_capture(side: Side, checks: list[Callable[[], None]] | None = None) -> Capture:
+    """``side`` as a capture; with ``checks``, a directory's digest is checked in a thread and the
+    function that waits for that check is appended to ``checks``."""
     if isinstance(side, Capture):
         return side
     if isinstance(side, (str, os.PathLike)) and not Path(side).is_dir() and ":" not in str(side):
         raise FxdiffError(f"{side}: not a capture directory nor a model (file.py:function, a Hugging Face model "
                           "directory or a .nemo file)")
     with step(f"loading {side}"):
-        return load(side)
+        if checks is None:
+            return load(side)
+        capture, check = load_deferred(side)
+    checks.append(check)
+    return capture
 
 
-def _reference(ref: Side | torch.nn.Module, options: LiveOptions) -> Capture:
-    return capture_spec(ref, **dataclasses.asdict(options)) if _is_live(ref) else _as_capture(ref)
+def _reference(ref: Side | torch.nn.Module, options: LiveOptions,
+               checks: list[Callable[[], None]] | None = None) -> Capture:
+    return capture_spec(ref, **dataclasses.asdict(options)) if _is_live(ref) else _as_capture(ref, checks)
 
 
 def _build(model: str | torch.nn.Module, options: LiveOptions) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -140,7 +140,17 @@ def main() -> None:
 @click.option("--tracer", type=click.Choice(["eager", "fx"]), default="eager", show_default=True,
               help="eager: record the model's own run; fx: run its torch.fx.symbolic_trace graph "
                    "(refused unless outputs and gradients equal eager's).")
-def capture(model: str, output: str, tracer: str, **o: Any) -> int:
+@click.option("--keep", type=click.Choice(["both", "values", "grads", "summary"]), default="both", show_default=True,
+              help="What to keep of each node: values and gradients; values only; gradients, with values "
+                   "summarised; or summaries of both (statistics, a fixed-seed sample of elements and a hash: "
+                   "enough to compare and localise, in a fraction of the memory and disk).")
+@click.option("--modules", "modules", metavar="REGEX",
+              help="Keep only the ops inside modules whose path matches REGEX in full (e.g. 'layers\\.1[0-5]'); "
+                   "the model still runs whole, and values made outside and used inside become placeholders.")
+@click.option("--stream", is_flag=True,
+              help="Write each value and gradient to OUTPUT while the model runs (memory stays near eager's "
+                   "peak: for models whose captures do not fit in memory; a version-4 capture).")
+def capture(model: str, output: str, tracer: str, keep: str, modules: str | None, stream: bool, **o: Any) -> int:
     """Run MODEL (file.py:function, package.module:function, a Hugging Face model directory or a .nemo
     file) and record it.
 
@@ -148,14 +158,17 @@ def capture(model: str, output: str, tracer: str, **o: Any) -> int:
     """
     _writable(output, "--output", capture=True)
     with writing(output):   # a second capture to the same output is refused now, not after its run
-        cap = api.capture_spec(model, **_live(o, tracer))
+        cap = api.capture_spec(model, **_live(o, tracer), keep=keep, modules=modules,
+                               stream_to=output if stream else None)
         loaded = cap.meta.get("checkpoint")
         if loaded and (loaded["missing"] or loaded["unexpected"]):
             click.echo(f"fxdiff: warning: {loaded['path']}: {len(loaded['missing'])} missing keys "
                        f"{loaded['missing'][:5]}, {len(loaded['unexpected'])} unexpected keys "
                        f"{loaded['unexpected'][:5]}", err=True)
-        with progress.step(f"saving {output}"):
-            path = api.save(cap, output)
+        if not stream:
+            with progress.step(f"saving {output}"):
+                api.save(cap, output)
+    path = Path(output)
     s = cap.summary()
     console.print(f"captured {s['ops']} ops, {s['values']} values, {s['grads']} gradients, "
                   f"{s['param_grads']} parameter gradients -> {path}", markup=False)
@@ -290,7 +303,8 @@ def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_pat
         _writable(json_path, "--json")
     tolerance = Tolerance(atol if atol is not None else Tolerance.atol, rtol if rtol is not None else Tolerance.rtol)
     replay = {"rng_replay": False} if no_rng_replay else {}
-    report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, **_live(o), **replay)
+    drawn = any(drawing.get(k) for k in ("svg_path", "html_path", "me_path"))
+    report = api.compare(ref, cand, user_map=map_path, tolerance=tolerance, histograms=drawn, **_live(o), **replay)
     for warning in report.warnings:
         click.echo(f"fxdiff: warning: {warning}", err=True)
     console.print(text.render(report, show_all, ops, modules_depth))

@@ -423,7 +423,8 @@ DIGEST = "xxh3_64"   # the manifest's digest of each file (format version 3; ver
 
 def fix_manifest(cap: Path) -> None:
     """Recompute sizes and digests in ``cap/manifest.json`` (when it is still a JSON dict): an
-    entry's ``xxh3_64``, or its ``crc32`` for a version-2 manifest."""
+    entry's ``xxh3_64``, its two digests split at ``data_offset`` for a capture written while its
+    model ran, or its ``crc32`` for a version-2 manifest."""
     mpath = cap / MANIFEST
     try:
         manifest = json.loads(mpath.read_text())
@@ -439,6 +440,10 @@ def fix_manifest(cap: Path) -> None:
             entry["bytes"] = len(data)
             if "crc32" in entry and DIGEST not in entry:
                 entry["crc32"] = crc(data)
+            elif "xxh3_64_header" in entry and isinstance(entry.get("data_offset"), int):   # written while the model ran
+                split = min(8 + int.from_bytes(data[:8], "little"), len(data)) if len(data) >= 8 else 0
+                entry["data_offset"] = split
+                entry["xxh3_64_header"], entry["xxh3_64_data"] = xxh3(data[:split]), xxh3(data[split:])
             else:
                 entry[DIGEST] = xxh3(data)
     mpath.write_text(json.dumps(manifest, indent=1))

@@ -339,3 +339,114 @@ def test_save_failing_midway_through_the_tensors_keeps_the_previous_capture(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     assert (tmp_path / "c" / TENSORS).stat().st_size > 1 << 20
     assert len(fxdiff.load(tmp_path / "c").values) > 100
+
+
+# -- large captures: aligned blobs, pages handed back, digest checked while comparing ---------------
+
+def test_blobs_start_aligned_and_load_without_copies(tmp_path, saved):
+    from fxdiff.store import tensor_file
+
+    raw = (saved / TENSORS).read_bytes()
+    head_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + head_len])
+    header.pop("__metadata__")
+    assert (8 + head_len) % 64 == 0
+    assert all((8 + head_len + entry["data_offsets"][0]) % 64 == 0 for entry in header.values())
+    loaded = fxdiff.load(saved)
+    mappings = list(tensor_file._MAPPINGS.items())
+    for t in loaded.values.values():
+        if t.numel():   # a view of the mapped file, not a copy
+            ptr = t.untyped_storage().data_ptr()
+            assert any(base <= ptr < base + size for base, (size, _) in mappings)
+
+
+def test_unaligned_files_of_older_versions_still_load(tmp_path, conformer_capture, monkeypatch):
+    from fxdiff.store import tensor_file
+
+    monkeypatch.setattr(tensor_file, "_FILE_ALIGN", 1)   # blobs anywhere, as fxdiff wrote them before
+    fxdiff.save(conformer_capture, tmp_path / "old")
+    monkeypatch.undo()
+    assert_same_capture(conformer_capture, fxdiff.load(tmp_path / "old"))
+
+
+def test_evicted_tensors_read_the_same(saved, conformer_capture):
+    from fxdiff.store import evict, trim
+
+    loaded = fxdiff.load(saved)
+    name, value = max(loaded.values.items(), key=lambda kv: kv[1].numel())
+    before = value.clone()
+    evict(value)
+    assert torch.equal(value, before)
+    trim()
+    assert_same_structure(loaded.values, conformer_capture.values)
+    evict(torch.ones(3), None)   # not mapped: left alone
+
+
+@pytest.mark.parametrize("kind", ["byte flipped", "truncated"])
+def test_compare_refuses_a_modified_capture_before_reporting(tmp_path, saved, kind):
+    damage, message = DAMAGE[kind]
+    d = copy_of(saved, tmp_path)
+    damage(d)
+    with pytest.raises(FxdiffError, match=message):
+        fxdiff.compare(saved, d)
+    with pytest.raises(FxdiffError, match=message):
+        fxdiff.compare(d, saved)
+
+
+def test_a_modified_header_is_reported_as_modified(tmp_path, saved):
+    d = copy_of(saved, tmp_path)
+    data = bytearray((d / TENSORS).read_bytes())
+    data[20] ^= 0x20   # inside the JSON header
+    (d / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(FxdiffError, match=r"checksum mismatch"):
+        fxdiff.compare(saved, d)
+
+
+# -- captures written while the model runs (capture(stream_to=...), the CLI's -o) ----------------
+
+@pytest.mark.parametrize("name", ["conformer", "gpt2", "mha"])
+def test_streamed_capture_equals_a_saved_one(tmp_path, name):
+    model, args, kwargs, loss = build(name)
+    saved = fxdiff.load(fxdiff.save(fxdiff.capture(model, args, kwargs, loss=loss), tmp_path / "saved"))
+    streamed = fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "streamed")
+    streamed.meta["started"] = saved.meta["started"]
+    assert_same_capture(saved, streamed)
+    manifest = json.loads((tmp_path / "streamed" / MANIFEST).read_text())
+    assert manifest["version"] == 4 and "xxh3_64_header" in manifest["files"][TENSORS]
+    sizes = [(tmp_path / d / TENSORS).stat().st_size for d in ("saved", "streamed")]
+    assert sizes[1] < sizes[0] * 1.1 + (2 << 20)   # views written once here too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "streamed"]   # no debris, no lock
+
+
+def test_streamed_header_grows_past_its_reserve(tmp_path, conformer_capture, monkeypatch):
+    from fxdiff.store import stream
+
+    model, args, kwargs, loss = build("conformer")
+    monkeypatch.setattr(stream, "HEADER", 4096)
+    streamed = fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "s", meta={"note": "round trip"})
+    streamed.meta["started"] = conformer_capture.meta["started"]
+    assert_same_capture(conformer_capture, streamed)
+
+
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_a_modified_streamed_capture_is_refused(tmp_path, where):
+    model, args, kwargs, loss = build("mha")
+    fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "s")
+    data = bytearray((tmp_path / "s" / TENSORS).read_bytes())
+    data[20 if where == "header" else len(data) - 30] ^= 0x04
+    (tmp_path / "s" / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(FxdiffError, match="checksum mismatch"):
+        fxdiff.load(tmp_path / "s")
+
+
+def test_a_failing_streamed_capture_leaves_the_previous_one_and_no_debris(tmp_path):
+    model, args, kwargs, loss = build("mlp")
+    fxdiff.capture(model, args, kwargs, stream_to=tmp_path / "s")
+    before = (tmp_path / "s" / TENSORS).read_bytes()
+
+    def bad_loss(out):
+        raise ValueError("no loss today")
+    with pytest.raises(fxdiff.UserCodeError):
+        fxdiff.capture(model, args, kwargs, loss=bad_loss, stream_to=tmp_path / "s")
+    assert (tmp_path / "s" / TENSORS).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

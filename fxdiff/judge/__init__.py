@@ -1,5 +1,6 @@
 """Match -> **judge**: compare every aligned pair of tensors and find where a divergence starts."""
 
-from .assemble import Tolerance, compare_tensors, judge
+from .assemble import judge
+from .tensors import Tolerance, compare_tensors, statistics
 
-__all__ = ["Tolerance", "compare_tensors", "judge"]
+__all__ = ["Tolerance", "compare_tensors", "judge", "statistics"]

@@ -4,7 +4,7 @@ A candidate element passes when ``|cand - ref| <= atol + rtol * |ref|`` (``torch
 computed in the tensors' common floating dtype (the difference of two nearby floats is exact) with
 sums in float64. NaN and infinities are compared as data: equal when they sit at the same positions
 with the same sign. Integer and bool tensors must be equal. Gradients are judged relative to their
-scale (see ``_grad_metrics``).
+scale (see ``tensors.grad_metrics``). The tensor comparison itself is ``tensors.py``.
 
 Weak pairs (matched on op order alone) whose values differ while everything matched upstream
 agrees are dropped as likely mis-pairings. The first divergence is then the frontier of the failing
@@ -16,7 +16,6 @@ every frontier pair is reported.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import os
 from typing import Any, Iterable
@@ -29,164 +28,19 @@ from ..model.alignment import Alignment
 from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from . import noise
 from .isolate import replay, replay_backward
-from .noise import OWN_ROUNDING
 from ..match.confidence import WEAK
 from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
-from ..model.report import HIST_EDGES, Metrics, NodeRow, ParamRow, Report
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """Strict mode, when ``atol`` or ``rtol`` is given: every element must satisfy
-    ``|cand - ref| <= atol + rtol * |ref|``. Without either, verdicts are noise-aware (``noise.py``)."""
-
-    atol: float | None = None
-    rtol: float | None = None
-
-    @property
-    def strict(self) -> bool:
-        return self.atol is not None or self.rtol is not None
-
-    def bound(self, scale: torch.Tensor) -> torch.Tensor | float:
-        """The elementwise bound: strict mode's, or the own-rounding level of the noise model."""
-        return (self.atol or 0.0) + (self.rtol or 0.0) * scale
-
-
-def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance) -> Metrics:
-    """Metrics of ``cand`` against ``ref`` and whether every element is within ``tol``."""
-    layout = ""
-    if tuple(ref.shape) != tuple(cand.shape):
-        if ref.numel() != cand.numel():
-            return _failed(ref, f"shape {tuple(ref.shape)} vs {tuple(cand.shape)}")
-        cand, layout = _same_layout(ref, cand)
-    a, b = ref.detach().cpu(), cand.detach().cpu()
-    if a.is_complex() or b.is_complex():
-        a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
-    exact = not (a.is_floating_point() and b.is_floating_point())
-    dtype = torch.float64 if exact else torch.promote_types(a.dtype, b.dtype)
-    a, b = a.to(dtype), b.to(dtype)
-    notes = [layout] if layout else []
-    both = None
-    if not exact and not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        fa, fb = torch.isfinite(a), torch.isfinite(b)
-        special_bad = int(((~fa | ~fb) & ~((~fa & ~fb) & ((a == b) | (a.isnan() & b.isnan())))).sum())
-        both = fa & fb
-        a, b = torch.where(both, a, 0), torch.where(both, b, 0)
-        if special_bad:
-            notes.append(f"{special_bad} NaN/Inf positions differ")
-    else:
-        special_bad = 0
-    diff = (a - b).abs()
-    scale = a.abs()
-    eps = 0.0 if exact else max(_eps(ref.dtype), _eps(cand.dtype))
-    ref_rms, cand_rms, rms_diff = _rms(a), _rms(b), _rms(diff)
-    if exact:
-        bad = int((diff != 0).sum())
-    elif tol.strict:
-        bad = int((diff > tol.bound(scale)).sum())
-    else:   # provisional: beyond the tensors' own rounding; noise.py gives the verdict
-        bad = int((diff > OWN_ROUNDING * eps * max(ref_rms, cand_rms)).sum())
-    bad += special_bad
-    if diff.numel() == 0:
-        return Metrics(passed=bad == 0, max_abs_diff=0.0, max_rel_diff=0.0, mean_abs_diff=0.0, cosine=None,
-                       ref_rms=0.0, mismatched=0, numel=0, note="; ".join(notes))
-    max_abs = float(diff.max())
-    rel = float((diff / scale.clamp_min(torch.finfo(dtype).tiny)).max()) if max_abs > 0 else 0.0
-    return Metrics(
-        rms_diff=rms_diff, cand_rms=cand_rms, eps=eps,
-        max_scaled_diff=float((diff / scale.clamp_min(max(ref_rms, cand_rms, torch.finfo(dtype).tiny))).max()),
-        passed=bad == 0,
-        max_abs_diff=max_abs,
-        max_rel_diff=rel,
-        mean_abs_diff=float(diff.sum(dtype=torch.float64)) / diff.numel(),
-        cosine=None if exact else _cosine(a, b),
-        ref_rms=ref_rms,
-        mismatched=bad,
-        numel=diff.numel(),
-        note="; ".join(notes),
-        histogram=_histogram(diff if both is None else diff[both]),
-    )
-
-
-def _same_layout(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """``cand`` laid out like ``ref``: a dimension permutation when one fits (the closest one if
-    several do, e.g. square attention maps), else a reshape."""
-    if cand.dim() == ref.dim() and sorted(cand.shape) == sorted(ref.shape):
-        fits = [p for p in itertools.permutations(range(cand.dim()))
-                if tuple(cand.shape[i] for i in p) == tuple(ref.shape)]
-        if fits:
-            best = min(fits, key=lambda p: float((cand.permute(p).detach().cpu().double() - ref.detach().cpu().double()).abs().max()))
-            return cand.permute(best), f"candidate permuted {best}"
-    return cand.reshape(ref.shape), f"candidate reshaped from {tuple(cand.shape)}"
-
-
-def _eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps if dtype.is_floating_point else (torch.finfo(dtype.to_real()).eps if dtype.is_complex else 0.0)
-
-
-def _rms(t: torch.Tensor) -> float:
-    return float(t.abs().double().square().mean().sqrt()) if t.numel() else 0.0
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return 1.0 if na == nb else 0.0
-    return float(a.dot(b) / (na * nb))
-
-
-def _histogram(diff: torch.Tensor) -> list[int]:
-    """Counts of |diff| == 0, then per decade from 1e-12 (first bin also holds smaller) to >= 10."""
-    diff = diff.reshape(-1)
-    nz = diff[diff > 0]
-    zero = diff.numel() - nz.numel()
-    if nz.numel() == 0:
-        return [zero] + [0] * (len(HIST_EDGES) - 1)
-    logs = nz.double().log10().clamp(-12, 1.5)
-    counts = torch.histc(logs, bins=len(HIST_EDGES) - 1, min=-12, max=2)
-    return [zero] + [int(c) for c in counts]
-
-
-def _failed(ref: torch.Tensor, note: str) -> Metrics:
-    return Metrics(passed=False, max_abs_diff=math.inf, max_rel_diff=math.inf, mean_abs_diff=math.inf,
-                   cosine=None, ref_rms=_rms(ref.detach().cpu().double()) if ref.numel() else 0.0,
-                   mismatched=ref.numel(), numel=ref.numel(), note=note)
-
-
-def _missing_grad(side: str, numel: int) -> Metrics:
-    return Metrics(passed=False, max_abs_diff=math.inf, max_rel_diff=math.inf, mean_abs_diff=math.inf,
-                   cosine=None, ref_rms=0.0, mismatched=numel, numel=numel, note=f"gradient on {side} only")
+from ..model.report import NodeRow, ParamRow, Report
+from .tensors import Tolerance, compare_tensors, rms_many
+from .tensors import grad_metrics as _grad_metrics
 
 
 def grad_floor(grads: Iterable[torch.Tensor]) -> float:
     """A tenth of the median RMS of a family of gradients: the least scale one is judged against."""
-    rms = sorted(_rms(g) for g in grads)
+    rms = sorted(rms_many(grads))
     return 0.1 * rms[len(rms) // 2] if rms else 0.0
-
-
-def _grad_metrics(ref_g: torch.Tensor | None, cand_g: torch.Tensor | None, tol: Tolerance,
-                  floor: float = 0.0) -> Metrics | None:
-    """Gradients are judged relative to their scale: both are divided by the larger RMS of the two,
-    or by ``floor`` when that is larger, before the tolerance applies. The loss, and so every
-    gradient, has an arbitrary scale; and a gradient that is analytically zero holds only rounding
-    noise, which the floor (tied to the model's typical gradient) keeps from counting as a
-    difference. The reported diffs stay in the gradients' own units."""
-    if ref_g is None and cand_g is None:
-        return None
-    if ref_g is None:
-        return _missing_grad("cand", cand_g.numel())
-    if cand_g is None:
-        return _missing_grad("ref", ref_g.numel())
-    raw = compare_tensors(ref_g, cand_g, tol)
-    scale = max(raw.ref_rms, _rms(cand_g), floor)
-    if not tol.strict or scale == 0 or raw.numel == 0 or not math.isfinite(raw.max_abs_diff):
-        return raw
-    scaled = compare_tensors(ref_g / scale, cand_g / scale, tol)
-    return dataclasses.replace(raw, passed=scaled.passed, mismatched=scaled.mismatched,
-                               note="; ".join(x for x in (raw.note, f"judged relative to RMS {scale:.3g}") if x))
 
 
 def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = Tolerance(),

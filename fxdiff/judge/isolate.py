@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from ..model.capture import TARGET, Capture
+from ..store.summary import is_summary
 from ..targets import Targets
 
 MAX_BLOCK = 64   # ops replayed at most for one node
@@ -55,6 +56,8 @@ def replay_backward(ref: Capture, cand: Capture, cand_node: str, consumers: dict
     source = boundary.get(cand_node)
     if source is None or any(c not in nodes or ref.grads.get(r) is None for c, r in consumers.items()):
         return None
+    if is_summary(ref.values[source]) or any(is_summary(ref.grads[r]) for r in consumers.values()):
+        return None   # summarised (capture --keep): no elements to replay from
     x = ref.values[source].detach().clone().requires_grad_(_differentiable(ref.values[source]))
     memo: dict[str, Any] = {cand_node: x}
     try:
@@ -79,6 +82,8 @@ def _value(node: torch.fx.Node, ref, cand, boundary, memo, targets: Targets, roo
     if node.name in memo:
         return memo[node.name]
     if not root and node.name in boundary:
+        if is_summary(ref.values[boundary[node.name]]):
+            raise _NotReplayable(node.name)   # summarised (capture --keep): no elements to stand in
         out = ref.values[boundary[node.name]].clone()   # clone: the block may write in place
     elif node.op == "placeholder":
         raise _NotReplayable(node.name)   # an unmatched input: nothing to stand in for it

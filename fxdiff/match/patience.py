@@ -7,7 +7,6 @@ import bisect
 from collections import Counter, defaultdict
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..model.alignment import Pair
 from .compute_graph import LEVELS, ComputeGraph
@@ -73,6 +72,8 @@ def patience(ps: PairSet, a: list[str], b: list[str], level: int) -> None:
 def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
     """Look-alike ops (same key and size) whose matched inputs agree, paired by value closeness
     among themselves, kept in order."""
+    from scipy.optimize import linear_sum_assignment   # imported when needed: half a second of every start
+
     r, c = ps.ref, ps.cand
     groups: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
     for i, n in enumerate(a):
@@ -93,16 +94,12 @@ def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
 
 
 def _value_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """How unlike two tensors are (0 = equal), for breaking ties between look-alike ops."""
-    x, y = (torch.view_as_real(t.detach().cpu()) if t.is_complex() else t.detach().cpu() for t in (x, y))
-    x, y = x.reshape(-1).double(), y.reshape(-1).double()
-    if x.numel() != y.numel():
-        return 2.0
-    if not x.numel():
-        return 0.0
-    scale = float(x.abs().max().clamp_min(1e-30))
-    d = float((x - y).abs().max()) / scale
-    return min(d, 2.0) if d == d else 2.0
+    """How unlike two tensors are (0 = equal), for breaking ties between look-alike ops: the largest
+    difference over the reference's largest magnitude, complex tensors by their real and imaginary
+    parts (``judge.tensors.value_distance``: read in chunks in the tensors' own precision,
+    summarised values on their sample)."""
+    from ..judge.tensors import value_distance
+    return value_distance(x, y)
 
 
 def lis(pairs: list[tuple[int, int]], strict: bool = True) -> list[tuple[int, int]]:

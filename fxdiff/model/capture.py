@@ -15,7 +15,7 @@ import torch.fx
 
 FORMAT = "fxdiff-capture"
 VERSION = 3
-READABLE_VERSIONS = (2, 3)   # version 2 has no output gradients
+READABLE_VERSIONS = (2, 3, 4)   # version 2 has no output gradients; 4: partial captures (capture --keep)
 
 # node.meta keys
 MODULE = "fxdiff_module"        # dotted path of the innermost module that called the op ("" = root)
@@ -25,6 +25,7 @@ SHAPE = "fxdiff_shape"          # output shape as a list, or None when the node 
 DTYPE = "fxdiff_dtype"          # output dtype as a string, e.g. "float32"
 GRAD = "fxdiff_grad"            # "recorded": a gradient was stored; "none": no gradient flowed
 NOT_STORED = "fxdiff_not_stored"  # why a tensor the node produced has no stored value
+BOUNDARY = "fxdiff_boundary"    # placeholder for a value made outside the kept modules: the op that made it
 
 
 @dataclasses.dataclass

@@ -27,8 +27,10 @@ import hashlib
 from collections import defaultdict
 
 import torch
+import xxhash
 
 from ..errors import FxdiffError
+from ..store.tensor_file import evict
 from ..model.alignment import ParamPair
 
 
@@ -82,7 +84,10 @@ def digest(t: torch.Tensor) -> bytes:
     """A name-free identity of a tensor's content: a hash of its elements in row-major order (so
     equal for a tensor and its reshapes, not for its transpose). Floating elements are hashed at
     bfloat16 precision, so a weight and its cast to float64, float16 or bfloat16 share a digest
-    (the judge then compares the values themselves)."""
+    (the judge then compares the values themselves).
+
+    The tensor is read once, in row-major blocks (each converted on its own: no copy of the whole
+    tensor), and the pages of a memory-mapped capture tensor are handed back afterwards."""
     t = t.detach()
     if t.is_quantized:
         t = t.dequantize()
@@ -93,9 +98,36 @@ def digest(t: torch.Tensor) -> bytes:
     if type(t) is not torch.Tensor:
         t = t.as_subclass(torch.Tensor)
     kind = "float" if t.is_floating_point() else str(t.dtype)
-    t = (t.to(torch.bfloat16) if t.is_floating_point() else t).cpu().contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return hashlib.blake2b(data + kind.encode(), digest_size=16).digest()
+    h = xxhash.xxh3_128()
+    for block in _row_major_blocks(t):
+        block = (block.to(torch.bfloat16) if block.is_floating_point() else block).cpu().contiguous()
+        h.update(block.view(torch.uint8).numpy() if block.dtype != torch.bool else block.numpy())
+    h.update(kind.encode())
+    evict(t)
+    return h.digest()
+
+
+_BLOCK = 1 << 22   # elements hashed at a time
+
+
+def _row_major_blocks(t: torch.Tensor):
+    """``t``'s elements in row-major order, as consecutive 1-D blocks of about ``_BLOCK``."""
+    if t.is_contiguous():
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), _BLOCK):
+            yield flat[start:start + _BLOCK]
+        return
+    if t.dim() == 0 or t.numel() <= _BLOCK:
+        yield t.reshape(-1)
+        return
+    row = t[0].numel()
+    if row > _BLOCK:   # one row is already larger than a block: block each row
+        for r in t:
+            yield from _row_major_blocks(r)
+        return
+    step = max(1, _BLOCK // max(1, row))
+    for start in range(0, t.shape[0], step):
+        yield t[start:start + step].reshape(-1)
 
 
 _digest = digest

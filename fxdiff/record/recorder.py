@@ -27,6 +27,7 @@ import functools
 import inspect
 import math
 import operator
+import re
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -36,8 +37,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import tree
-from ..model.capture import DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET
+from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET
 from ..ops import RANDOM_OPS
+from ..store.summary import is_summary, summarise
 from ..targets import mutated, target_name
 from .plain import as_plain, is_plain, transformed
 
@@ -93,6 +95,46 @@ class Slot:
     """Placeholder for a recorded tensor inside an input/output structure, filled after the run."""
 
     node: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Keep:
+    """What a recorder keeps (``capture --keep`` / ``--modules``).
+
+    ``values`` and ``grads``: ``"full"`` (the tensors), ``"summary"`` (statistics, a sample and a
+    hash: ``store.summary``) or ``"none"`` (gradients only). ``modules``: a regular expression;
+    when given, only ops inside a module whose path (or an enclosing module's path) matches it in
+    full are kept. The model still runs whole; a tensor made outside and used inside becomes a
+    placeholder named by the node that produced it, holding its value and gradient in full.
+    Graph inputs are always kept in full, and so are the values of the outputs.
+    """
+
+    values: str = "full"
+    grads: str = "full"
+    modules: re.Pattern | None = None
+
+    MODES = {"both": ("full", "full"), "values": ("full", "none"), "grads": ("summary", "full"),
+             "summary": ("summary", "summary")}
+
+    @classmethod
+    def of(cls, keep: str = "both", modules: str | None = None) -> "Keep":
+        values, grads = cls.MODES[keep]
+        return cls(values, grads, re.compile(modules) if modules else None)
+
+    @property
+    def everything(self) -> bool:
+        return self.values == self.grads == "full" and self.modules is None
+
+    def inside(self, path: str) -> bool:
+        """Whether module ``path``, or a module enclosing it, matches ``modules``."""
+        if self.modules is None:
+            return True
+        parts = path.split(".") if path else []
+        return any(self.modules.fullmatch(".".join(parts[:i])) for i in range(len(parts), 0, -1)) \
+            or bool(self.modules.fullmatch(""))
+
+
+_OUTSIDE = "_fxdiff_outside"     # node.meta: made outside the kept modules (dropped when the capture is made)
 
 
 class Recorder(TorchFunctionMode):
@@ -175,7 +217,41 @@ class Recorder(TorchFunctionMode):
             self._stack.pop()
 
     # -- values held by reference -------------------------------------------------------------
-    def _keep(self, name: str, t: torch.Tensor, copy: bool) -> None:
+    keep: Keep = Keep()          # set by ``restrict`` before the run
+    output_values: dict | None = None
+    stream: Any = None           # store.stream.CaptureStream: values and gradients go to disk as produced
+
+    def restrict(self, keep: Keep, stream: Any = None) -> None:
+        """Keep only what ``keep`` asks for; with ``stream``, write values and gradients to it as
+        they are produced instead of holding them (call before the run)."""
+        self.keep = keep
+        self.stream = stream
+        self.output_values = {}
+        self._outside_refs: dict[str, weakref.ref] = {}
+
+    def keep_outputs(self, nodes: list[torch.fx.Node], outputs: Any) -> None:
+        """The outputs' values in full, for the nodes whose values are summarised or not kept."""
+        if self.keep.everything and self.stream is None:
+            return
+        for node, (_, t) in zip(nodes, tree.flatten(outputs)):
+            value = self.values.get(node.name)
+            if not isinstance(value, torch.Tensor) or is_summary(value) or value.device.type == "meta":
+                self.output_values[node.name] = t.detach()
+            if self._outside_refs.pop(node.name, None) is not None and self.keep.grads != "none" \
+                    and t.requires_grad and transformed(t) is None:   # made outside: its gradient too
+                try:
+                    t.register_hook(self._store_grad(node.name))
+                except RuntimeError:
+                    pass
+
+    def _keep(self, name: str, t: torch.Tensor, copy: bool, summary: bool = False, stream: bool = False) -> None:
+        if summary:
+            self.values[name] = summarise(t)
+            return
+        if stream:   # copied to the capture file now: nothing is held, nothing to protect
+            self.stream.put(f"value/{name}", t)
+            self.values[name] = _stand_in(t)
+            return
         value = t.detach()
         key = None if copy else _storage_key(value)
         if key is None:
@@ -239,19 +315,54 @@ class Recorder(TorchFunctionMode):
         copy = self.copy if copy is None else copy
         node.meta[SHAPE] = list(t.shape)
         node.meta[DTYPE] = str(t.dtype).removeprefix("torch.")
+        keep = self.keep
+        if not keep.everything:
+            if node.op == "call_function" and not keep.inside(node.meta[MODULE]):
+                node.meta[_OUTSIDE] = True   # no value, no gradient; a placeholder if used inside
+                self._outside_refs[node.name] = weakref.ref(t)
+                self._live[id(t)] = _Live(t, node, hooked=True)
+                return
+            if keep.modules is not None:
+                self._keep_boundary(node)
+        summary = keep.values == "summary" and node.op == "call_function"
+        stream = self.stream is not None and node.op == "call_function"
         stored = True
         if is_plain(t):
-            self._keep(node.name, t, copy)
+            self._keep(node.name, t, copy, summary, stream)
         else:  # sparse, quantized, a subclass: kept as a plain tensor; batched, meta...: not kept
             value, why = as_plain(t)
             if value is None:
                 node.meta[NOT_STORED] = why
                 stored = False
             else:
-                self._keep(node.name, value, copy)
-        live = _Live(t, node, hooked=not stored)  # no value, no gradient: no hook either
+                self._keep(node.name, value, copy, summary, stream)
+        # no value, no gradient: no hook either; none when gradients are not kept
+        live = _Live(t, node, hooked=not stored or (keep.grads == "none" and node.op == "call_function"))
         self._live[id(t)] = live
         self._watch(live, t)
+
+    def _keep_boundary(self, node: torch.fx.Node) -> None:
+        """Keep, in full, the values made outside the kept modules that ``node`` consumes (looking
+        through the multi-output op whose item ``node`` is)."""
+        inputs = list(node.all_input_nodes)
+        for a in list(inputs):
+            if a.op == "call_function" and a.name not in self.values and _OUTSIDE not in a.meta:
+                inputs += a.all_input_nodes   # the op of a getitem, which holds no value itself
+        for a in inputs:
+            ref = self._outside_refs.pop(a.name, None)
+            t = ref() if ref is not None else None
+            if t is None:
+                continue
+            value = t if is_plain(t) else as_plain(t)[0]
+            if value is None:
+                continue
+            a.meta[BOUNDARY] = a.meta.get(TARGET, "")
+            self._keep(a.name, value, self.copy, stream=self.stream is not None)
+            if self.keep.grads != "none" and t.requires_grad and transformed(t) is None:
+                try:
+                    t.register_hook(self._store_grad(a.name))
+                except RuntimeError:
+                    pass
 
     def _watch(self, live: _Live, t: torch.Tensor) -> None:
         if not live.hooked and t.requires_grad and transformed(t) is None:
@@ -263,14 +374,23 @@ class Recorder(TorchFunctionMode):
 
     def _store_grad(self, name: str):
         def store(grad):
-            if not is_plain(grad):
+            plain = is_plain(grad)
+            if not plain:
                 grad, _ = as_plain(grad)
                 if grad is None:
                     return
-            elif self.copy:
-                grad = grad.detach().clone()
-            else:
-                self._grad_versions[name] = grad._version
+            if self.keep.grads == "summary":
+                self.grads[name] = summarise(grad)
+                return
+            if self.stream is not None:
+                self.stream.put(f"grad/{name}", grad)
+                self.grads[name] = _stand_in(grad)
+                return
+            if plain:
+                if self.copy:
+                    grad = grad.detach().clone()
+                else:
+                    self._grad_versions[name] = grad._version
             self.grads[name] = grad
         return store
 
@@ -400,6 +520,11 @@ class Recorder(TorchFunctionMode):
         for node in self.graph.nodes:
             if node.name in self.values:
                 node.meta[GRAD] = "recorded" if node.name in self.grads else "none"
+
+
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """What a recorder holds for a value written to the capture file: its shape and dtype, no data."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 def _call_site(paths: list[str], caller: str) -> str:

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import random
+import re
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -26,14 +27,16 @@ import torch
 from .. import tree
 from ..version import __version__
 from ..errors import FxdiffError, UserCodeError, blame_user, in_fxdiff
-from ..model.capture import NOT_STORED, Capture
+from ..model.capture import GRAD, MODULE, NOT_STORED, TARGET, Capture
 from ..outputs import pair_outputs
 from ..util import gc_paused
 from .plain import as_plain, is_plain
-from .recorder import Recorder, Slot
+from ..store.stream import CaptureStream
+from .recorder import BOUNDARY, Keep, Recorder, Slot
 
 Loss = Callable[..., torch.Tensor]
 MODES = ("eval", "train")
+NOT_RECORDED = "not recorded"   # node.meta[GRAD] when the capture keeps no gradients (--keep values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +68,25 @@ class RunConfig:
     backward_seed: BackwardSeed | None = None
     autocast: torch.dtype | None = None
     replay: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    keep: str = "both"            # what is kept of each node: see ``Keep`` (recorder.py)
+    modules: str | None = None    # keep only ops inside modules matching this regular expression
+    stream_to: str | None = None  # write the capture here while the model runs (store/stream.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise FxdiffError(f"mode must be 'eval' or 'train', not {self.mode!r}", option="mode")
+        if self.keep not in Keep.MODES:
+            raise FxdiffError(f"keep must be one of {', '.join(Keep.MODES)}, not {self.keep!r}", option="keep")
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as e:
+                raise FxdiffError(f"modules {self.modules!r} is not a regular expression ({e})",
+                                  option="modules") from None
+
+    @property
+    def kept(self) -> Keep:
+        return Keep.of(self.keep, self.modules)
         if self.loss is not None and self.backward_seed is not None:
             raise FxdiffError("give a loss or output gradients to start backward from, not both", option="loss")
 
@@ -212,6 +230,7 @@ class Run:
     output_grads: dict[str, torch.Tensor]
     loss_value: float | None
     not_stored: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why
+    stream: Any = None       # store.stream.CaptureStream the run is being written to
 
 
 def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwargs: dict,
@@ -223,7 +242,19 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
     the call and then calls ``rec.release()``.
     """
     call = {"args": call_args, "kwargs": call_kwargs}
+    stream = CaptureStream(config.stream_to) if config.stream_to is not None else None
+    try:
+        return _record_run(model, rec, call, forward, config, before, check, stream)
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+        raise
+
+
+def _record_run(model, rec, call, forward, config, before, check, stream) -> Run:
     rec.replay = dict(config.replay)
+    if not config.kept.everything or stream is not None:
+        rec.restrict(config.kept, stream)
     placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
                     for path, t in tree.flatten(call)}
     try:
@@ -233,7 +264,9 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
         if in_fxdiff(e) and e is not rec.failed_op:
             raise
         raise blame_user(f"the forward pass of {type(model).__name__}", e) from e
-    out_nodes = iter(rec.finish(outputs))
+    finished = rec.finish(outputs)
+    rec.keep_outputs(finished, outputs)
+    out_nodes = iter(finished)
     loss_value, output_grads = backward(model, outputs, config)
     rec.mark_grads()
     if check is not None:
@@ -243,7 +276,7 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
                outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
                params=model_tensors(model, before, not_stored), param_grads=taken_grads(model, not_stored),
                output_grads=plain_tensors(output_grads, "output_grads.", not_stored),
-               loss_value=loss_value, not_stored=not_stored)
+               loss_value=loss_value, not_stored=not_stored, stream=stream)
 
 
 def plain_tensors(tensors: dict[str, torch.Tensor], prefix: str = "",
@@ -376,13 +409,17 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
              meta: dict | None) -> Capture:
     """The ``Capture`` of a finished run, its slots filled and its metadata written."""
     rec = run.recorder
-    graph_nodes = {n.name: n for n in rec.graph.nodes}
+    graph, values, grads = _kept(rec, config)
+    graph_nodes = {n.name: n for n in graph.nodes}
 
     not_stored = dict(run.not_stored)
+    full_outputs = rec.output_values or {}
 
     def fill(slot: Slot) -> torch.Tensor | None:
-        if slot.node in rec.values:
-            return rec.values[slot.node]
+        if slot.node in full_outputs:
+            return full_outputs[slot.node]
+        if slot.node in values:
+            return values[slot.node]
         node = graph_nodes[slot.node]
         if node.op == "get_attr" and str(node.target) in run.params:
             return run.params[str(node.target)]  # a parameter returned as is
@@ -390,7 +427,7 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
             f"params.{node.target}", "no value was recorded")
         return None
 
-    ops = sum(1 for n in rec.graph.nodes if n.op == "call_function")
+    ops = sum(1 for n in graph.nodes if n.op == "call_function")
     first = next(iter(run.params.values()), None)
     info = {
         "fxdiff": __version__,
@@ -412,14 +449,66 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
         "started": started.isoformat(timespec="seconds"),
         "ops": ops,
         "modules": {path: type(m).__name__ for path, m in model.named_modules()},
+        **({"keep": config.keep} if config.keep != "both" else {}),
+        **({"kept_modules": config.modules} if config.modules else {}),
         **(meta or {}),
     }
     inputs, outputs = tree.map_leaves(run.inputs, Slot, fill), tree.map_leaves(run.outputs, Slot, fill)
     if not_stored:
         info["not_stored"] = not_stored
-    return Capture(graph=rec.graph, values=rec.values, grads=rec.grads, params=run.params,
-                   param_grads=run.param_grads, inputs=inputs, outputs=outputs,
-                   output_grads=run.output_grads, meta=info)
+    capture = Capture(graph=graph, values=values, grads=grads, params=run.params,
+                      param_grads=run.param_grads, inputs=inputs, outputs=outputs,
+                      output_grads=run.output_grads, meta=info)
+    if run.stream is None:
+        return capture
+    from ..store.capture_dir import load_written
+    return load_written(run.stream.finish(capture))   # memory-mapped from the file just written
+
+
+def _kept(rec: Recorder, config: RunConfig) -> tuple[torch.fx.Graph, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The graph, values and gradients of the capture, as ``config.keep`` / ``config.modules`` ask.
+
+    With ``modules``, ops outside the kept modules are dropped; a value made outside and used
+    inside (or returned) becomes a placeholder of the producer's name holding its value and
+    gradient, ``node.meta[BOUNDARY]`` naming the op that made it. Without gradients kept, value
+    nodes are marked ``GRAD = "not recorded"`` (not the same as no gradient)."""
+    keep = config.kept
+    if keep.grads == "none":
+        for node in rec.graph.nodes:
+            if node.op == "call_function" and node.meta.get(GRAD) == "none":
+                node.meta[GRAD] = NOT_RECORDED
+    if keep.modules is None:
+        return rec.graph, rec.values, rec.grads
+    graph = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    outside: dict[str, torch.fx.Node] = {}
+
+    def arg(a: torch.fx.Node) -> torch.fx.Node:
+        if a.name not in env:   # made outside, used here: a placeholder named by its producer
+            source = outside[a.name]
+            p = graph.placeholder(a.name)
+            p.meta.update({k: v for k, v in source.meta.items() if k.startswith("fxdiff_")})
+            p.meta[BOUNDARY] = source.meta.get(TARGET, "")
+            p.meta[TARGET] = a.name
+            if a.name not in rec.values and a.name not in (rec.output_values or {}):
+                p.meta.setdefault(NOT_STORED, "made outside the kept modules and not kept")
+            env[a.name] = p
+        return env[a.name]
+
+    for node in rec.graph.nodes:
+        if node.op == "output":
+            graph.output(torch.fx.map_arg(node.args[0], arg))
+        elif node.op == "call_function" and not keep.inside(node.meta.get(MODULE, "")):
+            outside[node.name] = node
+        else:
+            env[node.name] = graph.node_copy(node, arg)
+    values = {k: v for k, v in rec.values.items() if k in env}
+    for name, value in (rec.output_values or {}).items():   # an output made outside: its placeholder's value
+        if name in env and env[name].op == "placeholder" and name not in values:
+            values[name] = value
+            env[name].meta.pop(NOT_STORED, None)
+    grads = {k: v for k, v in rec.grads.items() if k in env}
+    return graph, values, grads
 
 
 def _loss_name(config: RunConfig) -> str:

@@ -27,8 +27,9 @@ import os
 import shutil
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -39,9 +40,12 @@ from ..targets import Targets
 from ..util import atomic_write, dumps, gc_paused, read_regular
 from . import consistency
 from .graph_json import graph_from_json, node_to_json
-from .tensor_file import read_tensors, write_tensors
+from .summary import GRAD_SUMMARY, VALUE_SUMMARY, is_summary
+from .summary import from_json as summary_from_json, to_json as summary_to_json
+from .tensor_file import read_tensors, verify_digest, write_tensors
 
 MANIFEST, GRAPH, TENSORS = "manifest.json", "graph.json", "tensors.safetensors"
+PARTIAL_VERSION = 4   # what captures that keep less than every value and gradient are written as
 _SECTIONS = ("value", "grad", "param", "param_grad", "output_grad")
 
 
@@ -51,37 +55,13 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     targets = targets or Targets.default()
     if path.exists() and not (path / MANIFEST).is_file():
         raise FxdiffError(f"{path}: exists and is not an fxdiff capture; refusing to overwrite it")
-    tensors: dict[str, torch.Tensor] = {}
-    tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
-    for section, table in zip(_SECTIONS, tables):
-        for name, t in table.items():
-            tensors[f"{section}/{name}"] = t
-    with gc_paused():
-        graph_doc = {
-            "nodes": [node_to_json(n, targets) for n in capture.graph.nodes],
-            "inputs": tree.encode(capture.inputs, tensors, "input"),
-            "outputs": tree.encode(capture.outputs, tensors, "output"),
-        }
-    graph_bytes = dumps(graph_doc, separators=(",", ":")).encode()
+    tensors, graph_bytes, partial = _contents(capture, targets)
     with writing(path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)
             (tmp / GRAPH).write_bytes(graph_bytes)
             size, digest = write_tensors(tmp / TENSORS, tensors)
-            manifest = {
-                "format": FORMAT,
-                "version": VERSION,
-                "meta": capture.meta,
-                "files": {
-                    GRAPH: {"bytes": len(graph_bytes), "xxh3_64": _digest(graph_bytes)},
-                    TENSORS: {"bytes": size, "xxh3_64": digest},
-                },
-            }
-            atomic_write(tmp / MANIFEST, dumps(manifest, indent=1, default=str))
-            _swap_in(tmp, path)
+            _complete(tmp, path, capture, graph_bytes, size, {"xxh3_64": digest}, partial)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FxdiffError(f"{path}: cannot write the capture ({e.strerror or e})") from None
@@ -91,11 +71,104 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     return path
 
 
+def _contents(capture: Capture, targets: Targets, streamed: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], bytes, bool]:
+    """(tensors by key, graph.json bytes, whether the capture is partial: version 4). Keys in
+    ``streamed`` are already in the file."""
+    tensors: dict[str, torch.Tensor] = {}
+    summaries: dict[tuple[str, str], dict] = {}
+    tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
+    for section, table in zip(_SECTIONS, tables):
+        for name, t in table.items():
+            key = f"{section}/{name}"
+            if key in streamed:
+                continue
+            if is_summary(t):   # its sample as the tensor, its statistics in the node's metadata
+                summaries[(section, name)] = summary_to_json(t)
+                t = t.sample
+            tensors[key] = t
+    with gc_paused():
+        graph_doc = {
+            "nodes": [_with_summaries(node_to_json(n, targets), summaries) for n in capture.graph.nodes],
+            "inputs": tree.encode(capture.inputs, tensors, "input"),
+            "outputs": tree.encode(capture.outputs, tensors, "output"),
+        }
+    # partial captures (capture --keep values/grads/summary) are version 4: a version-3 reader
+    # would take a missing or summarised tensor for a difference
+    partial = bool(summaries) or capture.meta.get("keep", "both") != "both"
+    return tensors, dumps(graph_doc, separators=(",", ":")).encode(), partial
+
+
+def _complete(tmp: Path, path: Path, capture: Capture, graph_bytes: bytes, size: int, digest: dict[str, Any],
+              partial: bool) -> None:
+    """Write the manifest into ``tmp`` and swap ``tmp`` in at ``path`` (the write lock held)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    manifest = {
+        "format": FORMAT,
+        "version": PARTIAL_VERSION if partial or "xxh3_64" not in digest else VERSION,
+        "meta": capture.meta,
+        "files": {
+            GRAPH: {"bytes": len(graph_bytes), "xxh3_64": _digest(graph_bytes)},
+            TENSORS: {"bytes": size, **digest},
+        },
+    }
+    atomic_write(tmp / MANIFEST, dumps(manifest, indent=1, default=str))
+    _swap_in(tmp, path)
+
+
+def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> None:
+    """Complete a capture whose values and gradients ``stream`` (``stream.CaptureStream``) wrote
+    during the run: the remaining tensors, the header, the graph and the manifest."""
+    targets = targets or Targets.default()
+    streamed = set(stream.tensors._views)
+    tensors, graph_bytes, partial = _contents(capture, targets, streamed)
+    try:
+        for key, t in tensors.items():
+            stream.put(key, t)
+        views = stream.tensors._views   # in the capture's order, as save() writes them
+        tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
+        order = [f"{section}/{name}" for section, table in zip(_SECTIONS, tables) for name in table]
+        stream.tensors._views = {**{k: views[k] for k in order if k in views}, **views}
+        size, digest = stream.tensors.close()
+        (stream.tmp / GRAPH).write_bytes(graph_bytes)
+        _complete(stream.tmp, stream.path, capture, graph_bytes, size, digest, partial)
+    except OSError as e:
+        raise FxdiffError(f"{stream.path}: cannot write the capture ({e.strerror or e})") from None
+
+
 def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     """Read and validate a capture directory; its tensors are memory-mapped, not copied."""
+    return _load(Path(path), targets, verify=True)
+
+
+def load_written(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
+    """``load`` of a capture this process has just written: its digest is not checked again."""
+    capture, _ = _load(Path(path), targets, verify=False)
+    return capture
+
+
+_VERIFY = ThreadPoolExecutor(2, thread_name_prefix="fxdiff-verify")
+
+
+def load_deferred(path: str | os.PathLike, targets: Targets | None = None) -> tuple[Capture, Callable[[], None]]:
+    """``load``, with the digest of the tensor file checked in a thread meanwhile: returns the
+    capture and a function that waits for the check and raises ``FxdiffError`` if it failed.
+    Call it before anything read from the capture is reported."""
+    path = Path(path)
+    try:
+        capture, (file, expected) = _load(path, targets, verify=False)
+    except FxdiffError:
+        _load(path, targets, verify=True)   # a modified file says so first, as load() does
+        raise
+    check = _VERIFY.submit(verify_digest, file, expected)
+    return capture, check.result
+
+
+def _load(path: Path, targets: Targets | None, verify: bool):
     if not str(path):
         raise FxdiffError("capture path is empty")
-    path = _readable(Path(path))
+    path = _readable(path)
     manifest = _read_manifest(path)
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(files.get(f), dict) for f in (GRAPH, TENSORS)):
@@ -112,7 +185,7 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
         raise FxdiffError(f"{graph_file}: checksum mismatch; the capture was modified after it was written")
     if not isinstance(files[TENSORS].get("bytes"), int):
         raise FxdiffError(f"{path / MANIFEST}: no size for {TENSORS}")
-    tensors = read_tensors(path / TENSORS, files[TENSORS]["bytes"], files[TENSORS])
+    tensors = read_tensors(path / TENSORS, files[TENSORS]["bytes"], files[TENSORS], verify=verify)
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -125,6 +198,11 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
         section, _, name = key.partition("/")
         if section in tables:
             tables[section][name] = t
+    for node in graph.nodes:
+        for section, key in (("value", VALUE_SUMMARY), ("grad", GRAD_SUMMARY)):
+            if key in node.meta and node.name in tables[section]:
+                tables[section][node.name] = summary_from_json(node.meta[key], tables[section][node.name],
+                                                               f"{graph_file}: node {node.name!r}")
     if not {"inputs", "outputs"} <= set(doc):
         raise FxdiffError(f"{graph_file}: expected an object with nodes, inputs and outputs")
     try:   # each structure reads tensors of its own section only
@@ -142,9 +220,18 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
         raise FxdiffError(f"{path / MANIFEST}: meta is not a mapping")
     consistency.check(graph, tensors, tables, inputs, outputs, [doc["inputs"], doc["outputs"]], meta,
                       manifest["version"], path)
-    return Capture(graph=graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
-                   param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
-                   output_grads=tables["output_grad"], meta=meta)
+    capture = Capture(graph=graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
+                      param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
+                      output_grads=tables["output_grad"], meta=meta)
+    return capture if verify else (capture, (path / TENSORS, files[TENSORS]))
+
+
+def _with_summaries(doc: dict[str, Any], summaries: dict[tuple[str, str], dict]) -> dict[str, Any]:
+    for section, key in (("value", VALUE_SUMMARY), ("grad", GRAD_SUMMARY)):
+        found = summaries.get((section, doc["name"]))
+        if found is not None:
+            doc["meta"][key] = found
+    return doc
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

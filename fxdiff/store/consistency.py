@@ -30,6 +30,7 @@ import torch.fx
 from .. import tree
 from ..errors import FxdiffError
 from ..model.capture import DTYPE, GRAD, MODULE, NOT_STORED, SHAPE, TARGET
+from .summary import is_summary
 
 GRAPH, TENSORS = "graph.json", "tensors.safetensors"
 
@@ -54,11 +55,15 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
 
     nodes = {n.name: n for n in graph.nodes}
     values, grads = tables["value"], tables["grad"]
+    partial = version >= 4 or bool(meta.get("kept_modules"))   # kept less than every node
     for name, value in values.items():
         node = nodes.get(name)
         if node is None or node.op == "output":
             refuse(f"{TENSORS} holds a value for {name[:80]!r}, which is no node of {GRAPH}")
-        _agrees(value, node.meta, f"value of node {name!r}", refuse)
+        if not is_summary(value):   # a summary holds statistics and a sample, checked on reading
+            _agrees(value, node.meta, f"value of node {name!r}", refuse)
+        if partial and node.meta.get(GRAD) not in ("recorded", "none"):   # keeps values only, or some modules
+            continue
         if node.meta.get(GRAD) not in ("recorded", "none"):
             refuse(f"{GRAPH}: node {name!r} does not say whether it received a gradient")
         if (node.meta[GRAD] == "recorded") != (name in grads):
@@ -67,7 +72,8 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
     for name, grad in grads.items():
         if name not in values:
             refuse(f"{TENSORS} holds a gradient for {name[:80]!r}, which has no value")
-        _same_layout(grad, values[name], f"gradient of node {name!r}", "its value", refuse)
+        if not (is_summary(grad) or is_summary(values[name])):
+            _same_layout(grad, values[name], f"gradient of node {name!r}", "its value", refuse)
 
     params, param_grads = tables["param"], tables["param_grad"]
     modules = meta.get("modules")
@@ -96,7 +102,7 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
             refuse(f"{TENSORS} holds a gradient for output {path[:80]!r}, which is no output")
         _same_layout(grad, leaves[path], f"gradient of output {path!r}", "the output", refuse)
 
-    if version >= 3:
+    if version == 3 and not partial:   # a partial capture keeps less (values only, summaries, some modules)
         _check_node_meta(graph, values, refuse)
         placeholders = [values[n.name] for n in graph.nodes if n.op == "placeholder" and n.name in values]
         _same_leaves([t for _, t in tree.flatten(inputs)], placeholders, f"the inputs {GRAPH} lists",
@@ -185,7 +191,10 @@ def _same_leaves(leaves: list[torch.Tensor], expected: list[torch.Tensor], what:
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit for bit (NaN equals NaN); views of the same bytes without reading them."""
+    """Bit for bit (NaN equals NaN); views of the same bytes without reading them; a summary
+    (``--keep summary``) by its hash."""
+    if is_summary(a) or is_summary(b):
+        return is_summary(a) and is_summary(b) and a.hash == b.hash
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.numel() == 0 or (a.data_ptr() == b.data_ptr() and a.stride() == b.stride()):

@@ -4,6 +4,13 @@ Views share storage (``x.view``, ``x.t()``, a gradient passed on unchanged), so 
 bytes are written once, and ``__metadata__["views"]`` says how to rebuild each tensor from its
 blob. The file is written by a background thread that also hashes it (xxh3), and read back by
 memory-mapping it: loading a capture copies nothing, and tensors are paged in as they are used.
+
+Blobs start at multiples of 64 bytes in the file (the header and each blob are padded), so every
+view is aligned for its dtype in the mapping; files written before that (capture format 2 and
+early 3) have blobs at any offset, and those not aligned for their dtype are copied on load.
+Checking the digest reads the file once in chunks, handing each chunk's pages back as it goes;
+``evict`` hands back the pages of tensors one is done with (the judge does, pair by pair), so a
+process's resident memory does not grow with the size of the captures it reads.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import math
 import mmap
 import os
 import stat
+import threading
+import weakref
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -56,24 +65,27 @@ def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     offset = 0
     for i, span in enumerate(spans.values()):
         span[0] -= span[0] % _ALIGN  # every dtype's size divides it, so views stay aligned in their blob
-        header[f"storage/{i}"] = {"dtype": "U8", "shape": [span[1] - span[0]],
-                                  "data_offsets": [offset, offset + span[1] - span[0]]}
-        offset += span[1] - span[0]
+        length = span[1] - span[0]
+        length += -length % _FILE_ALIGN   # zero padding, so that the next blob starts aligned
+        header[f"storage/{i}"] = {"dtype": "U8", "shape": [length], "data_offsets": [offset, offset + length]}
+        offset += length
     index = {sid: i for i, sid in enumerate(spans)}
     for view in views.values():
         view[4] -= spans[view[0]][0]
         view[0] = index[view[0]]
     header["__metadata__"] = {"format": FORMAT, "views": json.dumps(views, separators=(",", ":"))}
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    head += b" " * (-(8 + len(head)) % _FILE_ALIGN)   # blobs start aligned in the file
     with _Writer(file) as out:
         out.write(memoryview(len(head).to_bytes(8, "little") + head))
         for first, end, storage in spans.values():
             out.write(_span_bytes(storage, first, end))
+            out.write(memoryview(bytes(-(end - first) % _FILE_ALIGN)))
     return out.size, out.digest
 
 
-_ALIGN = 16
+_ALIGN = 16        # a view's first byte within its blob is a multiple of this
+_FILE_ALIGN = 64   # each blob's first byte in the file is a multiple of this
 
 
 def _span_bytes(storage: torch.UntypedStorage, first: int, end: int) -> memoryview:
@@ -100,15 +112,20 @@ class _Writer:
     ALIGN = 4096
     BUFFERS = 3
 
-    def __init__(self, file: Path):
+    def __init__(self, file: Path, base: int = 0, buffers: int = BUFFERS):
+        """``base``: where the stream starts in the file (a multiple of ``ALIGN``; the bytes before
+        it are written by the caller); ``buffers``: how many ``CHUNK``s may wait for the disk."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             self.fd = os.open(file, flags | getattr(os, "O_DIRECT", 0), 0o666)
         except OSError:
             self.fd = os.open(file, flags, 0o666)
+        self.base = base
+        if base:
+            os.lseek(self.fd, base, os.SEEK_SET)
         self.size = 0
         self._hash = xxhash.xxh3_64()
-        self._free = [mmap.mmap(-1, self.CHUNK) for _ in range(self.BUFFERS)]
+        self._free = [mmap.mmap(-1, self.CHUNK) for _ in range(buffers)]
         self._buf, self._fill = self._free.pop(), 0
         self._writes = ThreadPoolExecutor(1)
         self._pending: collections.deque[tuple[Future, mmap.mmap]] = collections.deque()
@@ -161,7 +178,7 @@ class _Writer:
                 else:
                     written.exception()  # wait; the error being raised already says what went wrong
             if exc_type is None:
-                os.ftruncate(self.fd, self.size)  # drop the padding of the last block
+                os.ftruncate(self.fd, self.base + self.size)  # drop the padding of the last block
         finally:
             self._writes.shutdown()
             os.close(self.fd)
@@ -173,10 +190,9 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
     for key, (blob, dtype_name, shape, stride, first) in views.items():
         dtype = getattr(torch, str(dtype_name), None)
         data = blobs.get(f"storage/{blob}")
-        if data is not None and data.data_ptr() % _ALIGN:
-            data = blobs[f"storage/{blob}"] = data.clone()
-        if not isinstance(dtype, torch.dtype) or str(dtype) != f"torch.{dtype_name}" or data is None or first < 0 \
-                or min(shape + stride + [0]) < 0:
+        if data is not None and isinstance(dtype, torch.dtype) and data.data_ptr() % _alignment(dtype):
+            data = blobs[f"storage/{blob}"] = data.clone()   # written by an older fxdiff, unaligned
+        if not isinstance(dtype, torch.dtype) or str(dtype) != f"torch.{dtype_name}" or data is None or first < 0 or min(shape + stride + [0]) < 0:
             raise FxdiffError(f"{file}: tensor {key} has an invalid layout {[blob, dtype_name, shape, stride, first]}")
         size = dtype.itemsize
         extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
@@ -189,9 +205,16 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
     return tensors
 
 
-def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _alignment(dtype: torch.dtype) -> int:
+    """The address alignment torch's kernels expect of ``dtype`` (complex128 is declared 16-aligned)."""
+    return 16 if dtype == torch.complex128 else dtype.itemsize
+
+
+def read_tensors(file: Path, size: int, digest: dict[str, Any], verify: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of a file written by ``write_tensors``, checked against its size and digest
-    (``{"xxh3_64": hex}``, or ``{"crc32": int}`` for version-2 captures), memory-mapped."""
+    (``{"xxh3_64": hex}``, or ``{"crc32": int}`` for version-2 captures), memory-mapped.
+
+    ``verify=False`` leaves the digest to the caller (``verify_digest``, e.g. in a thread)."""
     if not os.path.lexists(file):
         raise FxdiffError(f"{file}: missing; the capture is incomplete")
     try:   # never blocks: a FIFO or a device is refused before it is read
@@ -211,13 +234,9 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, tor
         data = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
+    if verify:
+        verify_digest(file, digest, data)
     view = memoryview(data)
-    if "xxh3_64" in digest:
-        ok = xxhash.xxh3_64_hexdigest(view) == digest["xxh3_64"]
-    else:
-        ok = zlib.crc32(view) == digest.get("crc32")
-    if not ok:
-        raise FxdiffError(f"{file}: checksum mismatch; the capture was modified after it was written")
     try:
         head_len = int.from_bytes(view[:8], "little")
         header = json.loads(bytes(view[8:8 + head_len]))
@@ -238,12 +257,14 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any]) -> dict[str, tor
         if not isinstance(views, dict):
             raise ValueError("views is not a mapping")
         tensors = _rebuild(blobs, views, file)
-        _check_layout(blobs, views, file)
-        return tensors
+        if "xxh3_64_header" not in digest:   # a streamed file lays its blobs out in the order they came
+            _check_layout(blobs, views, file)
     except FxdiffError:
         raise
     except Exception as e:  # noqa: BLE001 -- any malformed header is bad input
         raise FxdiffError(f"{file}: unreadable tensor file ({type(e).__name__}: {e})") from None
+    _register(data, size)
+    return tensors
 
 
 def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path) -> None:
@@ -262,9 +283,125 @@ def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: 
         span = spans.setdefault(blob, [first, first + extent * size])
         span[0], span[1] = min(span[0], first), max(span[1], first + extent * size)
     for blob, (first, end) in spans.items():
-        if first >= _ALIGN or end != blobs[f"storage/{blob}"].numel():
+        length = blobs[f"storage/{blob}"].numel()   # the span, padded to _FILE_ALIGN
+        if first >= _ALIGN or not end <= length < end + _FILE_ALIGN:
             raise FxdiffError(f"{file}: blob {blob} holds bytes no tensor reads; the tensor file was not written "
                               "by fxdiff or was edited")
     if len(spans) != len(blobs):
         raise FxdiffError(f"{file}: {len(blobs) - len(spans)} blobs are read by no tensor; the tensor file was not "
                           "written by fxdiff or was edited")
+
+
+VERIFY_CHUNK = 1 << 26
+
+
+def verify_digest(file: Path, digest: dict[str, Any], data: mmap.mmap | None = None) -> None:
+    """Raise unless ``file`` (or its mapping ``data``) has ``digest``: ``{"xxh3_64": hex}``,
+    ``{"crc32": int}`` (version 2), or, for a capture written while its model ran,
+    ``{"xxh3_64_header": hex, "xxh3_64_data": hex, "data_offset": n}``. Reads the file once, in
+    chunks whose pages are handed back as soon as they are hashed."""
+    if sum(k in digest for k in ("xxh3_64", "xxh3_64_header", "crc32")) != 1:
+        raise FxdiffError(f"{file}: the manifest gives no single digest of it; the capture was edited")
+    own = data is None
+    if own:
+        with open(file, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
+    try:
+        if "xxh3_64_header" in digest:
+            split = digest.get("data_offset")
+            size = len(data) if data is not None else 0
+            ok = isinstance(split, int) and 0 <= split <= size and \
+                _digest_of(data, "xxh3", 0, split) == digest["xxh3_64_header"] and \
+                _digest_of(data, "xxh3", split, size) == digest.get("xxh3_64_data")
+        elif "xxh3_64" in digest:
+            ok = _digest_of(data, "xxh3") == digest["xxh3_64"]
+        else:
+            ok = _digest_of(data, "crc32") == digest.get("crc32")
+    finally:
+        if own and data is not None:
+            data.close()
+    if not ok:
+        raise FxdiffError(f"{file}: checksum mismatch; the capture was modified after it was written")
+
+
+def _digest_of(data: mmap.mmap | None, kind: str, lo: int = 0, hi: int | None = None) -> str | int:
+    """xxh3-64 (hex) or CRC32 of ``data[lo:hi]``."""
+    h = xxhash.xxh3_64() if kind == "xxh3" else None
+    crc = 0
+    size = len(data) if data is not None else 0
+    hi = size if hi is None else hi
+    with memoryview(data if data is not None else b"") as view:
+        for start in range(lo, hi, VERIFY_CHUNK):
+            end = min(hi, start + VERIFY_CHUNK)
+            with view[start:end] as part:
+                if h is not None:
+                    h.update(part)
+                else:
+                    crc = zlib.crc32(part, crc)
+            _dontneed(data, start, end - start)
+    return h.hexdigest() if h is not None else crc
+
+
+def _dontneed(data: mmap.mmap, start: int, length: int) -> None:
+    """Unmap the pages of ``data[start:start + length]`` from this process (the file's pages stay in
+    the page cache, and are mapped again when touched)."""
+    if not hasattr(mmap, "MADV_DONTNEED") or length <= 0:
+        return
+    page = mmap.PAGESIZE
+    lo = start - start % page
+    hi = min(len(data), start + length + (-(start + length) % page))
+    try:
+        data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError):
+        pass
+
+
+# -- handing pages back ----------------------------------------------------------------------
+
+_MAPPINGS: dict[int, tuple[int, weakref.ref]] = {}   # base address -> (size, mapping)
+_MAPPINGS_LOCK = threading.Lock()
+
+
+def _register(data: mmap.mmap, size: int) -> None:
+    if not size:
+        return
+    probe = torch.frombuffer(data, dtype=torch.uint8, count=1)
+    base = probe.data_ptr()
+    del probe
+    with _MAPPINGS_LOCK:
+        _MAPPINGS[base] = (size, weakref.ref(data, lambda _, base=base: _forget(base)))
+
+
+def _forget(base: int) -> None:
+    with _MAPPINGS_LOCK:
+        _MAPPINGS.pop(base, None)
+
+
+def evict(*tensors: torch.Tensor | None) -> None:
+    """Hand back the resident pages of memory-mapped capture tensors (whole storage blobs): a
+    tensor read once need not stay in the process's memory. Reading it again maps its pages again
+    (from the page cache, or the disk); tensors not mapped from a capture are left alone."""
+    if not _MAPPINGS:
+        return
+    for t in tensors:
+        if t is None or t.device.type != "cpu" or t.layout != torch.strided:
+            continue
+        try:
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        with _MAPPINGS_LOCK:
+            found = [(base, size, ref()) for base, (size, ref) in _MAPPINGS.items() if base <= ptr < base + size]
+        for base, size, data in found:
+            if data is not None:
+                _dontneed(data, ptr - base, min(nbytes, base + size - ptr))
+
+
+def trim() -> None:
+    """Hand back every resident page of every capture mapped in this process."""
+    with _MAPPINGS_LOCK:
+        found = [(size, ref()) for size, ref in _MAPPINGS.values()]
+    for size, data in found:
+        if data is not None:
+            _dontneed(data, 0, size)

@@ -1,0 +1,176 @@
+"""Recording less: ``capture --keep values|grads|summary`` and ``--modules REGEX``.
+
+A summary capture holds statistics, a fixed-seed sample and a hash per tensor; it still compares
+(against a summary or a full capture) and still finds where a planted bug starts. A ``--modules``
+capture holds only the ops of the modules asked for; values made outside and used inside become
+placeholders named by the node that made them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fxdiff
+from fxdiff.cli import main
+from fxdiff.model.capture import BOUNDARY, GRAD, MODULE
+from fxdiff.store.summary import SAMPLE, Summary, SummarisedValue, summarise
+from tiny_models import EXAMPLE, conformer_specs
+
+SPEC = f"{EXAMPLE}/specs.py"
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return conformer_specs()
+
+
+@pytest.fixture(scope="module")
+def run(specs):
+    """(model, kwargs, loss) of the small Conformer reference."""
+    return specs.make_model("reference"), specs.make_inputs(seconds=(0.5, 0.35)), specs.loss
+
+
+@pytest.fixture(scope="module")
+def full(run):
+    model, kwargs, loss = run
+    return fxdiff.capture(model, (), kwargs, loss=loss)
+
+
+def capture(run, **keep):
+    model, kwargs, loss = run
+    return fxdiff.capture(model, (), kwargs, loss=loss, **keep)
+
+
+def stored_bytes(cap) -> int:
+    tensors = [*(getattr(t, "sample", t) for t in cap.values.values()),
+               *(getattr(t, "sample", t) for t in cap.grads.values())]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}.values())
+
+
+def frontier_modules(report, direction="forward"):
+    return {(e["ref_module"], e["cand_module"]) for e in report.first_divergence()[direction]}
+
+
+# -- summaries -------------------------------------------------------------------------------------
+
+def test_summary_holds_statistics_a_sample_and_a_hash():
+    x = torch.randn(300, 50, generator=torch.Generator().manual_seed(0))
+    x[3, 4] = float("nan")
+    s = summarise(x.t())
+    assert isinstance(s, Summary) and s.shape == (50, 300) and s.dtype == torch.float32
+    assert s.sample.numel() == SAMPLE
+    flat = x.t().reshape(-1)
+    assert torch.equal(s.sample.nan_to_num(7.0), flat[s.positions].nan_to_num(7.0))
+    finite = flat[flat.isfinite()].double()
+    assert s.stats["nan"] == 1 and s.stats["sumsq"] == pytest.approx(float((finite ** 2).sum()))
+    assert s.stats["max"] == pytest.approx(float(finite.max()))
+    assert s.digest == summarise(x.t().contiguous()).digest != summarise(x.t() + 1).digest
+    with pytest.raises(SummarisedValue, match="keeps only as a summary"):
+        s + 1
+
+
+def test_summary_capture_is_small_round_trips_and_compares_with_a_full_one(tmp_path, run, full):
+    cap = capture(run, keep="summary")
+    ops = [n for n in cap.graph.nodes if n.op == "call_function" and n.name in cap.values]
+    assert ops and all(isinstance(cap.values[n.name], Summary) for n in ops)
+    assert all(not isinstance(cap.values[n.name], Summary) for n in cap.graph.nodes if n.op == "placeholder")
+    assert all(isinstance(g, Summary) for g in cap.grads.values() if g.dim())
+    assert not any(isinstance(t, Summary) for _, t in fxdiff.tree.flatten(cap.outputs))
+    assert all(v.sample.numel() <= SAMPLE for v in cap.values.values() if isinstance(v, Summary))
+    assert stored_bytes(cap) < stored_bytes(full) * 0.6
+    path = fxdiff.save(cap, tmp_path / "s")
+    assert json.loads((path / "manifest.json").read_text())["version"] == 4
+    loaded = fxdiff.load(path)
+    some = ops[len(ops) // 2].name
+    assert loaded.values[some].stats == cap.values[some].stats
+    assert torch.equal(loaded.values[some].sample, cap.values[some].sample)
+    for ref, cand in ((full, loaded), (loaded, full), (loaded, fxdiff.load(path))):
+        report = fxdiff.compare(ref, cand)
+        assert not report.diverged, report.summary()
+        assert report.summary()["nodes"]["pairs"] > 50
+    same = fxdiff.compare(loaded, cap)
+    assert all("bit-identical" in r.forward.note for r in same.nodes if isinstance(loaded.values[r.ref_node], Summary))
+
+
+@pytest.mark.parametrize("keep", ["summary", "grads"])
+def test_summary_capture_still_finds_where_a_bug_starts(specs, run, full, keep):
+    bugged = specs.make_model("port", bug="rel_shift")
+    want = fxdiff.compare(full, bugged)
+    got = fxdiff.compare(capture(run, keep=keep), bugged)
+    assert want.diverged and got.diverged
+    assert frontier_modules(got) == frontier_modules(want) == {("layers.1.self_attn", "layers.1.self_attn")}
+    assert frontier_modules(got, "backward") == frontier_modules(want, "backward")
+    row = next(r for r in got.nodes if r.first_forward)
+    assert "sample of" in row.forward.note
+
+
+def test_keep_values_drops_node_gradients_and_compares_the_rest(tmp_path, run, full):
+    cap = capture(run, keep="values")
+    assert not cap.grads and cap.param_grads
+    assert {n.meta.get(GRAD) for n in cap.graph.nodes if n.op == "call_function" and n.name in cap.values} == \
+        {"not recorded"}
+    path = fxdiff.save(cap, tmp_path / "v")
+    report = fxdiff.compare(full, path)
+    assert not report.diverged and all(r.backward is None for r in report.nodes)
+    assert all(p.grad is not None for p in report.params if p.ref in full.param_grads)
+
+
+def test_keep_grads_keeps_gradients_whole(run, full):
+    cap = capture(run, keep="grads")
+    name = next(n for n, g in full.grads.items() if g.numel() > SAMPLE)
+    assert torch.equal(cap.grads[name], full.grads[name]) and isinstance(cap.values[name], Summary)
+
+
+# -- modules ---------------------------------------------------------------------------------------
+
+def test_modules_keeps_only_the_ops_asked_for(tmp_path, run, full):
+    cap = capture(run, modules=r"layers\.1")
+    ops = [n for n in cap.graph.nodes if n.op == "call_function"]
+    assert ops and all(n.meta[MODULE] == "layers.1" or n.meta[MODULE].startswith("layers.1.") for n in ops)
+    boundary = [n for n in cap.graph.nodes if BOUNDARY in n.meta]
+    assert boundary and all(n.op == "placeholder" for n in boundary)
+    for n in boundary:   # named by its producer, holding the producer's value and gradient
+        assert torch.equal(cap.values[n.name], full.values[n.name])
+        if n.name in full.grads:
+            assert torch.allclose(cap.grads[n.name], full.grads[n.name])
+    for n in ops:
+        assert torch.equal(cap.values[n.name], full.values[n.name])
+    assert len(cap.values) < len(full.values) / 2
+    path = fxdiff.save(cap, tmp_path / "m")
+    assert json.loads((path / "manifest.json").read_text())["version"] == 3
+    report = fxdiff.compare(path, full)
+    assert not report.diverged
+    inside = {r.ref_node for r in fxdiff.compare(full, full).nodes if r.ref_module.startswith("layers.1")}
+    assert inside <= {r.ref_node for r in report.nodes if r.ref_node == r.cand_node}
+
+
+def test_modules_capture_localises_a_bug_inside(specs, run):
+    bugged = specs.make_model("port", bug="rel_shift")
+    report = fxdiff.compare(capture(run, modules=r"layers\.1", keep="summary"), bugged)
+    assert report.diverged
+    assert ("layers.1.self_attn", "layers.1.self_attn") in frontier_modules(report)
+
+
+def test_bad_options_are_refused(run):
+    with pytest.raises(fxdiff.FxdiffError, match="keep must be one of"):
+        capture(run, keep="everything")
+    with pytest.raises(fxdiff.FxdiffError, match="not a regular expression"):
+        capture(run, modules="layers.(")
+
+
+def test_command_line(tmp_path):
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    out = tmp_path / "s"
+    result = runner.invoke(main, ["capture", f"{SPEC}:reference", "--inputs", f"{SPEC}:inputs", "--loss",
+                                  f"{SPEC}:loss", "--keep", "summary", "--modules", r"layers\.[01]", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    cap = fxdiff.load(out)
+    assert cap.meta["keep"] == "summary" and cap.meta["kept_modules"] == r"layers\.[01]"
+    result = runner.invoke(main, ["compare", str(out), f"{SPEC}:port"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["compare", str(out), f"{SPEC}:port_bug_rel_shift"])
+    assert result.exit_code == 1, result.output

@@ -1093,7 +1093,6 @@ class Mutator:
     def mut_node_name_weird(self) -> Mutation:
         i = self._call()
         v = self.rng.choice([3, None, ["a"], "\x00", "../../x", "a" * 10000])
-        invalid = not isinstance(v, str)
         return Mutation("node.name_weird", True, True, _graph_edit(lambda d: d["nodes"][i].__setitem__("name", v)),
                         repr(v)[:40])
 
@@ -1712,7 +1711,7 @@ def bad_command_lines(good: Path, spec: Path, work: Path) -> list[BadLine]:
         lines.append(BadLine(kind, [str(a) for a in args], **kw))
 
     # -- model specs ------------------------------------------------------------------------
-    for m in [f"{w}/nope.py:build", f"{s}:nope", f"{s}:", f":build", s, f"{s}:1bad", f"{s}:NOT_CALLABLE",
+    for m in [f"{w}/nope.py:build", f"{s}:nope", f"{s}:", ":build", s, f"{s}:1bad", f"{s}:NOT_CALLABLE",
               f"{s}:build_raises", f"{s}:build_value_error", f"{s}:build_oserror", f"{s}:build_recursion",
               f"{s}:build_not_module", f"{s}:build_none", f"{s}:build_sys_exit", f"{s}:build_memory",
               f"{s}:build_forward_raises", f"{s}:build_forward_assert", f"{s}:build_wrong_signature",

@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import cpu_name  # this folder is the script's
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
@@ -87,13 +89,6 @@ print(json.dumps({"time": times[-1], "times": times, "peak": rss("VmHWM:"), "bas
 
 KINDS = ("eager", "capture + save", "capture stream", "capture summary")
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from machine import cpu_name  # this folder is the script's
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "conformer"))
 
 import specs  # noqa: E402
@@ -36,13 +38,6 @@ import fxdiff  # noqa: E402
 
 TARGETS = {"capture": 1.5, "capture+save": 2.0, "capture stream": 2.0}
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # this folder is the script's
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -74,13 +76,6 @@ print(json.dumps({"compare_s": t2 - t1, "imports_s": t1 - t0, "phases": phases, 
                   "fwd_mismatch": s["nodes"]["forward_mismatches"], "bwd_mismatch": s["nodes"]["backward_mismatches"]}))
 """
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def build(a, attn: str):

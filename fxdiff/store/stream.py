@@ -37,7 +37,7 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
-from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer
+from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
 BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not wait for the disk
@@ -67,27 +67,22 @@ class TensorStream:
     # -- adding tensors
     def put(self, key: str, t: torch.Tensor) -> None:
         """Store ``t`` under ``key`` as it is now."""
-        if t.layout != torch.strided or t.device.type == "meta" or type(t) not in (torch.Tensor, torch.nn.Parameter):
-            kind = "tensor" if type(t) is torch.Tensor else type(t).__name__
-            raise FxdiffError(f"cannot store {key}: a {t.layout} {kind} on {t.device} holds no plain data")
+        first, end = byte_span(key, t)
         t = t.detach()
-        size = t.element_size()
-        first = t.storage_offset() * size
-        extent = (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * size if t.numel() else 0
         gpu = None
         with self._lock:
             if self.error is not None:
                 raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
             storage = t.untyped_storage()
             sid = (str(t.device), storage.data_ptr())
-            found = self._find(sid, t, first, first + extent)
+            found = self._find(sid, t, first, end)
             if found is None:
                 lo = first - first % _ALIGN
-                blob, start = self._new_blob(sid, storage, t, lo, first + extent)
-                if storage.device.type == "cuda" and first + extent > lo:
-                    gpu = (blob, storage, lo, first + extent)
+                blob, start = self._new_blob(sid, storage, t, lo, end)
+                if storage.device.type == "cuda" and end > lo:
+                    gpu = (blob, storage, lo, end)
                 else:
-                    self._append(blob, _span_bytes(storage, lo, first + extent))   # copied to the CPU now
+                    self._append(blob, _span_bytes(storage, lo, end))   # copied to the CPU now
             else:
                 blob, start = found
             self._views[key] = [blob, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()),

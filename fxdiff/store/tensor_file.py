@@ -39,6 +39,18 @@ from ..errors import FxdiffError
 FORMAT = "fxdiff-capture"
 
 
+def byte_span(key: str, t: torch.Tensor) -> tuple[int, int]:
+    """``(first, end)``: the bytes of its storage that ``t`` covers. A tensor that holds no plain
+    data (sparse, meta, a subclass) is refused, naming ``key``."""
+    if t.layout != torch.strided or t.device.type == "meta" or type(t) not in (torch.Tensor, torch.nn.Parameter):
+        kind = "tensor" if type(t) is torch.Tensor else type(t).__name__
+        raise FxdiffError(f"cannot store {key}: a {t.layout} {kind} on {t.device} holds no plain data")
+    size = t.element_size()
+    first = t.storage_offset() * size
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+    return first, first + extent * size
+
+
 def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
     """Write ``tensors`` as a safetensors file of byte blobs, one per storage; return (bytes, digest).
 
@@ -50,16 +62,11 @@ def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     spans: dict[tuple[str, int], list] = {}  # storage -> [first byte, end byte, storage]
     views = {}
     for key, t in tensors.items():
-        if t.layout != torch.strided or t.device.type == "meta" or type(t) not in (torch.Tensor, torch.nn.Parameter):
-            kind = "tensor" if type(t) is torch.Tensor else type(t).__name__
-            raise FxdiffError(f"cannot store {key}: a {t.layout} {kind} on {t.device} holds no plain data")
+        first, end = byte_span(key, t)
         storage = t.untyped_storage()
-        size = t.element_size()
-        first = t.storage_offset() * size
-        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
         sid = (str(t.device), storage.data_ptr())
-        span = spans.setdefault(sid, [first, first + extent * size, storage])
-        span[0], span[1] = min(span[0], first), max(span[1], first + extent * size)
+        span = spans.setdefault(sid, [first, end, storage])
+        span[0], span[1] = min(span[0], first), max(span[1], end)
         views[key] = [sid, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), first]
     header: dict[str, Any] = {}
     offset = 0

@@ -18,9 +18,6 @@ from tests.real_pairs import BF16, PAIRS, build, run_pair
 
 PAIR_NAMES = list(PAIRS)
 BUG_CASES = [(p, b.name) for p in PAIR_NAMES for b in PAIRS[p].bugs]
-# the one known miss: the vmap-built mask is not stored (batched tensors are not), so the mask bug
-# shows first where the mask is used, in layer 0's attention
-KNOWN_MISSES = {("llama_meta_vmap", "mask_shift")}
 _REF_CAPTURES: dict[str, object] = {}
 _FP32: dict[tuple[str, str], object] = {}
 
@@ -74,8 +71,6 @@ def test_bug_diverges_in_its_module(pair, bug):
     report, diverged, loc, details = _run(pair, bug)
     b = PAIRS[pair].bug(bug)
     assert diverged, f"{b.kind}: reported clean"
-    if (pair, bug) in KNOWN_MISSES:
-        return
     assert loc, (f"{b.kind}: expected ref {b.ref_re!r} / cand {b.cand_re!r} "
                  f"({b.direction}{', exact' if b.exact else ''}); first divergence: {_frontier(details)}")
 
@@ -87,7 +82,7 @@ def test_bug_with_bf16_candidate_is_localised_or_within_noise(pair, bug):
     entries = fp32.first_divergence()["backward" if b.direction == "backward" else "forward"]
     effect = max((e["error"] or 0.0 for e in entries), default=0.0)
     report, diverged, loc, details = _run(pair, bug, BF16)
-    if effect > OWN_ROUNDING * torch.finfo(BF16).eps and (pair, bug) not in KNOWN_MISSES:
+    if effect > OWN_ROUNDING * torch.finfo(BF16).eps:
         assert loc, f"{b.kind} (effect {effect:.3g}): not localised in bf16; first divergence: {_frontier(details)}"
     else:
         assert report.verdict in ("within noise", "diverged"), f"{b.kind} (effect {effect:.3g}): called a plain match"

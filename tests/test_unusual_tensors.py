@@ -1,8 +1,9 @@
 """No tensor type aborts a capture or a compare: sparse, vmap-batched, complex, subclass, quantized, meta.
 
 What can be stored safely is stored as a plain tensor (sparse dense, quantized dequantized, a
-subclass as a plain view); what cannot is left out, with the reason in ``node.meta[NOT_STORED]``
-(graph values) or ``capture.meta["not_stored"]`` (parameters, buffers, inputs, outputs).
+subclass as a plain view, a value inside ``torch.vmap`` as every sample's value, batch first); what
+cannot is left out, with the reason in ``node.meta[NOT_STORED]`` (graph values) or
+``capture.meta["not_stored"]`` (parameters, buffers, inputs, outputs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 import fxdiff
-from fxdiff.model.capture import NOT_STORED
+from fxdiff.model.capture import NOT_STORED, VMAP_DIMS
 from fxdiff.params.correspond import digest
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -118,16 +119,59 @@ def test_sparse_buffer_is_stored_dense(tmp_path):
     assert digest(model.adj) == digest(model.adj.to_dense())
 
 
-def test_vmap_batched_values_are_not_stored_and_say_why(tmp_path):
+def test_vmap_values_are_stored_batch_first_and_stay_connected(tmp_path):
     torch.manual_seed(0)
-    capture, loaded = check(VmapMask(), torch.randn(2, 3, 4), tmp_path)
-    why = reasons(loaded)
-    assert why and all(r == "a batched tensor inside torch.vmap" for r in why.values())
-    assert not set(why) & set(loaded.values) and not set(why) & set(loaded.grads)
-    for name in why:  # the node keeps its per-example shape and dtype
-        assert loaded.node(name).meta["fxdiff_shape"] is not None
+    model = VmapMask()
+    capture, loaded = check(model, torch.randn(2, 3, 4), tmp_path)
+    assert not reasons(loaded)
+    inside = [n for n in loaded.graph.nodes if VMAP_DIMS in n.meta]
+    assert inside and all(n.meta[VMAP_DIMS] == 1 for n in inside)
+    for n in inside:   # every sample's value, the batch first
+        assert list(loaded.values[n.name].shape) == n.meta["fxdiff_shape"]
+    # the mask that leaves vmap is the value of the last op inside, moved by a node of its own
+    out, = [n for n in loaded.graph.nodes if n.name.startswith("vmap_out")]
+    n = 3
+    assert torch.equal(loaded.values[out.name], (torch.arange(n)[None, :] <= torch.arange(n)[:, None]).float())
+    assert out.all_input_nodes[0] in inside and not any(n.name.startswith("constant") for n in loaded.graph.nodes)
 
 
+class HFVmapMask(nn.Module):
+    """Attention whose mask transformers builds with four nested ``torch.vmap``s (its path for
+    custom mask functions) under its own ``TorchFunctionMode``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, pad):
+        from transformers.masking_utils import sdpa_mask
+        mask = sdpa_mask(batch_size=x.shape[0], q_length=x.shape[1], kv_length=x.shape[1], attention_mask=pad,
+                         allow_is_causal_skip=False, use_vmap=True)
+        h = self.lin(x)[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(h, h, h, attn_mask=mask)
+
+
+def test_transformers_nested_vmap_mask_is_stored_and_connected(tmp_path):
+    torch.manual_seed(0)
+    model = HFVmapMask()
+    x, pad = torch.randn(2, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    capture = fxdiff.capture(model, (x, pad))
+    loaded = round_trip(capture, tmp_path)
+    assert not reasons(loaded)
+    # batch, query and key positions (the mask function does not use the head's)
+    assert max(n.meta.get(VMAP_DIMS, 0) for n in loaded.graph.nodes) == 3
+    sdpa, = [n for n in loaded.graph.nodes if n.name.startswith("scaled_dot_product_attention")]
+    mask = sdpa.kwargs.get("attn_mask") or sdpa.args[3]
+    expected = (torch.arange(5)[None, :] <= torch.arange(5)[:, None]) & pad[:, None, None, :]
+    assert torch.equal(loaded.values[mask.name], expected)
+    # the mask is built from the run's own values: the graph reaches the padding input
+    seen, stack = set(), [mask]
+    while stack:
+        node = stack.pop()
+        seen.add(node.name)
+        stack += [a for a in node.all_input_nodes if a.name not in seen]
+    assert "args_1" in seen   # the padding mask, the second input
+    assert not fxdiff.compare(loaded, model).diverged
 def test_complex_intermediates_round_trip(tmp_path):
     torch.manual_seed(0)
     capture, loaded = check(Spectral(), torch.randn(2, 8), tmp_path)

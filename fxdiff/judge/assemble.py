@@ -28,7 +28,7 @@ from ..model.alignment import Alignment
 from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from . import noise
 from .isolate import replay, replay_backward
-from ..match.confidence import WEAK
+from ..match.confidence import OTHER_USERS, WEAK
 from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
@@ -88,6 +88,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     rows, rejected = _verify_weak(ref.graph, rows)
     _mark_frontier(ref.graph, rows)
     _blame_one_sided(ref, cand, rows, alignment)
+    _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
     _isolate_backward(ref, cand, rows, tol, node_floor)
     _isolate_frontier(ref, cand, rows, tol)
@@ -274,6 +275,58 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
         module = op.meta.get(MODULE, "")
         other = _counterpart_module(rows, module, side)
         row.blame = [f"{side}-only {node_key(op)} ({op.name})", *((module, other) if side == "ref" else (other, module))]
+
+
+def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow]) -> None:
+    """Blame a forward first divergence on a differing side input (a mask built in the model's
+    forward) when the input was built differently on the two sides: among the ops that feed the
+    divergent pair through uncompared nodes only, a pair aligned by op order (not by size alone)
+    that was dropped as weak because its values differ with nothing upstream to explain it is,
+    here, the explanation, unless some compared value it feeds agrees (then the two ops were
+    look-alikes paired wrongly). The latest such pair is blamed."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    failing_r = {r.ref_node for r in rows if not r.forward.passed}
+    failing_c = {r.cand_node for r in rows if not r.forward.passed}
+    differing = [r for r in rejected if r.confidence >= OTHER_USERS and not r.forward.passed
+                 and _downstream(ref.node(r.ref_node), compared_r) <= failing_r
+                 and _downstream(cand.node(r.cand_node), compared_c) <= failing_c]
+    for row in rows:
+        if not row.first_forward or row.blame or not differing:
+            continue
+        up_r = _upstream(ref.node(row.ref_node), compared_r)
+        up_c = _upstream(cand.node(row.cand_node), compared_c)
+        found = [r for r in differing if r.ref_node in up_r and r.cand_node in up_c]
+        if found:
+            r = max(found, key=lambda r: r.depth)
+            row.blame = [f"a side input that differs: {r.op} ({r.ref_node} | {r.cand_node})", r.ref_module, r.cand_module]
+
+
+def _upstream(start: torch.fx.Node, compared: set[str]) -> set[str]:
+    """The nodes that feed ``start`` through nodes that are not compared."""
+    seen: set[str] = set()
+    stack = list(start.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n.name in seen or n.name in compared:
+            continue
+        seen.add(n.name)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _downstream(start: torch.fx.Node, compared: set[str]) -> set[str]:
+    """The first compared nodes that ``start`` feeds, through nodes that are not compared."""
+    seen: set[str] = set()
+    reached: set[str] = set()
+    stack = list(start.users)
+    while stack:
+        n = stack.pop()
+        if n.name in compared:
+            reached.add(n.name)
+        elif n.name not in seen:
+            seen.add(n.name)
+            stack.extend(n.users)
+    return reached
 
 
 def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance, node_floor: float) -> None:

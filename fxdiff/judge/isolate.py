@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..model.capture import TARGET, Capture
+from ..model.capture import TARGET, VMAP_DIMS, Capture
 from ..store.summary import is_summary
 from ..targets import Targets
 
@@ -95,6 +95,8 @@ def _value(node: torch.fx.Node, ref, cand, boundary, memo, targets: Targets, roo
     elif node.op == "call_function":
         if len(memo) >= MAX_BLOCK:
             raise _NotReplayable("block too large")
+        if VMAP_DIMS in node.meta:
+            raise _NotReplayable(f"{node.name}: ran per sample inside torch.vmap")
         args = _map(node.args, ref, cand, boundary, memo, targets)
         kwargs = _map(node.kwargs, ref, cand, boundary, memo, targets)
         fn = targets.resolve(str(node.meta.get(TARGET)))

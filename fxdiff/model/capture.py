@@ -25,6 +25,7 @@ SHAPE = "fxdiff_shape"          # output shape as a list, or None when the node 
 DTYPE = "fxdiff_dtype"          # output dtype as a string, e.g. "float32"
 GRAD = "fxdiff_grad"            # "recorded": a gradient was stored; "none": no gradient flowed
 NOT_STORED = "fxdiff_not_stored"  # why a tensor the node produced has no stored value
+VMAP_DIMS = "fxdiff_vmap_dims"  # the op ran per sample inside torch.vmap: the stored value's leading dims are the batch
 BOUNDARY = "fxdiff_boundary"    # placeholder for a value made outside the kept modules: the op that made it
 
 

@@ -4,7 +4,8 @@ A capture stores plain strided tensors with real storage. Others are turned into
 safe and loses nothing the comparison uses (a sparse tensor becomes its dense value, a quantized one
 its dequantized value, a tensor subclass with real storage a plain view of its data); the rest (a
 batched tensor inside ``torch.vmap``, a meta tensor, a wrapper subclass with no storage of its own)
-are not stored, and the reason is recorded instead.
+are not stored, and the reason is recorded instead. A batched tensor inside ``torch.vmap`` is stored
+as the plain tensor behind it: every sample's value, with the vmap dimensions first (``unbatched``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,33 @@ def transformed(t: torch.Tensor) -> str | None:
     except (RuntimeError, TypeError):
         return None
     return None
+
+
+def unbatched(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """For a batched tensor inside ``torch.vmap`` (nested or not): (a plain view holding every
+    sample's value, with the vmap dimensions first, outermost first; how many there are). None for
+    any other tensor, and for one that some other functorch transform wraps too. The view's base
+    is the tensor behind ``t``."""
+    if _functorch is None or not _batched(t):
+        return None
+    dims: list[int] = []   # where each level's batch dim sits in the current physical tensor, innermost first
+    u = t
+    while _batched(u):
+        b = _functorch.maybe_get_bdim(u)
+        dims = [d + (d >= b) for d in dims] + [b]
+        u = _functorch.get_unwrapped(u)
+    if transformed(u) is not None or type(u) not in _PLAIN_TYPES:
+        return None
+    front = dims[::-1]
+    with torch._C.DisableTorchFunctionSubclass():
+        return u.permute(front + [d for d in range(u.dim()) if d not in front]), len(front)
+
+
+def _batched(t: torch.Tensor) -> bool:
+    try:
+        return bool(_functorch.is_batchedtensor(t))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def is_plain(t: torch.Tensor) -> bool:

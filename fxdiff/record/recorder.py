@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import tree
-from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET
+from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
 from ..ops import RANDOM_OPS
 from ..store.summary import is_summary, summarise
 from ..targets import mutated, target_name
-from .plain import as_plain, is_plain, transformed
+from .plain import as_plain, is_plain, transformed, unbatched
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
             F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout,
@@ -161,6 +161,8 @@ class Recorder(TorchFunctionMode):
         self._grad_versions: dict[str, int] = {}
         self._names: dict[Any, tuple[str, str]] = {}
         self._n_const = 0
+        # values made inside torch.vmap: (the tensor behind, the stored view's layout, the node)
+        self._batched: list[tuple[weakref.ref, tuple, torch.fx.Node]] = []
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             self._frozen.setdefault(id(t), name)
         # every path of every module: one object reused in several places (a shared activation)
@@ -327,9 +329,16 @@ class Recorder(TorchFunctionMode):
         summary = keep.values == "summary" and node.op == "call_function"
         stream = self.stream is not None and node.op == "call_function"
         stored = True
+        batched = None if is_plain(t) else unbatched(t)
         if is_plain(t):
             self._keep(node.name, t, copy, summary, stream)
-        else:  # sparse, quantized, a subclass: kept as a plain tensor; batched, meta...: not kept
+        elif batched is not None:   # inside torch.vmap: every sample's value, the vmap dims first
+            value, node.meta[VMAP_DIMS] = batched
+            node.meta[SHAPE] = list(value.shape)
+            behind = value._base if value._base is not None else value
+            self._batched.append((weakref.ref(behind), _layout(value), node))
+            self._keep(node.name, value, True, summary, stream)
+        else:  # sparse, quantized, a subclass: kept as a plain tensor; meta...: not kept
             value, why = as_plain(t)
             if value is None:
                 node.meta[NOT_STORED] = why
@@ -426,9 +435,51 @@ class Recorder(TorchFunctionMode):
                     node.meta[NOT_STORED] = why
             self._live[id(t)] = _Live(t, node, hooked=True)
             return node
+        node = self._vmap_edge(t)
+        if node is not None:
+            return node
         self._n_const += 1
         node = self._new_node("get_attr", f"_fxdiff_constant_{self._n_const}", (), {}, name="constant")
         self.hold(node, t, copy=True)  # made outside the run, so it may change outside it
+        return node
+
+    def _vmap_edge(self, t: torch.Tensor) -> torch.fx.Node | None:
+        """The node of a tensor that crosses a ``torch.vmap`` boundary, or None for any other.
+
+        Coming out, a tensor is the memory of a value made inside, its dims in another order (the
+        batch dim moved to ``out_dims``) and broadcast over the levels the value did not depend
+        on: ``permute``, ``reshape`` and ``expand`` nodes after that value's node. Going in, a
+        batched tensor wraps a value of the run: a ``movedim`` of its node (the batch dim to the
+        front). Either way the values inside stay connected to the ops that made and use them.
+        """
+        batched = unbatched(t)
+        value = batched[0] if batched is not None else t
+        layout = _layout(value)
+        for ref, inside, node in reversed(self._batched):
+            moves = _moves(inside, layout) if ref() is not None else None
+            if moves is not None:
+                order, kept = moves
+                with torch._C.DisableTorchFunction():   # views of t: the values of the steps
+                    narrowed = value[tuple(slice(None) if k else slice(0, 1) for k in kept)]
+                    steps = [(torch.permute, order, narrowed.reshape([n for n, k in zip(value.shape, kept) if k]
+                                                                      + [1] * (len(order) - sum(kept)))),
+                             (torch.reshape, list(narrowed.shape), narrowed),
+                             (torch.Tensor.expand, list(value.shape), value)]
+                needed = [order != sorted(order), narrowed.shape != steps[0][2].shape, value.shape != narrowed.shape]
+                for (op, arg, v), need in zip(steps, needed):
+                    if need or (op is torch.permute and not any(needed)):   # at least one node
+                        node = self._new_node("call_function", op, (node, arg), {}, name="vmap_out")
+                        self.hold(node, t if v is value else v)
+                return node
+        if batched is None:
+            return None
+        functorch = torch._C._functorch
+        inner, b = functorch.get_unwrapped(t), functorch.maybe_get_bdim(t)
+        outer = unbatched(inner)
+        k = outer[1] if outer is not None else 0
+        source = self.node_of(inner, inner._version)
+        node = self._new_node("call_function", torch.movedim, (source, k + b, k), {}, name="vmap_in")
+        self.hold(node, t)
         return node
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -525,6 +576,35 @@ class Recorder(TorchFunctionMode):
 def _stand_in(t: torch.Tensor) -> torch.Tensor:
     """What a recorder holds for a value written to the capture file: its shape and dtype, no data."""
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    try:
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()
+    except (RuntimeError, NotImplementedError, TypeError):   # no storage to compare
+        return None, 0, tuple(t.shape), ()
+
+
+def _moves(a: tuple, b: tuple) -> tuple[list[int], list[bool]] | None:
+    """How the tensor laid out as ``b`` is made from the one laid out as ``a`` (the same memory):
+    ``(order, kept)`` such that it is ``a.permute(order)``, reshaped to ``b``'s shape with 1 for
+    each dim not ``kept``, then expanded to ``b``'s shape (dims ``b`` broadcasts). None if it is not."""
+    (ptr, offset, shape, stride), (ptr_b, offset_b, shape_b, stride_b) = a, b
+    if ptr is None or (ptr, offset) != (ptr_b, offset_b):
+        return None
+    free = [j for j in range(len(shape)) if shape[j] != 1]
+    order, kept = [], []
+    for size, step in zip(shape_b, stride_b):
+        j = next((j for j in free if (shape[j], stride[j]) == (size, step)), None) if size != 1 and step else None
+        if j is None and size != 1 and step:
+            return None
+        if j is not None:
+            free.remove(j)
+            order.append(j)
+        kept.append(j is not None)
+    if free:
+        return None
+    return order + [j for j in range(len(shape)) if j not in order], kept
 
 
 def _call_site(paths: list[str], caller: str) -> str:

@@ -16,13 +16,14 @@ import torch
 import torch.fx
 
 from ..errors import FxdiffError
-from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET
+from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
 from ..targets import OPAQUE, Targets
 from .summary import GRAD_SUMMARY, VALUE_SUMMARY
 
 _OPS = ("placeholder", "get_attr", "call_function", "output")
 _META_TYPES = {MODULE: str, MODULE_TYPE: str, TARGET: str, DTYPE: (str, type(None)), GRAD: str, NOT_STORED: str,
-               VALUE_SUMMARY: dict, GRAD_SUMMARY: dict, BOUNDARY: str}
+               VALUE_SUMMARY: dict, GRAD_SUMMARY: dict, BOUNDARY: str,
+               VMAP_DIMS: int}
 
 
 class _Invalid(Exception):

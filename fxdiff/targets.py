@@ -3,8 +3,8 @@
 A capture is data. Its ``graph.json`` names each op (``torch.nn.functional.linear``,
 ``torch.Tensor.add``, ``operator.getitem``), and a loaded graph needs callables for the isolation
 replay. Names map to callables through an allowlist built from what torch itself declares
-overridable (the ops a ``TorchFunctionMode`` sees), the arithmetic of ``operator``, and fxdiff's
-stand-ins under stable names. Nothing is imported to resolve a name. The recorder stores an op
+overridable (the ops a ``TorchFunctionMode`` sees), a few tensor factories, the arithmetic of
+``operator``, and fxdiff's stand-ins under stable names. Nothing is imported to resolve a name. The recorder stores an op
 outside the list under the inert name ``fxdiff.opaque`` (its own name kept as metadata), and
 loading refuses a capture that names anything else.
 """
@@ -43,6 +43,10 @@ _OPERATOR = ("getitem", "setitem", "add", "sub", "mul", "truediv", "floordiv", "
 _DENIED = ("hook", "storage", "__reduce", "__setstate__", "__torch_", "apply_", "map_", "map2_", "share_memory",
            "numpy", "tolist", "pin_memory", "record_stream", "_make_subclass", "_make_wrapper", "__deepcopy__",
            "__dlpack", "from_file", "new_tensor")
+# Not overridable (they take no tensor), but computation only: models build masks and positions with
+# them, and the isolation replay needs them to rerun those. Random and uninitialised ones are left out.
+_FACTORIES = ("zeros", "ones", "full", "arange", "eye", "linspace", "logspace", "tensor", "scalar_tensor",
+              "Tensor.new_zeros", "Tensor.new_ones", "Tensor.new_full")
 
 
 def target_name(func: Any) -> str:
@@ -86,6 +90,9 @@ class Targets:
                 if isinstance(ns_name, str) and ns_name.startswith("torch") and attr and callable(func) \
                         and getattr(namespace, attr, None) is func:
                     table.setdefault(f"{ns_name}.{attr}", func)
+        for name in _FACTORIES:
+            owner, _, attr = name.rpartition(".")
+            table.setdefault(f"torch.{name}", getattr(torch.Tensor if owner else torch, attr))
         for name in _OPERATOR:
             table[f"operator.{name}"] = table[f"_operator.{name}"] = getattr(operator, name)
         table[MUTATED] = mutated

@@ -14,6 +14,7 @@ import fxdiff
 from fxdiff.cli import main
 from fxdiff.judge.isolate import replay
 from fxdiff.model.capture import TARGET
+from fxdiff.ops import node_key
 from fxdiff.store.capture_dir import GRAPH, MANIFEST
 from fxdiff.targets import Targets
 
@@ -78,12 +79,16 @@ def test_the_isolation_replay_calls_only_allowlisted_targets(small_capture):
     cap = fxdiff.load(small_capture)
     last_op = [n for n in cap.graph.nodes if n.op == "call_function"][-1]
     boundary = {n.name: n.name for n in cap.graph.nodes if n.op == "placeholder"}
-    assert replay(cap, cap, last_op.name, boundary) is not None
+    assert isinstance(replay(cap, cap, last_op.name, boundary), torch.Tensor)
     calls = []
     last_op.meta[TARGET] = "builtins.print"
     last_op.target = lambda *a, **k: calls.append(a)
-    assert replay(cap, cap, last_op.name, boundary) is None and not calls
+    why = replay(cap, cap, last_op.name, boundary)
+    assert why == f"{last_op.name} ({node_key(last_op)}): builtins.print is not on the replay allowlist" and not calls
     assert "builtins.print" not in Targets.default()
+    # factories that build masks are replayed; random and uninitialised ones are not
+    assert {"torch.zeros", "torch.arange", "torch.Tensor.new_ones"} <= set(Targets.default()._callables)
+    assert not {"torch.rand", "torch.randn", "torch.empty", "torch.Tensor.new_empty"} & set(Targets.default()._callables)
 
 
 def test_compare_of_a_capture_with_its_own_model_is_clean_without_a_loss():

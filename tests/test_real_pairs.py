@@ -86,3 +86,53 @@ def test_bug_with_bf16_candidate_is_localised_or_within_noise(pair, bug):
         assert loc, f"{b.kind} (effect {effect:.3g}): not localised in bf16; first divergence: {_frontier(details)}"
     else:
         assert report.verdict in ("within noise", "diverged"), f"{b.kind} (effect {effect:.3g}): called a plain match"
+
+
+@pytest.mark.parametrize("pair,bug", BUG_CASES, ids=[f"{p}-{b}" for p, b in BUG_CASES])
+def test_first_divergence_is_isolated_or_says_why(pair, bug):
+    """Each first divergence of a planted bug is replayed alone on the reference's values and found
+    to start there, or the report says why it could not be replayed, naming the node that stopped it."""
+    report = _FP32.get((pair, bug)) or _run(pair, bug)[0]
+    nodes = {n["name"] for side in ("ref", "cand") for n in report.graph[side]}
+    fd = report.first_divergence()
+    entries = fd["forward"] + [e for e in fd["backward"] if not e["consequence_of_forward"]]
+    assert entries
+    for e in entries:
+        if e["isolated"] is not None:
+            assert e["isolated"] in ("introduced", "custom backward") and e["not_isolated"] is None, e
+        else:
+            assert e["not_isolated"] and any(w.strip("(),:") in nodes for w in e["not_isolated"].split()), e
+    if pair == "llama_xtransformers" and bug == "partial_rotary":
+        # x-transformers rotates q and k in many small ops between the projections and the attention
+        (e,) = fd["forward"]
+        assert e["not_isolated"] == (f"more than 64 of the candidate's ops lie between {e['cand_node']} and values "
+                                     "that match the reference")
+
+
+def test_a_custom_backward_behind_a_fused_weight_says_why_it_is_not_isolated(tmp_path):
+    """Phi-3 computes gate and value in one fused projection; a SiLU with a wrong hand-written
+    backward makes the first backward divergence the gate's slice of that output, which the
+    backward replay cannot start from: the report, its text and its saved JSON say so."""
+    import fxdiff
+    from fxdiff.model.report import load_report
+    from fxdiff.render import text
+    from tests.test_report_text import show
+    from tests.real_pairs.llama_meta import SiLUFn
+
+    class WrongBackwardSiLU(torch.nn.Module):
+        def forward(self, x):
+            return SiLUFn.apply(x, True)
+    pair = PAIRS["llama_phi3"]
+    ref, cand, _ = build(pair)
+    cand.layers[1].mlp.activation_fn = WrongBackwardSiLU()
+    args, kwargs = pair.inputs()
+    report = fxdiff.compare(fxdiff.capture(ref, args=args, kwargs=kwargs, mode="eval", seed=0), cand)
+    assert not report.first_divergence()["forward"]
+    (e,) = report.first_divergence()["backward"]
+    why = f"{e['cand_node']} is compared as a slice of a fused output, which the replay does not split"
+    assert (e["ref_module"], e["cand_module"]) == ("layers.1.mlp.gate_proj", "layers.1.mlp.gate_up_proj")
+    assert e["isolated"] is None and not e["consequence_of_forward"] and e["not_isolated"] == why
+    assert f"not replayed in isolation: {why}" in " ".join(show(text.render(report), width=300).split())
+    report.save(tmp_path / "report.json")
+    (row,) = [r for r in load_report(tmp_path / "report.json").nodes if r.first_backward]
+    assert row.isolated_backward_why == why and row.isolated_backward is None

@@ -312,6 +312,9 @@ def test_html_report_in_headless_chromium(conformer, tmp_path):
         assert "max abs diff" in details and "introduced here" in details
         assert row.ref_node in details and row.cand_node in details
         assert _fmt_js(row.forward.max_abs_diff) in details
+        # what replaying the candidate's ops alone said, or why they could not be replayed
+        said = {"introduced": "introduced here: the candidate's ops, replayed alone", "amplified": "amplified here:"}
+        assert said[row.cause()] in details if row.cause() else f"not replayed in isolation: {row.isolated_why}" in details
         # the table filters and sorts; a row click shows that node
         driver.find_element(By.CSS_SELECTOR, "#tables input[type=search]").send_keys(row.ref_node)
         cells = driver.find_elements(By.CSS_SELECTOR, "#tables tbody tr")

@@ -213,6 +213,11 @@ def test_train_mode_with_dropout_diverges_without_replay(pair):
     # at the random ops, or (when the alignment leaves differing random ops unpaired) their consumers
     assert first and all(e["op"] in RANDOM_OPS or any(map(is_random, ref.node(e["ref_node"]).all_input_nodes))
                          for e in first), first
+    # a random op is not replayed in isolation (it would draw again), and the report says so
+    at_random = [e for e in first if e["op"] in RANDOM_OPS]
+    assert at_random and all(e["isolated"] is None and e["not_isolated"] ==
+                             f"{e['cand_node']} ({e['op']}) draws random numbers: a replay would draw others"
+                             for e in at_random), at_random
 
 
 def test_replay_does_not_hide_a_bug():

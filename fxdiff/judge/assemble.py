@@ -134,7 +134,7 @@ def _transformed(table: dict[str, torch.Tensor], pp, gradient: bool = False) -> 
 
 
 def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,
-                     rows: list[NodeRow], precision: float) -> list[dict[str, Any]]:
+                     rows: list[NodeRow], precision: float) -> list[OutputRow]:
     """The paired outputs (``outputs.py``), judged like the nodes that made them."""
     ref_out, cand_out = dict(tree.flatten(ref.outputs)), dict(tree.flatten(cand.outputs))
     inherited = max([r.forward.error or 0.0 for r in rows if r.forward is not None and r.forward.passed], default=0.0)
@@ -241,17 +241,24 @@ def _structure(capture: Capture) -> list[dict[str, Any]]:
 
 
 def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> None:
-    """Replay the candidate's block behind each forward frontier row on the reference's values."""
+    """Replay the candidate's block behind each forward frontier row on the reference's values; where
+    it cannot be, say why (``NodeRow.isolated_why``)."""
     boundary = {r.cand_node: r.ref_node for r in rows
                 if r.forward.passed and r.ref_shape == r.cand_shape
                 and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
     for row in rows:
-        if not row.first_forward or row.ref_slice or row.cand_slice or row.cand_permuted:
+        if not row.first_forward:
+            continue
+        if row.cand_permuted:
+            row.isolated_why = _not_plain(row)
             continue
         out = replay(ref, cand, row.cand_node, boundary)
-        if isinstance(out, torch.Tensor):
-            m = compare_tensors(ref.values[row.ref_node], out, tol)
-            row.isolated = m if tol.strict else noise.verdict(m, 0.0)
+        if isinstance(out, str):
+            row.isolated_why = out
+            continue
+        # a slice of a fused output: the replay makes the whole output, compared on the same columns
+        m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
+        row.isolated = m if tol.strict else noise.verdict(m, 0.0)
 
 
 def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
@@ -339,13 +346,27 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
              if r.forward.passed and r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
     boundary = {c: r.ref_node for c, r in plain.items()}
     for row in rows:
-        if not row.first_backward or row.consequence or row.cand_node not in plain:
+        if not row.first_backward or row.consequence:
+            continue
+        if row.cand_node not in plain:
+            row.isolated_backward_why = _not_plain(row)
             continue
         block, consumers = _block_after(cand.node(row.cand_node), plain)
-        if not consumers or any(plain[c].backward is None or not plain[c].backward.passed for c in consumers):
+        if not consumers:
+            row.isolated_backward_why = (f"no op of the candidate that uses {row.cand_node} is compared: there is no "
+                                         "reference gradient to start from")
+            continue
+        unusable = [c for c in consumers if plain[c].backward is None or not plain[c].backward.passed]
+        if unusable:
+            c = plain[unusable[0]]
+            row.isolated_backward_why = (f"the gradient at its consumer {c.cand_node} ({c.op} in "
+                                         f"{c.cand_module or '<root>'}) "
+                                         f"{'was not compared' if c.backward is None else 'differs too'}: "
+                                         "no agreeing reference gradient to start from")
             continue
         grad = replay_backward(ref, cand, row.cand_node, {c: boundary[c] for c in consumers}, boundary)
-        if grad is None:
+        if isinstance(grad, str):
+            row.isolated_backward_why = grad
             continue
         m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
         row.isolated_backward = m if tol.strict else noise.verdict(m, 0.0, node_floor)
@@ -354,6 +375,18 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             row.blame = [f"backward only: the candidate's backward through {module or '<root>'} is not the derivative "
                          "of its forward ops (a custom autograd.Function or a gradient hook)",
                          _counterpart_module(rows, module, "cand") or row.ref_module, module]
+
+
+def _not_plain(row: NodeRow) -> str:
+    """Why the reference's value of ``row`` (a row whose forward value passes) cannot stand in for
+    the candidate's in a replay."""
+    if row.cand_permuted:
+        return (f"{row.cand_node} is compared with its features reordered like the weight that made them, "
+                "a layout the replay does not carry")
+    if row.ref_slice or row.cand_slice:
+        return f"{row.cand_node} is compared as a slice of a fused output, which the replay does not split"
+    return (f"{row.cand_node} has shape {row.cand_shape} and the reference's {row.ref_node} {row.ref_shape}: "
+            "one cannot stand in for the other")
 
 
 def _block_after(node: torch.fx.Node, compared: dict[str, NodeRow]) -> tuple[list[torch.fx.Node], list[str]]:

@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from ..model.capture import TARGET, VMAP_DIMS, Capture
+from ..ops import RANDOM_OPS, node_key
 from ..store.summary import is_summary
 from ..targets import Targets
 
@@ -21,56 +22,75 @@ MAX_BLOCK = 64   # ops replayed at most for one node
 
 
 class _NotReplayable(Exception):
-    pass
+    """Why a block cannot be replayed, in words naming the node and its op."""
 
 
 def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str],
-           targets: Targets | None = None) -> torch.Tensor | None:
+           targets: Targets | None = None) -> torch.Tensor | str:
     """The candidate's value of ``cand_node`` recomputed from the reference's values.
 
     ``boundary`` maps candidate node names to the reference nodes whose values stand in for them
-    (matched pairs of equal shape). Only ops on the allowlist (``targets``) are called. Returns None
-    when the block cannot be replayed: too large, an op off the allowlist, or one whose arguments
-    were not recorded in a replayable form.
+    (matched pairs of equal shape). Only ops on the allowlist (``targets``) are called. When the
+    block cannot be replayed, returns why instead, naming the node: too many ops, an op off the
+    allowlist or drawing random numbers, an unmatched input, a value not stored, arguments not
+    recorded in a replayable form, or an op that fails on the reference's values.
     """
     nodes = {n.name: n for n in cand.graph.nodes}
-    memo: dict[str, Any] = {}
     try:
         with torch.no_grad():
-            return _value(nodes[cand_node], ref, cand, boundary, memo, targets or Targets.default(), root=True)
-    except _NotReplayable:
-        return None
+            out = _Block(ref, cand, boundary, {}, targets, cand_node).value(nodes[cand_node], root=True)
+    except _NotReplayable as e:
+        return str(e)
+    if not isinstance(out, torch.Tensor):
+        return f"{_named(nodes[cand_node])} replays to a {type(out).__name__}, not a tensor"
+    return out
 
 
 def replay_backward(ref: Capture, cand: Capture, cand_node: str, consumers: dict[str, str],
-                    boundary: dict[str, str], targets: Targets | None = None) -> torch.Tensor | None:
+                    boundary: dict[str, str], targets: Targets | None = None) -> torch.Tensor | str:
     """The gradient at ``cand_node`` that the candidate's ops give when differentiated by autograd
     from the reference: its forward ops from ``cand_node`` (set to the reference's value) to its
     compared ``consumers`` (candidate node -> reference node) are replayed, and the reference's
-    gradients at the consumers are taken back through them. None when the block cannot be replayed.
+    gradients at the consumers are taken back through them. When the block cannot be replayed,
+    returns why instead (as ``replay`` does).
 
     Compared with the candidate's recorded gradient, it tells a backward that is not the derivative
     of the forward (a custom ``autograd.Function``, a gradient hook) from ops whose derivative differs.
     """
     nodes = {n.name: n for n in cand.graph.nodes}
     source = boundary.get(cand_node)
-    if source is None or any(c not in nodes or ref.grads.get(r) is None for c, r in consumers.items()):
-        return None
-    if is_summary(ref.values[source]) or any(is_summary(ref.grads[r]) for r in consumers.values()):
-        return None   # summarised (capture --keep): no elements to replay from
-    x = ref.values[source].detach().clone().requires_grad_(_differentiable(ref.values[source]))
-    memo: dict[str, Any] = {cand_node: x}
+    if source is None:
+        return f"{cand_node} has no reference value of its shape to start from"
+    for c, r in consumers.items():
+        if ref.grads.get(r) is None:
+            return f"the reference recorded no gradient at {r} (the counterpart of consumer {c})"
+        if is_summary(ref.grads[r]):
+            return f"the reference's gradient at {r} is summarised (capture --keep), not stored"
+    if is_summary(ref.values[source]):
+        return f"the reference's value of {source} is summarised (capture --keep), not stored"
+    if not _differentiable(ref.values[source]):
+        return f"{cand_node} holds {str(ref.values[source].dtype).removeprefix('torch.')} values: no gradient"
+    x = ref.values[source].detach().clone().requires_grad_()
+    block = _Block(ref, cand, boundary, {cand_node: x}, targets, cand_node)
     try:
         with torch.enable_grad():
-            outs = [_value(nodes[c], ref, cand, boundary, memo, targets or Targets.default(), root=True)
-                    for c in consumers]
-            seeds = [ref.grads[r].to(o.dtype) for o, r in zip(outs, consumers.values())]
-            if not x.requires_grad or any(not isinstance(o, torch.Tensor) or o.shape != g.shape
-                                          for o, g in zip(outs, seeds)):
-                return None
+            outs = [block.value(nodes[c], root=True) for c in consumers]
+            seeds = []
+            for c, o, r in zip(consumers, outs, consumers.values()):
+                if not isinstance(o, torch.Tensor) or o.shape != ref.grads[r].shape:
+                    got = list(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
+                    return (f"consumer {_named(nodes[c])} replays to {got}, the reference's gradient at {r} "
+                            f"has shape {list(ref.grads[r].shape)}")
+                if not o.requires_grad:
+                    return f"consumer {_named(nodes[c])} does not depend differentiably on {cand_node} when replayed"
+                seeds.append(ref.grads[r].to(o.dtype))
             grad, = torch.autograd.grad(outs, x, seeds, allow_unused=True)
-    except (_NotReplayable, RuntimeError):
-        return None
+    except _NotReplayable as e:
+        return str(e)
+    except RuntimeError as e:
+        return f"autograd failed through the replayed ops: {_first_line(e)}"
+    if grad is None:
+        return f"the replayed consumers do not depend on {cand_node}"
     return grad
 
 
@@ -78,53 +98,79 @@ def _differentiable(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def _value(node: torch.fx.Node, ref, cand, boundary, memo, targets: Targets, root=False) -> Any:
-    if node.name in memo:
-        return memo[node.name]
-    if not root and node.name in boundary:
-        if is_summary(ref.values[boundary[node.name]]):
-            raise _NotReplayable(node.name)   # summarised (capture --keep): no elements to stand in
-        out = ref.values[boundary[node.name]].clone()   # clone: the block may write in place
-    elif node.op == "placeholder":
-        raise _NotReplayable(node.name)   # an unmatched input: nothing to stand in for it
-    elif node.op == "get_attr":
-        source = cand.params if str(node.target) in cand.params else None
-        if source is None and node.name not in cand.values:
-            raise _NotReplayable(node.name)
-        out = (source[str(node.target)] if source is not None else cand.values[node.name]).clone()
-    elif node.op == "call_function":
-        if len(memo) >= MAX_BLOCK:
-            raise _NotReplayable("block too large")
-        if VMAP_DIMS in node.meta:
-            raise _NotReplayable(f"{node.name}: ran per sample inside torch.vmap")
-        args = _map(node.args, ref, cand, boundary, memo, targets)
-        kwargs = _map(node.kwargs, ref, cand, boundary, memo, targets)
-        fn = targets.resolve(str(node.meta.get(TARGET)))
-        if fn is None:
-            raise _NotReplayable(f"{node.name}: {node.meta.get(TARGET)} is not on the allowlist")
-        try:
-            out = fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 -- any failure means this op cannot be replayed here
-            raise _NotReplayable(f"{node.name}: {e}") from None
-        if out is None and args and isinstance(args[0], torch.Tensor):
-            out = args[0]   # setitem and friends write their first argument
-    else:
-        raise _NotReplayable(node.name)
-    memo[node.name] = out
-    return out
+def _named(node: torch.fx.Node) -> str:
+    """``name (op)``, the op as the user wrote it."""
+    return f"{node.name} ({node_key(node)})" if node.op == "call_function" else node.name
 
 
-def _map(a: Any, *ctx) -> Any:
-    if isinstance(a, torch.fx.Node):
-        return _value(a, *ctx)
-    if isinstance(a, tuple):
-        return tuple(_map(x, *ctx) for x in a)
-    if isinstance(a, list):
-        return [_map(x, *ctx) for x in a]
-    if isinstance(a, dict):
-        return {k: _map(v, *ctx) for k, v in a.items()}
-    if isinstance(a, slice):
-        return slice(_map(a.start, *ctx), _map(a.stop, *ctx), _map(a.step, *ctx))
-    if isinstance(a, str) and a.startswith("<"):
-        raise _NotReplayable(a)   # an object recorded only by its type
-    return a
+def _first_line(e: BaseException) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+class _Block:
+    """The candidate's ops evaluated from the reference's values at the boundary (memoised), for
+    the node called ``subject``."""
+
+    def __init__(self, ref: Capture, cand: Capture, boundary: dict[str, str], memo: dict[str, Any],
+                 targets: Targets | None, subject: str):
+        self.ref, self.cand, self.boundary, self.memo = ref, cand, boundary, memo
+        self.targets = targets or Targets.default()
+        self.subject = subject
+
+    def value(self, node: torch.fx.Node, root: bool = False) -> Any:
+        if node.name in self.memo:
+            return self.memo[node.name]
+        ref, cand, boundary = self.ref, self.cand, self.boundary
+        if not root and node.name in boundary:
+            if is_summary(ref.values[boundary[node.name]]):
+                raise _NotReplayable(f"the reference's value of {boundary[node.name]} (standing in for {node.name}) "
+                                     "is summarised (capture --keep), not stored")
+            out = ref.values[boundary[node.name]].clone()   # clone: the block may write in place
+        elif node.op == "placeholder":
+            raise _NotReplayable(f"{node.name} is an input of the candidate with no counterpart of its shape "
+                                 "in the reference")
+        elif node.op == "get_attr":
+            source = cand.params if str(node.target) in cand.params else None
+            if source is None and node.name not in cand.values:
+                raise _NotReplayable(f"the candidate's {node.target} ({node.name}) was not stored")
+            out = (source[str(node.target)] if source is not None else cand.values[node.name]).clone()
+        elif node.op == "call_function":
+            if len(self.memo) >= MAX_BLOCK:
+                raise _NotReplayable(f"more than {MAX_BLOCK} of the candidate's ops lie between {self.subject} and "
+                                     "values that match the reference")
+            if node_key(node) in RANDOM_OPS:
+                raise _NotReplayable(f"{_named(node)} draws random numbers: a replay would draw others")
+            if VMAP_DIMS in node.meta:
+                raise _NotReplayable(f"{_named(node)} ran per sample inside torch.vmap")
+            args = self.map(node.args, node)
+            kwargs = self.map(node.kwargs, node)
+            fn = self.targets.resolve(str(node.meta.get(TARGET)))
+            if fn is None:
+                raise _NotReplayable(f"{_named(node)}: {node.meta.get(TARGET)} is not on the replay allowlist")
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 -- any failure means this op cannot be replayed here
+                raise _NotReplayable(f"{_named(node)} fails on the reference's values: {_first_line(e)}") from None
+            if out is None and args and isinstance(args[0], torch.Tensor):
+                out = args[0]   # setitem and friends write their first argument
+        else:
+            raise _NotReplayable(f"{node.name} is a {node.op} node")
+        self.memo[node.name] = out
+        return out
+
+    def map(self, a: Any, owner: torch.fx.Node) -> Any:
+        """An op's argument with its nodes replaced by their replayed values."""
+        if isinstance(a, torch.fx.Node):
+            return self.value(a)
+        if isinstance(a, tuple):
+            return tuple(self.map(x, owner) for x in a)
+        if isinstance(a, list):
+            return [self.map(x, owner) for x in a]
+        if isinstance(a, dict):
+            return {k: self.map(v, owner) for k, v in a.items()}
+        if isinstance(a, slice):
+            return slice(self.map(a.start, owner), self.map(a.stop, owner), self.map(a.step, owner))
+        if isinstance(a, str) and a.startswith("<"):
+            raise _NotReplayable(f"an argument of {_named(owner)} was recorded only by its type, {a}")
+        return a

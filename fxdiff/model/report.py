@@ -80,16 +80,19 @@ class NodeRow:
     cand_permuted: bool = False           # the candidate's features compared in the reference's order
     ref_block: list[str] = dataclasses.field(default_factory=list)   # nodes folded into a block match
     cand_block: list[str] = dataclasses.field(default_factory=list)
-    # first forward divergences only: the candidate's block replayed on the reference's inputs
+    # first forward divergences only: the candidate's block replayed on the reference's inputs, or
+    # why it could not be (naming the node and op that stopped it)
     isolated: Metrics | None = None
+    isolated_why: str | None = None
     # first forward divergences only: an op on one side only between this row and its compared
     # inputs, which the divergence is blamed on: (what, reference module, candidate module)
     blame: list[str] | None = None
     # first backward divergences only: a forward divergence at this node or after it explains it;
-    # the candidate's ops differentiated back from the reference's gradients at their consumers
+    # the candidate's ops differentiated back from the reference's gradients at their consumers, or
+    # why they could not be
     consequence: bool = False
     isolated_backward: Metrics | None = None
-
+    isolated_backward_why: str | None = None
 
     def cause(self) -> str | None:
         """What the isolated replay says of a first divergence: ``introduced`` when the candidate's
@@ -98,7 +101,6 @@ class NodeRow:
         if self.isolated is None:
             return None
         return "amplified" if self.isolated.passed else "introduced"
-
 
     def backward_cause(self) -> str | None:
         """What differentiating the candidate's ops back from the reference's gradients says of a
@@ -170,12 +172,13 @@ class Report:
                     "ref_module": row.blame[1] if row.blame else row.ref_module,
                     "cand_module": row.blame[2] if row.blame else row.cand_module, "op": row.op,
                     "max_abs_diff": m.max_abs_diff, "max_rel_diff": m.max_rel_diff, "cosine": m.cosine,
-                    "error": m.error, "noise": m.noise, "isolated": row.cause(),
+                    "error": m.error, "noise": m.noise, "isolated": row.cause(), "not_isolated": row.isolated_why,
                     "blame": row.blame[0] if row.blame else None}
         return {
             "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward],
             "backward": [{**entry(r, r.backward), "consequence_of_forward": r.consequence,
-                          "isolated": r.backward_cause()} for r in self.nodes if r.first_backward],
+                          "isolated": r.backward_cause(), "not_isolated": r.isolated_backward_why}
+                         for r in self.nodes if r.first_backward],
         }
 
     def summary(self) -> dict[str, Any]:

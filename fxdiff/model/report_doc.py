@@ -35,7 +35,8 @@ _NODE = {"ref_node": str, "cand_node": str, "ref_module": str, "cand_module": st
          "cand_shape": _SHAPE, "forward": (_METRICS, None), "backward": (_METRICS, None), "rationale": str,
          "confidence": NUM, "depth": int, "first_forward": bool, "first_backward": bool, "ref_slice": _SHAPE,
          "cand_slice": _SHAPE, "cand_permuted": bool, "ref_block": [str], "cand_block": [str],
-         "isolated": (_METRICS, None), "blame": ([str], None)}
+         "isolated": (_METRICS, None), "isolated_why": (str, None), "blame": ([str], None), "consequence": bool,
+         "isolated_backward": (_METRICS, None), "isolated_backward_why": (str, None)}
 _PARAM = {"ref": str, "cand": [str], "transform": _Map(ANY), "evidence": str, "grad": (_METRICS, None),
           "value": (_METRICS, None)}
 _OUTPUT = {"ref": str, "cand": (str, None), "metrics": _METRICS}

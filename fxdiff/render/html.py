@@ -74,10 +74,12 @@ def _data(report: Report, view: View, metric: str) -> dict[str, Any]:
         "directions": list(view.directions),
         "hist_edges": HIST_EDGES,
         # row: ref, cand, ref_module, cand_module, op, ref_shape, cand_shape, fwd, bwd, rationale,
-        #      confidence, depth, first_forward, first_backward, ref_slice, cand_slice
+        #      confidence, depth, first_forward, first_backward, ref_slice, cand_slice,
+        #      [forward isolation: cause, why not], [backward isolation: cause, why not]
         "rows": [[r.ref_node, r.cand_node, r.ref_module, r.cand_module, r.op, r.ref_shape, r.cand_shape,
                   _m(r.forward), _m(r.backward), r.rationale, r.confidence, r.depth, r.first_forward,
-                  r.first_backward, r.ref_slice, r.cand_slice] for r in report.nodes],
+                  r.first_backward, r.ref_slice, r.cand_slice, [r.cause(), r.isolated_why],
+                  [r.backward_cause(), r.isolated_backward_why]] for r in report.nodes],
         # item: ref, cand, side, module, op, ref_shape, cand_shape, rows, cand_module
         "items": [[it.ref, it.cand, it.side, it.module, it.op, it.ref_shape, it.cand_shape, it.rows, it.cand_module]
                   for it in view.items],

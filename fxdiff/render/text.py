@@ -232,8 +232,8 @@ def _cause(r: NodeRow) -> str:
     if cause == "amplified":
         return ("[bold]amplified here[/]: replayed alone on the reference's inputs the candidate agrees; "
                 "differences within the noise upstream grew here")
-    return ("not replayed in isolation (the candidate's ops leading to it could not be rerun on the reference's "
-            "values): introduced here or amplified is not known")
+    return (f"[bold]not replayed in isolation[/]: {escape(r.isolated_why or 'no reason recorded')}; "
+            "introduced here or amplified is not known")
 
 
 def _consequence(r: NodeRow, downstream: set[str]) -> str:
@@ -241,7 +241,16 @@ def _consequence(r: NodeRow, downstream: set[str]) -> str:
         return "[bold]consequence of the forward divergence[/]: this node's forward value already differs"
     if r.ref_node in downstream:
         return "[bold]consequence of the forward divergence[/]: this node is downstream of it"
-    return "[bold]backward only[/]: its forward value matches and no forward divergence precedes it"
+    only = "[bold]backward only[/]: its forward value matches and no forward divergence precedes it"
+    cause = r.backward_cause()
+    if cause == "custom backward":
+        return (f"{only}; the candidate's ops, differentiated back from the reference's gradients, agree with the "
+                "reference: its own backward is not their derivative")
+    if cause == "introduced":
+        return f"{only}; the candidate's ops, differentiated back from the reference's gradients, already differ"
+    if r.isolated_backward_why:
+        return f"{only}; not replayed in isolation: {escape(r.isolated_backward_why)}"
+    return only
 
 
 def _downstream(report: Report, start: set[str]) -> set[str]:

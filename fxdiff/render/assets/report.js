@@ -24,6 +24,7 @@
     i, ref: r[0], cand: r[1], refMod: r[2], candMod: r[3], op: r[4], refShape: r[5], candShape: r[6],
     forward: metrics(r[7]), backward: metrics(r[8]), why: r[9], conf: r[10], depth: r[11],
     firstF: !!r[12], firstB: !!r[13], refSlice: r[14], candSlice: r[15],
+    isolation: { forward: r[16] || [null, null], backward: r[17] || [null, null] },
   }));
   const items = D.items.map((a, i) => ({
     i, ref: a[0], cand: a[1], side: a[2], module: a[3], op: a[4], refShape: a[5], candShape: a[6],
@@ -378,6 +379,23 @@
       (f && f.note || b && b.note ? line("note", (m) => m.note, esc) : "") + "</table>";
   }
 
+  // what replaying the candidate's ops alone on the reference's values says of a first divergence
+  const ISOLATION = {
+    forward: {
+      introduced: "<b>introduced here</b>: the candidate's ops, replayed alone on the reference's inputs, already differ",
+      amplified: "<b>amplified here</b>: replayed alone on the reference's inputs the candidate agrees; differences within the noise upstream grew here",
+    },
+    backward: {
+      "custom backward": "<b>custom backward</b>: the candidate's ops, differentiated back from the reference's gradients, agree with the reference; its own backward is not their derivative",
+      introduced: "<b>introduced here</b>: the candidate's ops, differentiated back from the reference's gradients, already differ",
+    },
+  };
+  function isolationText(r, d) {
+    const [cause, why] = r.isolation[d];
+    if (cause) return ISOLATION[d][cause] || esc(cause);
+    return why ? `<b>not replayed in isolation</b>: ${esc(why)}` : null;
+  }
+
   function showItem(i, focusRow) {
     const it = items[i];
     const u = unitOfItem[i];
@@ -406,6 +424,10 @@
       const r = rows[k];
       if (it.rows.length > 1) html += `<p><b>pair with</b> <span class="mono">${esc(r.cand)}</span></p>`;
       html += `<div class="metrics">${metricsTable(r)}</div>`;
+      for (const d of DIRS) {
+        const text = (d === "forward" ? r.firstF : r.firstB) ? isolationText(r, d) : null;
+        if (text) html += `<p>${d} first divergence: ${text}</p>`;
+      }
       if (r.forward) html += histSVG(r.forward.hist, "forward |cand − ref|", true);
       if (r.backward) html += histSVG(r.backward.hist, "backward |cand − ref|", false);
       html += `<p class="muted">matched by ${esc(r.why)} (confidence ${Number(r.conf).toFixed(2)}) · position ${r.depth} in the reference graph</p>`;

@@ -448,12 +448,11 @@ def _fused_source(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str 
 
 
 def _relative_distance(a: torch.Tensor | None, b: torch.Tensor) -> float:
-    """RMS of ``a - b`` over the RMS of ``a`` (inf when the shapes differ)."""
+    """RMS of ``a - b`` over the RMS of ``a`` (inf when the shapes differ), as the judge measures them."""
     if a is None or a.shape != b.shape:
         return math.inf
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    scale = float(a.square().mean().sqrt())
-    return float((a - b).square().mean().sqrt()) / scale if scale > 0 else math.inf
+    m = compare_tensors(a, b, Tolerance())
+    return m.rms_diff / m.ref_rms if m.ref_rms > 0 else math.inf
 
 
 def _one_sided_input(start: torch.fx.Node, compared: set[str], only: set[str]) -> torch.fx.Node | None:

@@ -348,8 +348,9 @@ def _permuted(ref, cand, ref_left, cand_left, transposed: bool = False, vectors:
         index = next((list(i) for i in known if i is not None and len(i) == len(keys_r)
                       and [keys_c[c][j] for j in i] == keys_r), None)
         if index is None:
-            rows_c = cand[c].detach().cpu().reshape(cand[c].shape[0], -1).double()
-            rows_r = t.detach().cpu().reshape(t.shape[0], -1).double()
+            dt = torch.promote_types(torch.promote_types(cand[c].dtype, t.dtype), torch.float32)
+            rows_c = cand[c].detach().cpu().reshape(cand[c].shape[0], -1).to(dt)
+            rows_r = t.detach().cpu().reshape(t.shape[0], -1).to(dt)
             index = []
             for i, k in enumerate(keys_r):   # rows equal at bfloat16 precision: the closest one
                 j = min(where[k], key=lambda j: float((rows_c[j] - rows_r[i]).abs().sum()))

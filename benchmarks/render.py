@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fxdiff.render.graphview import build_view  # noqa: E402
 from fxdiff.render.html import render_html  # noqa: E402
 from fxdiff.render.svg import render_svg  # noqa: E402
-from fxdiff.model.report import HIST_EDGES, Metrics, NodeRow, Report  # noqa: E402
+from fxdiff.model.report import HIST_EDGES, Metrics, NodeRow, OutputRow, Report, Unmatched, UnmatchedNode  # noqa: E402
 
 D, HEADS, SEQ, BATCH = 256, 4, 128, 2
 DH = D // HEADS
@@ -58,7 +58,7 @@ def synthetic_report(target_nodes: int, seed: int = 0) -> Report:
     ref: list[dict] = []
     cand: list[dict] = []
     rows: list[NodeRow] = []
-    unmatched: dict[str, list] = {"ref": [], "cand": []}
+    unmatched = Unmatched()
     order: dict[str, int] = {}
 
     def node(name, op, module, shape, inputs, kind="call_function", side="both", cand_name=None):
@@ -103,7 +103,7 @@ def synthetic_report(target_nodes: int, seed: int = 0) -> Report:
         s = node(f"div_{i}", "div", f"{m}.attn", [BATCH, HEADS, SEQ, SEQ], [s])
         if i == bug_layer:   # the candidate scales the scores once more before softmax
             s2 = node(f"mul_{i}_bug", "mul", f"{m}.attn", [BATCH, HEADS, SEQ, SEQ], [s], side="cand")
-            unmatched["cand"].append({"node": s2, "module": f"{m}.attn", "op": "mul", "shape": [BATCH, HEADS, SEQ, SEQ]})
+            unmatched.cand.append(UnmatchedNode(s2, f"{m}.attn", "mul", [BATCH, HEADS, SEQ, SEQ]))
         p = node(f"softmax_{i}", "softmax", f"{m}.attn", [BATCH, HEADS, SEQ, SEQ], [s])
         if i == bug_layer:
             bug_node = p
@@ -117,7 +117,7 @@ def synthetic_report(target_nodes: int, seed: int = 0) -> Report:
         h = lin("fc1", h, out=4 * D, sub="mlp")
         h = node(f"gelu_{i}", "gelu", f"{m}.mlp.act", [BATCH, SEQ, 4 * D], [h])
         h = node(f"dropout_{i}", "dropout", f"{m}.mlp", [BATCH, SEQ, 4 * D], [h], side="ref")
-        unmatched["ref"].append({"node": h, "module": f"{m}.mlp", "op": "dropout", "shape": [BATCH, SEQ, 4 * D]})
+        unmatched.ref.append(UnmatchedNode(h, f"{m}.mlp", "dropout", [BATCH, SEQ, 4 * D]))
         h = lin("fc2", h, sub="mlp")
         x = node(f"add_{i}_2", "add", m, [BATCH, SEQ, D], [x, h])
         grad_scale[i] = 1.0
@@ -127,7 +127,7 @@ def synthetic_report(target_nodes: int, seed: int = 0) -> Report:
         x = node(f"identity_{len(ref)}", "clone", "head", [BATCH, SEQ, D], [x])
 
     bug_pos = order[bug_node]
-    unmatched_names = {u["node"] for u in unmatched["ref"]}
+    unmatched_names = {u.node for u in unmatched.ref}
     for n in ref:
         if n["kind"] in ("get_attr", "output") or n["name"] in unmatched_names:
             continue
@@ -154,7 +154,7 @@ def synthetic_report(target_nodes: int, seed: int = 0) -> Report:
         ref={"label": f"synthetic-{target_nodes}-ref", "modules": {f"layers.{i}": "Block" for i in range(layers)}},
         cand={"label": f"synthetic-{target_nodes}-cand"},
         tolerance={"atol": 1e-5, "rtol": 1e-5},
-        outputs=[{"ref": "output", "cand": "output", "metrics": _metrics(0.1, False, BATCH * SEQ * D, rng)}],
+        outputs=[OutputRow("output", "output", _metrics(0.1, False, BATCH * SEQ * D, rng))],
         nodes=rows, params=[], unmatched=unmatched, graph={"ref": ref, "cand": cand},
     )
 
@@ -166,8 +166,8 @@ def flat_report(target_nodes: int) -> Report:
         report.graph[side] = [{**n, "module": ""} for n in report.graph[side]]
     for r in report.nodes:
         r.ref_module = r.cand_module = ""
-    for side in ("ref", "cand"):
-        report.unmatched[side] = [{**u, "module": ""} for u in report.unmatched[side]]
+    for u in report.unmatched.ref + report.unmatched.cand:
+        u.module = ""
     report.ref["label"] += " (flat)"
     return report
 

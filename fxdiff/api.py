@@ -164,7 +164,7 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
 def _comparable(ref: Capture, cand: Capture) -> tuple[Capture, Capture]:
     """Two captures as far as both can be compared: when one kept no node gradients (``--keep
     values``), the other's are set aside too (missing is not different)."""
-    if "values" in (ref.meta.get("keep"), cand.meta.get("keep")):
+    if "values" in (ref.info.keep, cand.info.keep):
         ref, cand = dataclasses.replace(ref, grads={}), dataclasses.replace(cand, grads={})
     return ref, cand
 
@@ -184,16 +184,15 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
             else dataclasses.replace(options, dtype=first.dtype)
         args, kwargs = _inputs((tuple(ref.inputs.get("args", ())), dict(ref.inputs.get("kwargs", {}))), model, own)
         meta["inputs"] = "the reference's saved inputs"
-    config = RunConfig(mode=options.mode or ref.meta.get("mode", "eval"),
-                       seed=ref.meta.get("seed", 0) if options.seed is None else options.seed,
-                       keep_dropout=bool(ref.meta.get("keep_dropout", False) if options.keep_dropout is None
-                                         else options.keep_dropout),
+    info = ref.info
+    config = RunConfig(mode=options.mode or info.mode, seed=info.seed if options.seed is None else options.seed,
+                       keep_dropout=info.keep_dropout if options.keep_dropout is None else bool(options.keep_dropout),
                        autocast=_dtype(options.autocast))
     if options.loss is not None:
         config = dataclasses.replace(config, loss=_loss(options.loss))
     elif ref.output_grads:
         config = dataclasses.replace(config, backward_seed=BackwardSeed(tree.flatten(ref.outputs), ref.output_grads))
-    elif ref.meta.get("loss") not in (None, "random cotangent"):
+    elif info.loss not in (None, "random cotangent"):
         raise FxdiffError("the reference capture holds no output gradients (it was made by an older fxdiff) and "
                           "its loss was code; give the candidate's loss", option="loss")
     with step(f"running {_label(cand)}"):
@@ -332,7 +331,7 @@ def _label(side: Any) -> str:
         return str(side)
     if isinstance(side, torch.nn.Module):
         return type(side).__name__
-    return str(side.meta.get("model", "capture")) if isinstance(side, Capture) else str(side)
+    return (side.info.model or "capture") if isinstance(side, Capture) else str(side)
 
 
 _SETUP = ("mode", "keep_dropout", "dtype", "device", "seed", "torch", "autocast")
@@ -341,8 +340,9 @@ _SETUP = ("mode", "keep_dropout", "dtype", "device", "seed", "torch", "autocast"
 def _setup_differences(ref: Capture, cand: Capture) -> list[str]:
     """How two captures were run differently, in words: each difference can explain a divergence."""
     out = []
+    ref_info, cand_info = ref.info, cand.info
     for key in _SETUP:
-        a, b = ref.meta.get(key), cand.meta.get(key)
+        a, b = getattr(ref_info, key), getattr(cand_info, key)
         if a != b:
             out.append(f"the captures differ in {key}: {a} vs {b}")
     return out

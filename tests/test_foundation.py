@@ -183,3 +183,25 @@ def test_exit_3_with_a_traceback_for_a_bug_in_fxdiff(specs, monkeypatch):
     assert result.exit_code == 3
     assert "Traceback" in result.stderr and "KeyError" in result.stderr
     assert "this is a bug in fxdiff" in result.stderr
+
+
+def test_capture_metadata_is_read_typed_and_a_field_of_the_wrong_type_is_named(tmp_path):
+    """The metadata fields the code reads (``Capture.info``), on a Hugging Face BERT; a saved
+    capture whose field has the wrong type is bad input, named on one line (exit 2)."""
+    import shutil
+    from tests.hf_ports import bert_inputs, make_bert
+
+    cap = fxdiff.capture(make_bert(), bert_inputs(), mode="train", seed=3)
+    info = cap.info
+    assert (info.mode, info.seed, info.keep, info.keep_dropout, info.tf32, info.device, info.dtype) == \
+        ("train", 3, "both", False, False, "cpu", "float32")
+    assert info.model_class == "transformers.models.bert.modeling_bert.BertModel" and info.torch == torch.__version__
+    fxdiff.save(cap, tmp_path / "ref")
+    shutil.copytree(tmp_path / "ref", tmp_path / "edited")
+    manifest = json.loads((tmp_path / "edited" / MANIFEST).read_text())
+    manifest["meta"]["seed"] = "3"
+    (tmp_path / "edited" / MANIFEST).write_text(json.dumps(manifest))
+    assert fxdiff.load(tmp_path / "edited").meta["seed"] == "3"    # kept as stored
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "ref"), str(tmp_path / "edited")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "fxdiff: error: capture metadata: seed is str, expected int"

@@ -125,7 +125,7 @@ def _luminance(fill: str) -> float:
 @needs_dot
 def test_unmatched_nodes_are_grey_on_their_side(conformer):
     report = conformer["buggy"]
-    assert report.unmatched["ref"] and report.unmatched["cand"]
+    assert report.unmatched.ref and report.unmatched.cand
     view = build_view(report, "forward", depth=99, fold=False, max_nodes=10**6)   # everything open
     units = _units(draw(view))
     sides = {"ref_only": 0, "cand_only": 0}
@@ -138,8 +138,8 @@ def test_unmatched_nodes_are_grey_on_their_side(conformer):
             assert side.replace("_", " ") in _text(g)        # "ref only" / "cand only" on the box
             name = view.items[unit.items[0]].ref or view.items[unit.items[0]].cand
             assert name in _title(g)
-    assert sides["ref_only"] == len(report.unmatched["ref"])
-    assert sides["cand_only"] == len(report.unmatched["cand"])
+    assert sides["ref_only"] == len(report.unmatched.ref)
+    assert sides["cand_only"] == len(report.unmatched.cand)
 
 
 @needs_dot

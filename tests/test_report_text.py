@@ -231,6 +231,34 @@ def test_first_divergence_says_why_it_is_believed(ex, runs):
     assert show(text.verdict(report)).strip() == "MATCH, within float32 noise"
 
 
+def test_saved_reports_keep_their_json_form_and_older_or_newer_ones_load(runs, tmp_path):
+    """Outputs and unmatched entries are dataclasses in memory and the same JSON objects on disk; a
+    report written before the isolation reasons existed loads and prints as it did, and one with
+    fields of a later version loads without them."""
+    from fxdiff.model.report import OutputRow, UnmatchedNode
+    report = runs["glu"]
+    doc = json.loads(json.dumps(report.to_dict(), default=str))
+    assert set(doc["outputs"][0]) == {"ref", "cand", "metrics"}
+    assert set(doc["unmatched"]) == {"ref", "cand", "ref_params", "cand_params", "ref_outputs", "cand_outputs",
+                                     "trained_ref_params", "ref_inputs"}
+    assert set(doc["unmatched"]["cand"][0]) == {"node", "module", "op", "shape", "reason"}
+    for row in doc["nodes"]:
+        for key in ("isolated_why", "isolated_backward_why"):
+            del row[key]
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(doc))
+    loaded = fxdiff.load_report(older)
+    assert isinstance(loaded.outputs[0], OutputRow) and isinstance(loaded.unmatched.cand[0], UnmatchedNode)
+    assert [u.node for u in loaded.unmatched.cand] == [u.node for u in report.unmatched.cand]
+    assert show(text.render(loaded)) == show(text.render(report))
+    doc["nodes"][0]["added_later"] = 1
+    doc["unmatched"]["added_later"] = ["x"]
+    doc["outputs"][0]["metrics"]["added_later"] = 0.5
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(doc))
+    assert fxdiff.load_report(newer).summary() == report.summary()
+
+
 @needs_dot
 def test_default_svg_fits_a_screen(runs, tmp_path):
     svg = tmp_path / "glu.svg"

@@ -32,7 +32,7 @@ from ..match.confidence import OTHER_USERS, WEAK
 from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
-from ..model.report import NodeRow, ParamRow, Report
+from ..model.report import NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
 from .tensors import Tolerance, compare_tensors, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
@@ -82,7 +82,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                                                                      _transformed(cand.param_grads, pp, gradient=True), tol, param_floor),
                                value=compare_tensors(ref.params[pp.ref], cand_value, tol)
                                if cand_value is not None else None))
-    precision = noise.TF32_EPS if ref.meta.get("tf32") or cand.meta.get("tf32") else 0.0
+    precision = noise.TF32_EPS if ref.info.tf32 or cand.info.tf32 else 0.0
     if not tol.strict:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
     rows, rejected = _verify_weak(ref.graph, rows)
@@ -101,20 +101,20 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         outputs=outputs,
         nodes=rows,
         params=params,
-        unmatched={"ref": [_describe(ref_nodes[n]) for n in alignment.unmatched_ref]
-                   + [_describe(ref_nodes[r.ref_node], WEAK_REASON) for r in rejected],
-                   "cand": [_describe(cand_nodes[n]) for n in alignment.unmatched_cand]
-                   + [_describe(cand_nodes[r.cand_node], WEAK_REASON) for r in rejected],
-                   "ref_params": alignment.unmatched_ref_params,
-                   "cand_params": alignment.unmatched_cand_params,
-                   "ref_outputs": ref_outputs_left, "cand_outputs": cand_outputs_left,
-                   "trained_ref_params": [n for n in alignment.unmatched_ref_params if n in ref.param_grads],
-                   "ref_inputs": [n for n in alignment.unmatched_ref if ref_nodes[n].op == "placeholder"]},
+        unmatched=Unmatched(
+            ref=[_describe(ref_nodes[n]) for n in alignment.unmatched_ref]
+            + [_describe(ref_nodes[r.ref_node], WEAK_REASON) for r in rejected],
+            cand=[_describe(cand_nodes[n]) for n in alignment.unmatched_cand]
+            + [_describe(cand_nodes[r.cand_node], WEAK_REASON) for r in rejected],
+            ref_params=list(alignment.unmatched_ref_params), cand_params=list(alignment.unmatched_cand_params),
+            ref_outputs=ref_outputs_left, cand_outputs=cand_outputs_left,
+            trained_ref_params=[n for n in alignment.unmatched_ref_params if n in ref.param_grads],
+            ref_inputs=[n for n in alignment.unmatched_ref if ref_nodes[n].op == "placeholder"]),
         graph={"ref": _structure(ref), "cand": _structure(cand)},
     )
 
 
-def _cut(t: torch.Tensor | None, block: tuple[int, int] | None,
+def _cut(t: torch.Tensor | None, block: tuple[int, int] | list[int] | None,
          index: tuple[int, ...] | None = None) -> torch.Tensor | None:
     """The ``start:stop`` block of the last dimension (the part of a fused output that pairs), or
     the last dimension reordered by ``index`` (features permuted like the weight that made them)."""
@@ -143,7 +143,7 @@ def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: 
         metrics = compare_tensors(ref_out[p.ref], cand_out[p.cand], tol)
         if not tol.strict:
             metrics = noise.verdict(metrics, inherited, precision=precision)
-        compared.append({"ref": p.ref, "cand": p.cand, "metrics": metrics})
+        compared.append(OutputRow(ref=p.ref, cand=p.cand, metrics=metrics))
     return compared
 
 
@@ -192,9 +192,9 @@ def _ancestors(nodes: list[torch.fx.Node]) -> set[str]:
     return seen
 
 
-def _describe(node: torch.fx.Node, reason: str = "no counterpart found") -> dict[str, Any]:
-    return {"node": node.name, "module": node.meta.get(MODULE, ""), "op": node_key(node),
-            "shape": node.meta.get(SHAPE), "reason": reason}
+def _describe(node: torch.fx.Node, reason: str = "no counterpart found") -> UnmatchedNode:
+    return UnmatchedNode(node=node.name, module=node.meta.get(MODULE, ""), op=node_key(node),
+                         shape=node.meta.get(SHAPE), reason=reason)
 
 
 WEAK_REASON = "weak match (op order only) contradicted by values with no divergence upstream"

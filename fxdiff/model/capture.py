@@ -13,6 +13,8 @@ from typing import Any, Iterator
 import torch
 import torch.fx
 
+from ..errors import FxdiffError
+
 FORMAT = "fxdiff-capture"
 VERSION = 3
 READABLE_VERSIONS = (2, 3, 4)   # version 2 has no output gradients; 4: partial captures (capture --keep)
@@ -27,6 +29,47 @@ GRAD = "fxdiff_grad"            # "recorded": a gradient was stored; "none": no 
 NOT_STORED = "fxdiff_not_stored"  # why a tensor the node produced has no stored value
 VMAP_DIMS = "fxdiff_vmap_dims"  # the op ran per sample inside torch.vmap: the stored value's leading dims are the batch
 BOUNDARY = "fxdiff_boundary"    # placeholder for a value made outside the kept modules: the op that made it
+
+
+_KINDS = {"str": str, "int": int, "bool": bool, "dict": dict}
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureInfo:
+    """The metadata fields fxdiff reads back, typed (``Capture.info``); ``Capture.meta`` keeps
+    every field as stored. A field that is absent takes the default here."""
+
+    model: str | None = None          # the model spec, when captured from one
+    model_class: str | None = None
+    mode: str = "eval"
+    seed: int = 0
+    keep_dropout: bool = False
+    keep: str = "both"                # what was stored: both, values, grads or summary
+    loss: str | None = None           # a description; a capture's loss is never code
+    tf32: bool = False                # float32 matrix products may have rounded to TF32 (CUDA)
+    dtype: str | None = None
+    device: str | None = None
+    autocast: str | None = None
+    torch: str | None = None
+    fxdiff: str | None = None
+    python: str | None = None
+    tracer: str | None = None
+    started: str | None = None
+    checkpoint: dict | None = None    # what loading the checkpoint found (``specs.LoadedCheckpoint``)
+
+    @classmethod
+    def of(cls, meta: dict[str, Any]) -> "CaptureInfo":
+        """The fields of ``meta``; ``FxdiffError`` naming a field of the wrong type."""
+        found = {}
+        for f in dataclasses.fields(cls):
+            value = meta.get(f.name)
+            if value is None:
+                continue
+            kind = _KINDS[f.type.partition(" ")[0]]   # the annotation (a string here) without "| None"
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise FxdiffError(f"capture metadata: {f.name} is {type(value).__name__}, expected {kind.__name__}")
+            found[f.name] = value
+        return cls(**found)
 
 
 @dataclasses.dataclass
@@ -51,6 +94,11 @@ class Capture:
     meta: dict[str, Any]
     # d(loss)/d(output leaf), by the leaf's path in ``outputs``: where backward started
     output_grads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def info(self) -> CaptureInfo:
+        """The metadata fields fxdiff reads, typed (``meta`` holds them all, as stored)."""
+        return CaptureInfo.of(self.meta)
 
     def nodes(self, op: str | None = None) -> Iterator[torch.fx.Node]:
         """Graph nodes in topological order, optionally only those with ``node.op == op``."""

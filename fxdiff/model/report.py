@@ -125,16 +125,59 @@ class ParamRow:
 
 
 @dataclasses.dataclass
+class OutputRow:
+    """A pair of model outputs (leaf paths, see ``outputs.py``) and how the candidate's differs."""
+
+    ref: str
+    cand: str | None      # None only in reports of early versions, which paired outputs by position
+    metrics: Metrics
+
+
+@dataclasses.dataclass
+class UnmatchedNode:
+    """A node with no counterpart on the other side, and why."""
+
+    node: str
+    module: str = ""
+    op: str = ""
+    shape: list[int] | None = None
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class Unmatched:
+    """What found no counterpart on the other side, and which of it could not be compared at all."""
+
+    ref: list[UnmatchedNode] = dataclasses.field(default_factory=list)     # nodes
+    cand: list[UnmatchedNode] = dataclasses.field(default_factory=list)
+    ref_params: list[str] = dataclasses.field(default_factory=list)        # parameters and buffers
+    cand_params: list[str] = dataclasses.field(default_factory=list)
+    ref_outputs: list[str] = dataclasses.field(default_factory=list)       # output leaf paths
+    cand_outputs: list[str] = dataclasses.field(default_factory=list)
+    trained_ref_params: list[str] = dataclasses.field(default_factory=list)   # of ref_params: with a gradient
+    ref_inputs: list[str] = dataclasses.field(default_factory=list)        # of ref: the model's inputs
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, list]) -> "Unmatched":
+        """Read the JSON form; keys it does not know (a later version's) are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        lists = {k: list(v) for k, v in doc.items() if k in known}
+        for side in ("ref", "cand"):
+            lists[side] = [_known(UnmatchedNode, u) for u in lists.get(side, [])]
+        return cls(**lists)
+
+
+@dataclasses.dataclass
 class Report:
     """Everything ``fxdiff compare`` found; ``diverged`` is the verdict."""
 
     ref: dict[str, Any]
     cand: dict[str, Any]
     tolerance: dict[str, float]
-    outputs: list[dict[str, Any]]     # {"ref": path, "cand": path, "metrics": Metrics}
+    outputs: list[OutputRow]
     nodes: list[NodeRow]
     params: list[ParamRow]
-    unmatched: dict[str, list[dict[str, Any]]]   # {"ref": [...], "cand": [...]}
+    unmatched: Unmatched
     graph: dict[str, list[dict[str, Any]]]       # structure of both graphs, for rendering
     warnings: list[str] = dataclasses.field(default_factory=list)   # setup differences worth knowing
     # random ops of a live candidate that took the reference's draw: {ref_node, cand_node, op, ref_module,
@@ -143,7 +186,7 @@ class Report:
 
     @property
     def forward_output_match(self) -> bool:
-        return all(o["metrics"].passed for o in self.outputs)
+        return all(o.metrics.passed for o in self.outputs)
 
     @property
     def diverged(self) -> bool:
@@ -161,7 +204,7 @@ class Report:
         some tensors are not bit for bit equal; ``"match"`` when none differs at all."""
         if self.diverged:
             return "diverged"
-        metrics = [m for r in self.nodes for m in (r.forward, r.backward)] + [o["metrics"] for o in self.outputs]
+        metrics = [m for r in self.nodes for m in (r.forward, r.backward)] + [o.metrics for o in self.outputs]
         metrics += [m for p in self.params for m in (p.grad, p.value)]
         return "within noise" if any(m is not None and m.within_noise for m in metrics) else "match"
 
@@ -191,8 +234,8 @@ class Report:
         grads = [p.grad for p in self.params if p.grad is not None]
         ok = sum(g.passed for g in grads)
         values = [p.value for p in self.params if p.value is not None]
-        unpaired = len(self.unmatched.get("ref_params", []))
-        trained = len(grads) + len(self.unmatched.get("trained_ref_params", []))
+        unpaired = len(self.unmatched.ref_params)
+        trained = len(grads) + len(self.unmatched.trained_ref_params)
         return {
             "forward_output_match": self.forward_output_match,
             "tensors": {"total": len(self.params) + unpaired, "trained": trained,
@@ -200,10 +243,10 @@ class Report:
             "param_grads": {"matched": ok, "mismatched": len(grads) - ok,
                             "match_rate": ok / len(grads) if grads else 1.0},
             "param_values": {"compared": len(values), "mismatched": sum(not v.passed for v in values)},
-            "uncompared": {"trained_ref_params": len(self.unmatched.get("trained_ref_params", [])),
-                           "ref_inputs": len(self.unmatched.get("ref_inputs", [])),
-                           "ref_outputs": len(self.unmatched.get("ref_outputs", [])),
-                           "cand_outputs": len(self.unmatched.get("cand_outputs", []))},
+            "uncompared": {"trained_ref_params": len(self.unmatched.trained_ref_params),
+                           "ref_inputs": len(self.unmatched.ref_inputs),
+                           "ref_outputs": len(self.unmatched.ref_outputs),
+                           "cand_outputs": len(self.unmatched.cand_outputs)},
             "nodes": {
                 "pairs": len(self.nodes),
                 "forward_matches": sum(m.passed for m in fwd),
@@ -212,8 +255,8 @@ class Report:
                 "backward_mismatches": sum(not m.passed for m in bwd),
                 "forward_match_rate": sum(m.passed for m in fwd) / len(fwd) if fwd else 1.0,
                 "backward_match_rate": sum(m.passed for m in bwd) / len(bwd) if bwd else 1.0,
-                "unmatched_ref": len(self.unmatched.get("ref", [])),
-                "unmatched_cand": len(self.unmatched.get("cand", [])),
+                "unmatched_ref": len(self.unmatched.ref),
+                "unmatched_cand": len(self.unmatched.cand),
             },
         }
 
@@ -228,10 +271,10 @@ class Report:
             "tolerance": self.tolerance,
             "summary": self.summary(),
             "first_divergence": self.first_divergence(),
-            "outputs": [{**o, "metrics": dataclasses.asdict(o["metrics"])} for o in self.outputs],
+            "outputs": [dataclasses.asdict(o) for o in self.outputs],
             "nodes": [dataclasses.asdict(r) for r in self.nodes],
             "params": [dataclasses.asdict(p) for p in self.params],
-            "unmatched": self.unmatched,
+            "unmatched": dataclasses.asdict(self.unmatched),
             "graph": self.graph,
             "warnings": self.warnings,
             "replayed": self.replayed,
@@ -243,24 +286,30 @@ class Report:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "Report":
-        """Rebuild a report from its JSON document."""
+        """Rebuild a report from its JSON document (fields a later version added are left out)."""
         def metrics(d):
             if not d:
                 return None
             floats = {k: to_float(d[k]) for k in _FLOAT_FIELDS if k in d}
-            return Metrics(**{**d, **floats})
+            return _known(Metrics, {**d, **floats})
         return cls(
             ref=doc["ref"], cand=doc["cand"], tolerance=doc["tolerance"],
-            outputs=[{**o, "metrics": metrics(o["metrics"])} for o in doc["outputs"]],
-            nodes=[NodeRow(**{**r, "forward": metrics(r["forward"]), "backward": metrics(r["backward"]),
-                              "isolated": metrics(r.get("isolated")),
-                              "isolated_backward": metrics(r.get("isolated_backward"))})
+            outputs=[OutputRow(ref=o["ref"], cand=o.get("cand"), metrics=metrics(o["metrics"])) for o in doc["outputs"]],
+            nodes=[_known(NodeRow, {**r, "forward": metrics(r["forward"]), "backward": metrics(r["backward"]),
+                                    "isolated": metrics(r.get("isolated")),
+                                    "isolated_backward": metrics(r.get("isolated_backward"))})
                    for r in doc["nodes"]],
-            params=[ParamRow(**{**p, "grad": metrics(p["grad"]), "value": metrics(p.get("value"))})
+            params=[_known(ParamRow, {**p, "grad": metrics(p["grad"]), "value": metrics(p.get("value"))})
                     for p in doc["params"]],
-            unmatched=doc["unmatched"], graph=doc["graph"], warnings=list(doc.get("warnings", [])),
-            replayed=list(doc.get("replayed", [])),
+            unmatched=Unmatched.from_dict(doc["unmatched"]), graph=doc["graph"],
+            warnings=list(doc.get("warnings", [])), replayed=list(doc.get("replayed", [])),
         )
+
+
+def _known(cls: type, fields: dict[str, Any]) -> Any:
+    """``cls(**fields)`` without the fields ``cls`` does not have."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in fields.items() if k in names})
 
 
 def load_report(path: str | os.PathLike) -> Report:

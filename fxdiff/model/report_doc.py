@@ -39,13 +39,15 @@ _NODE = {"ref_node": str, "cand_node": str, "ref_module": str, "cand_module": st
          "isolated_backward": (_METRICS, None), "isolated_backward_why": (str, None)}
 _PARAM = {"ref": str, "cand": [str], "transform": _Map(ANY), "evidence": str, "grad": (_METRICS, None),
           "value": (_METRICS, None)}
-_OUTPUT = {"ref": str, "cand": (str, None), "metrics": _METRICS}
+_OUTPUT = {REQUIRED: ("ref", "metrics"), "ref": str, "cand": (str, None), "metrics": _METRICS}
 _GRAPH_NODE = {REQUIRED: ("name",), "name": str, "op": str, "kind": str, "target": str, "module": str, "shape": _SHAPE,
                "dtype": (str, None), "inputs": [str]}
-_UNMATCHED = (str, {REQUIRED: ("node",), "node": str, "module": str, "op": str, "shape": _SHAPE, "reason": str})
+_UNMATCHED_NODE = {REQUIRED: ("node",), "node": str, "module": str, "op": str, "shape": _SHAPE, "reason": str}
+_UNMATCHED = {"ref": [_UNMATCHED_NODE], "cand": [_UNMATCHED_NODE], "ref_params": [str], "cand_params": [str],
+              "ref_outputs": [str], "cand_outputs": [str], "trained_ref_params": [str], "ref_inputs": [str]}
 _SIDE = {"label": str, "modules": _Map(str)}
 REPORT = {"ref": _SIDE, "cand": _SIDE, "tolerance": {"atol": (NUM, None), "rtol": (NUM, None)},
-          "outputs": [_OUTPUT], "nodes": [_NODE], "params": [_PARAM], "unmatched": _Map([_UNMATCHED]),
+          "outputs": [_OUTPUT], "nodes": [_NODE], "params": [_PARAM], "unmatched": _UNMATCHED,
           "graph": {"ref": [_GRAPH_NODE], "cand": [_GRAPH_NODE]}, "warnings": [str]}
 
 

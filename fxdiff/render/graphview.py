@@ -154,8 +154,8 @@ def union_items(report: Report) -> tuple[list[Item], list[tuple[int, int]]]:
     for k, r in enumerate(report.nodes):
         rows_by_ref[r.ref_node].append(k)
         rows_by_cand[r.cand_node].append(k)
-    unmatched_ref = {u["node"] for u in report.unmatched.get("ref", []) if isinstance(u, dict)}
-    unmatched_cand = {u["node"] for u in report.unmatched.get("cand", []) if isinstance(u, dict)}
+    unmatched_ref = {u.node for u in report.unmatched.ref}
+    unmatched_cand = {u.node for u in report.unmatched.cand}
 
     items: list[Item] = []
     ref_item: dict[str, int] = {}

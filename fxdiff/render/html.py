@@ -88,9 +88,8 @@ def _data(report: Report, view: View, metric: str) -> dict[str, Any]:
         "classes": view.module_classes,
         "params": [[p.ref, p.cand, p.transform.get("kind", "identity") if isinstance(p.transform, dict) else str(p.transform),
                     _m(p.grad), _m(p.value), p.evidence] for p in report.params],
-        "outputs": [[o.get("ref"), o.get("cand"), _m(o.get("metrics"))] for o in report.outputs],
-        "unmatched": {side: [[u.get("node"), u.get("module"), u.get("op"), u.get("shape")]
-                             for u in report.unmatched.get(side, []) if isinstance(u, dict)]
+        "outputs": [[o.ref, o.cand, _m(o.metrics)] for o in report.outputs],
+        "unmatched": {side: [[u.node, u.module, u.op, u.shape] for u in getattr(report.unmatched, side)]
                       for side in ("ref", "cand")},
     }
 

@@ -67,7 +67,7 @@ def _verdicts(ms: list[Metrics]) -> Text:
 
 
 def _all_metrics(report: Report) -> list[Metrics]:
-    return [m for m in [*(o["metrics"] for o in report.outputs),
+    return [m for m in [*(o.metrics for o in report.outputs),
                         *(x for r in report.nodes for x in (r.forward, r.backward)),
                         *(x for p in report.params for x in (p.grad, p.value))] if m is not None]
 
@@ -119,7 +119,7 @@ def verdict(report: Report) -> Text:
     if report.diverged:
         s = report.summary()
         n, g = s["nodes"], s["param_grads"]
-        parts = [(sum(not o["metrics"].passed for o in report.outputs), len(report.outputs), "outputs"),
+        parts = [(sum(not o.metrics.passed for o in report.outputs), len(report.outputs), "outputs"),
                  (n["forward_mismatches"], n["forward_matches"] + n["forward_mismatches"], "op values"),
                  (n["backward_mismatches"], n["backward_matches"] + n["backward_mismatches"], "op gradients"),
                  (g["mismatched"], g["matched"] + g["mismatched"], "parameter gradients"),
@@ -140,19 +140,19 @@ def verdict(report: Report) -> Text:
 
 def outputs_section(report: Report, show_all: bool = False) -> RenderableType:
     """The outputs that differ, by name (all with ``show_all``); one line when all match."""
-    rows = [o for o in report.outputs if show_all or not o["metrics"].passed]
+    rows = [o for o in report.outputs if show_all or not o.metrics.passed]
     lines: list[RenderableType] = []
     if rows:
         same = len(report.outputs) - len(rows)
         lines.append(Rows("Outputs", ["output", "match", "max abs diff", "max rel diff", "cosine"],
-                          [[_pair_name(o["ref"], o["cand"]), _verdict(o["metrics"]), fmt(o["metrics"].max_abs_diff),
-                            fmt(o["metrics"].max_rel_diff), fmt(o["metrics"].cosine)] for o in rows],
+                          [[_pair_name(o.ref, o.cand), _verdict(o.metrics), fmt(o.metrics.max_abs_diff),
+                            fmt(o.metrics.max_rel_diff), fmt(o.metrics.cosine)] for o in rows],
                           _more(same, "output")))
     elif report.outputs:
-        names = [o["ref"] for o in report.outputs]
+        names = [o.ref for o in report.outputs]
         lines.append(Text(f"outputs: all {len(names)} match ({_names(names)})"))
     for side in ("ref", "cand"):
-        left = report.unmatched.get(f"{side}_outputs", [])
+        left = getattr(report.unmatched, f"{side}_outputs")
         if left:
             lines.append(Text(f"{_plural(len(left), 'output')} on the {_SIDE[side]} only, not compared: "
                               f"{_names(left)}"))
@@ -379,7 +379,7 @@ def params_section(report: Report, key: Callable[[str], str], what: str = "grad"
     elif compared:
         lines.append(Text(f"{title.lower()}: all {len(compared)} match"))
     if what == "grad":
-        unpaired = report.unmatched.get("ref_params", [])
+        unpaired = report.unmatched.ref_params
         if unpaired:
             lines.append(Text(f"not compared, no counterpart in the candidate: "
                               f"{_names(unpaired, len(unpaired) if show_all else 8)}"))
@@ -440,7 +440,7 @@ def summary_panel(report: Report) -> Panel:
     """Counts that add up, and how the verdicts were reached."""
     s = report.summary()
     n, p, t, v = s["nodes"], s["param_grads"], s["tensors"], s["param_values"]
-    outputs_bad = sum(not o["metrics"].passed for o in report.outputs)
+    outputs_bad = sum(not o.metrics.passed for o in report.outputs)
     lines = [
         f"outputs:             {len(report.outputs) - outputs_bad} match, {outputs_bad} differ"
         + (f"; {s['uncompared']['ref_outputs']} ref, {s['uncompared']['cand_outputs']} cand not paired"
@@ -465,12 +465,11 @@ def summary_panel(report: Report) -> Panel:
 
 def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:
     """What ``fxdiff inspect`` prints: versions, setup, counts, sizes and the largest nodes."""
-    s, m = cap.summary(), cap.meta
+    s, m = cap.summary(), cap.info
     lines = [
-        f"[bold]{escape(label)}[/]: {escape(str(m.get('model', m.get('model_class'))))}",
-        escape(f"  fxdiff {m.get('fxdiff')}, torch {m.get('torch')}, python {m.get('python')}, "
-               f"tracer {m.get('tracer')}, {m.get('mode')} mode, seed {m.get('seed')}, device {m.get('device')}, "
-               f"dtype {m.get('dtype')}, captured {m.get('started')}"),
+        f"[bold]{escape(label)}[/]: {escape(str(m.model or m.model_class))}",
+        escape(f"  fxdiff {m.fxdiff}, torch {m.torch}, python {m.python}, tracer {m.tracer}, {m.mode} mode, "
+               f"seed {m.seed}, device {m.device}, dtype {m.dtype}, captured {m.started}"),
         f"  {s['nodes']} nodes ({s['ops']} ops, {s['inputs']} inputs), {s['params']} params/buffers, "
         f"{s['values']} values, {s['grads']} gradients, {s['param_grads']} parameter gradients",
         "  sizes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in s["bytes"].items()),

@@ -112,13 +112,16 @@ def fold_blocks(ps: PairSet) -> None:
 
 def _cone(side: ComputeGraph, node: str, folded: tuple[str, ...], free: Callable[[str], bool]) -> tuple[str, ...]:
     """The unmatched ops that feed ``node`` (or the ops already ``folded`` into it) and nothing
-    outside it, back to matched ops; () when more than ``BLOCK_LIMIT`` of them (a whole unmatched
+    outside it, back to matched ops, within ``node``'s module (a decomposition lives in the module of
+    the op it decomposes; an unmatched op of an enclosing module, such as a residual add left out on
+    the other side, stays unmatched); () when more than ``BLOCK_LIMIT`` of them (a whole unmatched
     region is not one block)."""
     inside: dict[str, None] = dict.fromkeys(folded)
+    home = side.module.get(node, "")
     stack = [a for n in (node, *folded) for a in side.preds[n] if free(a)]
     while stack:
         n = stack.pop()
-        if n in inside or side.key[n] == "input":
+        if n in inside or side.key[n] == "input" or not _within(side.module.get(n, ""), home):
             continue
         inside[n] = None
         if len(inside) > BLOCK_LIMIT:
@@ -135,6 +138,10 @@ def _cone(side: ComputeGraph, node: str, folded: tuple[str, ...], free: Callable
                 group.discard(n)
                 changed = True
     return tuple(sorted(inside, key=side.pos.__getitem__))
+
+
+def _within(module: str, home: str) -> bool:
+    return not home or module == home or module.startswith(home + ".")
 
 
 def same_layout(r: ComputeGraph, c: ComputeGraph, p: Pair) -> Pair:

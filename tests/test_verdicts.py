@@ -74,6 +74,82 @@ def test_a_forgotten_residual_add_is_blamed_on_its_block():
     assert [e["ref_module"] for e in first] == ["blocks.1"] and first[0]["blame"].startswith("ref-only add")
 
 
+class RMSNorm(nn.Module):
+    """Written out (mean, rsqrt, mul), as Hugging Face writes it, or one ``F.rms_norm`` op."""
+
+    def __init__(self, fused):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(16, generator=torch.Generator().manual_seed(2)))
+        self.fused = fused
+
+    def forward(self, x):
+        if self.fused:
+            return torch.nn.functional.rms_norm(x, (16,), self.weight, 1e-6)
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class NormedNet(Net):
+    """Net with a final RMSNorm, and a last block that may forget its residual."""
+
+    def __init__(self, fused=False, last_residual=True):
+        super().__init__()
+        self.norm = RMSNorm(fused)
+        self.blocks[2].residual = last_residual
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+def test_a_residual_left_out_before_a_decomposed_norm_is_blamed_on_its_block():
+    """The add is not folded into the written-out norm it feeds (another module's op)."""
+    ref = fxdiff.capture(NormedNet(), (X,))
+    assert not fxdiff.compare(ref, NormedNet(fused=True)).diverged
+    first = fxdiff.compare(ref, NormedNet(fused=True, last_residual=False)).first_divergence()["forward"]
+    assert [(e["ref_module"], e["cand_module"]) for e in first] == [("blocks.2", "blocks.2")]
+    assert first[0]["blame"].startswith("ref-only add")
+
+
+class Rotary(nn.Module):
+    """q.k attention with RoPE: rotate-half layout (halves sliced off q and k, which are also used
+    whole), or interleaved pairs (q and k used only through their even and odd elements)."""
+
+    def __init__(self, interleaved):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.q, self.k = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+        with torch.no_grad():
+            for lin in (self.q, self.k):
+                w = torch.randn(16, 16, generator=g) / 4
+                # rotate-half rows (first halves, then second halves) -> interleaved pairs
+                lin.weight.copy_(w.view(2, 8, 16).transpose(0, 1).reshape(16, 16) if interleaved else w)
+        self.interleaved = interleaved
+
+    def rotate(self, z, cos, sin):
+        if self.interleaved:
+            pairs = z.reshape(*z.shape[:-1], 8, 2)
+            a, b = pairs[..., 0], pairs[..., 1]
+            return torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+        a, b = z[..., :8], z[..., 8:]
+        return z * torch.cat([cos, cos], -1) + torch.cat([-b, a], -1) * torch.cat([sin, sin], -1)
+
+    def forward(self, x):
+        angle = torch.arange(x.shape[1])[:, None] * 0.1 ** torch.arange(8)[None]
+        cos, sin = angle.cos(), angle.sin()
+        q, k = self.rotate(self.q(x), cos, sin), self.rotate(self.k(x), cos, sin)
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ x
+
+
+def test_look_alike_slices_used_differently_are_not_judged_backward():
+    """The halves of rotate-half q/k pair by value with the interleaved pairs, but their gradients
+    differ (the rotate-half side also uses q and k whole): not a divergence, and said so."""
+    report = fxdiff.compare(fxdiff.capture(Rotary(interleaved=False), (X,)), Rotary(interleaved=True))
+    assert not report.diverged, report.first_divergence()
+    assert any(w.startswith("gradients of 4 weak pair(s) not judged") for w in report.warnings), report.warnings
+    assert all(r.backward is not None and r.backward.passed for r in report.nodes if r.op == "linear")
+
+
 def test_backward_divergences_after_a_forward_one_are_marked_as_its_consequence():
     report = fxdiff.compare(fxdiff.capture(Net(), (X,)), Net(scale=1.5))
     backward = report.first_divergence()["backward"]

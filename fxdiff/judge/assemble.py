@@ -86,6 +86,11 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     if not tol.strict:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
     rows, rejected = _verify_weak(ref.graph, rows)
+    unjudged = _verify_weak_grads(ref.graph, rows)
+    if unjudged:
+        warnings.append(f"gradients of {len(unjudged)} weak pair(s) not judged ({', '.join(unjudged[:4])}): "
+                        "they differ although every gradient after them agrees, so the two ops are used "
+                        "differently (a slice of a value that also reaches the output another way)")
     _mark_frontier(ref.graph, rows)
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
@@ -232,6 +237,26 @@ def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow]) -> tuple[list[NodeR
     return kept, rejected
 
 
+def _verify_weak_grads(graph: torch.fx.Graph, rows: list[NodeRow]) -> list[str]:
+    """Drop the gradient comparison of weak pairs whose values agree but whose gradients differ
+    although every compared gradient after them agrees: the gradient of a node depends on how its
+    value is used, and look-alike ops paired by value can be used differently (one side slices a
+    value that also feeds the output directly, the other routes all of it through slices). A wrong
+    backward there still shows at the strongly matched ops before them. Returns the reference nodes."""
+    by_ref: dict[str, list[NodeRow]] = {}
+    for r in rows:
+        by_ref.setdefault(r.ref_node, []).append(r)
+    _, succs = noise.nearest(graph, set(by_ref))
+    dropped = []
+    for r in rows:
+        after = [x for s in succs[r.ref_node] for x in by_ref[s]]
+        if (r.confidence < WEAK and r.backward is not None and not r.backward.passed and r.forward.passed
+                and after and all(x.backward is not None and x.backward.passed for x in after)):
+            r.backward = None
+            dropped.append(r.ref_node)
+    return dropped
+
+
 def _structure(capture: Capture) -> list[dict[str, Any]]:
     """Each node's name, op, module, shape and inputs: enough to draw the graph."""
     return [{"name": n.name, "op": node_key(n), "kind": n.op, "target": n.meta.get(TARGET, str(n.target)),
@@ -274,8 +299,8 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
     for row in rows:
         if not row.first_forward:
             continue
-        op_r = _one_sided_input(ref.node(row.ref_node), compared_r, only_r)
-        op_c = _one_sided_input(cand.node(row.cand_node), compared_c, only_c)
+        op_r = _one_sided_input([ref.node(n) for n in (row.ref_node, *row.ref_block)], compared_r, only_r)
+        op_c = _one_sided_input([cand.node(n) for n in (row.cand_node, *row.cand_block)], compared_c, only_c)
         if (op_r is None) == (op_c is None):
             continue
         side, op = ("ref", op_r) if op_r is not None else ("cand", op_c)
@@ -455,11 +480,13 @@ def _relative_distance(a: torch.Tensor | None, b: torch.Tensor) -> float:
     return m.rms_diff / m.ref_rms if m.ref_rms > 0 else math.inf
 
 
-def _one_sided_input(start: torch.fx.Node, compared: set[str], only: set[str]) -> torch.fx.Node | None:
-    """An input of ``start`` (through views) that is an op in ``only`` whose every tensor input is
-    a compared node or a parameter: an op added to (or left out of) a matched computation, such as
-    a residual add, and not a side computation of its own, such as a mask."""
-    for a in start.all_input_nodes:
+def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[str]) -> torch.fx.Node | None:
+    """An input of the ``block`` (a node and the ops folded into its match; through views) that is
+    an op in ``only`` whose every tensor input is a compared node or a parameter: an op added to (or
+    left out of) a matched computation, such as a residual add, and not a side computation of its
+    own, such as a mask."""
+    inner = {n.name for n in block}
+    for a in (a for n in block for a in n.all_input_nodes if a.name not in inner):
         op = _through_views(a, compared)
         if op.name in only and all(_through_views(x, compared).name in compared
                                    or _through_views(x, compared).op == "get_attr" for x in op.all_input_nodes):

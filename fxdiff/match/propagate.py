@@ -112,13 +112,17 @@ def fold_blocks(ps: PairSet) -> None:
 
 def _cone(side: ComputeGraph, node: str, folded: tuple[str, ...], free: Callable[[str], bool]) -> tuple[str, ...]:
     """The unmatched ops that feed ``node`` (or the ops already ``folded`` into it) and nothing
-    outside it, back to matched ops; () when more than ``BLOCK_LIMIT`` of them (a whole unmatched
-    region is not one block)."""
+    outside it, back to matched ops, in ``node``'s module, its submodules or the modules that enclose
+    it (a decomposition lives in the module of the op it decomposes or in the code that calls it; an
+    op of another module, such as the residual add of the layer before a norm, left out on the other
+    side, stays unmatched); () when more than ``BLOCK_LIMIT`` of them (a whole unmatched region is
+    not one block)."""
     inside: dict[str, None] = dict.fromkeys(folded)
+    home = side.module.get(node, "")
     stack = [a for n in (node, *folded) for a in side.preds[n] if free(a)]
     while stack:
         n = stack.pop()
-        if n in inside or side.key[n] == "input":
+        if n in inside or side.key[n] == "input" or not _nested(side.module.get(n, ""), home):
             continue
         inside[n] = None
         if len(inside) > BLOCK_LIMIT:
@@ -135,6 +139,11 @@ def _cone(side: ComputeGraph, node: str, folded: tuple[str, ...], free: Callable
                 group.discard(n)
                 changed = True
     return tuple(sorted(inside, key=side.pos.__getitem__))
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether one module path is the other or encloses it."""
+    return not a or not b or a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def same_layout(r: ComputeGraph, c: ComputeGraph, p: Pair) -> Pair:

@@ -177,7 +177,8 @@ def run_pair(pair: Pair, variant: str | None = None, dtype: torch.dtype = torch.
     return report, bool(report.diverged), loc, details
 
 
-PAIR_MODULES = ("llama_phi3", "llama_meta", "gpt2_bigcode", "wav2vec2_hubert", "llama_xtransformers")
+PAIR_MODULES = ("llama_phi3", "llama_meta", "gpt2_bigcode", "wav2vec2_hubert", "llama_xtransformers",
+                "llama_torchtune")
 
 
 def _registry() -> dict[str, Pair]:

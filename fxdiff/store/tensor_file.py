@@ -112,7 +112,8 @@ class _Writer:
     Where the file system allows it, writes bypass the page cache (``O_DIRECT``): a capture is
     written once and read later, and where fresh memory is slow to fault in (virtual machines),
     filling the page cache costs more than the disk does. (Writing chunks from two threads at
-    their offsets was measured slower: the disk prefers one sequential stream.)
+    their offsets was measured slower: the disk prefers one sequential stream.) For the same
+    reason the buffers are kept for the next writer (``_POOL``).
     """
 
     CHUNK = 1 << 23
@@ -132,7 +133,10 @@ class _Writer:
             os.lseek(self.fd, base, os.SEEK_SET)
         self.size = 0
         self._hash = xxhash.xxh3_64()
-        self._free = [mmap.mmap(-1, self.CHUNK) for _ in range(buffers)]
+        with _POOL_LOCK:
+            self._free = [_POOL.pop() for _ in range(min(buffers, len(_POOL)))]
+        self._free += [mmap.mmap(-1, self.CHUNK) for _ in range(buffers - len(self._free))]
+        self._all = list(self._free)
         self._buf, self._fill = self._free.pop(), 0
         self._writes = ThreadPoolExecutor(1)
         self._pending: collections.deque[tuple[Future, mmap.mmap]] = collections.deque()
@@ -189,6 +193,13 @@ class _Writer:
         finally:
             self._writes.shutdown()
             os.close(self.fd)
+            with _POOL_LOCK:
+                _POOL.extend(self._all[:max(0, _POOL_KEEP - len(_POOL))])
+
+
+_POOL: list[mmap.mmap] = []   # write buffers of finished writers, already faulted in
+_POOL_LOCK = threading.Lock()
+_POOL_KEEP = 8
 
 
 def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path) -> dict[str, torch.Tensor]:

@@ -248,8 +248,8 @@ class Recorder(TorchFunctionMode):
         if summary:
             self.values[name] = summarise(t)
             return
-        if stream:   # copied to the capture file now: nothing is held, nothing to protect
-            self.stream.put(f"value/{name}", t)
+        if stream:   # to the capture file: held only until the stream has copied it
+            self.stream.put(f"value/{name}", t, defer=not copy)
             self.values[name] = _stand_in(t)
             return
         value = t.detach()
@@ -263,6 +263,8 @@ class Recorder(TorchFunctionMode):
 
     def protect(self, tensors: list[torch.Tensor]) -> None:
         """Copy the values held by reference that share storage with ``tensors``, before a write."""
+        if self.stream is not None:
+            self.stream.protect(tensors)
         for t in tensors:
             for name in self._shared.pop(_storage_key(t), ()):
                 value = self.values[name]
@@ -276,6 +278,10 @@ class Recorder(TorchFunctionMode):
         Call once the run's own tensors (outputs, inputs, loss) are gone, and before the model's
         state is restored: the model's parameters and whatever it kept still count as outside.
         """
+        if self.stream is not None:
+            overwritten = self.stream.settle()
+            if overwritten is not None:
+                raise Aliased(overwritten)
         for name, version in self._grad_versions.items():
             if self.grads[name]._version != version:
                 raise Aliased(f"gradient of {name}")
@@ -383,7 +389,8 @@ class Recorder(TorchFunctionMode):
                 self.grads[name] = summarise(grad)
                 return
             if self.stream is not None:
-                self.stream.put(f"grad/{name}", grad)
+                self.stream.verify()
+                self.stream.put(f"grad/{name}", grad, defer=not self.copy)
                 self.grads[name] = _stand_in(grad)
                 return
             if plain:
@@ -455,6 +462,8 @@ class Recorder(TorchFunctionMode):
 
     def call(self, func, args: tuple, kwargs: dict, run: Callable[[], Any] | None = None) -> Any:
         """Run ``func`` (or ``run()`` in its place) and record it as ``func``."""
+        if self.stream is not None:
+            self.stream.verify()
         inputs = _tensors((args, kwargs))
         versions = [t._version for t in inputs]
         written = _written(func, args, kwargs)
@@ -524,7 +533,12 @@ class Recorder(TorchFunctionMode):
 
 def _stand_in(t: torch.Tensor) -> torch.Tensor:
     """What a recorder holds for a value written to the capture file: its shape and dtype, no data."""
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return _meta(t.shape, t.stride(), t.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _meta(shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")   # shared: nothing writes to it
 
 
 def _call_site(paths: list[str], caller: str) -> str:

@@ -57,6 +57,7 @@ REPLAYED = "fxdiff_replayed"         # node.meta: True when that call took the r
 _ALPHA = 1.7580993408473766          # SELU's alpha, as alpha dropout uses it
 _CONST_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device,
                 torch.layout, torch.memory_format)
+_CONST_KINDS = frozenset(_CONST_TYPES)
 _INPLACE_DUNDERS = {"__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
                     "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
                     "__ilshift__", "__irshift__", "__imatmul__"}
@@ -299,7 +300,11 @@ class Recorder(TorchFunctionMode):
     # -- nodes --------------------------------------------------------------------------------
     def _new_node(self, op: str, target: Any, args: tuple, kwargs: dict, name: str,
                   module: tuple[str, str] | None = None) -> torch.fx.Node:
-        node = self.graph.create_node(op, target, args, kwargs, name=name)
+        # args go in after: create_node walks them with pytree, looking for symbolic ints (an eager
+        # run has none), which costs more than the rest of recording an op
+        node = self.graph.create_node(op, target, (), kwargs, name=name)
+        if args:
+            node.args = args
         node.meta[MODULE], node.meta[MODULE_TYPE] = module or self._stack[-1]
         node.meta[TARGET] = target if isinstance(target, str) else self._name(target)[0]
         return node
@@ -464,7 +469,7 @@ class Recorder(TorchFunctionMode):
         """Run ``func`` (or ``run()`` in its place) and record it as ``func``."""
         if self.stream is not None:
             self.stream.verify()
-        inputs = _tensors((args, kwargs))
+        inputs = _arg_tensors(args, kwargs)
         versions = [t._version for t in inputs]
         written = _written(func, args, kwargs)
         if written:
@@ -493,9 +498,11 @@ class Recorder(TorchFunctionMode):
         if not produced:
             return
         before = dict(zip(map(id, inputs), versions))
-        fx_args, fx_kwargs = _to_fx((args, kwargs), lambda t: self.node_of(t, before[id(t)]))
+        node_of = lambda t: self.node_of(t, before[id(t)])  # noqa: E731
+        fx_args = tuple([_to_fx(a, node_of) for a in args])
+        fx_kwargs = {str(k): _to_fx(v, node_of) for k, v in kwargs.items()}
         name = self._name(func)[1]
-        node = self._new_node("call_function", func, tuple(fx_args), fx_kwargs, name=name)
+        node = self._new_node("call_function", func, fx_args, fx_kwargs, name=name)
         if len(produced) == 1 and (produced[0][1] is out or not outs):
             self.hold(node, produced[0][1])
             self._sync_base(produced[0][1], node, in_ids)
@@ -561,6 +568,18 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, meta...
         return None
+
+
+def _arg_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """``_tensors((args, kwargs))``, quicker for the usual flat call."""
+    found = []
+    for group in (args, kwargs.values()) if kwargs else (args,):
+        for a in group:
+            if isinstance(a, torch.Tensor):
+                found.append(a)
+            elif type(a) not in _CONST_KINDS:
+                found += _tensors(a)
+    return found
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -640,12 +659,12 @@ def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
 def _to_fx(obj: Any, node_of: Callable[[torch.Tensor], torch.fx.Node]) -> Any:
     """``obj`` with tensors replaced by their nodes and non-graph objects by their repr."""
     kind = type(obj)
-    if kind in _CONST_TYPES:
+    if kind in _CONST_KINDS:
         return obj
     if isinstance(obj, torch.Tensor):
         return node_of(obj)
     if kind is tuple or kind is list:
-        return kind(_to_fx(v, node_of) for v in obj)
+        return kind([_to_fx(v, node_of) for v in obj])
     if isinstance(obj, tuple):  # torch.Size, namedtuples
         return tuple(_to_fx(v, node_of) for v in obj)
     if isinstance(obj, list):

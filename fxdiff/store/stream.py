@@ -97,9 +97,11 @@ class TensorStream:
             if found is None:
                 lo = first - first % _ALIGN
                 blob, start = self._new_blob(sid, storage, t, lo, end)
-                if storage.device.type == "cuda" and end > lo:
+                if end == lo:
+                    pass   # no bytes: close() places it at the end of the file
+                elif storage.device.type == "cuda":
                     gpu = (blob, storage, lo, end)
-                elif defer and storage.device.type == "cpu" and end > lo and not t.is_inference():
+                elif defer and storage.device.type == "cpu" and not t.is_inference():
                     self._enqueue(_Item(key, blob, t, storage, lo, end))
                 else:
                     now = (blob, storage, lo, end)
@@ -251,6 +253,7 @@ class TensorStream:
             raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
         header: dict[str, Any] = {}
         for i, (offset, length) in enumerate(self._blobs):
+            offset = offset if length else self._writer.size   # blobs follow one another in the file
             header[f"storage/{i}"] = {"dtype": "U8", "shape": [length], "data_offsets": [offset, offset + length]}
         header["__metadata__"] = {"format": FORMAT, "views": json.dumps(self._views, separators=(",", ":"))}
         head = json.dumps(header, separators=(",", ":")).encode()

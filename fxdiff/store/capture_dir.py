@@ -138,7 +138,7 @@ def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Captu
         size, digest = stream.tensors.close()
         (stream.tmp / GRAPH).write_bytes(graph_bytes)
         meta = _complete(stream.tmp, stream.path, capture, graph_bytes, size, digest, partial)
-        mapped = read_tensors(stream.path / TENSORS, size, digest, verify=False)
+        mapped = stream.tensors.mapped(stream.path / TENSORS)
     except OSError as e:
         raise FxdiffError(f"{stream.path}: cannot write the capture ({e.strerror or e})") from None
     tables: dict[str, dict[str, torch.Tensor]] = {s: {} for s in _SECTIONS}

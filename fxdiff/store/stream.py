@@ -43,7 +43,7 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
-from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span
+from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span, map_written
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
 BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not wait for the disk
@@ -72,6 +72,7 @@ class TensorStream:
         self._copying: _Item | None = None
         self._recent: list[_Item] = []          # copied; their version is checked once more (``verify``)
         self._copier: threading.Thread | None = None
+        self._idle = False                      # the copier waits for work
         self._stop = False
         self.overwritten: str | None = None     # a tensor written to before it was copied
         self._blobs: list[list[int]] = []          # [offset in data, length] (length padded)
@@ -159,13 +160,16 @@ class TensorStream:
         if self._copier is None:
             self._copier = threading.Thread(target=self._copy, name="fxdiff-stream-copy", daemon=True)
             self._copier.start()
-        self._changed.notify_all()
+        if self._idle:
+            self._changed.notify_all()
 
     def _copy(self) -> None:
         while True:
             with self._lock:
                 while not self._queue and not self._stop:
+                    self._idle = True
                     self._changed.wait()
+                    self._idle = False
                 if self._stop:
                     return
                 item = self._copying = self._queue.popleft()
@@ -279,7 +283,12 @@ class TensorStream:
             buf.close()
         digest = {"xxh3_64_header": xxhash.xxh3_64_hexdigest(head), "xxh3_64_data": writer.digest,
                   "data_offset": reserve}
-        return reserve + writer.size, digest
+        self.size, self.data_offset = reserve + writer.size, reserve
+        return self.size, digest
+
+    def mapped(self, file: Path) -> dict[str, torch.Tensor]:
+        """After ``close``: the tensors, memory-mapped from ``file`` (where the file now is)."""
+        return map_written(file, self.size, self.data_offset, self._blobs, self._views)
 
     def abort(self) -> None:
         self._stop_copier(drain=False)

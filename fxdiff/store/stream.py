@@ -178,16 +178,16 @@ class TensorStream:
                     self._append(item.blob, _span_bytes(item.storage, item.lo, item.end))
             except BaseException as e:  # noqa: BLE001 -- reported by put() and close()
                 self.error = e
-            with self._lock:
+            with self._lock:   # in recent before it leaves waiting: protect() looks at both without the lock
+                if item.tensor._version != item.version:
+                    self.overwritten = self.overwritten or item.key
+                else:
+                    self._recent.append(item)
                 self._copying = None
                 self._queued -= item.end - item.lo
                 left = self._waiting.pop(item.address) - 1
                 if left:
                     self._waiting[item.address] = left
-                if item.tensor._version != item.version:
-                    self.overwritten = self.overwritten or item.key
-                else:
-                    self._recent.append(item)
                 self._changed.notify_all()
 
     def verify(self) -> None:

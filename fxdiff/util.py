@@ -122,4 +122,7 @@ def to_float(x: Any) -> float | None:
 
 def dumps(obj: Any, **kwargs: Any) -> str:
     """Strict JSON (no ``Infinity``/``NaN`` tokens): non-finite floats become strings, see ``finite``."""
-    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+    try:   # most documents hold none: only those that do are walked
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        return json.dumps(finite(obj), allow_nan=False, **kwargs)

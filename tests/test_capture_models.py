@@ -388,10 +388,12 @@ class ClobberModel(nn.Module):
         return Clobber.apply(h) * 2
 
 
-def test_writes_the_recorder_cannot_foresee_still_leave_values_and_gradients_as_produced():
+@pytest.mark.parametrize("stream", [False, True])
+def test_writes_the_recorder_cannot_foresee_still_leave_values_and_gradients_as_produced(tmp_path, stream):
+    """Streamed, too: the stream's copier may copy a tensor after such a write."""
     torch.manual_seed(0)
     model, x = ClobberModel(), torch.randn(2, 3)
-    cap = fxdiff.capture(model, (x,), loss=lambda out: out.sum())
+    cap = fxdiff.capture(model, (x,), loss=lambda out: out.sum(), stream_to=tmp_path / "c" if stream else None)
     linear, = nodes_of(cap, "linear")
     assert torch.equal(cap.values[linear.name], model.lin(x).detach())
     clone, = nodes_of(cap, "clone")  # the Function's output, whose gradient backward zeroed in place

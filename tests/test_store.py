@@ -418,6 +418,32 @@ def test_streamed_capture_equals_a_saved_one(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "streamed"]   # no debris, no lock
 
 
+class EmptyAfterLarge(torch.nn.Module):
+    """Large values, each followed by empty ones, while the large ones may still wait to be copied."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(256, 256)
+
+    def forward(self, x):
+        for _ in range(4):
+            x = self.lin(x)
+            x = x + x[:, :0].sum() + x.new_zeros(0).sum()
+        return x
+
+
+def test_streamed_capture_with_empty_tensors_reads_back(tmp_path):
+    torch.manual_seed(0)
+    model, x = EmptyAfterLarge(), torch.randn(4096, 256)
+    saved = fxdiff.load(fxdiff.save(fxdiff.capture(model, (x,)), tmp_path / "saved"))
+    for i in range(3):
+        streamed = fxdiff.capture(model, (x,), stream_to=tmp_path / "streamed")
+        assert any(v.numel() == 0 for v in streamed.values.values())
+        loaded = fxdiff.load(tmp_path / "streamed")
+        loaded.meta["started"] = saved.meta["started"]
+        assert_same_capture(saved, loaded)
+
+
 def test_streamed_header_grows_past_its_reserve(tmp_path, conformer_capture, monkeypatch):
     from fxdiff.store import stream
 

@@ -57,6 +57,7 @@ REPLAYED = "fxdiff_replayed"         # node.meta: True when that call took the r
 _ALPHA = 1.7580993408473766          # SELU's alpha, as alpha dropout uses it
 _CONST_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device,
                 torch.layout, torch.memory_format)
+_CONST_KINDS = frozenset(_CONST_TYPES)
 _INPLACE_DUNDERS = {"__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
                     "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
                     "__ilshift__", "__irshift__", "__imatmul__"}
@@ -250,8 +251,8 @@ class Recorder(TorchFunctionMode):
         if summary:
             self.values[name] = summarise(t)
             return
-        if stream:   # copied to the capture file now: nothing is held, nothing to protect
-            self.stream.put(f"value/{name}", t)
+        if stream:   # to the capture file: held only until the stream has copied it
+            self.stream.put(f"value/{name}", t, defer=not copy)
             self.values[name] = _stand_in(t)
             return
         value = t.detach()
@@ -265,6 +266,8 @@ class Recorder(TorchFunctionMode):
 
     def protect(self, tensors: list[torch.Tensor]) -> None:
         """Copy the values held by reference that share storage with ``tensors``, before a write."""
+        if self.stream is not None:
+            self.stream.protect(tensors)
         for t in tensors:
             for name in self._shared.pop(_storage_key(t), ()):
                 value = self.values[name]
@@ -278,6 +281,10 @@ class Recorder(TorchFunctionMode):
         Call once the run's own tensors (outputs, inputs, loss) are gone, and before the model's
         state is restored: the model's parameters and whatever it kept still count as outside.
         """
+        if self.stream is not None:
+            overwritten = self.stream.settle()
+            if overwritten is not None:
+                raise Aliased(overwritten)
         for name, version in self._grad_versions.items():
             if self.grads[name]._version != version:
                 raise Aliased(f"gradient of {name}")
@@ -295,7 +302,11 @@ class Recorder(TorchFunctionMode):
     # -- nodes --------------------------------------------------------------------------------
     def _new_node(self, op: str, target: Any, args: tuple, kwargs: dict, name: str,
                   module: tuple[str, str] | None = None) -> torch.fx.Node:
-        node = self.graph.create_node(op, target, args, kwargs, name=name)
+        # args go in after: create_node walks them with pytree, looking for symbolic ints (an eager
+        # run has none), which costs more than the rest of recording an op
+        node = self.graph.create_node(op, target, (), kwargs, name=name)
+        if args:
+            node.args = args
         node.meta[MODULE], node.meta[MODULE_TYPE] = module or self._stack[-1]
         node.meta[TARGET] = target if isinstance(target, str) else self._name(target)[0]
         return node
@@ -392,7 +403,8 @@ class Recorder(TorchFunctionMode):
                 self.grads[name] = summarise(grad)
                 return
             if self.stream is not None:
-                self.stream.put(f"grad/{name}", grad)
+                self.stream.verify()
+                self.stream.put(f"grad/{name}", grad, defer=not self.copy)
                 self.grads[name] = _stand_in(grad)
                 return
             if plain:
@@ -506,7 +518,9 @@ class Recorder(TorchFunctionMode):
 
     def call(self, func, args: tuple, kwargs: dict, run: Callable[[], Any] | None = None) -> Any:
         """Run ``func`` (or ``run()`` in its place) and record it as ``func``."""
-        inputs = _tensors((args, kwargs))
+        if self.stream is not None:
+            self.stream.verify()
+        inputs = _arg_tensors(args, kwargs)
         versions = [t._version for t in inputs]
         written = _written(func, args, kwargs)
         if written:
@@ -535,9 +549,11 @@ class Recorder(TorchFunctionMode):
         if not produced:
             return
         before = dict(zip(map(id, inputs), versions))
-        fx_args, fx_kwargs = _to_fx((args, kwargs), lambda t: self.node_of(t, before[id(t)]))
+        node_of = lambda t: self.node_of(t, before[id(t)])  # noqa: E731
+        fx_args = tuple([_to_fx(a, node_of) for a in args])
+        fx_kwargs = {str(k): _to_fx(v, node_of) for k, v in kwargs.items()}
         name = self._name(func)[1]
-        node = self._new_node("call_function", func, tuple(fx_args), fx_kwargs, name=name)
+        node = self._new_node("call_function", func, fx_args, fx_kwargs, name=name)
         if len(produced) == 1 and (produced[0][1] is out or not outs):
             self.hold(node, produced[0][1])
             self._sync_base(produced[0][1], node, in_ids)
@@ -575,7 +591,12 @@ class Recorder(TorchFunctionMode):
 
 def _stand_in(t: torch.Tensor) -> torch.Tensor:
     """What a recorder holds for a value written to the capture file: its shape and dtype, no data."""
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return _meta(t.shape, t.stride(), t.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _meta(shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")   # shared: nothing writes to it
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -627,6 +648,18 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, meta...
         return None
+
+
+def _arg_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """``_tensors((args, kwargs))``, quicker for the usual flat call."""
+    found = []
+    for group in (args, kwargs.values()) if kwargs else (args,):
+        for a in group:
+            if isinstance(a, torch.Tensor):
+                found.append(a)
+            elif type(a) not in _CONST_KINDS:
+                found += _tensors(a)
+    return found
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -706,12 +739,12 @@ def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
 def _to_fx(obj: Any, node_of: Callable[[torch.Tensor], torch.fx.Node]) -> Any:
     """``obj`` with tensors replaced by their nodes and non-graph objects by their repr."""
     kind = type(obj)
-    if kind in _CONST_TYPES:
+    if kind in _CONST_KINDS:
         return obj
     if isinstance(obj, torch.Tensor):
         return node_of(obj)
     if kind is tuple or kind is list:
-        return kind(_to_fx(v, node_of) for v in obj)
+        return kind([_to_fx(v, node_of) for v in obj])
     if isinstance(obj, tuple):  # torch.Size, namedtuples
         return tuple(_to_fx(v, node_of) for v in obj)
     if isinstance(obj, list):

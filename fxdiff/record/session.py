@@ -461,8 +461,7 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
                       output_grads=run.output_grads, meta=info)
     if run.stream is None:
         return capture
-    from ..store.capture_dir import load_written
-    return load_written(run.stream.finish(capture))   # memory-mapped from the file just written
+    return run.stream.finish(capture)   # memory-mapped from the file just written
 
 
 def _kept(rec: Recorder, config: RunConfig) -> tuple[torch.fx.Graph, dict[str, torch.Tensor], dict[str, torch.Tensor]]:

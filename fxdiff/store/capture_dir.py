@@ -55,7 +55,7 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     targets = targets or Targets.default()
     if path.exists() and not (path / MANIFEST).is_file():
         raise FxdiffError(f"{path}: exists and is not an fxdiff capture; refusing to overwrite it")
-    tensors, graph_bytes, partial = _contents(capture, targets)
+    tensors, _, graph_bytes, partial = _contents(capture, targets)
     with writing(path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
@@ -71,9 +71,10 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     return path
 
 
-def _contents(capture: Capture, targets: Targets, streamed: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], bytes, bool]:
-    """(tensors by key, graph.json bytes, whether the capture is partial: version 4). Keys in
-    ``streamed`` are already in the file."""
+def _contents(capture: Capture, targets: Targets,
+              streamed: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict, bytes, bool]:
+    """(tensors by key, the graph document and its graph.json bytes, whether the capture is partial:
+    version 4). Keys in ``streamed`` are already in the file."""
     tensors: dict[str, torch.Tensor] = {}
     summaries: dict[tuple[str, str], dict] = {}
     tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
@@ -95,12 +96,13 @@ def _contents(capture: Capture, targets: Targets, streamed: set[str] = frozenset
     # partial captures (capture --keep values/grads/summary) are version 4: a version-3 reader
     # would take a missing or summarised tensor for a difference
     partial = bool(summaries) or capture.meta.get("keep", "both") != "both"
-    return tensors, dumps(graph_doc, separators=(",", ":")).encode(), partial
+    return tensors, graph_doc, dumps(graph_doc, separators=(",", ":")).encode(), partial
 
 
 def _complete(tmp: Path, path: Path, capture: Capture, graph_bytes: bytes, size: int, digest: dict[str, Any],
-              partial: bool) -> None:
-    """Write the manifest into ``tmp`` and swap ``tmp`` in at ``path`` (the write lock held)."""
+              partial: bool) -> dict[str, Any]:
+    """Write the manifest into ``tmp`` and swap ``tmp`` in at ``path`` (the write lock held); returns
+    the metadata as written."""
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
@@ -113,16 +115,19 @@ def _complete(tmp: Path, path: Path, capture: Capture, graph_bytes: bytes, size:
             TENSORS: {"bytes": size, **digest},
         },
     }
-    atomic_write(tmp / MANIFEST, dumps(manifest, indent=1, default=str))
+    text = dumps(manifest, indent=1, default=str)
+    atomic_write(tmp / MANIFEST, text)
     _swap_in(tmp, path)
+    return json.loads(text)["meta"]
 
 
-def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> None:
+def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Capture:
     """Complete a capture whose values and gradients ``stream`` (``stream.CaptureStream``) wrote
-    during the run: the remaining tensors, the header, the graph and the manifest."""
+    during the run: the remaining tensors, the header, the graph and the manifest. Returns
+    ``capture`` with its tensors memory-mapped from the file written and its metadata as written."""
     targets = targets or Targets.default()
     streamed = set(stream.tensors._views)
-    tensors, graph_bytes, partial = _contents(capture, targets, streamed)
+    tensors, doc, graph_bytes, partial = _contents(capture, targets, streamed)
     try:
         for key, t in tensors.items():
             stream.put(key, t)
@@ -132,20 +137,29 @@ def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> None:
         stream.tensors._views = {**{k: views[k] for k in order if k in views}, **views}
         size, digest = stream.tensors.close()
         (stream.tmp / GRAPH).write_bytes(graph_bytes)
-        _complete(stream.tmp, stream.path, capture, graph_bytes, size, digest, partial)
+        meta = _complete(stream.tmp, stream.path, capture, graph_bytes, size, digest, partial)
+        mapped = stream.tensors.mapped(stream.path / TENSORS)
     except OSError as e:
         raise FxdiffError(f"{stream.path}: cannot write the capture ({e.strerror or e})") from None
+    tables: dict[str, dict[str, torch.Tensor]] = {s: {} for s in _SECTIONS}
+    for key, t in mapped.items():
+        section, _, name = key.partition("/")
+        if section in tables:
+            tables[section][name] = t
+    for section, table in (("value", capture.values), ("grad", capture.grads)):
+        for name, t in table.items():
+            if is_summary(t):   # its sample is in the file
+                tables[section][name] = summary_from_json(summary_to_json(t), tables[section][name], str(stream.path))
+    inputs = tree.decode(doc["inputs"], {k: t for k, t in mapped.items() if k.startswith("input.")})
+    outputs = tree.decode(doc["outputs"], {k: t for k, t in mapped.items() if k.startswith("output.")})
+    return Capture(graph=capture.graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
+                   param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
+                   output_grads=tables["output_grad"], meta=meta)
 
 
 def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     """Read and validate a capture directory; its tensors are memory-mapped, not copied."""
     return _load(Path(path), targets, verify=True)
-
-
-def load_written(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
-    """``load`` of a capture this process has just written: its digest is not checked again."""
-    capture, _ = _load(Path(path), targets, verify=False)
-    return capture
 
 
 _VERIFY = ThreadPoolExecutor(2, thread_name_prefix="fxdiff-verify")

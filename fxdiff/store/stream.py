@@ -1,10 +1,15 @@
 """A capture written while the model runs (``capture(..., stream_to=path)``, the CLI's ``-o``).
 
-Each value and gradient is copied as it is produced, the moment the recorder sees it, into the
-tensor file's write buffers, and a background thread writes them to disk; the recorder then keeps
-nothing of it. A capture so costs the model's own memory plus the buffers (``BUFFERS`` x 8 MiB),
-not the sum of every value and gradient. Copying when produced is what the recorder's
-copy-on-write rules need: the bytes are the value as produced, whatever the model writes later.
+Each value and gradient goes to the tensor file as it is produced: a copier thread copies it into
+the file's write buffers and a writer thread writes them to disk, so the model's own thread only
+hands the tensor over. The stream holds a tensor only until it is copied, at most ``PENDING``
+bytes of them (past that the model waits); a capture so costs the model's own memory plus that
+and the buffers (``BUFFERS`` x 8 MiB), not the sum of every value and gradient. The bytes must be
+the value as produced, whatever the model writes later: before a write the recorder foresees
+(``protect``), a tensor still waiting is copied aside; a write it did not foresee is caught by the
+tensor's version counter, checked when the copy is made and again at the recorder's next call
+(``verify``), and ``settle`` then names the tensor, so that the run is recorded again copying
+each tensor the moment it is produced (``put(..., defer=False)``).
 
 On a GPU the copy is a device-to-device clone in the model's stream (ordered before any later
 in-place write, and fast), then an asynchronous copy to pinned host memory on a side stream that
@@ -22,6 +27,7 @@ is appended when the run ends.
 
 from __future__ import annotations
 
+import collections
 import json
 import mmap
 import os
@@ -37,17 +43,18 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
-from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span
+from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span, map_written
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
 BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not wait for the disk
 IN_FLIGHT = 1 << 30       # bytes of GPU copies in transit at most
+PENDING = 1 << 28         # bytes of CPU tensors waiting for the copier at most
 
 
 class TensorStream:
     """The tensor file of a capture being written while the model runs (see the module docstring).
 
-    ``put(key, t)`` copies ``t`` (``"value/NAME"``, ``"grad/NAME"``...) into the file; ``close()``
+    ``put(key, t)`` stores ``t`` (``"value/NAME"``, ``"grad/NAME"``...) in the file; ``close()``
     writes the header and returns ``(bytes, digest)`` for the manifest; ``abort()`` gives up.
     Thread-safe: gradients arrive from autograd's threads.
     """
@@ -56,7 +63,18 @@ class TensorStream:
         self.file = file
         self._reserve = HEADER
         self._writer = _Writer(file, base=self._reserve, buffers=BUFFERS)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()          # the layout (blobs, views, spans) and the copier's queue
+        self._write_lock = threading.Lock()     # one thread at a time appends to the file
+        self._changed = threading.Condition(self._lock)
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued = 0                        # bytes in the queue
+        self._waiting: dict[int, int] = {}      # storage address -> its items queued or being copied
+        self._copying: _Item | None = None
+        self._recent: list[_Item] = []          # copied; their version is checked once more (``verify``)
+        self._copier: threading.Thread | None = None
+        self._idle = False                      # the copier waits for work
+        self._stop = False
+        self.overwritten: str | None = None     # a tensor written to before it was copied
         self._blobs: list[list[int]] = []          # [offset in data, length] (length padded)
         self._views: dict[str, list] = {}
         self._spans: dict[tuple[str, int], list] = {}   # storage -> [(storage ref, version, first, end, blob)]
@@ -65,11 +83,12 @@ class TensorStream:
         self.error: BaseException | None = None
 
     # -- adding tensors
-    def put(self, key: str, t: torch.Tensor) -> None:
-        """Store ``t`` under ``key`` as it is now."""
+    def put(self, key: str, t: torch.Tensor, defer: bool = False) -> None:
+        """Store ``t`` under ``key`` as it is now: copied before this returns, or with ``defer`` (a
+        CPU tensor) by the copier thread, the caller calling ``protect`` before it writes to it."""
         first, end = byte_span(key, t)
         t = t.detach()
-        gpu = None
+        gpu = now = None
         with self._lock:
             if self.error is not None:
                 raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
@@ -79,14 +98,22 @@ class TensorStream:
             if found is None:
                 lo = first - first % _ALIGN
                 blob, start = self._new_blob(sid, storage, t, lo, end)
-                if storage.device.type == "cuda" and end > lo:
+                if end == lo:
+                    pass   # no bytes: close() places it at the end of the file
+                elif storage.device.type == "cuda":
                     gpu = (blob, storage, lo, end)
+                elif defer and storage.device.type == "cpu" and not t.is_inference():
+                    self._enqueue(_Item(key, blob, t, storage, lo, end))
                 else:
-                    self._append(blob, _span_bytes(storage, lo, end))   # copied to the CPU now
+                    now = (blob, storage, lo, end)
             else:
                 blob, start = found
             self._views[key] = [blob, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()),
                                 first - start]
+            while self._queued > PENDING and self.error is None:
+                self._changed.wait()
+        if now is not None:
+            self._append(now[0], _span_bytes(*now[1:]))   # copied now
         if gpu is not None:   # outside the lock: it may wait for the feeder, which takes the lock
             if self._gpu is None:
                 with self._lock:
@@ -116,17 +143,113 @@ class TensorStream:
         return blob, lo
 
     def _append(self, blob: int, data: memoryview) -> None:
-        """Write ``data`` as blob ``blob`` (under the lock; from the feeder thread for GPU blobs)."""
-        with self._lock:
+        """Write ``data`` as blob ``blob`` (from the copier thread, the feeder thread for GPU blobs,
+        or the caller's)."""
+        with self._write_lock:
             self._blobs[blob][0] = self._writer.size
             self._writer.write(data)
             pad = self._blobs[blob][1] - len(data)
             if pad:
                 self._writer.write(memoryview(bytes(pad)))
 
+    # -- deferred copies
+    def _enqueue(self, item: "_Item") -> None:
+        self._queue.append(item)
+        self._queued += item.end - item.lo
+        self._waiting[item.address] = self._waiting.get(item.address, 0) + 1
+        if self._copier is None:
+            self._copier = threading.Thread(target=self._copy, name="fxdiff-stream-copy", daemon=True)
+            self._copier.start()
+        if self._idle:
+            self._changed.notify_all()
+
+    def _copy(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stop:
+                    self._idle = True
+                    self._changed.wait()
+                    self._idle = False
+                if self._stop:
+                    return
+                item = self._copying = self._queue.popleft()
+            try:
+                if self.error is None:
+                    self._append(item.blob, _span_bytes(item.storage, item.lo, item.end))
+            except BaseException as e:  # noqa: BLE001 -- reported by put() and close()
+                self.error = e
+            with self._lock:   # in recent before it leaves waiting: protect() looks at both without the lock
+                if item.tensor._version != item.version:
+                    self.overwritten = self.overwritten or item.key
+                else:
+                    self._recent.append(item)
+                self._copying = None
+                self._queued -= item.end - item.lo
+                left = self._waiting.pop(item.address) - 1
+                if left:
+                    self._waiting[item.address] = left
+                self._changed.notify_all()
+
+    def verify(self) -> None:
+        """Check the tensors copied since the last check against their version when handed over
+        (the caller's writes since are over: a copy that overlapped one is caught here)."""
+        if self._recent:
+            with self._lock:
+                self._verify()
+
+    def _verify(self) -> None:
+        for item in self._recent:
+            if item.tensor._version != item.version:
+                self.overwritten = self.overwritten or item.key
+        self._recent.clear()
+
+    def protect(self, tensors: list[torch.Tensor]) -> None:
+        """Before a write to ``tensors``: copy aside the queued tensors that share their storage."""
+        if not self._waiting and not self._recent:
+            return
+        with self._lock:
+            self._verify()
+            addresses = set()
+            for t in tensors:
+                try:
+                    if t.device.type == "cpu":
+                        addresses.add(t.untyped_storage().data_ptr())
+                except (RuntimeError, NotImplementedError, TypeError):
+                    pass
+            addresses &= self._waiting.keys()
+            if not addresses:
+                return
+            for item in self._queue:
+                if item.address in addresses:
+                    item.aside()
+            while self._copying is not None and self._copying.address in addresses:
+                self._changed.wait()
+            self._verify()
+
+    def settle(self) -> str | None:
+        """Wait for the queued copies; the key of a tensor written to before it was copied, or None."""
+        with self._lock:
+            while self._queue or self._copying is not None:
+                self._changed.wait()
+            self._verify()
+            return self.overwritten
+
+    def _stop_copier(self, drain: bool) -> None:
+        with self._lock:
+            if not drain:
+                self._queue.clear()
+            while self._queue or self._copying is not None:
+                self._changed.wait()
+            self._stop = True
+            self._changed.notify_all()
+        if self._copier is not None:
+            self._copier.join()
+        self._recent.clear()
+
     # -- ending
     def close(self) -> tuple[int, dict[str, Any]]:
         """Wait for the last copies, write the header; returns (file bytes, manifest digest)."""
+        self._stop_copier(drain=True)
         if self._gpu is not None:
             self._gpu.close()
         if self.error is not None:
@@ -134,6 +257,7 @@ class TensorStream:
             raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
         header: dict[str, Any] = {}
         for i, (offset, length) in enumerate(self._blobs):
+            offset = offset if length else self._writer.size   # blobs follow one another in the file
             header[f"storage/{i}"] = {"dtype": "U8", "shape": [length], "data_offsets": [offset, offset + length]}
         header["__metadata__"] = {"format": FORMAT, "views": json.dumps(self._views, separators=(",", ":"))}
         head = json.dumps(header, separators=(",", ":")).encode()
@@ -159,9 +283,15 @@ class TensorStream:
             buf.close()
         digest = {"xxh3_64_header": xxhash.xxh3_64_hexdigest(head), "xxh3_64_data": writer.digest,
                   "data_offset": reserve}
-        return reserve + writer.size, digest
+        self.size, self.data_offset = reserve + writer.size, reserve
+        return self.size, digest
+
+    def mapped(self, file: Path) -> dict[str, torch.Tensor]:
+        """After ``close``: the tensors, memory-mapped from ``file`` (where the file now is)."""
+        return map_written(file, self.size, self.data_offset, self._blobs, self._views)
 
     def abort(self) -> None:
+        self._stop_copier(drain=False)
         if self._gpu is not None:
             self._gpu.close(drain=False)
         if not self._closed:
@@ -170,6 +300,25 @@ class TensorStream:
                 self._writer.__exit__(RuntimeError, RuntimeError("aborted"), None)
             except Exception:  # noqa: BLE001 -- the capture is being abandoned
                 pass
+
+
+class _Item:
+    """A CPU tensor waiting for the copier: bytes ``lo:end`` of ``storage`` become blob ``blob``."""
+
+    __slots__ = ("key", "blob", "tensor", "version", "storage", "lo", "end", "address")
+
+    def __init__(self, key: str, blob: int, tensor: torch.Tensor, storage: torch.UntypedStorage, lo: int, end: int):
+        self.key, self.blob, self.tensor, self.version = key, blob, tensor, tensor._version
+        self.storage, self.lo, self.end, self.address = storage, lo, end, storage.data_ptr()
+
+    def aside(self) -> None:
+        """Copy the bytes now, into memory of its own, so that a write to the storage changes nothing."""
+        if self.storage.data_ptr() != self.address:
+            return   # already aside
+        span = torch.empty(0, dtype=torch.uint8).set_(self.storage, self.lo, (self.end - self.lo,), (1,)).clone()
+        self.tensor, self.version, self.storage = span, span._version, span.untyped_storage()
+        self.end -= self.lo
+        self.lo = 0
 
 
 def _move_data(file: Path, old: int, new: int, size: int) -> None:
@@ -281,8 +430,17 @@ class CaptureStream:
         _OPEN[str(self.path.resolve())] = self
         self._finalizer = weakref.finalize(self, CaptureStream._cleanup, self.tensors, self.tmp, self._lock)
 
-    def put(self, key: str, t: torch.Tensor) -> None:
-        self.tensors.put(key, t)
+    def put(self, key: str, t: torch.Tensor, defer: bool = False) -> None:
+        self.tensors.put(key, t, defer)
+
+    def protect(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors.protect(tensors)
+
+    def verify(self) -> None:
+        self.tensors.verify()
+
+    def settle(self) -> str | None:
+        return self.tensors.settle()
 
     @staticmethod
     def _cleanup(tensors: TensorStream, tmp: Path, lock) -> None:
@@ -299,12 +457,13 @@ class CaptureStream:
             _OPEN.pop(str(self.path.resolve()), None)
             self._finalizer()
 
-    def finish(self, capture, targets=None) -> Path:
+    def finish(self, capture, targets=None):
         """Write what the run left (parameters, gradients, inputs, outputs), the header, the graph
-        and the manifest, and put the capture in place."""
+        and the manifest, and put the capture in place; returns ``capture`` with its tensors
+        memory-mapped from there."""
         from .capture_dir import _finish_streamed
         try:
-            _finish_streamed(self, capture, targets)
+            written = _finish_streamed(self, capture, targets)
         except BaseException:
             self.abort()
             raise
@@ -315,4 +474,4 @@ class CaptureStream:
             self._lock.__exit__(None, None, None)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)   # the old capture, swapped out (or nothing)
-        return self.path
+        return written

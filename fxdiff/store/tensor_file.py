@@ -112,7 +112,8 @@ class _Writer:
     Where the file system allows it, writes bypass the page cache (``O_DIRECT``): a capture is
     written once and read later, and where fresh memory is slow to fault in (virtual machines),
     filling the page cache costs more than the disk does. (Writing chunks from two threads at
-    their offsets was measured slower: the disk prefers one sequential stream.)
+    their offsets was measured slower: the disk prefers one sequential stream.) For the same
+    reason the buffers are kept for the next writer (``_POOL``).
     """
 
     CHUNK = 1 << 23
@@ -132,7 +133,10 @@ class _Writer:
             os.lseek(self.fd, base, os.SEEK_SET)
         self.size = 0
         self._hash = xxhash.xxh3_64()
-        self._free = [mmap.mmap(-1, self.CHUNK) for _ in range(buffers)]
+        with _POOL_LOCK:
+            self._free = [_POOL.pop() for _ in range(min(buffers, len(_POOL)))]
+        self._free += [mmap.mmap(-1, self.CHUNK) for _ in range(buffers - len(self._free))]
+        self._all = list(self._free)
         self._buf, self._fill = self._free.pop(), 0
         self._writes = ThreadPoolExecutor(1)
         self._pending: collections.deque[tuple[Future, mmap.mmap]] = collections.deque()
@@ -189,6 +193,13 @@ class _Writer:
         finally:
             self._writes.shutdown()
             os.close(self.fd)
+            with _POOL_LOCK:
+                _POOL.extend(self._all[:max(0, _POOL_KEEP - len(_POOL))])
+
+
+_POOL: list[mmap.mmap] = []   # write buffers of finished writers, already faulted in
+_POOL_LOCK = threading.Lock()
+_POOL_KEEP = 8
 
 
 def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path) -> dict[str, torch.Tensor]:
@@ -208,7 +219,7 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
         if not extent:
             tensors[key] = torch.empty(shape, dtype=dtype)
             continue
-        tensors[key] = data[first:first + extent * size].view(dtype).as_strided(shape, stride)
+        tensors[key] = torch.empty(0, dtype=dtype).set_(data.untyped_storage(), first // size, shape, stride)
     return tensors
 
 
@@ -222,25 +233,7 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any], verify: bool = T
     (``{"xxh3_64": hex}``, or ``{"crc32": int}`` for version-2 captures), memory-mapped.
 
     ``verify=False`` leaves the digest to the caller (``verify_digest``, e.g. in a thread)."""
-    if not os.path.lexists(file):
-        raise FxdiffError(f"{file}: missing; the capture is incomplete")
-    try:   # never blocks: a FIFO or a device is refused before it is read
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise FxdiffError(f"{file}: cannot be read ({e.strerror or e})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FxdiffError(f"{file}: is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, "
-                              "expected the capture's tensor file")
-        if st.st_size != size:
-            raise FxdiffError(f"{file}: {st.st_size} bytes, manifest says {size}; the capture is truncated or was "
-                              "edited")
-        if size < 8:
-            raise FxdiffError(f"{file}: too short to be a tensor file")
-        data = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-    finally:
-        os.close(fd)
+    data = _mapped(file, size)
     if verify:
         verify_digest(file, digest, data)
     view = memoryview(data)
@@ -272,6 +265,41 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any], verify: bool = T
         raise FxdiffError(f"{file}: unreadable tensor file ({type(e).__name__}: {e})") from None
     _register(data, size)
     return tensors
+
+
+def map_written(file: Path, size: int, start: int, blobs: list[list[int]],
+                views: dict[str, list]) -> dict[str, torch.Tensor]:
+    """The tensors of a file this process has just written, memory-mapped and rebuilt from the
+    writer's own record of the layout (``blobs``: ``[offset, length]`` in the data, which starts at
+    byte ``start``; ``views`` as in the header) rather than from the header read back."""
+    data = _mapped(file, size)
+    tensors = _rebuild({f"storage/{i}": torch.frombuffer(data, dtype=torch.uint8, count=n, offset=start + offset)
+                        if n else torch.empty(0, dtype=torch.uint8) for i, (offset, n) in enumerate(blobs)}, views, file)
+    _register(data, size)
+    return tensors
+
+
+def _mapped(file: Path, size: int) -> mmap.mmap:
+    """``file``, which must be a regular file of ``size`` bytes, memory-mapped copy-on-write."""
+    if not os.path.lexists(file):
+        raise FxdiffError(f"{file}: missing; the capture is incomplete")
+    try:   # never blocks: a FIFO or a device is refused before it is read
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise FxdiffError(f"{file}: cannot be read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FxdiffError(f"{file}: is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, "
+                              "expected the capture's tensor file")
+        if st.st_size != size:
+            raise FxdiffError(f"{file}: {st.st_size} bytes, manifest says {size}; the capture is truncated or was "
+                              "edited")
+        if size < 8:
+            raise FxdiffError(f"{file}: too short to be a tensor file")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
 
 
 def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path) -> None:

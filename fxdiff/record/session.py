@@ -99,7 +99,9 @@ class Saved(dict):
     """The copies ``preserved_state`` takes on entry, by ``id`` of the tensor. CUDA parameters are
     copied to pinned host memory on a side stream while the run goes on (a second copy on the GPU
     would add the model's size to its peak memory): ``wait_device()`` makes the current stream wait
-    for those copies (before the run writes to a parameter) and ``ready()`` makes the host wait."""
+    for those copies (the recorder calls it before an op writes to a parameter) and ``ready()``
+    makes the host wait. A write the recorder does not see (through ``.data``) may reach the copy,
+    and one that leaves the version counter unchanged is not undone."""
 
     def __init__(self):
         super().__init__()
@@ -110,7 +112,7 @@ class Saved(dict):
     def copy(self, tensors: dict[int, torch.Tensor], params: set[int]) -> None:
         side: dict[torch.device, torch.cuda.Stream] = {}
         for k, t in tensors.items():
-            if k not in params or t.device.type != "cuda" or not t.is_contiguous() or not is_plain(t):
+            if k not in params or t.device.type != "cuda" or not is_plain(t) or not t.is_contiguous():
                 self[k] = t.detach().clone()
                 continue
             stream = side.get(t.device)
@@ -170,7 +172,7 @@ def preserved_state(model: torch.nn.Module) -> Iterator[Saved]:
         saved.ready()
         with torch.no_grad():
             for k, t in tensors.items():
-                if saved.versions.get(k, -1) == t._version:   # a CUDA parameter nothing wrote to
+                if k in saved.versions and saved.versions[k] == t._version:   # a CUDA parameter nothing wrote to
                     continue
                 if not t.is_quantized:   # quantized tensors have no copy_; the object is put back above
                     t.copy_(saved[k])

@@ -6,8 +6,10 @@ queues, in the tensor's stream (so before any later write to it), one pass over 
 writes, for each block of ``BLOCK`` elements, its partial statistics and hashes (a Triton kernel
 where Triton is installed, torch operations otherwise), gathers the sample, and copies both to
 pinned host memory asynchronously. It returns the ``Summary`` at once; ``finish()`` waits for the
-GPU once and fills in every summary's statistics (partials added in float64 on the host) and hash.
-Nothing of the tensor is kept: the GPU memory this costs is the partials, 72 bytes a block.
+GPU once and fills in every summary's statistics (the partials of all summaries added at once, in
+float64, on the host) and hash. Nothing of the tensor is kept: the GPU memory this costs is the
+partials, 72 bytes a block. The samples stay where they arrived, in blocks of pinned memory that
+go back to torch's cache of pinned memory with the capture.
 
 The hash of these summaries is ``unit_digest``: ``"u1:"`` and two 32-bit sums, over the tensor's
 units (elements of up to 4 bytes, 32-bit words of wider ones) in row-major order, of a bijective
@@ -22,6 +24,7 @@ import contextlib
 import math
 from typing import Any
 
+import numpy
 import torch
 
 from .summary import SAMPLE, Summary, sample_index
@@ -185,9 +188,8 @@ class _Pinned:
             self.blocks.append(torch.empty(max(self.BLOCK, nbytes), dtype=torch.uint8,
                                            pin_memory=torch.cuda.is_available()))
             self.used = 0
-        piece = self.blocks[-1][self.used:self.used + nbytes]
         self.used += nbytes
-        return piece.view(dtype)[:n]
+        return self.blocks[-1][self.used - nbytes:self.used].view(dtype)[:n]
 
 
 class DeviceSummaries:
@@ -249,28 +251,28 @@ class DeviceSummaries:
         return summary
 
     def finish(self) -> None:
-        """Wait for the GPU once and complete every summary added so far."""
+        """Wait for the GPU once and complete every summary added so far (the partials of all of
+        them added up at once)."""
         for device in self._devices:
             torch.cuda.synchronize(device)
         self._devices.clear()
-        for summary, parts, n in self._pending:
-            summary.stats.update(_stats(parts, n))
-            h1, h2 = (int(parts[:, c].sum()) & _MASK for c in (7, 8))
-            summary.digest = f"{PREFIX}{h1:08x}{h2:08x}"
-            summary.sample = summary.sample.clone()   # out of the pinned blocks, which go back
+        if self._pending:
+            parts = [p.numpy() for _, p, _ in self._pending]
+            starts = numpy.cumsum([0] + [len(p) for p in parts[:-1]])
+            every = numpy.concatenate(parts)
+            floats = every.view(numpy.float64)   # the first four columns hold float64 bits
+            sums = numpy.add.reduceat(floats[:, :2], starts).tolist()
+            low = numpy.minimum.reduceat(floats[:, 2], starts).tolist()
+            high = numpy.maximum.reduceat(floats[:, 3], starts).tolist()
+            counts = (numpy.add.reduceat(every[:, 4:], starts) & _MASK).tolist()   # hash sums modulo 2**32
+            for (summary, _, n), (s, sq), lo, hi, (nan, pos, neg, h1, h2) in \
+                    zip(self._pending, sums, low, high, counts):
+                finite = lo <= hi
+                summary.stats.update(numel=float(n), sum=s, sumsq=sq, min=lo if finite else 0.0,
+                                     max=hi if finite else 0.0, nan=float(nan), posinf=float(pos), neginf=float(neg))
+                summary.digest = f"{PREFIX}{h1:08x}{h2:08x}"
         self._pending.clear()
         self._host = _Pinned()
-
-
-def _stats(parts: torch.Tensor, n: int) -> dict[str, float]:
-    floats = parts[:, :4].contiguous().view(torch.float64)
-    stats = {"numel": float(n), "sum": float(floats[:, 0].sum()), "sumsq": float(floats[:, 1].sum()),
-             "min": float(floats[:, 2].min()) if len(parts) else math.inf,
-             "max": float(floats[:, 3].max()) if len(parts) else -math.inf,
-             "nan": float(parts[:, 4].sum()), "posinf": float(parts[:, 5].sum()), "neginf": float(parts[:, 6].sum())}
-    if stats["min"] > stats["max"]:
-        stats["min"] = stats["max"] = 0.0
-    return stats
 
 
 __all__ = ["DeviceSummaries", "PREFIX", "SAMPLE", "unit_digest"]

@@ -174,3 +174,32 @@ def test_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["compare", str(out), f"{SPEC}:port_bug_rel_shift"])
     assert result.exit_code == 1, result.output
+
+
+def test_summaries_made_on_the_device_agree_with_the_cpu_and_hash_like_a_full_tensor():
+    """``DeviceSummaries`` (what a capture on a GPU uses; here its torch-operation path on the CPU)
+    keeps the statistics and sample ``summarise`` keeps, and a hash that a full tensor reproduces."""
+    from fxdiff.judge.tensors import Tolerance, _compare
+    from fxdiff.store.device_summary import DeviceSummaries, unit_digest
+    g = torch.Generator().manual_seed(0)
+    special = torch.randn(40, 30, generator=g)
+    special[1, 2], special[5, 5], special[7, 1] = float("nan"), float("inf"), -float("inf")
+    tensors = [torch.randn(3, 7000, generator=g).to(torch.bfloat16), special.t(), torch.zeros(0),
+               torch.randint(-9, 9, (70,), generator=g), torch.rand(50, generator=g) > 0.5,
+               torch.randn(4, 4, dtype=torch.complex64, generator=g)]
+    device = DeviceSummaries()
+    made = [device.add(t) for t in tensors]
+    device.finish()
+    for t, s in zip(tensors, made):
+        cpu = summarise(t)
+        assert s.shape == cpu.shape and s.dtype == cpu.dtype
+        assert torch.equal(s.sample.view(torch.uint8), cpu.sample.view(torch.uint8))
+        assert s.stats == pytest.approx(cpu.stats, rel=1e-5)   # summarise adds float32 chunks
+        assert s.digest == unit_digest(t) == unit_digest(t.contiguous())
+        assert s.digest != unit_digest(t.float() + 1) or not t.numel()
+    x = tensors[0]
+    same, moved = x.clone(), x.clone()
+    moved.view(-1)[12345] += 1
+    assert unit_digest(moved) != made[0].digest
+    assert "bit-identical" in _compare(made[0], same, Tolerance()).note
+    assert "bit-identical" not in _compare(made[0], moved, Tolerance()).note

@@ -282,8 +282,8 @@ def _compare_summarised(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance, g
     digest_b = b.digest if isinstance(b, Summary) else None
     if a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and (digest_a or digest_b):
         from ..store.summary import _digest
-        digest_a = digest_a or (_digest(a) if not isinstance(a, Summary) and a.device.type == "cpu" else None)
-        digest_b = digest_b or (_digest(b) if not isinstance(b, Summary) and b.device.type == "cpu" else None)
+        digest_a = digest_a or (_digest(a, digest_b) if not isinstance(a, Summary) and a.device.type == "cpu" else None)
+        digest_b = digest_b or (_digest(b, digest_a) if not isinstance(b, Summary) and b.device.type == "cpu" else None)
         if digest_a is not None and digest_a == digest_b:
             rms_a = math.sqrt(stats_a["sumsq"] / n) if stats_a else _rms(a)
             hist = [n] + [0] * (len(HIST_EDGES) - 1) if _HISTOGRAMS.get() else []

@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 from .. import tree
 from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
 from ..ops import RANDOM_OPS
+from ..store.device_summary import DeviceSummaries
 from ..store.summary import is_summary, summarise
 from ..targets import mutated, target_name
 from .plain import as_plain, is_plain, transformed, unbatched
@@ -247,9 +248,25 @@ class Recorder(TorchFunctionMode):
                 except RuntimeError:
                     pass
 
+    _device_summaries: DeviceSummaries | None = None
+
+    def _summarise(self, t: torch.Tensor):
+        """The summary of ``t``: computed on its GPU without waiting for it (completed by
+        ``finish_summaries``), or on the CPU."""
+        if t.device.type != "cuda":
+            return summarise(t)
+        if self._device_summaries is None:
+            self._device_summaries = DeviceSummaries()
+        return self._device_summaries.add(t)
+
+    def finish_summaries(self) -> None:
+        """Complete the summaries of GPU tensors (one wait for the GPU): call after backward."""
+        if self._device_summaries is not None:
+            self._device_summaries.finish()
+
     def _keep(self, name: str, t: torch.Tensor, copy: bool, summary: bool = False, stream: bool = False) -> None:
         if summary:
-            self.values[name] = summarise(t)
+            self.values[name] = self._summarise(t)
             return
         if stream:   # to the capture file: held only until the stream has copied it
             self.stream.put(f"value/{name}", t, defer=not copy)
@@ -264,10 +281,14 @@ class Recorder(TorchFunctionMode):
             self._held[name] = value._version
         self.values[name] = value
 
+    before_frozen_write: Callable[[], None] | None = None   # called before a write to a parameter or buffer
+
     def protect(self, tensors: list[torch.Tensor]) -> None:
         """Copy the values held by reference that share storage with ``tensors``, before a write."""
         if self.stream is not None:
             self.stream.protect(tensors)
+        if self.before_frozen_write is not None and any(id(t) in self._frozen for t in tensors):
+            self.before_frozen_write()
         for t in tensors:
             for name in self._shared.pop(_storage_key(t), ()):
                 value = self.values[name]
@@ -400,7 +421,7 @@ class Recorder(TorchFunctionMode):
                 if grad is None:
                     return
             if self.keep.grads == "summary":
-                self.grads[name] = summarise(grad)
+                self.grads[name] = self._summarise(grad)
                 return
             if self.stream is not None:
                 self.stream.verify()

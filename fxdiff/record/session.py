@@ -95,18 +95,67 @@ class RunConfig:
         return self.mode == "train" and not self.keep_dropout
 
 
+class Saved(dict):
+    """The copies ``preserved_state`` takes on entry, by ``id`` of the tensor. CUDA parameters are
+    copied to pinned host memory on a side stream while the run goes on (a second copy on the GPU
+    would add the model's size to its peak memory): ``wait_device()`` makes the current stream wait
+    for those copies (the recorder calls it before an op writes to a parameter) and ``ready()``
+    makes the host wait. A write the recorder does not see (through ``.data``) may reach the copy,
+    and one that leaves the version counter unchanged is not undone."""
+
+    def __init__(self):
+        super().__init__()
+        self.versions: dict[int, int] = {}     # CUDA parameters copied to the host: version on entry
+        self._done: list[tuple[torch.device, torch.cuda.Event]] = []
+        self._waited = False
+
+    def copy(self, tensors: dict[int, torch.Tensor], params: set[int]) -> None:
+        side: dict[torch.device, torch.cuda.Stream] = {}
+        for k, t in tensors.items():
+            if k not in params or t.device.type != "cuda" or not is_plain(t) or not t.is_contiguous():
+                self[k] = t.detach().clone()
+                continue
+            stream = side.get(t.device)
+            if stream is None:
+                stream = side[t.device] = torch.cuda.Stream(t.device)
+                stream.wait_stream(torch.cuda.current_stream(t.device))
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            with torch.cuda.stream(stream):
+                host.copy_(t.detach(), non_blocking=True)
+            t.record_stream(stream)
+            self[k] = host
+            self.versions[k] = t._version
+        for device, stream in side.items():
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._done.append((device, done))
+
+    def wait_device(self) -> None:
+        if not self._waited:
+            for device, done in self._done:
+                torch.cuda.current_stream(device).wait_event(done)
+            self._waited = True
+
+    def ready(self) -> "Saved":
+        for _, done in self._done:
+            done.synchronize()
+        return self
+
+
 @contextlib.contextmanager
-def preserved_state(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+def preserved_state(model: torch.nn.Module) -> Iterator[Saved]:
     """Restore the model's tensors, grads, train/eval flags and all RNG states on exit.
 
     Parameters and buffers are put back as objects (one re-registered during the run is replaced
-    by the original, one added is removed) and by value. Yields the copies taken on entry, by
-    ``id`` of the tensor; they are not changed afterwards.
+    by the original, one added is removed) and by value (a CUDA parameter only when its version
+    counter moved: see ``Saved``). Yields the copies taken on entry (``Saved``); they are not
+    changed afterwards.
     """
     modules = list(model.modules())
     slots = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
     tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values()) if t is not None}
-    saved = {k: t.detach().clone() for k, t in tensors.items()}
+    saved = Saved()
+    saved.copy(tensors, {id(t) for _, p, _, _ in slots for t in p.values() if t is not None})
     grads = [(p, p.grad) for p in model.parameters()]
     training = [(m, m.training) for m in modules]
     rng = _rng_state()
@@ -120,8 +169,11 @@ def preserved_state(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]
                 m._buffers.clear()
                 m._buffers.update(buffers)
             m._non_persistent_buffers_set = non_persistent
+        saved.ready()
         with torch.no_grad():
             for k, t in tensors.items():
+                if k in saved.versions and saved.versions[k] == t._version:   # a CUDA parameter nothing wrote to
+                    continue
                 if not t.is_quantized:   # quantized tensors have no copy_; the object is put back above
                     t.copy_(saved[k])
         for p, g in grads:
@@ -253,6 +305,8 @@ def record_run(model: torch.nn.Module, rec: Recorder, call_args: tuple, call_kwa
 
 def _record_run(model, rec, call, forward, config, before, check, stream) -> Run:
     rec.replay = dict(config.replay)
+    if isinstance(before, Saved):
+        rec.before_frozen_write = before.wait_device
     if not config.kept.everything or stream is not None:
         rec.restrict(config.kept, stream)
     placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
@@ -268,6 +322,7 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
     rec.keep_outputs(finished, outputs)
     out_nodes = iter(finished)
     loss_value, output_grads = backward(model, outputs, config)
+    rec.finish_summaries()
     rec.mark_grads()
     if check is not None:
         check(outputs)
@@ -394,6 +449,8 @@ def model_tensors(model: torch.nn.Module, before: dict[int, torch.Tensor],
     """The model's parameters as the run used them (``before``: copies from ``preserved_state``) and
     copies of its buffers as the run left them (batch norm's running statistics), by name, as
     ``plain_tensors`` stores them (unstorable ones left out, why in ``not_stored["params.NAME"]``)."""
+    if isinstance(before, Saved):
+        before.ready()
     params = {n: before[id(p)] if id(p) in before else p.detach().clone() for n, p in model.named_parameters()}
     params.update({n: b.detach().clone() for n, b in model.named_buffers()})
     return plain_tensors(params, "params.", not_stored)
@@ -428,7 +485,8 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
         return None
 
     ops = sum(1 for n in graph.nodes if n.op == "call_function")
-    first = next(iter(run.params.values()), None)
+    first = next(model.parameters(), None)   # the capture's copies of CUDA parameters are on the host
+    first = first if first is not None else next(iter(run.params.values()), None)
     info = {
         "fxdiff": __version__,
         "torch": torch.__version__,

@@ -13,8 +13,9 @@ each tensor the moment it is produced (``put(..., defer=False)``).
 
 On a GPU the copy is a device-to-device clone in the model's stream (ordered before any later
 in-place write, and fast), then an asynchronous copy to pinned host memory on a side stream that
-overlaps compute; a feeder thread waits for each and hands it to the writer. At most ``IN_FLIGHT``
-bytes are in transit; past that the model waits for the disk.
+overlaps compute; a feeder thread waits for each and hands it to the writer. At most
+``GPU_IN_FLIGHT`` bytes of clones are on the GPU (the model's peak memory grows by no more) and
+``HOST_IN_FLIGHT`` bytes wait in pinned memory for the disk; past those the model waits.
 
 Views share storage: a tensor whose bytes lie inside a blob already written, of a storage not
 written to since (its version counter unchanged), is stored as a view of that blob, as ``save``
@@ -47,8 +48,9 @@ from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
 BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not wait for the disk
-IN_FLIGHT = 1 << 30       # bytes of GPU copies in transit at most
 PENDING = 1 << 28         # bytes of CPU tensors waiting for the copier at most
+GPU_IN_FLIGHT = 1 << 27   # bytes of GPU clones being copied to the host at most
+HOST_IN_FLIGHT = 1 << 31  # bytes of pinned host copies waiting for the disk at most
 
 
 class TensorStream:
@@ -255,11 +257,17 @@ class TensorStream:
         if self.error is not None:
             self.abort()
             raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
+        # GPU blobs reach the file when their copies end, after blobs made later on the CPU: number
+        # the blobs in file order, as save() does; empty ones go at the end of the file
+        blobs = [(offset if length else self._writer.size, length) for offset, length in self._blobs]
+        order = sorted(range(len(blobs)), key=lambda i: blobs[i])
+        number = {old: new for new, old in enumerate(order)}
         header: dict[str, Any] = {}
-        for i, (offset, length) in enumerate(self._blobs):
-            offset = offset if length else self._writer.size   # blobs follow one another in the file
+        for i, old in enumerate(order):
+            offset, length = blobs[old]
             header[f"storage/{i}"] = {"dtype": "U8", "shape": [length], "data_offsets": [offset, offset + length]}
-        header["__metadata__"] = {"format": FORMAT, "views": json.dumps(self._views, separators=(",", ":"))}
+        views = {k: [number[v[0]], *v[1:]] for k, v in self._views.items()}
+        header["__metadata__"] = {"format": FORMAT, "views": json.dumps(views, separators=(",", ":"))}
         head = json.dumps(header, separators=(",", ":")).encode()
         writer = self._writer
         writer.__exit__(None, None, None)
@@ -336,13 +344,20 @@ def _move_data(file: Path, old: int, new: int, size: int) -> None:
 
 
 class _GpuFeeder:
-    """Copies GPU blobs to pinned host memory on a side stream and feeds them to the writer."""
+    """Copies GPU blobs to pinned host memory on a side stream and feeds them to the writer.
+
+    Each blob is first cloned on the GPU, in the model's stream; the clones still being copied hold
+    at most ``GPU_IN_FLIGHT`` bytes (the model waits for the oldest copy past that), so the GPU's
+    memory stays near the model's own. The pinned copies waiting for the disk hold at most
+    ``HOST_IN_FLIGHT`` bytes."""
 
     def __init__(self, stream: TensorStream):
         self.owner = stream
         self.copies: dict[torch.device, torch.cuda.Stream] = {}
         self.queue: queue.Queue = queue.Queue()
-        self.in_flight = 0
+        self.on_gpu: collections.deque = collections.deque()   # (copy done, bytes), oldest first
+        self.gpu_bytes = 0
+        self.host_bytes = 0
         self.cv = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="fxdiff-stream-gpu", daemon=True)
         self.thread.start()
@@ -350,9 +365,14 @@ class _GpuFeeder:
     def put(self, blob: int, storage: torch.UntypedStorage, lo: int, end: int) -> None:
         n = end - lo
         with self.cv:
-            while self.in_flight and self.in_flight + n > IN_FLIGHT:
+            while self.on_gpu and (self.on_gpu[0][0].query() or self.gpu_bytes + n > GPU_IN_FLIGHT):
+                done, m = self.on_gpu.popleft()
+                done.synchronize()
+                self.gpu_bytes -= m
+            while self.host_bytes and self.host_bytes + n > HOST_IN_FLIGHT:
                 self.cv.wait()
-            self.in_flight += n
+            self.gpu_bytes += n
+            self.host_bytes += n
         device = storage.device
         with torch.cuda.device(device):
             copies = self.copies.get(device)
@@ -370,6 +390,8 @@ class _GpuFeeder:
                 done.record(copies)
             clone.record_stream(copies)   # its memory is not reused before the copy ends
             del clone, span
+        with self.cv:
+            self.on_gpu.append((done, n))
         self.queue.put((blob, host, done, n))
 
     def _run(self) -> None:
@@ -385,8 +407,9 @@ class _GpuFeeder:
             except BaseException as e:  # noqa: BLE001 -- reported by close()
                 self.owner.error = e
             finally:
+                del host
                 with self.cv:
-                    self.in_flight -= n
+                    self.host_bytes -= n
                     self.cv.notify_all()
 
     def close(self, drain: bool = True) -> None:

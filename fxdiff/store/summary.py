@@ -8,8 +8,9 @@ dtype (so a capture's structure, matching and reports are unchanged) and holds
 - a fixed-seed sample of ``SAMPLE`` elements: one at a seeded position in each of ``SAMPLE``
   equal strata of the row-major order (``sample_index``), the same positions for every tensor of
   that size, so two summaries, or a summary and a full tensor, compare element for element;
-- an xxh3 hash of its row-major bytes (tensors on the CPU), so bit-identical tensors are known
-  as such.
+- a hash of its row-major bytes, so bit-identical tensors are known as such: xxh3 for tensors
+  on the CPU, ``device_summary.unit_digest`` for tensors on a GPU (whose summaries
+  ``device_summary.DeviceSummaries`` computes there, without waiting for the GPU).
 
 The judge (``judge/tensors.py``) compares a summary with a summary or with a full tensor on the
 sample, and bounds what the sample cannot see with the statistics (``|rms_a - rms_b|``,
@@ -186,8 +187,12 @@ def _add_stats(stats: dict[str, float], chunk: torch.Tensor) -> None:
     stats["max"] = max(stats["max"], float(hi))
 
 
-def _digest(t: torch.Tensor) -> str:
-    """xxh3 of ``t``'s bytes in row-major order (read in blocks: no copy of the whole tensor)."""
+def _digest(t: torch.Tensor, like: str | None = None) -> str:
+    """xxh3 of ``t``'s bytes in row-major order (read in blocks: no copy of the whole tensor); with
+    ``like`` a hash of a GPU summary (``device_summary.unit_digest``), the hash computed as that one was."""
+    from .device_summary import PREFIX, unit_digest
+    if like is not None and like.startswith(PREFIX):
+        return unit_digest(t)
     from ..params.correspond import _row_major_blocks
     h = xxhash.xxh3_64()
     for block in _row_major_blocks(t):

@@ -244,7 +244,8 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any], verify: bool = T
         views = json.loads(meta["views"])
         blobs = {}
         at = 8 + head_len   # blobs follow one another, as safetensors requires: no gap, no overlap
-        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        # by start, then end: an empty blob at the offset where the next one starts comes first
+        for key, entry in sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[1]["data_offsets"][1])):
             start, end = (8 + head_len + int(o) for o in entry["data_offsets"])
             if entry.get("dtype") != "U8" or start != at or not start <= end <= size \
                     or entry.get("shape") != [end - start]:

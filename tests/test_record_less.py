@@ -203,3 +203,15 @@ def test_summaries_made_on_the_device_agree_with_the_cpu_and_hash_like_a_full_te
     assert unit_digest(moved) != made[0].digest
     assert "bit-identical" in _compare(made[0], same, Tolerance()).note
     assert "bit-identical" not in _compare(made[0], moved, Tolerance()).note
+
+
+def test_empty_tensors_compare_as_equal_between_a_summary_and_a_full_capture():
+    """A Hugging Face GPT-2 fed no padding makes empty tensors on the way; a summary of one has
+    no sample, and nothing in it can differ."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=32, vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    full = fxdiff.capture(model, (ids,))
+    assert any(v.numel() == 0 for v in full.values.values())
+    assert fxdiff.compare(full, fxdiff.capture(model, (ids,), keep="summary")).verdict == "match"

@@ -269,6 +269,9 @@ def _compare_summarised(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance, g
         return Metrics(passed=False, max_abs_diff=math.inf, max_rel_diff=math.inf, mean_abs_diff=math.inf,
                        cosine=None, ref_rms=_rms(a), mismatched=n, numel=n,
                        note=f"shape {tuple(ref.shape)} vs {tuple(cand.shape)}")
+    if n == 0:   # nothing to differ
+        return Metrics(passed=True, max_abs_diff=0.0, max_rel_diff=0.0, mean_abs_diff=0.0, cosine=None,
+                       ref_rms=0.0, cand_rms=0.0, rms_diff=0.0, mismatched=0, numel=0, note="empty")
     notes = []
     if tuple(a.shape) != tuple(b.shape):
         notes.append(f"candidate {tuple(cand.shape)} compared in row-major order (a summary cannot be permuted)")

@@ -18,10 +18,18 @@ at its start and written last; so its digest is two xxh3 digests, of the header 
 (manifest ``{"xxh3_64_header", "xxh3_64_data", "data_offset"}``), and such a capture is format
 version 4. What is not a value or a gradient (parameters, their gradients, inputs and outputs)
 is appended when the run ends.
+
+Every ``TRIM`` bytes the C heap's free pages go back to the system (glibc's ``malloc_trim``): the
+model's tensors freed during backward, between the small objects a capture allocates meanwhile,
+are otherwise kept by the allocator (measured on a GPT-2 of 774M parameters: the peak grew by 0.17
+GiB a layer).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import mmap
 import os
@@ -42,6 +50,17 @@ from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
 BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not wait for the disk
 IN_FLIGHT = 1 << 30       # bytes of GPU copies in transit at most
+TRIM = 1 << 28            # bytes stored between two returns of the C heap's free pages
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 class TensorStream:
@@ -62,6 +81,7 @@ class TensorStream:
         self._spans: dict[tuple[str, int], list] = {}   # storage -> [(storage ref, version, first, end, blob)]
         self._closed = False
         self._gpu: _GpuFeeder | None = None
+        self._untrimmed = 0
         self.error: BaseException | None = None
 
     # -- adding tensors
@@ -87,6 +107,12 @@ class TensorStream:
                 blob, start = found
             self._views[key] = [blob, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()),
                                 first - start]
+            self._untrimmed += end - first
+            trim = self._untrimmed >= TRIM
+            if trim:
+                self._untrimmed = 0
+        if trim and _malloc_trim() is not None:
+            _malloc_trim()(0)
         if gpu is not None:   # outside the lock: it may wait for the feeder, which takes the lock
             if self._gpu is None:
                 with self._lock:

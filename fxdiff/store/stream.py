@@ -21,8 +21,8 @@ is appended when the run ends.
 
 Every ``TRIM`` bytes the C heap's free pages go back to the system (glibc's ``malloc_trim``): the
 model's tensors freed during backward, between the small objects a capture allocates meanwhile,
-are otherwise kept by the allocator (measured on a GPT-2 of 774M parameters: the peak grew by 0.17
-GiB a layer).
+are otherwise kept by the allocator (on layers of GPT-2 774M's shape the peak grew by 0.17 GiB a
+layer).
 """
 
 from __future__ import annotations

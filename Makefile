@@ -25,6 +25,8 @@ test: $(VENV)/.installed system-deps
 bench: $(VENV)/.installed system-deps
 	$(PY) benchmarks/capture_overhead.py
 	$(PY) benchmarks/capture_memory.py
+	$(PY) benchmarks/capture_memory.py --models gpt2-774m --kinds "eager,capture stream,capture summary" --threads 2
+	$(PY) benchmarks/torchlens_side_by_side.py
 	$(PY) benchmarks/compare_speed.py
 	$(PY) benchmarks/matching.py
 	$(PY) benchmarks/render.py

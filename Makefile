@@ -22,9 +22,15 @@ demo: $(VENV)/.installed system-deps
 test: $(VENV)/.installed system-deps
 	$(PY) -m pytest -q -ra
 
-bench: $(VENV)/.installed system-deps
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench system-deps
 	$(PY) benchmarks/capture_overhead.py
 	$(PY) benchmarks/capture_memory.py
+	$(PY) benchmarks/capture_memory.py --models gpt2-774m --kinds "eager,capture stream,capture summary" --threads 2
+	$(PY) benchmarks/torchlens_side_by_side.py
 	$(PY) benchmarks/compare_speed.py
 	$(PY) benchmarks/matching.py
 	$(PY) benchmarks/render.py

@@ -297,7 +297,9 @@ class Stateful(nn.Module):
         return self.drop(self.norm(self.lin(x))) * self.scale * self.cache + noise.to(x.dtype) * 0
 
 
-def test_capture_leaves_model_state_rng_and_grads_as_found():
+@pytest.mark.parametrize("stream", [False, True])
+def test_capture_leaves_model_state_rng_and_grads_as_found(tmp_path, stream):
+    """Streamed, the parameters' copies are kept in a file, not in memory: put back all the same."""
     torch.manual_seed(0)
     model = Stateful()
     model.train()
@@ -314,7 +316,7 @@ def test_capture_leaves_model_state_rng_and_grads_as_found():
     random.seed(123)
     rng = (torch.get_rng_state(), numpy.random.get_state()[1].copy(), random.getstate())
     for mode in ("train", "eval"):
-        cap = fxdiff.capture(model, (x,), mode=mode)
+        cap = fxdiff.capture(model, (x,), mode=mode, stream_to=tmp_path / mode if stream else None)
         assert cap.meta["mode"] == mode
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -444,6 +444,35 @@ def test_streamed_capture_with_empty_tensors_reads_back(tmp_path):
         assert_same_capture(saved, loaded)
 
 
+class WritesItsWeights(torch.nn.Module):
+    """Writes its weights in forward where no version counter sees it, and swaps one's storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x)
+        self.a.weight.data.mul_(2)
+        self.b.weight.data = self.b.weight.data * 3
+        return y
+
+
+def test_a_streamed_capture_keeps_the_weights_the_run_used_and_puts_them_back(tmp_path):
+    """Streamed, the copies of the parameters taken before the run are in a file, not in memory."""
+    torch.manual_seed(0)
+    model, x = WritesItsWeights(), torch.randn(3, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held = fxdiff.capture(model, (x,))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    streamed = fxdiff.capture(model, (x,), stream_to=tmp_path / "s")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(streamed.params[k], v) for k, v in before.items())
+    streamed.meta["started"] = held.meta["started"]
+    assert_same_capture(held, streamed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
 def test_streamed_header_grows_past_its_reserve(tmp_path, conformer_capture, monkeypatch):
     from fxdiff.store import stream
 

@@ -19,7 +19,9 @@ import os
 import platform
 import random
 import re
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -32,6 +34,7 @@ from ..outputs import pair_outputs
 from ..util import gc_paused
 from .plain import as_plain, is_plain
 from ..store.stream import CaptureStream
+from ..store.tensor_file import _span_bytes, byte_span
 from .recorder import BOUNDARY, Keep, Recorder, Slot
 
 Loss = Callable[..., torch.Tensor]
@@ -103,8 +106,9 @@ class Saved(dict):
     makes the host wait. A write the recorder does not see (through ``.data``) may reach the copy,
     and one that leaves the version counter unchanged is not undone."""
 
-    def __init__(self):
+    def __init__(self, spill: "_Spill | None" = None):
         super().__init__()
+        self.spill = spill                     # where CPU tensors' copies go instead of memory
         self.versions: dict[int, int] = {}     # CUDA parameters copied to the host: version on entry
         self._done: list[tuple[torch.device, torch.cuda.Event]] = []
         self._waited = False
@@ -113,7 +117,7 @@ class Saved(dict):
         side: dict[torch.device, torch.cuda.Stream] = {}
         for k, t in tensors.items():
             if k not in params or t.device.type != "cuda" or not is_plain(t) or not t.is_contiguous():
-                self[k] = t.detach().clone()
+                self[k] = t.detach() if self.spill is not None and self.spill.add(k, t) else t.detach().clone()
                 continue
             stream = side.get(t.device)
             if stream is None:
@@ -143,18 +147,20 @@ class Saved(dict):
 
 
 @contextlib.contextmanager
-def preserved_state(model: torch.nn.Module) -> Iterator[Saved]:
+def preserved_state(model: torch.nn.Module, spill: str | os.PathLike | None = None) -> Iterator[Saved]:
     """Restore the model's tensors, grads, train/eval flags and all RNG states on exit.
 
     Parameters and buffers are put back as objects (one re-registered during the run is replaced
     by the original, one added is removed) and by value (a CUDA parameter only when its version
     counter moved: see ``Saved``). Yields the copies taken on entry (``Saved``); they are not
-    changed afterwards.
+    changed afterwards. With ``spill`` (a folder: a streamed capture, whose memory should stay near
+    the model's own), the copies of CPU tensors go to a temporary file there instead of memory, and
+    what is yielded for them is the tensor itself, put back in place on exit.
     """
     modules = list(model.modules())
     slots = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
     tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values()) if t is not None}
-    saved = Saved()
+    saved = Saved(_Spill.open(spill) if spill is not None else None)
     saved.copy(tensors, {id(t) for _, p, _, _ in slots for t in p.values() if t is not None})
     grads = [(p, p.grad) for p in model.parameters()]
     training = [(m, m.training) for m in modules]
@@ -174,13 +180,68 @@ def preserved_state(model: torch.nn.Module) -> Iterator[Saved]:
             for k, t in tensors.items():
                 if k in saved.versions and saved.versions[k] == t._version:   # a CUDA parameter nothing wrote to
                     continue
+                if saved.spill is not None and saved.spill.restore(k, t):
+                    continue
                 if not t.is_quantized:   # quantized tensors have no copy_; the object is put back above
                     t.copy_(saved[k])
+        if saved.spill is not None:
+            saved.spill.close()
         for p, g in grads:
             p.grad = g
         for m, flag in training:
             m.training = flag
         _set_rng_state(rng)
+
+
+class _Spill:
+    """Copies of CPU tensors' bytes in an unlinked temporary file (``preserved_state``'s ``spill``)."""
+
+    def __init__(self, file):
+        self.file = file
+        self.where: dict[int, tuple] = {}   # id -> (offset, storage address, first, end, dtype, shape, stride)
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "_Spill | None":
+        """A spill file in ``folder`` (created), or None where it cannot be made (copies stay in memory)."""
+        try:
+            os.makedirs(folder, exist_ok=True)
+            return cls(tempfile.TemporaryFile(dir=folder))
+        except OSError:
+            return None
+
+    def add(self, key: int, t: torch.Tensor) -> bool:
+        """Write ``t``'s bytes; False for a tensor that is not a plain CPU one (copied in memory)."""
+        if t.device.type != "cpu" or t.layout != torch.strided or type(t) not in (torch.Tensor, torch.nn.Parameter) \
+                or t.is_quantized:
+            return False
+        first, end = byte_span("", t)
+        storage = t.untyped_storage()
+        offset = self.file.tell()
+        self.file.write(_span_bytes(storage, first, end))
+        self.where[key] = (offset, storage.data_ptr(), first, end, t.dtype, t.shape, t.stride())
+        return True
+
+    def restore(self, key: int, t: torch.Tensor) -> bool:
+        """Put ``t``'s bytes back from the file (in place where it kept its storage and layout)."""
+        where = self.where.get(key)
+        if where is None:
+            return False
+        offset, address, first, end, dtype, shape, stride = where
+        if end == first:
+            return True
+        self.file.seek(offset)
+        storage = t.untyped_storage()
+        if storage.data_ptr() == address and (t.dtype, t.shape, t.stride()) == (dtype, shape, stride) \
+                and byte_span("", t) == (first, end):
+            self.file.readinto(_span_bytes(storage, first, end))
+            return True
+        data = torch.empty(end - first, dtype=torch.uint8)
+        self.file.readinto(memoryview(data.numpy()))
+        t.copy_(data.view(dtype).as_strided(shape, stride))
+        return True
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _same(now: dict, before: dict) -> bool:
@@ -252,7 +313,8 @@ def prepared(model: torch.nn.Module, args: tuple, kwargs: dict,
              config: RunConfig) -> Iterator[tuple[dict[int, torch.Tensor], tuple, dict]]:
     """Set the model up for one run and restore it afterwards: yields the parameter copies taken
     on entry (by ``id``) and private copies of the call's arguments."""
-    with gc_paused(), preserved_state(model) as before:
+    spill = None if config.stream_to is None else Path(config.stream_to).absolute().parent
+    with gc_paused(), preserved_state(model, spill) as before:
         model.train(config.mode == "train")
         seed_everything(config.seed)
         for p in model.parameters():

@@ -24,11 +24,19 @@ at its start and written last; so its digest is two xxh3 digests, of the header 
 (manifest ``{"xxh3_64_header", "xxh3_64_data", "data_offset"}``), and such a capture is format
 version 4. What is not a value or a gradient (parameters, their gradients, inputs and outputs)
 is appended when the run ends.
+
+Every ``TRIM`` bytes the C heap's free pages go back to the system (glibc's ``malloc_trim``): the
+model's tensors freed during backward, between the small objects a capture allocates meanwhile,
+are otherwise kept by the allocator (on layers of GPT-2 774M's shape the peak grew by 0.17 GiB a
+layer).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
+import functools
 import json
 import mmap
 import os
@@ -51,6 +59,17 @@ BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not w
 PENDING = 1 << 28         # bytes of CPU tensors waiting for the copier at most
 GPU_IN_FLIGHT = 1 << 27   # bytes of GPU clones being copied to the host at most
 HOST_IN_FLIGHT = 1 << 31  # bytes of pinned host copies waiting for the disk at most
+TRIM = 1 << 28            # bytes stored between two returns of the C heap's free pages
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 class TensorStream:
@@ -82,6 +101,7 @@ class TensorStream:
         self._spans: dict[tuple[str, int], list] = {}   # storage -> [(storage ref, version, first, end, blob)]
         self._closed = False
         self._gpu: _GpuFeeder | None = None
+        self._untrimmed = 0
         self.error: BaseException | None = None
 
     # -- adding tensors
@@ -114,8 +134,14 @@ class TensorStream:
                                 first - start]
             while self._queued > PENDING and self.error is None:
                 self._changed.wait()
+            self._untrimmed += end - first
+            trim = self._untrimmed >= TRIM
+            if trim:
+                self._untrimmed = 0
         if now is not None:
             self._append(now[0], _span_bytes(*now[1:]))   # copied now
+        if trim and _malloc_trim() is not None:
+            _malloc_trim()(0)
         if gpu is not None:   # outside the lock: it may wait for the feeder, which takes the lock
             if self._gpu is None:
                 with self._lock:

@@ -4,6 +4,7 @@ ops paired in small leftover windows."""
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter, defaultdict
 
 import torch
@@ -72,8 +73,6 @@ def patience(ps: PairSet, a: list[str], b: list[str], level: int) -> None:
 def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
     """Look-alike ops (same key and size) whose matched inputs agree, paired by value closeness
     among themselves, kept in order."""
-    from scipy.optimize import linear_sum_assignment   # imported when needed: half a second of every start
-
     r, c = ps.ref, ps.cand
     groups: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
     for i, n in enumerate(a):
@@ -87,10 +86,69 @@ def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
         ok = [[ps.consistent(a[i], b[j]) for j in jb] for i in ia]
         cost = [[_value_distance(r.capture.values[a[i]], c.capture.values[b[j]]) if ok[x][y] else 1e9
                  for y, j in enumerate(jb)] for x, i in enumerate(ia)]
-        rows, cols = linear_sum_assignment(cost)
+        rows, cols = assignment(cost)
         candidates += [(ia[x], jb[y]) for x, y in zip(rows, cols) if ok[x][y]]
     for i, j in lis(sorted(candidates)):
         ps.add(Pair(a[i], b[j], "look-alike ops, paired by value", SIZE_ONLY))
+
+
+def assignment(cost: list[list[float]]) -> tuple[list[int], list[int]]:
+    """The rows and columns of a least-cost assignment of a rectangular cost matrix (finite costs):
+    ``scipy.optimize.linear_sum_assignment``'s algorithm (shortest augmenting paths, Crouse 2016),
+    with its tie-breaking, so that look-alike pairs come out the same; importing scipy would cost
+    half a second of every compare. Small matrices only (look-alike groups)."""
+    nr, nc = len(cost), len(cost[0]) if cost else 0
+    if nr == 0 or nc == 0:
+        return [], []
+    transposed = nc < nr
+    if transposed:
+        cost = [list(col) for col in zip(*cost)]
+        nr, nc = nc, nr
+    u, v = [0.0] * nr, [0.0] * nc
+    path, col4row, row4col = [-1] * nc, [-1] * nr, [-1] * nc
+    for cur in range(nr):
+        shortest = [math.inf] * nc
+        seen_rows, seen_cols = [False] * nr, [False] * nc
+        remaining = list(range(nc - 1, -1, -1))   # reversed: a constant matrix gives the identity
+        low, i, sink = 0.0, cur, -1
+        while sink == -1:
+            index, lowest = -1, math.inf
+            seen_rows[i] = True
+            row = cost[i]
+            for it, j in enumerate(remaining):
+                r = low + row[j] - u[i] - v[j]
+                if r < shortest[j]:
+                    path[j] = i
+                    shortest[j] = r
+                if shortest[j] < lowest or (shortest[j] == lowest and row4col[j] == -1):
+                    lowest, index = shortest[j], it
+            low = lowest
+            j = remaining[index]
+            if row4col[j] == -1:
+                sink = j
+            else:
+                i = row4col[j]
+            seen_cols[j] = True
+            remaining[index] = remaining[-1]
+            remaining.pop()
+        u[cur] += low
+        for i in range(nr):
+            if seen_rows[i] and i != cur:
+                u[i] += low - shortest[col4row[i]]
+        for j in range(nc):
+            if seen_cols[j]:
+                v[j] -= low - shortest[j]
+        j = sink
+        while True:
+            i = path[j]
+            row4col[j] = i
+            col4row[i], j = j, col4row[i]
+            if i == cur:
+                break
+    if transposed:
+        order = sorted(range(nr), key=col4row.__getitem__)
+        return [col4row[k] for k in order], order
+    return list(range(nr)), col4row
 
 
 def _value_distance(x: torch.Tensor, y: torch.Tensor) -> float:

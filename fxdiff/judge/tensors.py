@@ -47,6 +47,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..model.report import HIST_EDGES, Metrics
+from ..scratch import one_torch_thread as _one_torch_thread, scratch as _scratch
 from ..store.summary import Summary, summarise
 from .noise import OWN_ROUNDING
 
@@ -805,33 +806,6 @@ def _pool() -> ThreadPoolExecutor:
             _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fxdiff-judge",
                                        initializer=torch.set_num_threads, initargs=(1,))
         return _POOL
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(n: int, dtype: torch.dtype, slot: str) -> torch.Tensor:
-    """A buffer of ``n`` elements, this thread's own for ``slot``: reused chunk after chunk."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    buf = bufs.get((slot, dtype))
-    if buf is None or buf.numel() < n:
-        buf = bufs[(slot, dtype)] = torch.empty(max(n, CHUNK), dtype=dtype)
-    return buf[:n]
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Torch on one thread in the calling thread meanwhile (the pool's threads always are): chunks
-    are too small for torch's own parallel loops, which stall when the machine is loaded. On exit
-    the thread count is set back, which also restores the default that new threads start with."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _evict(*tensors: torch.Tensor) -> None:

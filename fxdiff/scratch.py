@@ -18,14 +18,19 @@ _SCRATCH = threading.local()
 
 
 def scratch(n: int, dtype: torch.dtype, slot: str) -> torch.Tensor:
-    """A 1-D buffer of ``n`` elements, this thread's own for ``slot``: reused call after call."""
+    """A 1-D buffer of ``n`` elements, this thread's own for ``slot``: reused call after call (the
+    same view while ``n`` stays the same, as it does chunk after chunk)."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
         bufs = _SCRATCH.bufs = {}
+    view = bufs.get((slot, dtype, "view"))
+    if view is not None and view.shape == (n,):
+        return view
     buf = bufs.get((slot, dtype))
     if buf is None or buf.numel() < n:
         buf = bufs[(slot, dtype)] = torch.empty(max(n, MIN_ELEMENTS), dtype=dtype)
-    return buf[:n]
+    view = bufs[(slot, dtype, "view")] = buf[:n]
+    return view
 
 
 @contextlib.contextmanager

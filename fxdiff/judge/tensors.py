@@ -504,12 +504,21 @@ class _Pair:
         return _Bound(atol * scale, rtol), f"judged relative to RMS {scale:.3g}"
 
     def _map(self, fn, items) -> list:
-        """``fn(part)`` over parts of ``items``: on the calling thread, or one part per pool thread."""
+        """``fn(part)`` over parts of ``items``: on the calling thread, or one part on it and one per
+        pool thread for the others."""
         items = list(items)
         workers = min(self.workers, len(items))
         if workers < 2 or self.n < _PARALLEL_MIN:
             return [fn(items)]
-        return list(_pool().map(fn, [items[w::workers] for w in range(workers)]))
+        parts = [items[w::workers] for w in range(workers)]
+        others = [_pool().submit(fn, part) for part in parts[1:]]
+        try:
+            first = fn(parts[0])   # the calling thread takes a part itself: one thread handoff fewer
+        except BaseException:
+            for other in others:
+                other.exception()   # wait for them: the pages they read are handed back next
+            raise
+        return [first, *(other.result() for other in others)]
 
     # -- first sweep: which chunks differ, and the sums of squares
     def _first(self, ks) -> list[tuple[int, int, float, float]]:
@@ -521,7 +530,8 @@ class _Pair:
                 if math.isfinite(xx):
                     out.append((k, _SAME, xx, xx))
                     continue
-            x, y = x.to(self.cdt), y.to(self.cdt)
+            if x.dtype != self.cdt or y.dtype != self.cdt:
+                x, y = x.to(self.cdt), y.to(self.cdt)
             if self.exact:
                 out.append((k, _DIFFERS, float(torch.dot(x, x)), float(torch.dot(y, y))))
                 continue
@@ -538,7 +548,8 @@ class _Pair:
         acc = _Acc()
         for k, kind in todo:
             x, y = self.chunks.pair(k)
-            x, y = x.to(self.cdt), y.to(self.cdt)
+            if x.dtype != self.cdt or y.dtype != self.cdt:
+                x, y = x.to(self.cdt), y.to(self.cdt)
             finite = None
             if kind == _MASKED:
                 fa, fb = torch.isfinite(x), torch.isfinite(y)
@@ -720,6 +731,7 @@ class _Chunks:
     def __init__(self, a: torch.Tensor, b: torch.Tensor, workers: int = 1):
         self.a, self.b = a, b
         self.n = a.numel()
+        self.two_devices = a.device != b.device
         # about four chunks a thread where the pair is not large
         self.chunk = size = min(CHUNK, max(MIN_CHUNK, -(-self.n // (4 * workers))))
         flat_a, flat_b = _dense_block(a), _dense_block(b)
@@ -755,7 +767,7 @@ class _Chunks:
         else:
             index = self.blocks[k]
             x, y = self.a[index].reshape(-1), self.b[index].reshape(-1)
-        if x.device != y.device:   # a capture against a live run on a GPU: this chunk compared on the CPU
+        if self.two_devices:   # a capture against a live run on a GPU: this chunk compared on the CPU
             x, y = x.cpu(), y.cpu()
         return x, y
 

@@ -102,8 +102,8 @@ def timed(name, fn):
         finally:
             phases[name] += time.perf_counter() - start
     return run
-api.load_deferred, api.match, api.judge = timed("load", api.load_deferred), timed("match", api.match), timed("judge", api.judge)
-text.render = timed("report", text.render)
+api.load_deferred, api.match = timed("load", api.load_deferred), timed("match", api.match)
+api.judge, text.render = timed("judge", api.judge), timed("report", text.render)
 deferred = api.load_deferred
 def load_deferred(path):
     capture, check = deferred(path)

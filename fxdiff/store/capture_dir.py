@@ -148,7 +148,9 @@ def load_written(path: str | os.PathLike, targets: Targets | None = None) -> Cap
     return capture
 
 
-_VERIFY = ThreadPoolExecutor(2, thread_name_prefix="fxdiff-verify")
+# One thread: the digests are needed only when the report is, and a second thread would take a core
+# from matching and judging, which are on the way there.
+_VERIFY = ThreadPoolExecutor(1, thread_name_prefix="fxdiff-verify")
 
 
 def load_deferred(path: str | os.PathLike, targets: Targets | None = None) -> tuple[Capture, Callable[[], None]]:

@@ -47,6 +47,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..model.report import HIST_EDGES, Metrics
+from ..scratch import one_torch_thread as _one_torch_thread, scratch as _scratch
 from ..store.summary import Summary, summarise
 from .noise import OWN_ROUNDING
 
@@ -506,12 +507,21 @@ class _Pair:
         return _Bound(atol * scale, rtol), f"judged relative to RMS {scale:.3g}"
 
     def _map(self, fn, items) -> list:
-        """``fn(part)`` over parts of ``items``: on the calling thread, or one part per pool thread."""
+        """``fn(part)`` over parts of ``items``: on the calling thread, or one part on it and one per
+        pool thread for the others."""
         items = list(items)
         workers = min(self.workers, len(items))
         if workers < 2 or self.n < _PARALLEL_MIN:
             return [fn(items)]
-        return list(_pool().map(fn, [items[w::workers] for w in range(workers)]))
+        parts = [items[w::workers] for w in range(workers)]
+        others = [_pool().submit(fn, part) for part in parts[1:]]
+        try:
+            first = fn(parts[0])   # the calling thread takes a part itself: one thread handoff fewer
+        except BaseException:
+            for other in others:
+                other.exception()   # wait for them: the pages they read are handed back next
+            raise
+        return [first, *(other.result() for other in others)]
 
     # -- first sweep: which chunks differ, and the sums of squares
     def _first(self, ks) -> list[tuple[int, int, float, float]]:
@@ -523,7 +533,8 @@ class _Pair:
                 if math.isfinite(xx):
                     out.append((k, _SAME, xx, xx))
                     continue
-            x, y = x.to(self.cdt), y.to(self.cdt)
+            if x.dtype != self.cdt or y.dtype != self.cdt:
+                x, y = x.to(self.cdt), y.to(self.cdt)
             if self.exact:
                 out.append((k, _DIFFERS, float(torch.dot(x, x)), float(torch.dot(y, y))))
                 continue
@@ -540,7 +551,8 @@ class _Pair:
         acc = _Acc()
         for k, kind in todo:
             x, y = self.chunks.pair(k)
-            x, y = x.to(self.cdt), y.to(self.cdt)
+            if x.dtype != self.cdt or y.dtype != self.cdt:
+                x, y = x.to(self.cdt), y.to(self.cdt)
             finite = None
             if kind == _MASKED:
                 fa, fb = torch.isfinite(x), torch.isfinite(y)
@@ -645,13 +657,12 @@ def _sumsq(x: torch.Tensor) -> float:
 
 
 def _count_above(d: torch.Tensor, limit: float | torch.Tensor, out: torch.Tensor | None = None) -> int:
-    """How many elements of ``d`` (no NaN) exceed ``limit``, exactly: a float sum of zeros and ones
-    (``sign(max(d - limit, 0))``), several times faster in torch than counting a boolean mask.
-    ``d - limit`` is positive exactly when ``d > limit``, in any IEEE precision. ``out``: scratch."""
-    total = float((torch.sub(d, limit) if out is None else torch.sub(d, limit, out=out)).clamp_min_(0).sign_().sum())
-    if total != total:   # inf - inf somewhere
+    """How many elements of ``d`` exceed ``limit``, exactly. With ``out`` (floating scratch of
+    ``d``'s size, at most 2^24 elements): the float sum of the comparison's zeros and ones written
+    into it, several times faster in torch than counting a boolean mask."""
+    if out is None or d.numel() > 1 << 24:
         return int(torch.count_nonzero(d > limit))
-    return int(total)
+    return int(torch.gt(d, limit, out=out).sum())
 
 
 _BELOW_EDGES: dict[torch.dtype, list[float]] = {}
@@ -723,6 +734,7 @@ class _Chunks:
     def __init__(self, a: torch.Tensor, b: torch.Tensor, workers: int = 1):
         self.a, self.b = a, b
         self.n = a.numel()
+        self.two_devices = a.device != b.device
         # about four chunks a thread where the pair is not large
         self.chunk = size = min(CHUNK, max(MIN_CHUNK, -(-self.n // (4 * workers))))
         flat_a, flat_b = _dense_block(a), _dense_block(b)
@@ -758,7 +770,7 @@ class _Chunks:
         else:
             index = self.blocks[k]
             x, y = self.a[index].reshape(-1), self.b[index].reshape(-1)
-        if x.device != y.device:   # a capture against a live run on a GPU: this chunk compared on the CPU
+        if self.two_devices:   # a capture against a live run on a GPU: this chunk compared on the CPU
             x, y = x.cpu(), y.cpu()
         return x, y
 
@@ -808,33 +820,6 @@ def _pool() -> ThreadPoolExecutor:
             _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fxdiff-judge",
                                        initializer=torch.set_num_threads, initargs=(1,))
         return _POOL
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(n: int, dtype: torch.dtype, slot: str) -> torch.Tensor:
-    """A buffer of ``n`` elements, this thread's own for ``slot``: reused chunk after chunk."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    buf = bufs.get((slot, dtype))
-    if buf is None or buf.numel() < n:
-        buf = bufs[(slot, dtype)] = torch.empty(max(n, CHUNK), dtype=dtype)
-    return buf[:n]
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Torch on one thread in the calling thread meanwhile (the pool's threads always are): chunks
-    are too small for torch's own parallel loops, which stall when the machine is loaded. On exit
-    the thread count is set back, which also restores the default that new threads start with."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _evict(*tensors: torch.Tensor) -> None:

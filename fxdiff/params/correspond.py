@@ -30,6 +30,7 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
+from ..scratch import one_torch_thread, scratch
 from ..store.tensor_file import evict
 from ..model.alignment import ParamPair
 
@@ -99,9 +100,15 @@ def digest(t: torch.Tensor) -> bytes:
         t = t.as_subclass(torch.Tensor)
     kind = "float" if t.is_floating_point() else str(t.dtype)
     h = xxhash.xxh3_128()
-    for block in _row_major_blocks(t):
-        block = (block.to(torch.bfloat16) if block.is_floating_point() else block).cpu().contiguous()
-        h.update(block.view(torch.uint8).numpy() if block.dtype != torch.bool else block.numpy())
+    with one_torch_thread():
+        for block in _row_major_blocks(t):
+            dtype = torch.bfloat16 if block.is_floating_point() else block.dtype
+            if block.device.type != "cpu":
+                block = block.to(dtype).cpu()
+            if block.dtype != dtype or not block.is_contiguous():   # converted into a reused buffer
+                block = scratch(block.numel(), dtype, "digest").view(block.shape).copy_(block)
+            block = block.reshape(-1)
+            h.update(block.view(torch.uint8).numpy() if block.dtype != torch.bool else block.numpy())
     h.update(kind.encode())
     evict(t)
     return h.digest()
@@ -111,14 +118,15 @@ _BLOCK = 1 << 22   # elements hashed at a time
 
 
 def _row_major_blocks(t: torch.Tensor):
-    """``t``'s elements in row-major order, as consecutive 1-D blocks of about ``_BLOCK``."""
+    """``t``'s elements in row-major order, as consecutive blocks of about ``_BLOCK``: 1-D views,
+    or (not contiguous) views of whole rows to be copied in row-major order."""
     if t.is_contiguous():
         flat = t.reshape(-1)
         for start in range(0, flat.numel(), _BLOCK):
             yield flat[start:start + _BLOCK]
         return
     if t.dim() == 0 or t.numel() <= _BLOCK:
-        yield t.reshape(-1)
+        yield t
         return
     row = t[0].numel()
     if row > _BLOCK:   # one row is already larger than a block: block each row
@@ -127,7 +135,7 @@ def _row_major_blocks(t: torch.Tensor):
         return
     step = max(1, _BLOCK // max(1, row))
     for start in range(0, t.shape[0], step):
-        yield t[start:start + step].reshape(-1)
+        yield t[start:start + step]
 
 
 _digest = digest

@@ -162,7 +162,9 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     return _load(Path(path), targets, verify=True)
 
 
-_VERIFY = ThreadPoolExecutor(2, thread_name_prefix="fxdiff-verify")
+# One thread: the digests are needed only when the report is, and a second thread would take a core
+# from matching and judging, which are on the way there.
+_VERIFY = ThreadPoolExecutor(1, thread_name_prefix="fxdiff-verify")
 
 
 def load_deferred(path: str | os.PathLike, targets: Targets | None = None) -> tuple[Capture, Callable[[], None]]:

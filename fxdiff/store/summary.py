@@ -196,7 +196,7 @@ def _digest(t: torch.Tensor, like: str | None = None) -> str:
     from ..params.correspond import _row_major_blocks
     h = xxhash.xxh3_64()
     for block in _row_major_blocks(t):
-        block = block.contiguous()
+        block = block.contiguous().reshape(-1)
         h.update((block.view(torch.uint8) if block.dtype != torch.bool else block).numpy())
     return h.hexdigest()
 

@@ -458,8 +458,12 @@ class WritesItsWeights(torch.nn.Module):
         return y
 
 
-def test_a_streamed_capture_keeps_the_weights_the_run_used_and_puts_them_back(tmp_path):
-    """Streamed, the copies of the parameters taken before the run are in a file, not in memory."""
+@pytest.mark.parametrize("spill_at", [0, 1 << 40], ids=["copies in a file", "copies in memory"])
+def test_a_streamed_capture_keeps_the_weights_the_run_used_and_puts_them_back(tmp_path, monkeypatch, spill_at):
+    """Streamed, the copies of the parameters taken before the run go to a file, not memory, from
+    ``SPILL_AT`` bytes of them."""
+    from fxdiff.record import session
+    monkeypatch.setattr(session, "SPILL_AT", spill_at)
     torch.manual_seed(0)
     model, x = WritesItsWeights(), torch.randn(3, 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}

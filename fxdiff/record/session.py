@@ -146,6 +146,9 @@ class Saved(dict):
         return self
 
 
+SPILL_AT = 1 << 28   # bytes of CPU parameters and buffers from which a streamed capture spills their copies
+
+
 @contextlib.contextmanager
 def preserved_state(model: torch.nn.Module, spill: str | os.PathLike | None = None) -> Iterator[Saved]:
     """Restore the model's tensors, grads, train/eval flags and all RNG states on exit.
@@ -154,13 +157,15 @@ def preserved_state(model: torch.nn.Module, spill: str | os.PathLike | None = No
     by the original, one added is removed) and by value (a CUDA parameter only when its version
     counter moved: see ``Saved``). Yields the copies taken on entry (``Saved``); they are not
     changed afterwards. With ``spill`` (a folder: a streamed capture, whose memory should stay near
-    the model's own), the copies of CPU tensors go to a temporary file there instead of memory, and
-    what is yielded for them is the tensor itself, put back in place on exit.
+    the model's own), the copies of CPU tensors go to a temporary file there instead of memory when
+    they are ``SPILL_AT`` bytes or more, and what is yielded for them is the tensor itself, put back
+    in place on exit.
     """
     modules = list(model.modules())
     slots = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
     tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values()) if t is not None}
-    saved = Saved(_Spill.open(spill) if spill is not None else None)
+    cpu_bytes = sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type == "cpu")
+    saved = Saved(_Spill.open(spill) if spill is not None and cpu_bytes >= SPILL_AT else None)
     saved.copy(tensors, {id(t) for _, p, _, _ in slots for t in p.values() if t is not None})
     grads = [(p, p.grad) for p in model.parameters()]
     training = [(m, m.training) for m in modules]

@@ -59,7 +59,7 @@ BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not w
 PENDING = 1 << 28         # bytes of CPU tensors waiting for the copier at most
 GPU_IN_FLIGHT = 1 << 27   # bytes of GPU clones being copied to the host at most
 HOST_IN_FLIGHT = 1 << 31  # bytes of pinned host copies waiting for the disk at most
-TRIM = 1 << 28            # bytes stored between two returns of the C heap's free pages
+TRIM = 1 << 30            # bytes stored between two returns of the C heap's free pages (each costs time)
 
 
 @functools.cache

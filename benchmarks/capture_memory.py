@@ -39,33 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
 import json, os, sys, time, shutil
-sys.path.insert(0, os.path.join(sys.argv[5], "examples", "conformer"))
+sys.path.insert(0, os.path.join(sys.argv[5], "benchmarks"))
 import torch
 torch.set_num_threads(int(sys.argv[4]))
 import fxdiff
+from models import build, rss
 model_name, kind, folder, seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[6])
-
-def build():
-    if model_name == "conformer":
-        import specs
-        return specs.bench_reference().eval(), specs.bench_inputs(), specs.loss
-    from transformers import GPT2Config, GPT2LMHeadModel
-    import transformers
-    transformers.logging.set_verbosity_error()
-    cfg = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12),
-           "gpt2-774m": dict(n_layer=36, n_embd=1280, n_head=20, n_positions=1024),
-           "tiny": dict(vocab_size=1000, n_positions=256, n_layer=4, n_embd=128, n_head=4)}[model_name]
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa", **cfg)).eval()
-    batch = 2 if model_name == "gpt2-774m" else 1
-    ids = torch.randint(0, model.config.vocab_size, (batch, min(seq, model.config.n_positions)),
-                        generator=torch.Generator().manual_seed(1))
-    return model, {"input_ids": ids}, lambda out: out["logits"].float().square().mean()
-
-model, inputs, loss = build()
-def rss(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+model, inputs, loss = build(model_name, seq)
 base = rss("VmRSS:")
 out = os.path.join(folder, "c")
 

@@ -47,14 +47,9 @@ TARGET_RSS_GB = 1.5
 TARGET_CLI_S = 6.0      # the CLI, end to end, on the GPT-2 124M pair
 GPT2_BYTES = 7.03e9     # tensor data of that pair
 
-_CHILD = r"""
-import json, os, sys, time
-t0 = time.perf_counter()
-import torch
-import fxdiff
-from fxdiff import api
-torch.set_num_threads(int(sys.argv[3]))
-phases = {"load": 0.0, "match": 0.0, "judge": 0.0, "verify wait": 0.0}
+# The API's steps timed into ``phases`` (which each child defines), the start of both children.
+_TIMING = r"""
+import time
 def timed(name, fn):
     def run(*a, **k):
         start = time.perf_counter()
@@ -63,12 +58,25 @@ def timed(name, fn):
         finally:
             phases[name] += time.perf_counter() - start
     return run
-api.load_deferred, api.match, api.judge = timed("load", api.load_deferred), timed("match", api.match), timed("judge", api.judge)
-deferred = api.load_deferred
-def load_deferred(path):
-    capture, check = deferred(path)
-    return capture, timed("verify wait", check)
-api.load_deferred = load_deferred
+def time_api(api):
+    api.load_deferred, api.match = timed("load", api.load_deferred), timed("match", api.match)
+    api.judge = timed("judge", api.judge)
+    deferred = api.load_deferred
+    def load_deferred(path):
+        capture, check = deferred(path)
+        return capture, timed("verify wait", check)
+    api.load_deferred = load_deferred
+"""
+
+_CHILD = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+import torch
+import fxdiff
+from fxdiff import api
+torch.set_num_threads(int(sys.argv[3]))
+phases = {"load": 0.0, "match": 0.0, "judge": 0.0, "verify wait": 0.0}
+time_api(api)
 def rss(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
@@ -94,21 +102,8 @@ import fxdiff.render.text as text
 from fxdiff import api
 phases = {"imports": time.perf_counter() - t0, "load": 0.0, "match": 0.0, "judge": 0.0, "verify wait": 0.0,
           "report": 0.0}
-def timed(name, fn):
-    def run(*a, **k):
-        start = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            phases[name] += time.perf_counter() - start
-    return run
-api.load_deferred, api.match = timed("load", api.load_deferred), timed("match", api.match)
-api.judge, text.render = timed("judge", api.judge), timed("report", text.render)
-deferred = api.load_deferred
-def load_deferred(path):
-    capture, check = deferred(path)
-    return capture, timed("verify wait", check)
-api.load_deferred = load_deferred
+time_api(api)
+text.render = timed("report", text.render)
 def done():
     print(json.dumps({"phases": phases, "started": wall0, "ended": time.time()}), file=sys.stderr, flush=True)
 atexit.register(done)
@@ -168,7 +163,7 @@ def run_case(name: str, ref: Path, cand: Path, a, histograms: bool = False) -> d
     warm(ref)
     warm(cand)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(ref), str(cand), str(a.threads), "1" if histograms else "0"],
+    out = subprocess.run([sys.executable, "-c", _TIMING + _CHILD, str(ref), str(cand), str(a.threads), "1" if histograms else "0"],
                          env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{name}: compare failed\n{out.stderr[-3000:]}")
@@ -184,7 +179,7 @@ def run_case(name: str, ref: Path, cand: Path, a, histograms: bool = False) -> d
     warm(ref)
     warm(cand)
     start = time.time()
-    timed = subprocess.run([sys.executable, "-c", _CLI_CHILD, "compare", str(ref), str(cand), *drawing], env=env,
+    timed = subprocess.run([sys.executable, "-c", _TIMING + _CLI_CHILD, "compare", str(ref), str(cand), *drawing], env=env,
                            capture_output=True, text=True)
     end = time.time()
     report = json.loads(timed.stderr.strip().splitlines()[-1])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import torch
 import torch.fx
@@ -320,8 +320,8 @@ def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected
     failing_r = {r.ref_node for r in rows if not r.forward.passed}
     failing_c = {r.cand_node for r in rows if not r.forward.passed}
     differing = [r for r in rejected if r.confidence >= OTHER_USERS and not r.forward.passed
-                 and _downstream(ref.node(r.ref_node), compared_r) <= failing_r
-                 and _downstream(cand.node(r.cand_node), compared_c) <= failing_c]
+                 and set(_block_after(ref.node(r.ref_node), compared_r)[1]) <= failing_r
+                 and set(_block_after(cand.node(r.cand_node), compared_c)[1]) <= failing_c]
     for row in rows:
         if not row.first_forward or row.blame or not differing:
             continue
@@ -344,21 +344,6 @@ def _upstream(start: torch.fx.Node, compared: set[str]) -> set[str]:
         seen.add(n.name)
         stack.extend(n.all_input_nodes)
     return seen
-
-
-def _downstream(start: torch.fx.Node, compared: set[str]) -> set[str]:
-    """The first compared nodes that ``start`` feeds, through nodes that are not compared."""
-    seen: set[str] = set()
-    reached: set[str] = set()
-    stack = list(start.users)
-    while stack:
-        n = stack.pop()
-        if n.name in compared:
-            reached.add(n.name)
-        elif n.name not in seen:
-            seen.add(n.name)
-            stack.extend(n.users)
-    return reached
 
 
 def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance, node_floor: float) -> None:
@@ -414,7 +399,7 @@ def _not_plain(row: NodeRow) -> str:
             "one cannot stand in for the other")
 
 
-def _block_after(node: torch.fx.Node, compared: dict[str, NodeRow]) -> tuple[list[torch.fx.Node], list[str]]:
+def _block_after(node: torch.fx.Node, compared: Collection[str]) -> tuple[list[torch.fx.Node], list[str]]:
     """The ops between ``node`` and its nearest ``compared`` users, and those users."""
     block, consumers, queue, seen = [], [], list(node.users), set()
     while queue:

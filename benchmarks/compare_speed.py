@@ -98,6 +98,9 @@ import atexit, json, sys, time
 wall0 = time.time()
 t0 = time.perf_counter()
 import fxdiff.cli as cli
+from fxdiff import digest
+for side in sys.argv[2:4]:
+    digest.start(side)   # as the command does before it imports torch
 import fxdiff.render.text as text
 from fxdiff import api
 phases = {"imports": time.perf_counter() - t0, "load": 0.0, "match": 0.0, "judge": 0.0, "verify wait": 0.0,

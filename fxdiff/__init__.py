@@ -8,15 +8,36 @@ render*. ``api.py`` is the one pipeline; the names below are the public API::
     fxdiff.save(ref, "ref.fxd")                        # JSON + safetensors, written atomically
     report = fxdiff.compare("ref.fxd", port_model)     # run the port on ref's inputs, then diff
     report.diverged, report.first_divergence()
+
+The names are imported on first use: the command line begins its work (checking the captures it
+was given) before torch, which takes seconds to import, is loaded.
 """
 
-from .api import (LiveOptions, capture, capture_spec, compare, convert, load, map_params, save, save_inputs,
-                  write_checkpoint)
+import importlib
+
+from . import load as _stage   # noqa: F401 -- see below
 from .errors import FxdiffError, UserCodeError
-from .judge import Tolerance, compare_tensors
-from .model import Capture, ParamMap, Report, load_report
 from .version import __version__
 
-__all__ = ["Capture", "FxdiffError", "LiveOptions", "ParamMap", "Report", "Tolerance", "UserCodeError",
-           "__version__", "capture", "capture_spec", "compare", "compare_tensors", "convert", "load", "load_report",
-           "map_params", "save", "save_inputs", "write_checkpoint"]
+# Importing the subpackage ``fxdiff.load`` (the "load model" stage) binds its name here; it is
+# imported above and unbound, so that ``fxdiff.load`` is the function ``load`` however the
+# package is first used (``import fxdiff.api`` imports the subpackage too).
+del load
+
+_FROM = {**dict.fromkeys(["LiveOptions", "capture", "capture_spec", "compare", "convert", "load", "map_params",
+                          "save", "save_inputs", "write_checkpoint"], "api"),
+         **dict.fromkeys(["Tolerance", "compare_tensors"], "judge"),
+         **dict.fromkeys(["Capture", "ParamMap", "Report", "load_report"], "model")}
+
+__all__ = sorted(["FxdiffError", "UserCodeError", "__version__", *_FROM])
+
+
+def __getattr__(name: str):
+    if name not in _FROM:
+        raise AttributeError(f"module 'fxdiff' has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

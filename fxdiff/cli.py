@@ -1,7 +1,9 @@
 """The ``fxdiff`` command line: parse, call the API (``api.py``), print, exit.
 
 Exit codes: 0 match, 1 divergence, 2 bad input or a failure in the user's own code (one line),
-3 a bug in fxdiff (with its traceback).
+3 a bug in fxdiff (with its traceback). The API, and torch with it, is imported by the commands
+that need it: ``--help`` answers at once, and ``compare`` starts checking its captures' digests
+while torch is imported.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from typing import Any
 import click
 from rich.console import Console
 
-from . import api, progress
+from . import digest, progress
 from .errors import FxdiffError
-from .judge import Tolerance
-from .store import is_capture, writing
 from .util import check_replaceable
 from .version import __version__
 
@@ -92,6 +92,7 @@ def _writable(path: str, flag: str, capture: bool = False) -> None:
     if not os.access(folder, os.W_OK):
         raise FxdiffError(f"{flag} {path}: folder {folder} is not writable")
     if capture:
+        from .store import is_capture
         if os.path.lexists(path) and not is_capture(path):
             raise FxdiffError(f"{flag} {path}: exists and is not an fxdiff capture; refusing to overwrite it")
         return
@@ -157,6 +158,9 @@ def capture(model: str, output: str, tracer: str, keep: str, modules: str | None
 
     Loading MODEL, --inputs and --loss executes that code: it is your model code.
     """
+    from . import api
+    from .store import writing
+
     _writable(output, "--output", capture=True)
     with writing(output):   # a second capture to the same output is refused now, not after its run
         cap = api.capture_spec(model, **_live(o, tracer), keep=keep, modules=modules,
@@ -182,6 +186,7 @@ def capture(model: str, output: str, tracer: str, keep: str, modules: str | None
               help="How many of the largest nodes to list.")
 def inspect(capture_dir: str, top: int) -> int:
     """Print a summary of a capture: counts, sizes, versions, largest nodes."""
+    from . import api
     from .render.text import capture_summary
 
     console.print(capture_summary(api.load(capture_dir), capture_dir, top))
@@ -297,6 +302,10 @@ def compare(ref: str, cand: str, atol: float | None, rtol: float | None, map_pat
     REF's output gradients; --inputs, --loss and the other run options apply to it and override.
     Exit code: 0 match, 1 divergence, 2 bad input, 3 a bug in fxdiff.
     """
+    for side in (ref, cand):
+        digest.start(side)   # meanwhile, torch is imported
+    from . import api
+    from .judge import Tolerance
     from .render import text
 
     drawing = _drawing(o)
@@ -333,6 +342,8 @@ def map_params(ref: str, cand: str, map_path: str | None, output: str | None, re
     """
     from rich.table import Table
     from rich.text import Text
+
+    from . import api
 
     if bool(ref_checkpoint) != bool(cand_checkpoint):
         raise FxdiffError("--convert and --out go together")

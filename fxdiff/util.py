@@ -6,6 +6,7 @@ import contextlib
 import gc
 import json
 import math
+import mmap
 import os
 import stat
 import tempfile
@@ -126,3 +127,17 @@ def dumps(obj: Any, **kwargs: Any) -> str:
         return json.dumps(obj, allow_nan=False, **kwargs)
     except ValueError:
         return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def dontneed(data: mmap.mmap, start: int, length: int) -> None:
+    """Unmap the pages of ``data[start:start + length]`` from this process (the file's pages stay in
+    the page cache, and are mapped again when touched)."""
+    if not hasattr(mmap, "MADV_DONTNEED") or length <= 0:
+        return
+    page = mmap.PAGESIZE
+    lo = start - start % page
+    hi = min(len(data), start + length + (-(start + length) % page))
+    try:
+        data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError):
+        pass

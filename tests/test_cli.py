@@ -36,6 +36,18 @@ def finish(process):
     return process.returncode, out, err
 
 
+def test_the_command_line_imports_torch_only_for_commands_that_run_it():
+    """``fxdiff --help`` answers without importing torch (seconds), and the package's names stay
+    what they were however it is first imported (``fxdiff.load`` is the function, not the
+    subpackage ``fxdiff/load``)."""
+    code = ("import sys, fxdiff.cli; from click.testing import CliRunner; "
+            "assert CliRunner().invoke(fxdiff.cli.main, ['--help']).exit_code == 0; "
+            "assert 'torch' not in sys.modules; import fxdiff.api, fxdiff; "
+            "assert callable(fxdiff.load) and fxdiff.load is fxdiff.api.load; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
 def test_capture_and_compare_in_separate_processes(tmp_path):
     specs = conformer_specs()
     ref = tmp_path / "ref"

@@ -402,6 +402,22 @@ def test_a_modified_header_is_reported_as_modified(tmp_path, saved):
         fxdiff.compare(saved, d)
 
 
+
+def test_a_digest_check_begun_early_is_joined_and_a_change_after_it_caught(tmp_path, saved):
+    """``fxdiff compare`` begins checking its captures before it imports torch (``digest.start``);
+    the loader joins that check, and one of a file changed since is made again."""
+    from fxdiff import digest
+    d = copy_of(saved, tmp_path)
+    digest.start(d)
+    assert not fxdiff.compare(saved, d).diverged
+    assert not digest._STARTED   # joined, not left behind
+    digest.start(d)
+    DAMAGE["byte flipped"][0](d)
+    with pytest.raises(FxdiffError, match="checksum mismatch"):
+        fxdiff.compare(saved, d)
+    digest.start(tmp_path / "nothing here")   # not a capture: left for the loader to report
+    assert not digest._STARTED
+
 # -- captures written while the model runs (capture(stream_to=...), the CLI's -o) ----------------
 
 @pytest.mark.parametrize("name", ["conformer", "gpt2", "mha"])

@@ -20,8 +20,8 @@ Two sweeps over the chunks:
   ``max |d| / |ref|``, ``max |d| / max(|ref|, RMS)``, the exact count of elements out of bounds
   (in chunks whose ``max |d|`` exceeds the least bound), and the cosine, whose ``1 - cos`` comes
   from ``d`` itself (``(|d|^2 - (|ref| - |cand|)^2) / 2|ref||cand|`` with
-  ``|ref|^2 - |cand|^2 = d.ref + d.cand``), so it keeps its digits for nearly equal tensors. Only
-  chunks holding NaN or infinities take the masked path that compares them as data.
+  ``|ref|^2 - |cand|^2 = d.ref + d.cand = 2 d.ref - d.d``), so it keeps its digits for nearly equal
+  tensors. Only chunks holding NaN or infinities take the masked path that compares them as data.
 
 The error histogram is computed only when a drawing asks for it (``statistics(histograms=True)``,
 set by ``compare(..., histograms=True)`` and by the CLI's ``--svg``, ``--html`` and
@@ -368,11 +368,11 @@ def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 class _Acc:
     """What the chunks of one pair add up to (sums in float64)."""
 
-    __slots__ = ("dd", "dx", "dy", "sum_abs", "max_abs", "max_rel", "max_scaled", "special_bad", "bad", "hist",
+    __slots__ = ("dd", "dx", "sum_abs", "max_abs", "max_rel", "max_scaled", "special_bad", "bad", "hist",
                  "peaks")
 
     def __init__(self):
-        self.dd = self.dx = self.dy = self.sum_abs = 0.0   # d = x - y: x ref, y cand
+        self.dd = self.dx = self.sum_abs = 0.0   # d = x - y: x ref, y cand
         self.max_abs = self.max_rel = self.max_scaled = 0.0
         self.special_bad = 0      # NaN/Inf positions that differ
         self.bad = 0              # elements out of bounds
@@ -380,7 +380,7 @@ class _Acc:
         self.peaks: list[tuple[int, float]] = []   # (chunk, max |d|) of the chunks that differ
 
     def merge(self, o: "_Acc") -> None:
-        for f in ("dd", "dx", "dy", "sum_abs", "special_bad", "bad"):
+        for f in ("dd", "dx", "sum_abs", "special_bad", "bad"):
             setattr(self, f, getattr(self, f) + getattr(o, f))
         self.max_abs = _nanmax(self.max_abs, o.max_abs)
         self.max_rel = _nanmax(self.max_rel, o.max_rel)
@@ -574,13 +574,12 @@ class _Pair:
                 acc.hist[0] += d.numel() if finite is None else int(finite.sum())
             return
         acc.dd += _sumsq(d) if math.isfinite(peak) else math.inf
-        dx, dy = float(torch.dot(d, x)), float(torch.dot(d, y))
-        if x.dtype != torch.float64 and not (math.isfinite(dx) and math.isfinite(dy)
+        dx = float(torch.dot(d, x))
+        if x.dtype != torch.float64 and not (math.isfinite(dx)
                                              and peak * self.scale * math.sqrt(d.numel()) >= _TINY_SUM):
             d64 = d.double()   # products that float32 flushes to zero, or overflows
-            dx, dy = float(torch.dot(d64, x.double())), float(torch.dot(d64, y.double()))
+            dx = float(torch.dot(d64, x.double()))
         acc.dx += dx
-        acc.dy += dy
         d = d.abs_()
         acc.max_abs = _nanmax(acc.max_abs, peak)
         total = float(d.sum())
@@ -638,9 +637,9 @@ def _cosine(xx: float, yy: float, acc: _Acc) -> float | None:
     nx, ny = math.sqrt(xx), math.sqrt(yy)
     if nx == 0 or ny == 0:
         return 1.0 if nx == ny else 0.0
-    if not all(map(math.isfinite, (nx, ny, acc.dd, acc.dx, acc.dy))):
+    if not all(map(math.isfinite, (nx, ny, acc.dd, acc.dx))):
         return math.nan
-    gap = (acc.dx + acc.dy) / (nx + ny)
+    gap = (2 * acc.dx - acc.dd) / (nx + ny)   # d.x + d.y, with d.y = d.x - d.d
     one_minus = (acc.dd - gap * gap) / (2 * nx * ny)
     return 1.0 - min(2.0, max(0.0, one_minus))
 

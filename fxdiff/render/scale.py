@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import FxdiffError
-from ..model.report import Metrics, NodeRow
+
+if TYPE_CHECKING:
+    from ..model.report import Metrics, NodeRow
 
 DIRECTIONS = ("forward", "backward")
 

@@ -27,13 +27,13 @@ import os
 import shutil
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from .. import tree
+from ..digest import MANIFEST, TENSORS, check_later
 from ..errors import FxdiffError
 from ..model.capture import FORMAT, READABLE_VERSIONS, VERSION, Capture
 from ..targets import Targets
@@ -42,9 +42,9 @@ from . import consistency
 from .graph_json import graph_from_json, node_to_json
 from .summary import GRAD_SUMMARY, VALUE_SUMMARY, is_summary
 from .summary import from_json as summary_from_json, to_json as summary_to_json
-from .tensor_file import read_tensors, verify_digest, write_tensors
+from .tensor_file import read_tensors, write_tensors
 
-MANIFEST, GRAPH, TENSORS = "manifest.json", "graph.json", "tensors.safetensors"
+GRAPH = "graph.json"
 PARTIAL_VERSION = 4   # what captures that keep less than every value and gradient are written as
 _SECTIONS = ("value", "grad", "param", "param_grad", "output_grad")
 
@@ -162,11 +162,6 @@ def load(path: str | os.PathLike, targets: Targets | None = None) -> Capture:
     return _load(Path(path), targets, verify=True)
 
 
-# One thread: the digests are needed only when the report is, and a second thread would take a core
-# from matching and judging, which are on the way there.
-_VERIFY = ThreadPoolExecutor(1, thread_name_prefix="fxdiff-verify")
-
-
 def load_deferred(path: str | os.PathLike, targets: Targets | None = None) -> tuple[Capture, Callable[[], None]]:
     """``load``, with the digest of the tensor file checked in a thread meanwhile: returns the
     capture and a function that waits for the check and raises ``FxdiffError`` if it failed.
@@ -177,8 +172,7 @@ def load_deferred(path: str | os.PathLike, targets: Targets | None = None) -> tu
     except FxdiffError:
         _load(path, targets, verify=True)   # a modified file says so first, as load() does
         raise
-    check = _VERIFY.submit(verify_digest, file, expected)
-    return capture, check.result
+    return capture, check_later(file, expected)
 
 
 def _load(path: Path, targets: Targets | None, verify: bool):

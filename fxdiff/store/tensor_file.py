@@ -26,7 +26,6 @@ import os
 import stat
 import threading
 import weakref
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,9 @@ from typing import Any
 import torch
 import xxhash
 
+from ..digest import verify_digest
 from ..errors import FxdiffError
+from ..util import dontneed
 
 FORMAT = "fxdiff-capture"
 
@@ -328,70 +329,6 @@ def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: 
                           "written by fxdiff or was edited")
 
 
-VERIFY_CHUNK = 1 << 26
-
-
-def verify_digest(file: Path, digest: dict[str, Any], data: mmap.mmap | None = None) -> None:
-    """Raise unless ``file`` (or its mapping ``data``) has ``digest``: ``{"xxh3_64": hex}``,
-    ``{"crc32": int}`` (version 2), or, for a capture written while its model ran,
-    ``{"xxh3_64_header": hex, "xxh3_64_data": hex, "data_offset": n}``. Reads the file once, in
-    chunks whose pages are handed back as soon as they are hashed."""
-    if sum(k in digest for k in ("xxh3_64", "xxh3_64_header", "crc32")) != 1:
-        raise FxdiffError(f"{file}: the manifest gives no single digest of it; the capture was edited")
-    own = data is None
-    if own:
-        with open(file, "rb") as f:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
-    try:
-        if "xxh3_64_header" in digest:
-            split = digest.get("data_offset")
-            size = len(data) if data is not None else 0
-            ok = isinstance(split, int) and 0 <= split <= size and \
-                _digest_of(data, "xxh3", 0, split) == digest["xxh3_64_header"] and \
-                _digest_of(data, "xxh3", split, size) == digest.get("xxh3_64_data")
-        elif "xxh3_64" in digest:
-            ok = _digest_of(data, "xxh3") == digest["xxh3_64"]
-        else:
-            ok = _digest_of(data, "crc32") == digest.get("crc32")
-    finally:
-        if own and data is not None:
-            data.close()
-    if not ok:
-        raise FxdiffError(f"{file}: checksum mismatch; the capture was modified after it was written")
-
-
-def _digest_of(data: mmap.mmap | None, kind: str, lo: int = 0, hi: int | None = None) -> str | int:
-    """xxh3-64 (hex) or CRC32 of ``data[lo:hi]``."""
-    h = xxhash.xxh3_64() if kind == "xxh3" else None
-    crc = 0
-    size = len(data) if data is not None else 0
-    hi = size if hi is None else hi
-    with memoryview(data if data is not None else b"") as view:
-        for start in range(lo, hi, VERIFY_CHUNK):
-            end = min(hi, start + VERIFY_CHUNK)
-            with view[start:end] as part:
-                if h is not None:
-                    h.update(part)
-                else:
-                    crc = zlib.crc32(part, crc)
-            _dontneed(data, start, end - start)
-    return h.hexdigest() if h is not None else crc
-
-
-def _dontneed(data: mmap.mmap, start: int, length: int) -> None:
-    """Unmap the pages of ``data[start:start + length]`` from this process (the file's pages stay in
-    the page cache, and are mapped again when touched)."""
-    if not hasattr(mmap, "MADV_DONTNEED") or length <= 0:
-        return
-    page = mmap.PAGESIZE
-    lo = start - start % page
-    hi = min(len(data), start + length + (-(start + length) % page))
-    try:
-        data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-    except (OSError, ValueError):
-        pass
-
-
 # -- handing pages back ----------------------------------------------------------------------
 
 _MAPPINGS: dict[int, tuple[int, weakref.ref]] = {}   # base address -> (size, mapping)
@@ -431,7 +368,7 @@ def evict(*tensors: torch.Tensor | None) -> None:
             found = [(base, size, ref()) for base, (size, ref) in _MAPPINGS.items() if base <= ptr < base + size]
         for base, size, data in found:
             if data is not None:
-                _dontneed(data, ptr - base, min(nbytes, base + size - ptr))
+                dontneed(data, ptr - base, min(nbytes, base + size - ptr))
 
 
 def trim() -> None:
@@ -440,4 +377,4 @@ def trim() -> None:
         found = [(size, ref()) for size, ref in _MAPPINGS.values()]
     for size, data in found:
         if data is not None:
-            _dontneed(data, 0, size)
+            dontneed(data, 0, size)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import FxdiffError
 from ..model.capture import Capture
+from ..util import gc_paused
 from .eager import record_eager
 from .fx import record_fx
 from .recorder import Recorder
@@ -35,5 +36,6 @@ def record(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None,
     if tracer not in tracers:
         raise FxdiffError(f"tracer must be one of {', '.join(tracers)}, not {tracer!r}", option="tracer")
     started = datetime.datetime.now(datetime.timezone.utc)
-    run = tracers[tracer](model, tuple(args), dict(kwargs or {}), config)
-    return assemble(model, run, tracer=tracer, config=config, started=started, meta=meta)
+    with gc_paused():
+        run = tracers[tracer](model, tuple(args), dict(kwargs or {}), config)
+        return assemble(model, run, tracer=tracer, config=config, started=started, meta=meta)

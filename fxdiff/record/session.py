@@ -31,7 +31,6 @@ from ..version import __version__
 from ..errors import FxdiffError, UserCodeError, blame_user, in_fxdiff
 from ..model.capture import GRAD, MODULE, NOT_STORED, TARGET, Capture
 from ..outputs import pair_outputs
-from ..util import gc_paused
 from .plain import as_plain, is_plain
 from ..store.stream import CaptureStream
 from ..store.tensor_file import _span_bytes, byte_span
@@ -319,7 +318,7 @@ def prepared(model: torch.nn.Module, args: tuple, kwargs: dict,
     """Set the model up for one run and restore it afterwards: yields the parameter copies taken
     on entry (by ``id``) and private copies of the call's arguments."""
     spill = None if config.stream_to is None else Path(config.stream_to).absolute().parent
-    with gc_paused(), preserved_state(model, spill) as before:
+    with preserved_state(model, spill) as before:
         model.train(config.mode == "train")
         seed_everything(config.seed)
         for p in model.parameters():

@@ -2,7 +2,8 @@
 
 For the Conformer bench model (13M), GPT2LMHeadModel 124M and a ~1.1B-parameter LlamaForCausalLM
 in bf16 (hidden 2048, 22 layers, 32 heads, 4 kv heads, intermediate 5632, vocab 32000), random
-weights, batch 1 x ``--seq`` tokens, the median of ``--repeat`` runs of each:
+weights, ``--batch`` x ``--seq`` tokens (the Conformer bench: its own inputs), the median of ``--repeat``
+runs of each:
 
 - eager:            ``loss(model(**inputs)).backward()``
 - held:             ``fxdiff.capture(...)``, every value and gradient kept on the GPU
@@ -17,7 +18,7 @@ Peak GPU memory is ``torch.cuda.max_memory_allocated`` over one run. The disk's 
 measured with the capture writer (``O_DIRECT`` where allowed) on 2 GiB, and the least time any
 capture that writes ``B`` bytes can take, ``B / speed``, is printed beside it. Needs a CUDA
 device; run from the repository root:
-``python benchmarks/capture_overhead_cuda.py [--models conformer,gpt2,llama] [--json out.json]``.
+``python benchmarks/capture_overhead_cuda.py [--models conformer,gpt2,llama] [--batch 8] [--json out.json]``.
 """
 
 import argparse
@@ -42,7 +43,7 @@ from fxdiff.store.tensor_file import _Writer  # noqa: E402
 TARGET_TIME, TARGET_MEMORY = 2.0, 1.10
 
 
-def conformer(seq):
+def conformer(seq, batch):
     spec = importlib.util.spec_from_file_location("conformer_specs", ROOT / "examples/conformer/specs.py")
     specs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(specs)
@@ -51,15 +52,15 @@ def conformer(seq):
     return model, inputs, specs.loss
 
 
-def gpt2(seq):
+def gpt2(seq, batch):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa")).cuda().eval()
-    ids = torch.randint(0, 50257, (1, seq), generator=torch.Generator().manual_seed(1)).cuda()
+    ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(1)).cuda()
     return model, {"input_ids": ids}, lambda out: out["logits"].float().square().mean()
 
 
-def llama(seq):
+def llama(seq, batch):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -67,7 +68,7 @@ def llama(seq):
                          attn_implementation="sdpa")
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    ids = torch.randint(0, 32000, (1, seq), generator=torch.Generator().manual_seed(1)).cuda()
+    ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(1)).cuda()
     return model, {"input_ids": ids}, lambda out: out["logits"].float().square().mean()
 
 
@@ -141,6 +142,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="conformer,gpt2,llama")
     parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default=None, help="comma-separated subset of the modes")
     parser.add_argument("--no-checks", action="store_true")
@@ -155,10 +157,10 @@ def main():
           f"{speed / 1e9:.2f} GB/s; targets: time <= {TARGET_TIME}x eager, peak GPU memory <= {TARGET_MEMORY}x "
           "eager's", flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "disk_bytes_per_s": speed,
-              "models": {}}
+              "batch": a.batch, "seq": a.seq, "models": {}}
     try:
         for name in a.models.split(","):
-            model, inputs, loss = MODELS[name](a.seq)
+            model, inputs, loss = MODELS[name](a.seq, a.batch)
             out = os.path.join(folder, "c")
 
             def eager():
@@ -196,7 +198,7 @@ def main():
                 shutil.rmtree(out, ignore_errors=True)
             e = results["eager"]
             params = sum(p.numel() for p in model.parameters())
-            print(f"{name}: {params / 1e6:.1f}M params, {next(model.parameters()).dtype}; eager fwd+bwd "
+            print(f"{name}: {params / 1e6:.1f}M params, {next(model.parameters()).dtype}, batch {a.batch} x {a.seq}; eager fwd+bwd "
                   f"{e['s'] * 1e3:.1f} ms, peak GPU memory {e['peak'] / 2**30:.2f} GiB", flush=True)
             for kind, r in results.items():
                 if kind == "eager":

@@ -14,6 +14,7 @@ was given) before torch, which takes seconds to import, is loaded.
 """
 
 import importlib
+import importlib.util
 
 from . import load as _stage   # noqa: F401 -- see below
 from .errors import FxdiffError, UserCodeError
@@ -33,10 +34,12 @@ __all__ = sorted(["FxdiffError", "UserCodeError", "__version__", *_FROM])
 
 
 def __getattr__(name: str):
-    if name not in _FROM:
-        raise AttributeError(f"module 'fxdiff' has no attribute {name!r}")
-    value = globals()[name] = getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
-    return value
+    if name in _FROM:
+        value = globals()[name] = getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)   # a module, as ``fxdiff.store.load``
+    raise AttributeError(f"module 'fxdiff' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

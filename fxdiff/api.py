@@ -59,8 +59,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     ``file.py:function`` string names one. Default: a seeded random cotangent on every floating
     output. ``autocast`` (``"bfloat16"``, ``torch.float16``...) runs forward under ``torch.autocast``.
     ``keep``: ``"both"`` (every value and gradient), ``"values"`` (no node gradients), ``"grads"``
-    (values summarised) or ``"summary"`` (both summarised: statistics, a fixed-seed sample and a
-    hash; ``store.summary``). ``modules``: a regular expression; only ops inside modules whose path
+    (values summarised) or ``"summary"`` (both summarised, and the parameters and their gradients:
+    statistics, a fixed-seed sample and a hash; ``store.summary``). ``modules``: a regular expression; only ops inside modules whose path
     matches it are kept (values made outside and used inside become placeholders).
     ``stream_to``: write the capture to this directory while the model runs (each value and
     gradient goes to disk as it is produced: memory stays near the model's own) and return it

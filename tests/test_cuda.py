@@ -2,7 +2,8 @@
 
 A tiny Hugging Face GPT-2 on CUDA: the streamed capture's values and gradients are bit-identical
 to the held capture's, a summary capture compares as a match against the full one, and a capture
-on the GPU compares within noise against the same model on the CPU.
+on the GPU compares within noise against the same model on the CPU. Summaries made by the Triton
+kernel agree with those ``summarise`` makes on the CPU.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import fxdiff
+from fxdiff.store.summary import is_summary, summarise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -50,3 +52,32 @@ def test_gpu_capture_is_within_noise_of_the_cpu_one():
     model, ids = _gpt2("cpu")
     cpu = fxdiff.capture(model, (ids,))
     assert not fxdiff.compare(cpu, gpu).diverged
+
+
+def test_summaries_made_on_the_gpu_agree_with_the_cpu():
+    from fxdiff.store.device_summary import DeviceSummaries, content_digest, unit_digest
+    g = torch.Generator().manual_seed(0)
+    special = torch.randn(400, 300, generator=g)
+    special[1, 2], special[5, 5], special[7, 1] = float("nan"), float("inf"), -float("inf")
+    tensors = [torch.randn(3, 70000, generator=g).to(torch.bfloat16), special.t(), torch.zeros(0),
+               torch.randint(-9, 9, (70,), generator=g, dtype=torch.int32), torch.rand(50000, generator=g) > 0.5,
+               torch.randn(40, 40, dtype=torch.complex64, generator=g), torch.randn(9000, generator=g).half(),
+               torch.full((5,), float("nan")), torch.randint(0, 9, (7,), generator=g)]
+    device = DeviceSummaries()
+    made = [device.add(t.cuda(), content=True) for t in tensors]
+    device.finish()
+    for t, s in zip(tensors, made):
+        cpu = summarise(t, content=True)
+        assert torch.equal(s.sample.view(torch.uint8), cpu.sample.view(torch.uint8)), t.dtype
+        assert s.stats == pytest.approx(cpu.stats, rel=1e-5), t.dtype
+        assert s.digest == unit_digest(t) and s.content == cpu.content == content_digest(t), t.dtype
+
+
+def test_summary_capture_on_gpu_summarises_parameters_and_pairs_them_with_a_cpu_capture():
+    model, ids = _gpt2("cuda")
+    summary = fxdiff.capture(model, (ids,), keep="summary")
+    assert all(is_summary(t) and t.content for t in summary.params.values())
+    assert all(is_summary(g) for g in summary.param_grads.values())
+    model, ids = _gpt2("cpu")
+    report = fxdiff.compare(fxdiff.capture(model, (ids,)), summary)
+    assert not report.diverged and not report.unmatched.ref_params

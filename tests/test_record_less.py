@@ -215,3 +215,66 @@ def test_empty_tensors_compare_as_equal_between_a_summary_and_a_full_capture():
     full = fxdiff.capture(model, (ids,))
     assert any(v.numel() == 0 for v in full.values.values())
     assert fxdiff.compare(full, fxdiff.capture(model, (ids,), keep="summary")).verdict == "match"
+
+
+# -- parameters in a summary capture ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """A small Hugging Face GPT-2, its input, and a copy with one weight perturbed."""
+    import copy
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=64, vocab_size=1024,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
+    bugged = copy.deepcopy(model)
+    with torch.no_grad():
+        bugged.transformer.h[1].mlp.c_fc.weight[3, 5] += 0.5
+    return model, ids, bugged
+
+
+def test_summary_capture_summarises_parameters_and_round_trips_them(tmp_path, gpt2):
+    model, ids, _ = gpt2
+    full = fxdiff.capture(model, (ids,))
+    cap = fxdiff.capture(model, (ids,), keep="summary")
+    assert set(cap.params) == set(full.params) and set(cap.param_grads) == set(full.param_grads)
+    assert all(isinstance(t, Summary) and t.content.startswith("c1:") for t in cap.params.values())
+    assert all(isinstance(t, Summary) for t in cap.param_grads.values())
+    kept = sum(t.sample.numel() * t.sample.element_size() for t in (*cap.params.values(), *cap.param_grads.values()))
+    whole = sum(t.numel() * t.element_size() for t in (*full.params.values(), *full.param_grads.values()))
+    assert kept < whole / 10
+    saved, streamed = fxdiff.save(cap, tmp_path / "s"), tmp_path / "t"
+    fxdiff.capture(model, (ids,), keep="summary", stream_to=streamed)
+    for path in (saved, streamed):
+        loaded = fxdiff.load(path)
+        name = "transformer.wte.weight"
+        assert loaded.params[name].stats == cap.params[name].stats
+        assert loaded.params[name].content == cap.params[name].content
+        assert torch.equal(loaded.param_grads[name].sample, cap.param_grads[name].sample)
+
+
+@pytest.mark.parametrize("ref_keep, cand_keep", [("summary", "summary"), ("summary", "both"), ("both", "summary")])
+def test_a_weight_bug_is_localised_with_summarised_parameters(gpt2, ref_keep, cand_keep):
+    model, ids, bugged = gpt2
+    same = fxdiff.compare(fxdiff.capture(model, (ids,), keep=ref_keep), fxdiff.capture(model, (ids,), keep=cand_keep))
+    assert same.verdict == "match" and not same.unmatched.ref_params
+    assert all("identical" in p.evidence or "equal content" in p.evidence for p in same.params)
+    report = fxdiff.compare(fxdiff.capture(model, (ids,), keep=ref_keep), fxdiff.capture(bugged, (ids,), keep=cand_keep))
+    assert report.diverged
+    assert frontier_modules(report) == {("transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_fc")}
+    assert report.unmatched.ref_params == ["transformer.h.1.mlp.c_fc.weight"]
+    assert len(report.params) == len(same.params) - 1
+
+
+def test_summarised_parameters_pair_with_a_fused_full_tensor():
+    """A summary parameter is paired by its content hash, also as rows of a fused full tensor."""
+    from fxdiff.params import correspond
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    ref = {"q": summarise(q, content=True), "k": summarise(k, content=True), "b": summarise(q.t(), content=True)}
+    cand = {"qk": torch.cat([q, k]).double(), "b": q.t().contiguous()}
+    pairs, ref_left, cand_left = correspond(ref, cand, ["q", "k", "b"], ["qk", "b"])
+    found = {p.ref: (p.cand, p.transform.get("kind")) for p in pairs}
+    assert found == {"q": (("qk",), "rows"), "k": (("qk",), "rows"), "b": (("b",), "identity")}
+    assert not ref_left and not cand_left

@@ -33,6 +33,7 @@ from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
+from ..store.summary import is_summary
 from .tensors import Tolerance, compare_tensors, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
@@ -135,6 +136,11 @@ def _transformed(table: dict[str, torch.Tensor], pp, gradient: bool = False) -> 
     parts = [table.get(name) for name in pp.cand]
     if any(p is None for p in parts):
         return None
+    if any(is_summary(p) for p in parts):   # compared in row-major order: a reshape changes nothing
+        kind = pp.transform.get("kind", "identity")
+        if len(parts) != 1 or kind not in ("identity", "reshape", "rows"):
+            return None   # the transform needs the elements
+        return parts[0] if kind != "rows" else apply_transform(parts, pp.transform, gradient)
     return apply_transform(parts, pp.transform, gradient)
 
 

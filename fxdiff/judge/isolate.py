@@ -134,7 +134,11 @@ class _Block:
             source = cand.params if str(node.target) in cand.params else None
             if source is None and node.name not in cand.values:
                 raise _NotReplayable(f"the candidate's {node.target} ({node.name}) was not stored")
-            out = (source[str(node.target)] if source is not None else cand.values[node.name]).clone()
+            out = source[str(node.target)] if source is not None else cand.values[node.name]
+            if is_summary(out):
+                raise _NotReplayable(f"the candidate's {node.target} ({node.name}) is summarised (capture --keep), "
+                                     "not stored")
+            out = out.clone()
         elif node.op == "call_function":
             if len(self.memo) >= MAX_BLOCK:
                 raise _NotReplayable(f"more than {MAX_BLOCK} of the candidate's ops lie between {self.subject} and "

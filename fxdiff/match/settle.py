@@ -7,7 +7,8 @@ from collections import defaultdict
 import torch
 
 from ..model.alignment import Pair, ParamPair
-from ..params import Digests, correspond, digest, output_slice
+from ..params import Digests, correspond, output_slice, summarised
+from ..store.summary import is_summary
 from .compute_graph import ComputeGraph
 from .confidence import CERTAIN, CONSUMED_BY_PAIR, ORDER_OF_USE
 
@@ -23,8 +24,8 @@ def settle_params(r: ComputeGraph, c: ComputeGraph, params: list[ParamPair],
     kept = [p for p in params if p.confidence >= CERTAIN]
     done_r = {p.ref for p in kept}
     used_c = {n for p in kept if output_slice(p.transform) is None for n in p.cand}   # rows: shared
-    digest_r: dict[str, bytes] = {}
-    dig_c = Digests(cp)
+    summaries = summarised(rp, cp)
+    dig_r, dig_c = Digests(rp, summaries), Digests(cp, summaries)
     pieces: dict[str, list[tuple[int, str, bool]]] = defaultdict(list)   # ref param -> (start, cand, transposed)
     for pair in pairs:
         ref_params = [x for n in (pair.ref, *pair.ref_block) for x in r.params_of.get(n, ())]
@@ -32,12 +33,12 @@ def settle_params(r: ComputeGraph, c: ComputeGraph, params: list[ParamPair],
         for x in ref_params:
             if x in done_r:
                 continue
-            if x not in digest_r:
-                digest_r[x] = digest(rp[x])
+            if dig_r[x] is None:   # a summary that cannot tell
+                continue
             for y in cand_params:
                 if y in used_c:
                     continue
-                found = _fit(rp[x], digest_r[x], cp[y], dig_c, y, pair)
+                found = _fit(rp[x], dig_r[x], cp[y], dig_c, y, pair)
                 if found is None:
                     continue
                 if found[0] == "piece":
@@ -82,22 +83,22 @@ def _fit(x: torch.Tensor, dx: bytes, y: torch.Tensor, dig_c: Digests, name: str,
                 else {"kind": "reshape", "shape": list(x.shape)})
     if y.dim() == 2 and x.numel() == y.numel() and dig_c[(name, True)] == dx:
         return ("whole", {"kind": "transpose"})
-    if pair.cand_slice and y.dim() >= 1:
+    if pair.cand_slice and y.dim() >= 1 and not is_summary(y):
         s0, s1 = pair.cand_slice
         for view, pre in ((y, []), (y.t(), [{"kind": "transpose"}]) if y.dim() == 2 else (None, None)):
             if view is None or view.shape[0] < s1:
                 continue
             part = view[s0:s1]
-            if part.numel() == x.numel() and digest(part) == dx:
+            if part.numel() == x.numel() and dig_c.of(part) == dx:
                 rows = {"kind": "rows", "start": s0, "stop": s1}
                 return ("whole", {"kind": "chain", "steps": pre + [rows]} if pre else rows)
-    if pair.ref_slice and x.dim() >= 1:
+    if pair.ref_slice and x.dim() >= 1 and not is_summary(x):
         s0, s1 = pair.ref_slice
         for view, transposed in ((x, False), (x.t() if x.dim() == 2 else None, True)):
             if view is None or view.shape[0] < s1:
                 continue
             part = view[s0:s1]
-            if part.numel() == y.numel() and digest(part) == dig_c[(name, False)]:
+            if part.numel() == y.numel() and dig_c.of(part) == dig_c[(name, False)]:
                 return ("piece", s0, transposed)
     return None
 

@@ -5,7 +5,10 @@ Both sides of a port load the same weights, so a parameter's bytes identify it w
 Conv1d weight against a Linear weight), transposes, row blocks of fused tensors (q/k/v in one
 ``qkv``, also transposed as in GPT-2's Conv1D), fused references against separate candidates,
 (also transposed, GPT-2's ``c_attn`` against separate q/k/v), and row permutations (per-head
-layouts such as RoPE). Tensors with equal content (LayerNorm weights of ones, zero biases) are
+layouts such as RoPE). Parameters a capture keeps only as summaries (``capture --keep summary``) are
+paired by the hash of their content they hold (``device_summary.content_digest``, which a full
+tensor reproduces): exact copies, reshapes, and row blocks of a fused full tensor; what needs their
+elements (transposes, permutations, offsets, a fused summary) is not tried. Tensors with equal content (LayerNorm weights of ones, zero biases) are
 paired in order of first use with confidence 0.7; the matcher (``match.GraphMatcher``) re-pairs
 them through the matched ops that consume them, and only content unique on both sides (confidence
 1.0) anchors ops.
@@ -31,6 +34,8 @@ import xxhash
 
 from ..errors import FxdiffError
 from ..scratch import one_torch_thread, scratch
+from ..store.device_summary import content_digest
+from ..store.summary import is_summary
 from ..store.tensor_file import evict
 from ..model.alignment import ParamPair
 
@@ -148,6 +153,7 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
 
     ``*_order`` list parameter names in order of first use; it decides between tensors of equal content.
     """
+    summaries = summarised(ref, cand)
     rank_r = {n: i for i, n in enumerate(ref_order)}
     rank_c = {n: i for i, n in enumerate(cand_order)}
     ref_left = sorted(ref, key=lambda n: (rank_r.get(n, len(rank_r)), n))
@@ -173,13 +179,13 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
         if p.ref not in ref or any(c not in cand for c in p.cand):
             raise FxdiffError(f"user map: parameter pair {p.ref} -> {', '.join(p.cand)} names a missing parameter")
     take(list(user))
-    dig_r, dig_c = Digests(ref), Digests(cand)
+    dig_r, dig_c = Digests(ref, summaries), Digests(cand, summaries)
     take(_by_digest(ref, cand, ref_left, cand_left, dig_r, dig_c, False, {"kind": "identity"}, "identical bytes"))
     take(_by_digest(ref, cand, ref_left, [c for c in cand_left if cand[c].dim() == 2], dig_r, dig_c, True,
                     {"kind": "transpose"}, "identical bytes, transposed"))
-    take(_fused(ref, cand, ref_left, cand_left, claimed, dig_r))
+    take(_fused(ref, cand, ref_left, [c for c in cand_left if not is_summary(cand[c])], claimed, dig_r))
     cand_left[:] = [n for n in cand_left if (n, False) not in claimed and (n, True) not in claimed]
-    take(_fused_ref(ref, cand, ref_left, cand_left, dig_c))
+    take(_fused_ref(ref, cand, [r for r in ref_left if not is_summary(ref[r])], cand_left, dig_c))
     matrices = _permuted(ref, cand, ref_left, cand_left) + _permuted(ref, cand, ref_left, cand_left, transposed=True)
     take(matrices)
     take(_permuted(ref, cand, ref_left, cand_left, vectors=True,
@@ -188,17 +194,37 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
     return pairs, ref_left, cand_left
 
 
-class Digests(dict):
-    """Digests of named tensors (and of their transposes, under ``(name, True)``), computed once."""
+def summarised(*tables: dict[str, torch.Tensor]) -> bool:
+    """Whether any of the tensors is a summary: then every digest is a content hash (``Digests``)."""
+    return any(is_summary(t) for table in tables for t in table.values())
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+
+def content_key(t: torch.Tensor) -> bytes | None:
+    """``device_summary.content_digest`` of ``t``, the one a summary holds; None for a summary
+    that holds none (not a parameter's, or a slice)."""
+    if is_summary(t):
+        return t.content.encode() if t.content else None
+    return content_digest(t).encode()
+
+
+class Digests(dict):
+    """Digests of named tensors (and of their transposes, under ``(name, True)``), computed once:
+    ``digest``, or with ``summaries`` ``content_key`` (None for what a summary cannot tell).
+    ``of(t)`` is the digest of any other tensor, the same way."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], summaries: bool = False):
         super().__init__()
         self.tensors = tensors
+        self.of = content_key if summaries else digest
 
-    def __missing__(self, key) -> bytes:
+    def __missing__(self, key) -> bytes | None:
         name, transposed = key if isinstance(key, tuple) else (key, False)
         t = self.tensors[name]
-        self[key] = value = digest(t.t() if transposed else t)
+        if is_summary(t):
+            value = None if transposed else self.of(t)
+        else:
+            value = self.of(t.t() if transposed else t)
+        self[key] = value
         return value
 
 
@@ -209,6 +235,7 @@ def _by_digest(ref, cand, ref_names, cand_names, dig_r, dig_c, transposed, trans
     groups_r: dict[bytes, list[str]] = defaultdict(list)
     for r in ref_names:
         groups_r[dig_r[(r, False)]].append(r)
+    groups_r.pop(None, None)   # summaries that cannot tell
     out = []
     for key, rs in groups_r.items():
         cs = groups_c.get(key, [])
@@ -226,12 +253,13 @@ def _by_digest(ref, cand, ref_names, cand_names, dig_r, dig_c, transposed, trans
 class _BlockIndex:
     """Tensors indexed by (trailing shape, rows, digest), to find row blocks of a fused tensor."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], digests: dict | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], digests: Digests):
         self.table: dict[tuple, dict[int, dict[bytes, list[str]]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(list)))
+        self.of = digests.of
         for name, t in tensors.items():
-            if t.dim() >= 1:
-                d = digests[(name, False)] if digests is not None else _digest(t)
+            d = digests[(name, False)] if t.dim() >= 1 else None
+            if d is not None:
                 self.table[tuple(t.shape[1:])][t.shape[0]][d].append(name)
 
     def cover(self, fused: torch.Tensor,
@@ -259,7 +287,7 @@ class _BlockIndex:
             for rows in sizes:
                 if offset + rows > limit:
                     continue
-                d = _digest(fused[offset:offset + rows])
+                d = self.of(fused[offset:offset + rows])
                 group = by_rows[rows].get(d, [])
                 names = [m for m in group if m not in used]
                 if names:
@@ -277,7 +305,7 @@ class _BlockIndex:
         return [b[:3] for b in blocks], ambiguous
 
 
-def _fused(ref, cand, ref_left, cand_left, claimed, dig_r=None) -> list[ParamPair]:
+def _fused(ref, cand, ref_left, cand_left, claimed, dig_r: Digests) -> list[ParamPair]:
     """Reference parameters that are row blocks of one candidate parameter (possibly transposed);
     ``claimed`` rows (of ``(name, transposed)``) are already paired."""
     index = _BlockIndex({r: ref[r] for r in ref_left}, dig_r)
@@ -300,7 +328,7 @@ def _fused(ref, cand, ref_left, cand_left, claimed, dig_r=None) -> list[ParamPai
     return out
 
 
-def _fused_ref(ref, cand, ref_left, cand_left, dig_c=None) -> list[ParamPair]:
+def _fused_ref(ref, cand, ref_left, cand_left, dig_c: Digests) -> list[ParamPair]:
     """Reference parameters that are several candidate parameters concatenated along rows (of the
     reference, or of its transpose as in GPT-2's ``Conv1D``)."""
     index = _BlockIndex({c: cand[c] for c in cand_left}, dig_c)
@@ -332,7 +360,7 @@ def _permuted(ref, cand, ref_left, cand_left, transposed: bool = False, vectors:
         return [_digest(row) for row in t.reshape(t.shape[0], -1)]
 
     def fits(t: torch.Tensor) -> bool:
-        return t.dim() == (1 if vectors else 2) and t.shape[0] > 1
+        return t.dim() == (1 if vectors else 2) and t.shape[0] > 1 and not is_summary(t)
     by_sig: dict[tuple, list[str]] = defaultdict(list)
     keys_c = {}
     for c in cand_left:
@@ -376,11 +404,12 @@ def _permuted(ref, cand, ref_left, cand_left, transposed: bool = False, vectors:
 def _offset(ref, cand, ref_left, cand_left, dig_c) -> list[ParamPair]:
     """Vectors stored as an offset from one (``ref = cand + 1``): norm gains kept as ``1 + g``."""
     free = {dig_c[(c, False)]: c for c in cand_left if cand[c].dim() == 1}
+    free.pop(None, None)
     out = []
     for r in ref_left:
-        if ref[r].dim() != 1 or not ref[r].is_floating_point():
+        if ref[r].dim() != 1 or not ref[r].is_floating_point() or is_summary(ref[r]):
             continue
-        c = free.pop(_digest(ref[r].detach().cpu() - 1), None)
+        c = free.pop(dig_c.of(ref[r].detach().cpu() - 1), None)
         if c is not None:
             out.append(ParamPair(r, (c,), {"kind": "offset", "value": 1.0}, "identical up to an offset of 1", 1.0))
     return out

@@ -250,14 +250,18 @@ class Recorder(TorchFunctionMode):
 
     _device_summaries: DeviceSummaries | None = None
 
-    def _summarise(self, t: torch.Tensor):
+    def summarise(self, t: torch.Tensor, content: bool = False):
         """The summary of ``t``: computed on its GPU without waiting for it (completed by
-        ``finish_summaries``), or on the CPU."""
+        ``finish_summaries``), or on the CPU; with ``content``, a parameter's (which holds the hash
+        that pairs parameters)."""
         if t.device.type != "cuda":
-            return summarise(t)
+            return summarise(t, content)
         if self._device_summaries is None:
             self._device_summaries = DeviceSummaries()
-        return self._device_summaries.add(t)
+        return self._device_summaries.add(t, content)
+
+    def summarise_param(self, t: torch.Tensor):
+        return self.summarise(t, content=True)
 
     def finish_summaries(self) -> None:
         """Complete the summaries of GPU tensors (one wait for the GPU): call after backward."""
@@ -266,7 +270,7 @@ class Recorder(TorchFunctionMode):
 
     def _keep(self, name: str, t: torch.Tensor, copy: bool, summary: bool = False, stream: bool = False) -> None:
         if summary:
-            self.values[name] = self._summarise(t)
+            self.values[name] = self.summarise(t)
             return
         if stream:   # to the capture file: held only until the stream has copied it
             self.stream.put(f"value/{name}", t, defer=not copy)
@@ -421,7 +425,7 @@ class Recorder(TorchFunctionMode):
                 if grad is None:
                     return
             if self.keep.grads == "summary":
-                self.grads[name] = self._summarise(grad)
+                self.grads[name] = self.summarise(grad)
                 return
             if self.stream is not None:
                 self.stream.verify()

@@ -388,14 +388,17 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
     rec.keep_outputs(finished, outputs)
     out_nodes = iter(finished)
     loss_value, output_grads = backward(model, outputs, config)
+    not_stored: dict[str, str] = {}
+    summary = config.keep == "summary"   # parameters and their gradients summarised too, on their device
+    params = model_tensors(model, before, not_stored, rec.summarise_param if summary else None)
+    param_grads = taken_grads(model, not_stored, rec.summarise if summary else None)
     rec.finish_summaries()
     rec.mark_grads()
     if check is not None:
         check(outputs)
-    not_stored: dict[str, str] = {}
     return Run(rec, inputs=tree.plain(call, lambda t: Slot(placeholders[id(t)])),
                outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
-               params=model_tensors(model, before, not_stored), param_grads=taken_grads(model, not_stored),
+               params=params, param_grads=param_grads,
                output_grads=plain_tensors(output_grads, "output_grads.", not_stored),
                loss_value=loss_value, not_stored=not_stored, stream=stream)
 
@@ -511,21 +514,31 @@ def _takes_model(loss: Loss) -> bool:
 
 
 def model_tensors(model: torch.nn.Module, before: dict[int, torch.Tensor],
-                  not_stored: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+                  not_stored: dict[str, str] | None = None,
+                  summarise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's parameters as the run used them (``before``: copies from ``preserved_state``) and
     copies of its buffers as the run left them (batch norm's running statistics), by name, as
-    ``plain_tensors`` stores them (unstorable ones left out, why in ``not_stored["params.NAME"]``)."""
-    if isinstance(before, Saved):
-        before.ready()
-    params = {n: before[id(p)] if id(p) in before else p.detach().clone() for n, p in model.named_parameters()}
-    params.update({n: b.detach().clone() for n, b in model.named_buffers()})
-    return plain_tensors(params, "params.", not_stored)
+    ``plain_tensors`` stores them (unstorable ones left out, why in ``not_stored["params.NAME"]``).
+    With ``summarise`` (``keep="summary"``), their summaries instead: a CUDA parameter the run did
+    not write to is summarised where it is, not from its copy on the host."""
+    versions = before.versions if isinstance(before, Saved) else {}
+    if summarise is None or any(versions[id(p)] != p._version for p in model.parameters() if id(p) in versions):
+        if isinstance(before, Saved):
+            before.ready()
+    params = {n: p.detach() if summarise is not None and versions.get(id(p)) == p._version
+              else before[id(p)] if id(p) in before else p.detach().clone() for n, p in model.named_parameters()}
+    params.update({n: b.detach() if summarise is not None else b.detach().clone() for n, b in model.named_buffers()})
+    params = plain_tensors(params, "params.", not_stored)
+    return params if summarise is None else {n: summarise(t) for n, t in params.items()}
 
 
-def taken_grads(model: torch.nn.Module, not_stored: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """The run's parameter gradients; the caller puts the model's own ``.grad`` back afterwards."""
+def taken_grads(model: torch.nn.Module, not_stored: dict[str, str] | None = None,
+                summarise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The run's parameter gradients (with ``summarise``, their summaries); the caller puts the
+    model's own ``.grad`` back afterwards."""
     grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
-    return plain_tensors(grads, "param_grads.", not_stored)
+    grads = plain_tensors(grads, "param_grads.", not_stored)
+    return grads if summarise is None else {n: summarise(g) for n, g in grads.items()}
 
 
 def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig, started: datetime.datetime,

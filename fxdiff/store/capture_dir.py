@@ -45,6 +45,8 @@ from .summary import from_json as summary_from_json, to_json as summary_to_json
 from .tensor_file import read_tensors, write_tensors
 
 GRAPH = "graph.json"
+SUMMARIES = "summaries"   # graph.json: the summaries of parameters and their gradients, by section and name
+_NAMED_SUMMARIES = ("param", "param_grad")
 PARTIAL_VERSION = 4   # what captures that keep less than every value and gradient are written as
 _SECTIONS = ("value", "grad", "param", "param_grad", "output_grad")
 
@@ -93,6 +95,10 @@ def _contents(capture: Capture, targets: Targets,
             "inputs": tree.encode(capture.inputs, tensors, "input"),
             "outputs": tree.encode(capture.outputs, tensors, "output"),
         }
+    by_name = {section: {name: doc for (s, name), doc in summaries.items() if s == section}
+               for section in _NAMED_SUMMARIES}
+    if any(by_name.values()):   # parameters have no node: their summaries are listed by name
+        graph_doc[SUMMARIES] = by_name
     # partial captures (capture --keep values/grads/summary) are version 4: a version-3 reader
     # would take a missing or summarised tensor for a difference
     partial = bool(summaries) or capture.meta.get("keep", "both") != "both"
@@ -146,7 +152,8 @@ def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Captu
         section, _, name = key.partition("/")
         if section in tables:
             tables[section][name] = t
-    for section, table in (("value", capture.values), ("grad", capture.grads)):
+    for section, table in (("value", capture.values), ("grad", capture.grads), ("param", capture.params),
+                           ("param_grad", capture.param_grads)):
         for name, t in table.items():
             if is_summary(t):   # its sample is in the file
                 tables[section][name] = summary_from_json(summary_to_json(t), tables[section][name], str(stream.path))
@@ -213,6 +220,17 @@ def _load(path: Path, targets: Targets | None, verify: bool):
             if key in node.meta and node.name in tables[section]:
                 tables[section][node.name] = summary_from_json(node.meta[key], tables[section][node.name],
                                                                f"{graph_file}: node {node.name!r}")
+    named = doc.get(SUMMARIES, {})
+    if not (isinstance(named, dict) and set(named) <= set(_NAMED_SUMMARIES)
+            and all(isinstance(v, dict) for v in named.values())):
+        raise FxdiffError(f"{graph_file}: {SUMMARIES} is not a mapping of parameter summaries")
+    for section, docs in named.items():
+        for name, summary in docs.items():
+            if name not in tables[section]:
+                raise FxdiffError(f"{graph_file}: a summary of {section} {str(name)[:80]!r}, which {TENSORS} does "
+                                  "not hold; the capture is inconsistent")
+            tables[section][name] = summary_from_json(summary, tables[section][name],
+                                                      f"{graph_file}: {section} {name!r}")
     if not {"inputs", "outputs"} <= set(doc):
         raise FxdiffError(f"{graph_file}: expected an object with nodes, inputs and outputs")
     try:   # each structure reads tensors of its own section only

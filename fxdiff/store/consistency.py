@@ -91,8 +91,8 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
             continue
         target = str(node.target)
         if target in params:
-            if target in param_grads:   # a trained parameter: as the run used it (a buffer may be reassigned)
-                _agrees(params[target], node.meta, f"parameter {target!r}", refuse)
+            if target in param_grads and not is_summary(params[target]):   # a trained parameter, as the run
+                _agrees(params[target], node.meta, f"parameter {target!r}", refuse)  # used it (a buffer may change)
         elif not node.meta.get(NOT_STORED):
             refuse(f"{GRAPH}: node {node.name!r} reads {target[:80]!r}, which {TENSORS} does not hold")
 
@@ -194,7 +194,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit for bit (NaN equals NaN); views of the same bytes without reading them; a summary
     (``--keep summary``) by its hash."""
     if is_summary(a) or is_summary(b):
-        return is_summary(a) and is_summary(b) and a.hash == b.hash
+        return is_summary(a) and is_summary(b) and a.digest == b.digest
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.numel() == 0 or (a.data_ptr() == b.data_ptr() and a.stride() == b.stride()):

@@ -2,20 +2,22 @@
 
 ``summary.summarise`` reads a tensor's statistics back to the host chunk by chunk: on a GPU every
 read waits for the model's queued work, hundreds of times a run. ``DeviceSummaries.add(t)`` instead
-queues, in the tensor's stream (so before any later write to it), one pass over the tensor that
-writes, for each block of ``BLOCK`` elements, its partial statistics and hashes (a Triton kernel
-where Triton is installed, torch operations otherwise), gathers the sample, and copies both to
-pinned host memory asynchronously. It returns the ``Summary`` at once; ``finish()`` waits for the
-GPU once and fills in every summary's statistics (the partials of all summaries added at once, in
-float64, on the host) and hash. Nothing of the tensor is kept: the GPU memory this costs is the
-partials, 72 bytes a block. The samples stay where they arrived, in blocks of pinned memory that
-go back to torch's cache of pinned memory with the capture.
+queues, in the tensor's stream (so before any later write to it), one kernel over the tensor (Triton
+where it is installed, torch operations otherwise) that adds its statistics and hashes into one row
+of 9 numbers and gathers its sample, both into large blocks of device memory shared by every
+summary of the run. It returns the ``Summary`` at once; ``finish()`` waits for the GPU once, copies
+those blocks to the host (a few copies for the whole run, not one per tensor) and fills in every
+summary's statistics, hash and sample. Nothing of the tensor is kept: the GPU memory this costs is
+a row and a sample a tensor. The sums of squares and of elements are added in float64 atomically,
+so their last bits may vary run to run; the hashes, counts, minimum and maximum are exact.
 
 The hash of these summaries is ``unit_digest``: ``"u1:"`` and two 32-bit sums, over the tensor's
 units (elements of up to 4 bytes, 32-bit words of wider ones) in row-major order, of a bijective
 mix of each unit's bits and its position. It can be computed in any order on any device, so the
 GPU computes it in blocks, and a full tensor loaded on the CPU gets the same value from
-``unit_digest``; a changed unit always changes both sums.
+``unit_digest``; a changed unit always changes both sums. A parameter's summary also holds
+``content_digest``, the same hash of its elements rounded to bfloat16, every NaN as one (``"c1:"``):
+what pairs parameters across captures whatever their precision (``params.correspond``).
 """
 
 from __future__ import annotations
@@ -30,13 +32,18 @@ import torch
 from .summary import SAMPLE, Summary, sample_index
 
 PREFIX = "u1:"
-BLOCK = 8192        # elements a Triton program reads: one row of partials each
+CONTENT = "c1:"
+BLOCK = 8192        # elements a Triton program reads
 _SAMPLE_BLOCK = 1024
 _MASK = 0xFFFFFFFF
 _K = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1)
-_COLUMNS = 9        # sum, sumsq, min, max (float64 bits), nan, +inf, -inf, hash 1, hash 2
+_COLUMNS = 9        # sum, sumsq (float64), min, max (ordered keys), nan, +inf, -inf, hash 1, hash 2
 _TORCH_CHUNK = 1 << 22
+_NUMPY_CHUNK = 1 << 20
 _UNSIGNED = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}
+_LOW63 = (1 << 63) - 1
+_BF16_NAN = 0x7FC0   # the NaN of a content hash (GPUs and CPUs round NaN to bfloat16 differently)
+_INT64 = torch.iinfo(torch.int64)
 
 
 def _mix(u: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,17 +69,68 @@ def _units(flat: torch.Tensor) -> torch.Tensor:
     return u & ((1 << (8 * min(size, 4))) - 1)
 
 
-def unit_digest(t: torch.Tensor) -> str:
-    """``"u1:"`` and the hash of ``t``'s units (see the module docstring), on ``t``'s device."""
-    flat = _flat(t)
+def _numpy_units(flat: torch.Tensor) -> numpy.ndarray:
+    """The row-major units of a contiguous 1-D CPU tensor as a numpy uint32 array."""
+    raw = flat.view(torch.uint8).numpy() if flat.dtype != torch.bool else flat.numpy().view(numpy.uint8)
+    size = flat.element_size()
+    return raw.view({1: numpy.uint8, 2: numpy.uint16}.get(size, numpy.uint32))
+
+
+def _numpy_sums(u: numpy.ndarray, start: int) -> tuple[int, int]:
+    """The two sums of ``_mix`` over units ``u`` (uint8, uint16 or uint32) at positions from ``start``,
+    in uint32 arithmetic (products wrap at 2**32, as the hash wants)."""
+    k = [numpy.uint32(x) for x in _K]
+    u = u.astype(numpy.uint32, copy=False)
+    i = numpy.arange(start, start + u.size, dtype=numpy.uint64).astype(numpy.uint32)
+    a = i * k[0]
+    a ^= u
+    a *= k[1]
+    a ^= a >> numpy.uint32(13)
+    a *= k[2]
+    a ^= a >> numpy.uint32(16)
+    b = i
+    b *= k[3]
+    b += u
+    b *= k[4]
+    b ^= b >> numpy.uint32(15)
+    b *= k[0]
+    b ^= b >> numpy.uint32(13)
+    return int(a.sum(dtype=numpy.uint64)), int(b.sum(dtype=numpy.uint64))
+
+
+def _hash(flat: torch.Tensor, rounded: bool = False) -> str:
+    """The two sums' hex digits for a 1-D tensor (read on the CPU in chunks); with ``rounded``, of
+    its elements rounded to bfloat16 (floating tensors)."""
+    flat = flat.detach()
+    rounded = rounded and flat.is_floating_point() and flat.dtype != torch.bfloat16
     h1 = h2 = 0
-    units = _units(flat) if flat.numel() else flat.new_zeros(0, dtype=torch.int64)
-    for start in range(0, units.numel(), _TORCH_CHUNK):
-        u = units[start:start + _TORCH_CHUNK]
-        a, b = _mix(u, torch.arange(start, start + u.numel(), device=u.device) & _MASK)
-        h1 += int(a.sum())
-        h2 += int(b.sum())
-    return f"{PREFIX}{h1 & _MASK:08x}{h2 & _MASK:08x}"
+    per_unit = max(1, flat.element_size() // 4) if not rounded else 1
+    step = _NUMPY_CHUNK // per_unit
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start:start + step]
+        chunk = _rounded(chunk) if rounded else chunk
+        chunk = chunk.cpu().contiguous()
+        a, b = _numpy_sums(_numpy_units(chunk), start * per_unit)
+        h1 += a
+        h2 += b
+    return f"{h1 & _MASK:08x}{h2 & _MASK:08x}"
+
+
+def _rounded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to bfloat16, every NaN the same NaN."""
+    r = t.to(torch.bfloat16)
+    r.view(torch.int16).masked_fill_(r.isnan(), _BF16_NAN)
+    return r
+
+
+def unit_digest(t: torch.Tensor) -> str:
+    """``"u1:"`` and the hash of ``t``'s units (see the module docstring)."""
+    return PREFIX + _hash(_flat(t))
+
+
+def content_digest(t: torch.Tensor) -> str:
+    """``"c1:"`` and the hash of ``t``'s elements rounded to bfloat16 (its units, if not floating)."""
+    return CONTENT + _hash(_flat(t), rounded=True)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -81,12 +139,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return real.reshape(-1)
 
 
+def _keys(bits: torch.Tensor) -> torch.Tensor:
+    """Float64 bits (int64) as keys that order as the floats do."""
+    return bits ^ ((bits >> 63) & _LOW63)
+
+
 def _torch_parts(flat: torch.Tensor) -> torch.Tensor:
-    """One row of partials (``_COLUMNS``, as the Triton kernel writes them) of ``flat``, computed
-    with torch operations on its device, with no read back to the host."""
-    device = flat.device
-    total = torch.zeros(4, dtype=torch.float64, device=device)
-    total[2], total[3] = math.inf, -math.inf
+    """The row (``_COLUMNS``, as the Triton kernel leaves it) of ``flat``, computed with torch
+    operations on its device, with no read back to the host."""
+    device = flat.device   # no element is set from the host: on a GPU that would wait for it
+    total = torch.cat([torch.zeros(2, dtype=torch.float64, device=device),
+                       torch.full((1,), math.inf, dtype=torch.float64, device=device),
+                       torch.full((1,), -math.inf, dtype=torch.float64, device=device)])
     counts = torch.zeros(5, dtype=torch.int64, device=device)
     units = _units(flat) if flat.numel() else None
     per_unit = units.numel() // max(flat.numel(), 1) if units is not None else 1
@@ -106,7 +170,8 @@ def _torch_parts(flat: torch.Tensor) -> torch.Tensor:
         a, b = _mix(u, torch.arange(lo, lo + u.numel(), device=device) & _MASK)
         counts[3] += a.sum()
         counts[4] += b.sum()
-    return torch.cat([total.view(torch.int64), counts]).reshape(1, _COLUMNS)
+    bits = total.view(torch.int64)
+    return torch.cat([bits[:2], _keys(bits[2:]), counts])
 
 
 _KERNEL: Any = None
@@ -124,8 +189,8 @@ def _kernel():
         _KERNEL = False
         return None
 
-    @triton.jit
-    def parts_kernel(x_ptr, n, parts_ptr, positions_ptr, sample_ptr, k, blocks,
+    @triton.jit(do_not_specialize=["n", "row", "k", "at", "blocks"])
+    def parts_kernel(x_ptr, n, rows_f, rows_i, row, positions_ptr, sample_ptr, k, at, blocks,
                      BITS: tl.constexpr, IS_BOOL: tl.constexpr, BLOCK: tl.constexpr, SAMPLE_BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         if pid < blocks:
@@ -135,144 +200,192 @@ def _kernel():
             f = x.to(tl.float64)
             finite = (tl.abs(f) <= 1.7976931348623157e308) & inside   # false for NaN and infinities
             g = tl.where(finite, f, 0.0)
-            row = parts_ptr + pid.to(tl.int64) * 9
-            tl.store(row + 0, tl.sum(g, 0).to(tl.int64, bitcast=True))
-            tl.store(row + 1, tl.sum(g * g, 0).to(tl.int64, bitcast=True))
-            tl.store(row + 2, tl.min(tl.where(finite, f, 1.7976931348623157e308), 0).to(tl.int64, bitcast=True))
-            tl.store(row + 3, tl.max(tl.where(finite, f, -1.7976931348623157e308), 0).to(tl.int64, bitcast=True))
-            tl.store(row + 4, tl.sum(((f != f) & inside).to(tl.int64), 0))
-            tl.store(row + 5, tl.sum(((f > 1.7976931348623157e308) & inside).to(tl.int64), 0))
-            tl.store(row + 6, tl.sum(((f < -1.7976931348623157e308) & inside).to(tl.int64), 0))
-            if IS_BOOL:
-                u = x.to(tl.int64)
-            elif BITS == 8:
-                u = x.to(tl.uint8, bitcast=True).to(tl.int64)
-            elif BITS == 16:
-                u = x.to(tl.uint16, bitcast=True).to(tl.int64)
-            else:
-                u = x.to(tl.uint32, bitcast=True).to(tl.int64)
-            i = offs & 0xFFFFFFFF
-            a = ((u ^ ((i * 0x9E3779B1) & 0xFFFFFFFF)) * 0x85EBCA77) & 0xFFFFFFFF
-            a = a ^ (a >> 13)
-            a = (a * 0xC2B2AE3D) & 0xFFFFFFFF
-            a = a ^ (a >> 16)
-            b = (((u + ((i * 0x27D4EB2F) & 0xFFFFFFFF)) & 0xFFFFFFFF) * 0x165667B1) & 0xFFFFFFFF
-            b = b ^ (b >> 15)
-            b = (b * 0x9E3779B1) & 0xFFFFFFFF
-            b = b ^ (b >> 13)
-            tl.store(row + 7, tl.sum(tl.where(inside, a, 0), 0))
-            tl.store(row + 8, tl.sum(tl.where(inside, b, 0), 0))
+            lo = tl.min(tl.where(finite, f, 1.7976931348623157e308), 0).to(tl.int64, bitcast=True)
+            hi = tl.max(tl.where(finite, f, -1.7976931348623157e308), 0).to(tl.int64, bitcast=True)
+            base = row.to(tl.int64) * 9
+            tl.atomic_add(rows_f + base, tl.sum(g, 0))
+            tl.atomic_add(rows_f + base + 1, tl.sum(g * g, 0))
+            tl.atomic_min(rows_i + base + 2, lo ^ ((lo >> 63) & 0x7FFFFFFFFFFFFFFF))
+            tl.atomic_max(rows_i + base + 3, hi ^ ((hi >> 63) & 0x7FFFFFFFFFFFFFFF))
+            tl.atomic_add(rows_i + base + 4, tl.sum(((f != f) & inside).to(tl.int64), 0))
+            tl.atomic_add(rows_i + base + 5, tl.sum(((f > 1.7976931348623157e308) & inside).to(tl.int64), 0))
+            tl.atomic_add(rows_i + base + 6, tl.sum(((f < -1.7976931348623157e308) & inside).to(tl.int64), 0))
+            for word in tl.static_range(2 if BITS == 64 else 1):   # 8-byte elements: two 32-bit units
+                if BITS == 64:
+                    u = (x.to(tl.int64, bitcast=True) >> (32 * word)).to(tl.uint32)
+                    i = (offs * 2 + word).to(tl.uint32)
+                else:
+                    if IS_BOOL:
+                        u = x.to(tl.uint32)
+                    elif BITS == 8:
+                        u = x.to(tl.uint8, bitcast=True).to(tl.uint32)
+                    elif BITS == 16:
+                        u = x.to(tl.uint16, bitcast=True).to(tl.uint32)
+                    else:
+                        u = x.to(tl.uint32, bitcast=True)
+                    i = offs.to(tl.uint32)   # products of uint32 wrap at 2**32
+                a = (u ^ (i * 0x9E3779B1)) * 0x85EBCA77
+                a = a ^ (a >> 13)
+                a = a * 0xC2B2AE3D
+                a = a ^ (a >> 16)
+                b = (u + i * 0x27D4EB2F) * 0x165667B1
+                b = b ^ (b >> 15)
+                b = b * 0x9E3779B1
+                b = b ^ (b >> 13)
+                tl.atomic_add(rows_i + base + 7, tl.sum(tl.where(inside, a, 0), 0).to(tl.int64))
+                tl.atomic_add(rows_i + base + 8, tl.sum(tl.where(inside, b, 0), 0).to(tl.int64))
         else:
             j = (pid - blocks).to(tl.int64) * SAMPLE_BLOCK + tl.arange(0, SAMPLE_BLOCK)
             wanted = j < k
-            at = tl.load(positions_ptr + j, mask=wanted, other=0)
-            tl.store(sample_ptr + j, tl.load(x_ptr + at, mask=wanted), mask=wanted)
+            where = tl.load(positions_ptr + j, mask=wanted, other=0)
+            tl.store(sample_ptr + at + j, tl.load(x_ptr + where, mask=wanted), mask=wanted)
 
     _KERNEL = parts_kernel
     return _KERNEL
 
 
-class _Pinned:
-    """Pinned host memory handed out in slices of large blocks (one allocation per block, not per
-    tensor: allocating pinned memory takes long)."""
+_POSITIONS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    BLOCK = 1 << 23
 
-    def __init__(self):
+def _positions_on(numel: int, device: torch.device) -> torch.Tensor:
+    """``sample_index(numel)`` on ``device`` (kept for later runs: a few sizes, 32 KiB each)."""
+    key = (numel, device)
+    found = _POSITIONS.get(key)
+    if found is None:
+        positions = sample_index(numel)
+        found = _POSITIONS[key] = positions if device.type != "cuda" else \
+            positions.pin_memory().to(device, non_blocking=True)
+    return found
+
+
+class _Slabs:
+    """Device memory handed out in slices of large blocks (one allocation a block, not a tensor):
+    rows of ``_COLUMNS`` int64 (the blocks start filled with empty rows), or 8-byte aligned bytes."""
+
+    SIZE = 1 << 21   # bytes a block of samples
+    ROWS = 1 << 15   # rows a block of rows
+
+    def __init__(self, device: torch.device, rows: bool):
+        self.device, self.rows = device, rows
         self.blocks: list[torch.Tensor] = []
-        self.used = self.BLOCK
+        self.used = self.SIZE
 
-    def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = -(-n * dtype.itemsize // 8) * 8
-        if not self.blocks or self.used + nbytes > self.blocks[-1].numel():
-            self.blocks.append(torch.empty(max(self.BLOCK, nbytes), dtype=torch.uint8,
-                                           pin_memory=torch.cuda.is_available()))
+    def take(self, n: int) -> tuple[int, int]:
+        """(block, offset) of ``n`` rows, or of ``n`` bytes (offset in bytes)."""
+        n = n * _COLUMNS if self.rows else -(-n // 8) * 8
+        if not self.blocks or self.used + n > self.blocks[-1].numel():
+            if self.rows:   # no copy from the host: it would wait for the GPU
+                block = torch.zeros(self.ROWS, _COLUMNS, dtype=torch.int64, device=self.device)
+                block[:, 2], block[:, 3] = _INT64.max, _INT64.min
+                block = block.view(-1)
+            else:
+                block = torch.empty(max(self.SIZE, n), dtype=torch.uint8, device=self.device)
+            self.blocks.append(block)
             self.used = 0
-        self.used += nbytes
-        return self.blocks[-1][self.used - nbytes:self.used].view(dtype)[:n]
+        self.used += n
+        return len(self.blocks) - 1, self.used - n
+
+    def filled(self) -> list[torch.Tensor]:
+        """The blocks on the host, the last one as far as it was handed out."""
+        return [b[:self.used if i == len(self.blocks) - 1 else b.numel()].cpu() for i, b in enumerate(self.blocks)]
 
 
 class DeviceSummaries:
     """Summaries of CUDA tensors computed on their device (see the module docstring)."""
 
     def __init__(self):
-        self._pending: list[tuple[Summary, torch.Tensor, int]] = []
-        self._positions: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._devices: set[torch.device] = set()
-        self._host = _Pinned()
+        # (summary, device, row block, row, sample block, sample offset, k, numel, dtype, content row)
+        self._pending: list[tuple] = []
+        self._rows: dict[torch.device, _Slabs] = {}
+        self._samples: dict[torch.device, _Slabs] = {}
+        self._views: dict[tuple[torch.device, int, torch.dtype], torch.Tensor] = {}
 
-    def _positions_on(self, numel: int, device: torch.device) -> torch.Tensor:
-        key = (numel, device)
-        found = self._positions.get(key)
-        if found is None:
-            positions = sample_index(numel)
-            found = self._positions[key] = positions if device.type != "cuda" else \
-                positions.pin_memory().to(device, non_blocking=True)
-        return found
+    def _queue(self, flat: torch.Tensor, sample: bool) -> tuple[int, int, int, int]:
+        """Queue the row of contiguous 1-D ``flat`` (and with ``sample`` its sample): (row block,
+        row, sample block, sample offset in bytes)."""
+        n, device, size = flat.numel(), flat.device, flat.element_size()
+        rows = self._rows.get(device) or self._rows.setdefault(device, _Slabs(device, rows=True))
+        rblock, at = rows.take(1)
+        slab = rows.blocks[rblock]
+        k = min(n, SAMPLE) if sample else 0
+        sblock = sat = 0
+        if k:
+            samples = self._samples.get(device) or self._samples.setdefault(device, _Slabs(device, rows=False))
+            sblock, sat = samples.take(k * size)
+            key = (device, sblock, flat.dtype)
+            out = self._views.get(key)
+            if out is None:
+                out = self._views[key] = samples.blocks[sblock].view(flat.dtype)
+        kernel = _kernel() if device.type == "cuda" and flat.dtype != torch.uint64 and 0 < n < 2**31 else None
+        if kernel is not None:
+            blocks = -(-n // BLOCK)
+            kernel[(blocks + -(-k // _SAMPLE_BLOCK),)](
+                flat, n, slab.view(torch.float64), slab, at // _COLUMNS, _positions_on(n, device) if k else slab,
+                out if k else flat, k, sat // size, blocks, BITS=8 * size, IS_BOOL=flat.dtype == torch.bool,
+                BLOCK=BLOCK, SAMPLE_BLOCK=_SAMPLE_BLOCK)
+        else:
+            slab[at:at + _COLUMNS].copy_(_torch_parts(flat))
+            if k:
+                torch.index_select(flat, 0, _positions_on(n, device), out=out[sat // size:sat // size + k])
+        return rblock, at // _COLUMNS, sblock, sat
 
-    def add(self, t: torch.Tensor) -> Summary:
+    def add(self, t: torch.Tensor, content: bool = False) -> Summary:
         """The summary of ``t`` (a CUDA tensor; on the CPU, torch operations do the same work) as it is
-        now; its statistics, sample and hash are complete after ``finish``."""
+        now; its statistics, sample and hash (and with ``content`` its ``content_digest``) are
+        complete after ``finish``."""
         t = t.detach()
         real = torch.view_as_real(t) if t.is_complex() else t
         flat = real.reshape(-1)
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        n, device = flat.numel(), flat.device
-        positions = sample_index(n)
-        k = positions.numel()
-        on_device = self._positions_on(n, device)
-        cuda = device.type == "cuda"
-        kernel = _kernel() if cuda and flat.element_size() <= 4 and 0 < n < 2**31 else None
-        with torch.cuda.device(device) if cuda else contextlib.nullcontext():
-            if kernel is not None:
-                blocks = -(-n // BLOCK)
-                words = blocks * _COLUMNS
-                buf = torch.empty(words + -(-k * flat.element_size() // 8), dtype=torch.int64, device=device)
-                kernel[(blocks + -(-k // _SAMPLE_BLOCK),)](flat, n, buf, on_device, buf[words:].view(flat.dtype), k,
-                                                           blocks, BITS=8 * flat.element_size(),
-                                                           IS_BOOL=flat.dtype == torch.bool, BLOCK=BLOCK,
-                                                           SAMPLE_BLOCK=_SAMPLE_BLOCK)
-                host = self._host.take(buf.numel(), torch.int64)
-                host.copy_(buf, non_blocking=True)
-                parts = host[:words].view(blocks, _COLUMNS)
-                sample = host[words:].view(flat.dtype)[:k]
-            else:
-                device_parts = _torch_parts(flat)
-                device_sample = flat.index_select(0, on_device) if n else flat[:0]
-                parts = self._host.take(_COLUMNS, torch.int64).view(1, _COLUMNS)
-                sample = self._host.take(k, flat.dtype)
-                parts.copy_(device_parts, non_blocking=cuda)
-                sample.copy_(device_sample, non_blocking=cuda)
-        if cuda:
-            self._devices.add(device)
-        summary = Summary(tuple(real.shape), real.dtype, {}, sample, positions, None)
-        self._pending.append((summary, parts, n))
+        device = flat.device
+        switch = device.type == "cuda" and device.index != torch.cuda.current_device()
+        with torch.cuda.device(device) if switch else contextlib.nullcontext():
+            rblock, row, sblock, sat = self._queue(flat, sample=True)
+            rounded = None
+            if content and flat.is_floating_point() and flat.dtype != torch.bfloat16:
+                rounded = self._queue(_rounded(flat), sample=False)[:2]
+        positions = sample_index(flat.numel())
+        summary = Summary(tuple(real.shape), real.dtype, {}, None, positions, None, CONTENT if content else None)
+        self._pending.append((summary, device, rblock, row, sblock, sat, positions.numel(), flat.numel(),
+                              flat.dtype, rounded))
         return summary
 
     def finish(self) -> None:
-        """Wait for the GPU once and complete every summary added so far (the partials of all of
-        them added up at once)."""
-        for device in self._devices:
-            torch.cuda.synchronize(device)
-        self._devices.clear()
-        if self._pending:
-            parts = [p.numpy() for _, p, _ in self._pending]
-            starts = numpy.cumsum([0] + [len(p) for p in parts[:-1]])
-            every = numpy.concatenate(parts)
-            floats = every.view(numpy.float64)   # the first four columns hold float64 bits
-            sums = numpy.add.reduceat(floats[:, :2], starts).tolist()
-            low = numpy.minimum.reduceat(floats[:, 2], starts).tolist()
-            high = numpy.maximum.reduceat(floats[:, 3], starts).tolist()
-            counts = (numpy.add.reduceat(every[:, 4:], starts) & _MASK).tolist()   # hash sums modulo 2**32
-            for (summary, _, n), (s, sq), lo, hi, (nan, pos, neg, h1, h2) in \
-                    zip(self._pending, sums, low, high, counts):
-                finite = lo <= hi
-                summary.stats.update(numel=float(n), sum=s, sumsq=sq, min=lo if finite else 0.0,
-                                     max=hi if finite else 0.0, nan=float(nan), posinf=float(pos), neginf=float(neg))
-                summary.digest = f"{PREFIX}{h1:08x}{h2:08x}"
+        """Wait for the GPU once and complete every summary added so far (a few copies to the host
+        for all of them)."""
+        if not self._pending:
+            return
+        for device in self._rows:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        rows, samples = {}, {}
+        for device, slabs in self._rows.items():   # per block: statistics as lists, counts and hashes as lists
+            rows[device] = []
+            for block in slabs.filled():
+                table = block.numpy().reshape(-1, _COLUMNS)
+                keys = table[:, 2:4]
+                bounds = numpy.where(keys < 0, keys ^ _LOW63, keys).view(numpy.float64)
+                rows[device].append((numpy.concatenate([table[:, :2].view(numpy.float64), bounds], axis=1).tolist(),
+                                     numpy.concatenate([table[:, 4:7], table[:, 7:] & _MASK], axis=1).tolist()))
+        for device, slabs in self._samples.items():
+            samples[device] = slabs.filled()
+        for summary, device, rblock, row, sblock, sat, k, n, dtype, rounded in self._pending:
+            floats, ints = rows[device][rblock]
+            (s, sq, lo, hi), (nan, pos, neg, h1, h2) = floats[row], ints[row]
+            finite = lo <= hi
+            summary.stats.update(numel=float(n), sum=s, sumsq=sq, min=lo if finite else 0.0,
+                                 max=hi if finite else 0.0, nan=float(nan), posinf=float(pos), neginf=float(neg))
+            summary.digest = f"{PREFIX}{h1:08x}{h2:08x}"
+            if summary.content is not None:
+                c1, c2 = rows[device][rounded[0]][1][rounded[1]][3:] if rounded is not None else (h1, h2)
+                summary.content = f"{CONTENT}{c1:08x}{c2:08x}"
+            summary.sample = samples[device][sblock][sat:sat + k * dtype.itemsize].view(dtype) if k else \
+                torch.empty(0, dtype=dtype)
         self._pending.clear()
-        self._host = _Pinned()
+        self._rows.clear()
+        self._samples.clear()
+        self._views.clear()
 
 
-__all__ = ["DeviceSummaries", "PREFIX", "SAMPLE", "unit_digest"]
+__all__ = ["CONTENT", "DeviceSummaries", "PREFIX", "SAMPLE", "content_digest", "unit_digest"]

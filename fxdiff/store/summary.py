@@ -1,4 +1,5 @@
-"""Summarised tensors: what ``capture --keep summary`` (or ``grads``) keeps of a value or gradient.
+"""Summarised tensors: what ``capture --keep summary`` (or ``grads``) keeps of a value or gradient
+(``summary`` also of the parameters and their gradients).
 
 A ``Summary`` stands in a capture for a tensor it no longer holds. It has the tensor's shape and
 dtype (so a capture's structure, matching and reports are unchanged) and holds
@@ -10,7 +11,9 @@ dtype (so a capture's structure, matching and reports are unchanged) and holds
   that size, so two summaries, or a summary and a full tensor, compare element for element;
 - a hash of its row-major bytes, so bit-identical tensors are known as such: xxh3 for tensors
   on the CPU, ``device_summary.unit_digest`` for tensors on a GPU (whose summaries
-  ``device_summary.DeviceSummaries`` computes there, without waiting for the GPU).
+  ``device_summary.DeviceSummaries`` computes there, without waiting for the GPU);
+- for a parameter, ``content``: ``device_summary.content_digest``, a hash of its elements rounded
+  to bfloat16, by which ``params.correspond`` pairs it with the other side's parameters.
 
 The judge (``judge/tensors.py``) compares a summary with a summary or with a full tensor on the
 sample, and bounds what the sample cannot see with the statistics (``|rms_a - rms_b|``,
@@ -19,7 +22,8 @@ with a summary's elements raises ``SummarisedValue``. Complex tensors are summar
 real view (real and imaginary parts).
 
 In a capture directory a summary is its sample, stored as the tensor, and its statistics, in the
-node's metadata (``fxdiff_value_summary`` / ``fxdiff_grad_summary``); such captures are format
+node's metadata (``fxdiff_value_summary`` / ``fxdiff_grad_summary``; for parameters and their
+gradients, which have no node, in graph.json's ``summaries`` by name); such captures are format
 version 4.
 """
 
@@ -69,14 +73,15 @@ class Summary(torch.Tensor):
     sample: torch.Tensor
     positions: torch.Tensor
     digest: str | None
+    content: str | None   # a parameter's ``device_summary.content_digest``, which pairs parameters
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
     def __new__(cls, shape, dtype: torch.dtype, stats: dict[str, float], sample: torch.Tensor,
-                positions: torch.Tensor, digest: str | None):
+                positions: torch.Tensor, digest: str | None, content: str | None = None):
         t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=torch.device("cpu"))
-        t.stats, t.sample, t.positions, t.digest = stats, sample, positions, digest
+        t.stats, t.sample, t.positions, t.digest, t.content = stats, sample, positions, digest, content
         return t
 
     def __init__(self, *args, **kwargs):
@@ -128,8 +133,9 @@ def is_summary(t: Any) -> bool:
     return isinstance(t, Summary)
 
 
-def summarise(t: torch.Tensor) -> Summary:
-    """The summary of ``t`` as it is now (on its device; statistics and sample come back to the CPU)."""
+def summarise(t: torch.Tensor, content: bool = False) -> Summary:
+    """The summary of ``t`` as it is now (on its device; statistics and sample come back to the CPU);
+    with ``content`` (a parameter), also its ``device_summary.content_digest``."""
     t = t.detach()
     real = torch.view_as_real(t) if t.is_complex() else t
     numel = real.numel()
@@ -152,7 +158,10 @@ def summarise(t: torch.Tensor) -> Summary:
     if stats["min"] > stats["max"]:
         stats["min"] = stats["max"] = 0.0
     digest = _digest(real) if real.device.type == "cpu" else None
-    return Summary(real.shape, real.dtype, stats, sample.cpu().clone(), positions, digest)
+    if content:
+        from .device_summary import content_digest
+        content = content_digest(real)
+    return Summary(real.shape, real.dtype, stats, sample.cpu().clone(), positions, digest, content or None)
 
 
 def _add_stats(stats: dict[str, float], chunk: torch.Tensor) -> None:
@@ -206,7 +215,7 @@ def _digest(t: torch.Tensor, like: str | None = None) -> str:
 def to_json(s: Summary) -> dict[str, Any]:
     """The statistics and hash of a summary, for the node's metadata (the sample is stored as a tensor)."""
     return {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."), "sample": SAMPLE, "seed": SEED,
-            **{k: s.stats[k] for k in _STATS}, "hash": s.digest}
+            **{k: s.stats[k] for k in _STATS}, "hash": s.digest, **({"content": s.content} if s.content else {})}
 
 
 def from_json(doc: Any, sample: torch.Tensor, where: str) -> Summary:
@@ -234,7 +243,9 @@ def from_json(doc: Any, sample: torch.Tensor, where: str) -> Summary:
     positions = sample_index(numel)
     if sample.dim() != 1 or sample.numel() != positions.numel() or sample.dtype != dtype:
         raise bad("sample")
-    digest = doc.get("hash")
+    digest, content = doc.get("hash"), doc.get("content")
     if digest is not None and not isinstance(digest, str):
         raise bad("hash")
-    return Summary(shape, dtype, stats, sample, positions, digest)
+    if content is not None and not isinstance(content, str):
+        raise bad("content hash")
+    return Summary(shape, dtype, stats, sample, positions, digest, content)

@@ -16,6 +16,7 @@ every frontier pair is reported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Collection, Iterable
@@ -32,9 +33,9 @@ from ..match.confidence import OTHER_USERS, WEAK
 from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
-from ..model.report import NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
+from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
 from ..store.summary import is_summary
-from .tensors import Tolerance, compare_tensors, rms_many
+from .tensors import Tolerance, compare_many, compare_tensors, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
 
@@ -54,6 +55,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     out_pairs, ref_outputs_left, cand_outputs_left = pair_outputs(tree.flatten(ref.outputs), tree.flatten(cand.outputs))
     mixed_ref, mixed_cand, warnings = _seeded_elsewhere(ref, cand, out_pairs, ref_outputs_left, cand_outputs_left, tol)
     rows: list[NodeRow] = []
+    calls, sizes = [], []
     for pair in alignment.pairs:
         rn, cn = ref_nodes[pair.ref], cand_nodes[pair.cand]
         op = node_key(rn)
@@ -62,27 +64,33 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         rows.append(NodeRow(
             ref_node=pair.ref, cand_node=pair.cand,
             ref_module=rn.meta.get(MODULE, ""), cand_module=cn.meta.get(MODULE, ""), op=op,
-            ref_shape=rn.meta.get(SHAPE), cand_shape=cn.meta.get(SHAPE),
-            forward=compare_tensors(_cut(ref.values[pair.ref], pair.ref_slice),
-                                    _cut(cand.values[pair.cand], pair.cand_slice, pair.cand_index), tol),
-            backward=None if pair.ref in mixed_ref or pair.cand in mixed_cand else
-            _grad_metrics(_cut(ref.grads.get(pair.ref), pair.ref_slice),
-                          _cut(cand.grads.get(pair.cand), pair.cand_slice, pair.cand_index), tol, node_floor),
+            ref_shape=rn.meta.get(SHAPE), cand_shape=cn.meta.get(SHAPE), forward=None, backward=None,
             rationale=pair.rationale, confidence=pair.confidence, depth=depth[pair.ref],
             ref_slice=list(pair.ref_slice) if pair.ref_slice else None,
             cand_slice=list(pair.cand_slice) if pair.cand_slice else None,
             cand_permuted=pair.cand_index is not None,
             ref_block=list(pair.ref_block), cand_block=list(pair.cand_block),
         ))
-    params = []
+        calls.append(functools.partial(_node_pair, ref.values, cand.values, pair, tol))
+        sizes.append(ref.values[pair.ref].numel())
+        mixed = pair.ref in mixed_ref or pair.cand in mixed_cand
+        calls.append(functools.partial(_node_pair, ref.grads, cand.grads, pair, tol, node_floor) if not mixed
+                     else _nothing)
+        sizes.append(0 if mixed or pair.ref not in ref.grads else ref.grads[pair.ref].numel())
+    params = [ParamRow(ref=pp.ref, cand=list(pp.cand), transform=pp.transform, evidence=pp.evidence, grad=None,
+                       value=None) for pp in alignment.params]
     for pp in alignment.params:
-        cand_value = _transformed(cand.params, pp)
         mixed = pp.ref in mixed_ref or any(c in mixed_cand for c in pp.cand)
-        params.append(ParamRow(ref=pp.ref, cand=list(pp.cand), transform=pp.transform, evidence=pp.evidence,
-                               grad=None if mixed else _grad_metrics(ref.param_grads.get(pp.ref),
-                                                                     _transformed(cand.param_grads, pp, gradient=True), tol, param_floor),
-                               value=compare_tensors(ref.params[pp.ref], cand_value, tol)
-                               if cand_value is not None else None))
+        calls.append(functools.partial(_param_pair, ref.params, cand.params, pp, tol))
+        calls.append(functools.partial(_param_pair, ref.param_grads, cand.param_grads, pp, tol, param_floor)
+                     if not mixed else _nothing)
+        sizes += [ref.params[pp.ref].numel(), 0 if mixed else ref.params[pp.ref].numel()]
+    done = iter(compare_many(calls, sizes))
+    for row in (*rows, *params):
+        if isinstance(row, NodeRow):
+            row.forward, row.backward = next(done), next(done)
+        else:
+            row.value, row.grad = next(done), next(done)
     precision = noise.TF32_EPS if ref.info.tf32 or cand.info.tf32 else 0.0
     if not tol.strict:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
@@ -118,6 +126,27 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             ref_inputs=[n for n in alignment.unmatched_ref if ref_nodes[n].op == "placeholder"]),
         graph={"ref": _structure(ref), "cand": _structure(cand)},
     )
+
+
+def _nothing() -> None:
+    return None
+
+
+def _node_pair(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor], pair, tol: Tolerance,
+               floor: float | None = None) -> Metrics | None:
+    """A pair's values (``floor`` None) or gradients (judged relative to their scale, at least ``floor``)."""
+    a = _cut(ref.get(pair.ref), pair.ref_slice)
+    b = _cut(cand.get(pair.cand), pair.cand_slice, pair.cand_index)
+    return compare_tensors(a, b, tol) if floor is None else _grad_metrics(a, b, tol, floor)
+
+
+def _param_pair(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor], pp, tol: Tolerance,
+                floor: float | None = None) -> Metrics | None:
+    """A parameter pair's values (``floor`` None; None when the candidate holds none) or gradients."""
+    if floor is None:
+        b = _transformed(cand, pp)
+        return compare_tensors(ref[pp.ref], b, tol) if b is not None else None
+    return _grad_metrics(ref.get(pp.ref), _transformed(cand, pp, gradient=True), tol, floor)
 
 
 def _cut(t: torch.Tensor | None, block: tuple[int, int] | list[int] | None,

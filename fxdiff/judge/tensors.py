@@ -42,7 +42,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -56,6 +56,7 @@ MIN_CHUNK = 1 << 15          # chunks shrink down to this so that mid-sized pair
 _PARALLEL_MIN = 1 << 17      # smaller pairs run on the calling thread
 _TINY_SUM = 1e-30            # float32 sums of squares (and products) below this are redone in float64
 _HISTOGRAMS = contextvars.ContextVar("fxdiff_histograms", default=True)
+_WHOLE_PAIRS = contextvars.ContextVar("fxdiff_whole_pairs", default=False)   # in compare_many: no split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,43 @@ def grad_metrics(ref_g: torch.Tensor | None, cand_g: torch.Tensor | None, tol: T
     if cand_g is None:
         return _missing_grad("ref", ref_g.numel())
     return _compare(ref_g, cand_g, tol, grad_floor=floor if tol.strict else None)
+
+
+def compare_many(calls: list[Callable[[], Metrics | None]], sizes: list[int]) -> list[Metrics | None]:
+    """The results of ``calls``, each judging one pair (``compare_tensors``, ``grad_metrics``), in
+    order. They run on every core a pair at a time, largest (``sizes``) first, each pair on one
+    thread: a pair split over the cores pays a handoff per sweep, and its small steps leave the
+    cores idle."""
+    workers = min(_workers(), len(calls))
+    if workers < 2:
+        return [call() for call in calls]
+    results: list[Metrics | None] = [None] * len(calls)
+    order = iter(sorted(range(len(calls)), key=lambda i: -sizes[i]))
+    lock = threading.Lock()
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        token = _WHOLE_PAIRS.set(True)
+        try:
+            with _one_torch_thread():
+                while not failed:
+                    with lock:
+                        i = next(order, None)
+                    if i is None:
+                        return
+                    results[i] = calls[i]()
+        except BaseException as e:  # noqa: BLE001 -- raised by the caller once every thread is done
+            failed.append(e)
+        finally:
+            _WHOLE_PAIRS.reset(token)
+
+    others = [_pool().submit(contextvars.copy_context().run, drain) for _ in range(workers - 1)]
+    drain()
+    for other in others:
+        other.result()
+    if failed:
+        raise failed[0]
+    return results
 
 
 def rms(t: torch.Tensor) -> float:
@@ -457,7 +495,7 @@ class _Pair:
         self.histograms = histograms
         self.rms = rms                  # (ref, cand) RMS to use instead of the measured ones (summaries)
         self.raw = a.dtype == b.dtype   # bit-identical chunks can be recognised
-        self.workers = _workers()       # (read before torch is set to one thread for the pass)
+        self.workers = 1 if _WHOLE_PAIRS.get() else _workers()   # (read before torch is set to one thread)
         self.chunks = _Chunks(a, b, self.workers)
         self.n = a.numel()
 

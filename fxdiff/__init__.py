@@ -16,21 +16,23 @@ was given) before torch, which takes seconds to import, is loaded.
 import importlib
 import importlib.util
 
-from . import load as _stage   # noqa: F401 -- see below
 from .errors import FxdiffError, UserCodeError
 from .version import __version__
 
-# Importing the subpackage ``fxdiff.load`` (the "load model" stage) binds its name here; it is
-# imported above and unbound, so that ``fxdiff.load`` is the function ``load`` however the
-# package is first used (``import fxdiff.api`` imports the subpackage too).
-del load
+# Importing the subpackage ``fxdiff.load`` (the "load model" stage) binds the name ``load`` here, to
+# the subpackage. It is imported now and the name dropped, so that ``fxdiff.load`` is the function
+# ``load`` (through ``__getattr__``) however the package is first used.
+importlib.import_module(".load", __name__)
+globals().pop("load")
 
 _FROM = {**dict.fromkeys(["LiveOptions", "capture", "capture_spec", "compare", "convert", "load", "map_params",
                           "save", "save_inputs", "write_checkpoint"], "api"),
          **dict.fromkeys(["Tolerance", "compare_tensors"], "judge"),
          **dict.fromkeys(["Capture", "ParamMap", "Report", "load_report"], "model")}
 
-__all__ = sorted(["FxdiffError", "UserCodeError", "__version__", *_FROM])
+__all__ = ["Capture", "FxdiffError", "LiveOptions", "ParamMap", "Report", "Tolerance", "UserCodeError",
+           "__version__", "capture", "capture_spec", "compare", "compare_tensors", "convert", "load", "load_report",
+           "map_params", "save", "save_inputs", "write_checkpoint"]
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Collection, Iterable
+from typing import Any, Collection
 
 import torch
 import torch.fx
@@ -39,9 +39,11 @@ from .tensors import Tolerance, compare_many, compare_tensors, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
 
-def grad_floor(grads: Iterable[torch.Tensor]) -> float:
-    """A tenth of the median RMS of a family of gradients: the least scale one is judged against."""
-    rms = sorted(rms_many(grads))
+def grad_floor(grads: dict[str, torch.Tensor], measured: dict[str, Metrics | None] | None = None) -> float:
+    """A tenth of the median RMS of a family of gradients: the least scale one is judged against.
+    ``measured``: comparisons of whole gradients by name, whose ``ref_rms`` is taken as measured."""
+    known = {n: m.ref_rms for n, m in (measured or {}).items() if m is not None and n in grads}
+    rms = sorted([*known.values(), *rms_many(t for n, t in grads.items() if n not in known)])
     return 0.1 * rms[len(rms) // 2] if rms else 0.0
 
 
@@ -50,7 +52,10 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     """Compare every aligned pair of ``ref`` and ``cand`` and build the report."""
     ref_nodes = {n.name: n for n in ref.graph.nodes}
     cand_nodes = {n.name: n for n in cand.graph.nodes}
-    node_floor, param_floor = grad_floor(ref.grads.values()), grad_floor(ref.param_grads.values())
+    # strict bounds scale gradients by the floors, so they are needed first; otherwise they come after,
+    # from the RMS the comparisons measure (a pass over every gradient fewer)
+    node_floor = grad_floor(ref.grads) if tol.strict else 0.0
+    param_floor = grad_floor(ref.param_grads) if tol.strict else 0.0
     depth = {n.name: i for i, n in enumerate(ref.graph.nodes)}
     out_pairs, ref_outputs_left, cand_outputs_left = pair_outputs(tree.flatten(ref.outputs), tree.flatten(cand.outputs))
     mixed_ref, mixed_cand, warnings = _seeded_elsewhere(ref, cand, out_pairs, ref_outputs_left, cand_outputs_left, tol)
@@ -91,6 +96,9 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             row.forward, row.backward = next(done), next(done)
         else:
             row.value, row.grad = next(done), next(done)
+    if not tol.strict:
+        node_floor = grad_floor(ref.grads, {r.ref_node: r.backward for r in rows if r.ref_slice is None})
+        param_floor = grad_floor(ref.param_grads, {p.ref: p.grad for p in params})
     precision = noise.TF32_EPS if ref.info.tf32 or cand.info.tf32 else 0.0
     if not tol.strict:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)

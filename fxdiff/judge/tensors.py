@@ -106,7 +106,7 @@ def grad_metrics(ref_g: torch.Tensor | None, cand_g: torch.Tensor | None, tol: T
     if ref_g is None:
         return _missing_grad("cand", cand_g.numel())
     if cand_g is None:
-        return _missing_grad("ref", ref_g.numel())
+        return _missing_grad("ref", ref_g.numel(), rms(ref_g))
     return _compare(ref_g, cand_g, tol, grad_floor=floor if tol.strict else None)
 
 
@@ -752,9 +752,9 @@ def _failed(ref: torch.Tensor, note: str) -> Metrics:
                    cosine=None, ref_rms=ref_rms, mismatched=ref.numel(), numel=ref.numel(), note=note)
 
 
-def _missing_grad(side: str, numel: int) -> Metrics:
+def _missing_grad(side: str, numel: int, ref_rms: float = 0.0) -> Metrics:
     return Metrics(passed=False, max_abs_diff=math.inf, max_rel_diff=math.inf, mean_abs_diff=math.inf,
-                   cosine=None, ref_rms=0.0, mismatched=numel, numel=numel, note=f"gradient on {side} only")
+                   cosine=None, ref_rms=ref_rms, mismatched=numel, numel=numel, note=f"gradient on {side} only")
 
 
 # -- chunks ------------------------------------------------------------------------------------

@@ -60,8 +60,9 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     output. ``autocast`` (``"bfloat16"``, ``torch.float16``...) runs forward under ``torch.autocast``.
     ``keep``: ``"both"`` (every value and gradient), ``"values"`` (no node gradients), ``"grads"``
     (values summarised) or ``"summary"`` (both summarised, and the parameters and their gradients:
-    statistics, a fixed-seed sample and a hash; ``store.summary``). ``modules``: a regular expression; only ops inside modules whose path
-    matches it are kept (values made outside and used inside become placeholders).
+    statistics, a fixed-seed sample and a hash; ``store.summary``). ``modules``: a regular
+    expression; only ops inside modules whose path matches it are kept (values made outside and
+    used inside become placeholders).
     ``stream_to``: write the capture to this directory while the model runs (each value and
     gradient goes to disk as it is produced: memory stays near the model's own) and return it
     memory-mapped from there; ``save`` is then not needed.

@@ -5,4 +5,5 @@ See ``correspond.py`` for how tensors are paired and the transforms that relate 
 
 from .correspond import Digests, apply_transform, convert, correspond, digest, output_index, output_slice, summarised
 
-__all__ = ["Digests", "apply_transform", "convert", "correspond", "digest", "output_index", "output_slice", "summarised"]
+__all__ = ["Digests", "apply_transform", "convert", "correspond", "digest", "output_index", "output_slice",
+           "summarised"]

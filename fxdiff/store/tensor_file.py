@@ -8,9 +8,9 @@ memory-mapping it: loading a capture copies nothing, and tensors are paged in as
 Blobs start at multiples of 64 bytes in the file (the header and each blob are padded), so every
 view is aligned for its dtype in the mapping; files written before that (capture format 2 and
 early 3) have blobs at any offset, and those not aligned for their dtype are copied on load.
-Checking the digest reads the file once in chunks, handing each chunk's pages back as it goes;
-``evict`` hands back the pages of tensors one is done with (the judge does, pair by pair), so a
-process's resident memory does not grow with the size of the captures it reads.
+Checking the digest (``digest.py``) reads the file once in chunks, handing each chunk's pages back
+as it goes; ``evict`` hands back the pages of tensors one is done with (the judge does, pair by
+pair), so a process's resident memory does not grow with the size of the captures it reads.
 """
 
 from __future__ import annotations

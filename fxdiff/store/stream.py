@@ -57,6 +57,7 @@ from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
 BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not wait for the disk
 PENDING = 1 << 28         # bytes of CPU tensors waiting for the copier at most
+WAKE = 1 << 23            # bytes waiting when an idle copier is woken (each wake costs the model's thread)
 GPU_IN_FLIGHT = 1 << 27   # bytes of GPU clones being copied to the host at most
 HOST_IN_FLIGHT = 1 << 31  # bytes of pinned host copies waiting for the disk at most
 TRIM = 1 << 30            # bytes stored between two returns of the C heap's free pages (each costs time)
@@ -188,7 +189,7 @@ class TensorStream:
         if self._copier is None:
             self._copier = threading.Thread(target=self._copy, name="fxdiff-stream-copy", daemon=True)
             self._copier.start()
-        if self._idle:
+        if self._idle and self._queued >= WAKE:
             self._changed.notify_all()
 
     def _copy(self) -> None:
@@ -257,6 +258,7 @@ class TensorStream:
     def settle(self) -> str | None:
         """Wait for the queued copies; the key of a tensor written to before it was copied, or None."""
         with self._lock:
+            self._changed.notify_all()   # the copier may be waiting for more
             while self._queue or self._copying is not None:
                 self._changed.wait()
             self._verify()
@@ -266,6 +268,7 @@ class TensorStream:
         with self._lock:
             if not drain:
                 self._queue.clear()
+            self._changed.notify_all()
             while self._queue or self._copying is not None:
                 self._changed.wait()
             self._stop = True

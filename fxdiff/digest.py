@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -104,9 +105,12 @@ def start(capture_dir: str | os.PathLike) -> None:
 
 def _key(file: Path, digest: Any) -> tuple | None:
     """What makes two checks the same: the file (by identity, size and modification time) and the
-    digest it is held to; None for a file that cannot be looked at."""
+    digest it is held to; None for what cannot be looked at or is not a regular file (a FIFO would
+    block the check)."""
     try:
         st = os.stat(file)
+        if not stat.S_ISREG(st.st_mode):
+            return None
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, json.dumps(digest, sort_keys=True)
     except (OSError, TypeError, ValueError):
         return None

@@ -281,6 +281,7 @@ def test_data_file_that_is_a_directory_or_fifo_is_refused(env, name, kind):
     (cap / name).unlink()
     os.mkfifo(cap / name) if kind == "fifo" else (cap / name).mkdir()
     assert_clear(cli("inspect", cap, timeout=20), name)
+    assert_clear(cli("compare", env["good"], cap, timeout=20), name)   # its digest check starts early
 
 
 # -- tensors.safetensors: edits that keep the checksums right -----------------------------------

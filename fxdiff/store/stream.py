@@ -4,7 +4,9 @@ Each value and gradient goes to the tensor file as it is produced: a copier thre
 the file's write buffers and a writer thread writes them to disk, so the model's own thread only
 hands the tensor over. The stream holds a tensor only until it is copied, at most ``PENDING``
 bytes of them (past that the model waits); a capture so costs the model's own memory plus that
-and the buffers (``BUFFERS`` x 8 MiB), not the sum of every value and gradient. The bytes must be
+and the buffers (``BUFFERS`` x 8 MiB), not the sum of every value and gradient. An idle copier is
+woken once ``WAKE`` bytes wait, not for each tensor: each wake cost the model's thread more than
+most copies take. The bytes must be
 the value as produced, whatever the model writes later: before a write the recorder foresees
 (``protect``), a tensor still waiting is copied aside; a write it did not foresee is caught by the
 tensor's version counter, checked when the copy is made and again at the recorder's next call

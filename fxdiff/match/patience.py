@@ -72,8 +72,6 @@ def patience(ps: PairSet, a: list[str], b: list[str], level: int) -> None:
 def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
     """Look-alike ops (same key and size) whose matched inputs agree, paired by value closeness
     among themselves, kept in order."""
-    from scipy.optimize import linear_sum_assignment   # imported when needed: half a second of every start
-
     r, c = ps.ref, ps.cand
     groups: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
     for i, n in enumerate(a):
@@ -85,6 +83,11 @@ def small_gap(ps: PairSet, a: list[str], b: list[str]) -> None:
         if not (ia and jb):
             continue
         ok = [[ps.consistent(a[i], b[j]) for j in jb] for i in ia]
+        if all(sum(row) <= 1 for row in ok) and all(sum(col) <= 1 for col in zip(*ok)):
+            # no op has two consistent partners: every optimal assignment takes exactly these pairs
+            candidates += [(ia[x], jb[y]) for x, row in enumerate(ok) for y, fits in enumerate(row) if fits]
+            continue
+        from scipy.optimize import linear_sum_assignment   # imported when needed: 0.4 s
         cost = [[_value_distance(r.capture.values[a[i]], c.capture.values[b[j]]) if ok[x][y] else 1e9
                  for y, j in enumerate(jb)] for x, i in enumerate(ia)]
         rows, cols = linear_sum_assignment(cost)

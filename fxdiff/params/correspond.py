@@ -105,6 +105,12 @@ def digest(t: torch.Tensor) -> bytes:
         t = t.as_subclass(torch.Tensor)
     kind = "float" if t.is_floating_point() else str(t.dtype)
     h = xxhash.xxh3_128()
+    if t.device.type == "cpu" and t.numel() <= _SMALL:   # one small copy costs less than the blocks below
+        small = t.to(torch.bfloat16 if t.is_floating_point() else t.dtype).contiguous().reshape(-1)
+        h.update(small.view(torch.uint8).numpy() if small.dtype != torch.bool else small.numpy())
+        h.update(kind.encode())
+        evict(t)
+        return h.digest()
     with one_torch_thread():
         for block in _row_major_blocks(t):
             dtype = torch.bfloat16 if block.is_floating_point() else block.dtype
@@ -120,6 +126,29 @@ def digest(t: torch.Tensor) -> bytes:
 
 
 _BLOCK = 1 << 22   # elements hashed at a time
+_SMALL = 1 << 14   # elements of a tensor hashed in one go
+
+
+def row_digests(t: torch.Tensor) -> list[bytes]:
+    """``digest`` of each row of ``t`` (of each element, for a vector), a block of rows converted at
+    a time: one ``digest`` call a row costs far more than hashing it."""
+    rows = t.detach().reshape(t.shape[0], -1) if t.dim() else t.detach().reshape(1, 1)
+    if rows.device.type != "cpu" or rows.is_quantized or rows.layout != torch.strided or type(rows) is not torch.Tensor:
+        return [digest(row) for row in rows]
+    kind = ("float" if rows.is_floating_point() else str(rows.dtype)).encode()
+    dtype = torch.bfloat16 if rows.is_floating_point() else rows.dtype
+    out = []
+    step = max(1, _BLOCK // max(1, rows.shape[1]))
+    with one_torch_thread():
+        for start in range(0, rows.shape[0], step):
+            block = rows[start:start + step].to(dtype).contiguous()
+            raw = (block.view(torch.uint8) if dtype != torch.bool else block).numpy().reshape(block.shape[0], -1)
+            for row in raw:
+                h = xxhash.xxh3_128(row)
+                h.update(kind)
+                out.append(h.digest())
+    evict(t)
+    return out
 
 
 def _row_major_blocks(t: torch.Tensor):
@@ -356,8 +385,7 @@ def _permuted(ref, cand, ref_left, cand_left, transposed: bool = False, vectors:
     Linear whose rows are grouped by head); or ``vectors`` whose elements are, preferring an order
     already ``known`` from the matrices (a bias is permuted like its weight, and its elements may
     tie at bfloat16 precision)."""
-    def row_keys(t):
-        return [_digest(row) for row in t.reshape(t.shape[0], -1)]
+    row_keys = row_digests
 
     def fits(t: torch.Tensor) -> bool:
         return t.dim() == (1 if vectors else 2) and t.shape[0] > 1 and not is_summary(t)

@@ -172,9 +172,6 @@ def _row_major_blocks(t: torch.Tensor):
         yield t[start:start + step]
 
 
-_digest = digest
-
-
 def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
                ref_order: list[str], cand_order: list[str],
                user: list[ParamPair] = ()) -> tuple[list[ParamPair], list[str], list[str]]:

@@ -352,7 +352,7 @@ class Recorder(TorchFunctionMode):
         look at every value as it is produced)."""
         copy = self.copy if copy is None else copy
         node.meta[SHAPE] = list(t.shape)
-        node.meta[DTYPE] = str(t.dtype).removeprefix("torch.")
+        node.meta[DTYPE] = _dtype_name(t.dtype)
         keep = self.keep
         if not keep.everything:
             if node.op == "call_function" and not keep.inside(node.meta[MODULE]):
@@ -365,8 +365,9 @@ class Recorder(TorchFunctionMode):
         summary = keep.values == "summary" and node.op == "call_function"
         stream = self.stream is not None and node.op == "call_function"
         stored = True
-        batched = None if is_plain(t) else unbatched(t)
-        if is_plain(t):
+        plain = is_plain(t)
+        batched = None if plain else unbatched(t)
+        if plain:
             self._keep(node.name, t, copy, summary, stream)
         elif batched is not None:   # inside torch.vmap: every sample's value, the vmap dims first
             value, node.meta[VMAP_DIMS] = batched
@@ -384,7 +385,7 @@ class Recorder(TorchFunctionMode):
         # no value, no gradient: no hook either; none when gradients are not kept
         live = _Live(t, node, hooked=not stored or (keep.grads == "none" and node.op == "call_function"))
         self._live[id(t)] = live
-        self._watch(live, t)
+        self._watch(live, t, plain)
 
     def _keep_boundary(self, node: torch.fx.Node) -> None:
         """Keep, in full, the values made outside the kept modules that ``node`` consumes (looking
@@ -409,8 +410,8 @@ class Recorder(TorchFunctionMode):
                 except RuntimeError:
                     pass
 
-    def _watch(self, live: _Live, t: torch.Tensor) -> None:
-        if not live.hooked and t.requires_grad and transformed(t) is None:
+    def _watch(self, live: _Live, t: torch.Tensor, plain: bool = False) -> None:
+        if not live.hooked and t.requires_grad and (plain or transformed(t) is None):
             try:
                 t.register_hook(self._store_grad(live.node.name))
             except RuntimeError:   # a tensor that cannot take hooks: its gradient is not recorded
@@ -465,7 +466,7 @@ class Recorder(TorchFunctionMode):
             owner = name.rpartition(".")[0]
             node = self._new_node("get_attr", name, (), {}, name=_identifier(name), module=(owner, ""))
             node.meta[SHAPE] = list(t.shape)
-            node.meta[DTYPE] = str(t.dtype).removeprefix("torch.")
+            node.meta[DTYPE] = _dtype_name(t.dtype)
             if not is_plain(t):
                 value, why = as_plain(t)
                 if value is None:
@@ -622,6 +623,11 @@ def _stand_in(t: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=4096)
 def _meta(shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype, device="meta")   # shared: nothing writes to it
+
+
+@functools.cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _layout(t: torch.Tensor) -> tuple:

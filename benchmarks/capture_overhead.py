@@ -8,7 +8,7 @@ interleaved so that background load hits every kind alike, the median of ``--rep
 
 - eager:        ``loss(model(**inputs)).backward()``
 - capture:      ``fxdiff.capture(model, (), inputs, loss=loss)``, every value and gradient kept in memory
-- capture+save: the same, then ``fxdiff.save`` to a fresh directory under ``--dir``
+- capture+save: the same, then ``fxdiff.save`` to a fresh directory under ``--dir`` (``fxdiff capture --no-stream``)
 - capture stream: ``fxdiff.capture(..., stream_to=dir)``, each value and gradient written as it is
   produced (what ``fxdiff capture -o`` does)
 

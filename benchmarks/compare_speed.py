@@ -4,8 +4,9 @@ Builds ``transformers.GPT2LMHeadModel`` from a config (random weights, nothing d
 124M by default: 12 layers, 768 wide), captures it on random token ids with SDPA attention (the
 reference) and with the written-out ("eager") attention (the candidate: same weights, other ops in
 every attention block, so that every tensor downstream of the first attention differs by float32
-rounding), and saves both under ``--dir`` (kept there, and reused by later runs with the same
-sizes). It also captures the reference a second time: a bit-identical pair.
+rounding), each written under ``--dir`` while the model runs, as ``fxdiff capture`` writes it (kept
+there, and reused by later runs with the same sizes). It also captures the reference a second time:
+a bit-identical pair.
 
 Each case is then compared in a fresh Python process, three times: through ``fxdiff.compare``
 (timed by phase: load, match, judge), through the command line (``python -m fxdiff.cli compare A
@@ -130,7 +131,7 @@ def captures(a) -> dict[str, Path]:
     import fxdiff
     folder = Path(a.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    tag = f"gpt2-L{a.layers}-E{a.embd}-H{a.heads}-B{a.batch}-S{a.seq}"
+    tag = f"gpt2-L{a.layers}-E{a.embd}-H{a.heads}-B{a.batch}-S{a.seq}-streamed"
     paths = {k: folder / f"{tag}-{k}" for k in ("ref", "ref2", "cand")}
     if all((p / "manifest.json").is_file() for p in paths.values()) and not a.recapture:
         return paths
@@ -140,11 +141,8 @@ def captures(a) -> dict[str, Path]:
     cand.load_state_dict(ref.state_dict())
     for key, model in (("ref", ref), ("ref2", ref), ("cand", cand)):
         start = time.perf_counter()
-        cap = fxdiff.capture(model, kwargs={"input_ids": ids})
-        mid = time.perf_counter()
-        fxdiff.save(cap, paths[key])
-        del cap
-        print(f"captured {key}: {mid - start:.1f} s, saved in {time.perf_counter() - mid:.1f} s", flush=True)
+        fxdiff.capture(model, kwargs={"input_ids": ids}, stream_to=paths[key])
+        print(f"captured {key}: {time.perf_counter() - start:.1f} s", flush=True)
     return paths
 
 

@@ -150,9 +150,9 @@ def main() -> None:
 @click.option("--modules", "modules", metavar="REGEX",
               help="Keep only the ops inside modules whose path matches REGEX in full (e.g. 'layers\\.1[0-5]'); "
                    "the model still runs whole, and values made outside and used inside become placeholders.")
-@click.option("--stream", is_flag=True,
-              help="Write each value and gradient to OUTPUT while the model runs (memory stays near eager's "
-                   "peak: for models whose captures do not fit in memory; a version-4 capture).")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Write each value and gradient to OUTPUT while the model runs, so that memory stays near "
+                   "the model's own; --no-stream holds the whole capture in memory and saves it after the run.")
 def capture(model: str, output: str, tracer: str, keep: str, modules: str | None, stream: bool, **o: Any) -> int:
     """Run MODEL (file.py:function, package.module:function, a Hugging Face model directory or a .nemo
     file) and record it.

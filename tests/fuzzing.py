@@ -737,7 +737,8 @@ class Mutator:
                         _manifest_edit(lambda d: _set_path(d, path, value)), repr(value))
 
     def mut_manifest_version(self) -> Mutation:
-        v = self.rng.choice([1, 4, 0, -2, "3", 3.0, True, None, 2 ** 64])   # readable: 2 and 3
+        own = self.m.manifest["version"]   # 3, or 4 for a capture written while its model ran
+        v = self.rng.choice([x for x in (1, 3, 4, 0, -2, "3", 3.0, True, None, 2 ** 64) if not (type(x) is int and x == own)])
         return Mutation("manifest.version", True, True, _manifest_edit(lambda d: _set_path(d, ["version"], v)), repr(v))
 
     def mut_manifest_not_dict(self) -> Mutation:
@@ -1205,11 +1206,17 @@ class Mutator:
                         f"{key}: {off} -> {new}")
 
     def mut_tensors_view_blob(self) -> Mutation:
+        """A view re-pointed at another blob. In a file written in one go the blobs follow the views'
+        order, so any such edit breaks the layout; in one written while the model ran they come in the
+        order the run made them, and a tensor moved into another blob that holds its bytes is a
+        well-formed capture of other values (``compare`` tells, ``load`` cannot)."""
         key = self._view_key(self.rng.choice(["value", "param", "grad"]))
         blob, dtype, shape, stride, off = self.m.views[key]
         n_blobs = sum(1 for k in self.m.st.header if k.startswith("storage/"))
         new = self.rng.choice([n_blobs, -1, "0", None, 1.5, (blob + 1) % n_blobs])
-        return Mutation("tensors.view_blob", True, True,
+        streamed = "xxh3_64_header" in self.m.manifest["files"][TENSORS]
+        moved = streamed and type(new) is int and 0 <= new < n_blobs
+        return Mutation("tensors.view_blob", True, None if moved else True,
                         _views_edit(lambda v: v.__setitem__(key, [new, dtype, shape, stride, off])),
                         f"{key}: blob {blob} -> {new!r}")
 

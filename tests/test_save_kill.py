@@ -2,8 +2,9 @@
 name, and leaves no temporary directory behind once the next save (or load) has run; two saves to
 one ``-o`` at once: one wins, the other is refused (a lock), exit 2.
 
-A saver process builds a capture of a few tens of MB in memory and forks a worker that saves it;
-the test kills the worker with SIGKILL after a random delay measured from the fork, so kills land
+A saver process builds a capture of a few tens of MB in memory and forks a worker that saves it
+(or a worker that makes the capture itself, writing it while the model runs: ``stream_to``); the
+test kills the worker with SIGKILL after a random delay measured from the fork, so kills land
 before, during and after the write of tensors.safetensors, and between the renames of a replace.
 
 The lock: ``fxdiff capture -o OUT`` holds OUT's write lock (``fxdiff.store.writing``) from its
@@ -48,8 +49,9 @@ if sys.argv[2:] == ["two-renames"]:   # as where renameat2(RENAME_EXCHANGE) is n
     fxdiff.store.capture_dir._exchange = lambda a, b: False
 print("ready", flush=True)
 for line in sys.stdin:
-    out, tag = line.split()
-    cap = fxdiff.capture(model, kwargs=fz_tiny.inputs(), loss=fz_tiny.loss, meta={"tag": tag})
+    out, tag, how = line.split()
+    if how == "save":
+        cap = fxdiff.capture(model, kwargs=fz_tiny.inputs(), loss=fz_tiny.loss, meta={"tag": tag})
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -57,7 +59,10 @@ for line in sys.stdin:
         code = 0
         try:
             t = time.perf_counter()
-            fxdiff.save(cap, out)
+            if how == "save":
+                fxdiff.save(cap, out)
+            else:   # the whole capture, written while the model runs
+                fxdiff.capture(model, kwargs=fz_tiny.inputs(), loss=fz_tiny.loss, meta={"tag": tag}, stream_to=out)
             os.write(w, b"%.4f" % (time.perf_counter() - t))
         except BaseException as e:
             os.write(w, repr(e).encode()[:500])
@@ -85,8 +90,9 @@ class Saver:
         line = self.p.stdout.readline()
         assert line.strip() == "ready", f"saver did not get ready: {line!r} {self.p.stderr.read()[-2000:]}"
 
-    def start(self, out: Path, tag: str) -> int:
-        self.p.stdin.write(f"{out} {tag}\n")
+    def start(self, out: Path, tag: str, how: str = "save") -> int:
+        """``how``: ``save`` (a capture made beforehand) or ``stream`` (``capture(stream_to=out)``)."""
+        self.p.stdin.write(f"{out} {tag} {how}\n")
         self.p.stdin.flush()
         line = self.p.stdout.readline().split()
         assert line[:1] == ["started"], f"saver failed: {line} {self.p.stderr.read()[-2000:] if not line else ''}"
@@ -98,9 +104,9 @@ class Saver:
         _, status, said = self.p.stdout.readline().split(maxsplit=2)
         return int(status), said.strip()
 
-    def save(self, out: Path, tag: str) -> float:
+    def save(self, out: Path, tag: str, how: str = "save") -> float:
         """A whole save, not killed: its seconds."""
-        self.start(out, tag)
+        self.start(out, tag, how)
         status, said = self.finish()
         assert status == 0, said
         return float(said)
@@ -123,7 +129,7 @@ def saver(specs_dir):
     s.close()
 
 
-def save_seconds(saver: Saver, tmp: Path, replace: bool) -> float:
+def save_seconds(saver: Saver, tmp: Path, replace: bool, how: str = "save") -> float:
     """How long the save being killed takes when left alone: a fresh save, or a replace (slower:
     it also moves and deletes the old capture). The median of five runs after a first one (on a
     busy machine one run can take several times the others)."""
@@ -132,7 +138,7 @@ def save_seconds(saver: Saver, tmp: Path, replace: bool) -> float:
     for i in range(6):
         if not replace:
             shutil.rmtree(target, ignore_errors=True)
-        times.append(saver.save(target, "timing"))
+        times.append(saver.save(target, "timing", how))
     size = sum(f.stat().st_size for f in target.iterdir())
     assert size > 10 << 20, f"capture of {size} bytes is too small to be killed mid-write"
     return sorted(times[1:])[2]
@@ -147,11 +153,11 @@ def tag_of(path: Path) -> str | None:
     return fxdiff.store.read_meta(path).get("tag") if path.exists() else None
 
 
-def kill_campaign(saver: Saver, tmp: Path, replace: bool) -> list[str]:
+def kill_campaign(saver: Saver, tmp: Path, replace: bool, how: str = "save") -> list[str]:
     """KILLS rounds of save-and-kill; returns what each round left, for the failure message."""
     import fxdiff
-    rng = random.Random(SEED + replace)
-    duration = save_seconds(saver, tmp, replace)
+    rng = random.Random(SEED + replace + 2 * (how == "stream"))
+    duration = save_seconds(saver, tmp, replace, how)
     out = tmp / ("replaced.fxd" if replace else "fresh.fxd")
     log = []
     for round_ in range(KILLS):
@@ -161,7 +167,7 @@ def kill_campaign(saver: Saver, tmp: Path, replace: bool) -> list[str]:
             shutil.copytree(tmp / "timing.fxd", out)
         before = tag_of(out)
         new = f"round{round_}"
-        pid = saver.start(out, new)
+        pid = saver.start(out, new, how)
         # half the kills anywhere in the save, half around its end, where the renames are
         delay = rng.uniform(0, duration * 1.5) if round_ % 2 else rng.uniform(duration * 0.7, duration * 1.3)
         time.sleep(delay)
@@ -182,7 +188,7 @@ def kill_campaign(saver: Saver, tmp: Path, replace: bool) -> list[str]:
     killed = sum("(killed)" in line for line in log)
     assert killed >= KILLS // 5, f"only {killed} of {KILLS} saves were killed before they finished:\n" + "\n".join(log)
     # the next save succeeds and tidies up every temporary directory left by the kills
-    saver.save(out, "final")
+    saver.save(out, "final", how)
     assert tag_of(out) == "final"
     assert not temporaries(out), f"temporary directories survived the next save: {temporaries(out)}\n" + "\n".join(log)
     return log
@@ -194,6 +200,16 @@ def test_kill_during_fresh_save(saver, tmp_path):
 
 def test_kill_during_replace(saver, tmp_path):
     kill_campaign(saver, tmp_path, replace=True)
+
+
+def test_kill_during_streamed_capture(saver, tmp_path):
+    """A capture written while the model runs (what ``fxdiff capture`` does): killed during the
+    run, while the rest is written or during the renames, it loses nothing either."""
+    kill_campaign(saver, tmp_path, replace=False, how="stream")
+
+
+def test_kill_during_streamed_capture_that_replaces(saver, tmp_path):
+    kill_campaign(saver, tmp_path, replace=True, how="stream")
 
 
 def test_kill_during_replace_by_two_renames(specs_dir, tmp_path):

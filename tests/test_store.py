@@ -515,6 +515,30 @@ def test_a_modified_streamed_capture_is_refused(tmp_path, where):
         fxdiff.load(tmp_path / "s")
 
 
+def test_a_streamed_capture_is_held_to_what_a_saved_one_promises(tmp_path):
+    """A streamed capture keeps every tensor, as a saved one does: its inputs must be its
+    placeholders' values (checked on loading, as for version 3), and its version must be 4."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    import fuzzing as fz
+    model, args, kwargs, loss = build("mha")
+    fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "s")
+    st = fz.Safetensors.read(tmp_path / "s" / TENSORS)
+    views = st.views
+    key = next(k for k in views if k.startswith("input."))
+    views[key][2][0] -= 1   # the stored input is a slice of the placeholder's value
+    st.views = views
+    st.write(tmp_path / "s" / TENSORS)
+    fz.fix_manifest(tmp_path / "s")
+    with pytest.raises(FxdiffError, match="inputs"):
+        fxdiff.load(tmp_path / "s")
+    fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "t")
+    manifest = json.loads((tmp_path / "t" / MANIFEST).read_text())
+    manifest["version"] = 3
+    (tmp_path / "t" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(FxdiffError, match="says version 3"):
+        fxdiff.load(tmp_path / "t")
+
+
 def test_a_failing_streamed_capture_leaves_the_previous_one_and_no_debris(tmp_path):
     model, args, kwargs, loss = build("mlp")
     fxdiff.capture(model, args, kwargs, stream_to=tmp_path / "s")

@@ -301,6 +301,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if type(version) is not int or version not in READABLE_VERSIONS:
         raise FxdiffError(f"{path}: capture format version {version!r}; this fxdiff reads versions "
                           f"{', '.join(map(str, READABLE_VERSIONS))} (capture again with this fxdiff)")
+    files, meta = manifest.get("files"), manifest.get("meta")
+    entry = files.get(TENSORS) if isinstance(files, dict) else None
+    streamed = isinstance(entry, dict) and "xxh3_64_header" in entry
+    partial = isinstance(meta, dict) and meta.get("keep", "both") != "both"
+    if version >= 3 and version != (PARTIAL_VERSION if streamed or partial else VERSION):
+        raise FxdiffError(f"{file}: says version {version}, but a capture "
+                          + ("written while its model ran or keeping less" if streamed or partial else
+                             "saved whole after its run") + f" is version {PARTIAL_VERSION if streamed or partial else VERSION}")
     return manifest
 
 

@@ -12,11 +12,13 @@ is what catches an edit that changes meaning without breaking the format:
   or its absence explained;
 - each ``output_grad/PATH`` is the gradient of an output leaf, of its shape and dtype;
 - the stored inputs and outputs are the values of the graph's placeholders and of the nodes its
-  output node reads, leaf by leaf (format version 3: earlier writers did not promise it);
+  output node reads, leaf by leaf (format versions 3 and 4: earlier writers did not promise it);
 - there is no tensor the capture does not use;
-- (format 3) only a node with a stored value records a shape, dtype and gradient status, unless it
-  says why its value is not stored; a ``get_attr`` node reads a tensor of the module it is
-  recorded in, or holds a constant.
+- (format 3 and 4) only a node with a stored value records a shape, dtype and gradient status,
+  unless it says why its value is not stored; a ``get_attr`` node reads a tensor of the module it
+  is recorded in, or holds a constant.
+
+A capture that keeps less (``capture --keep``, ``--modules``) is held to what it keeps.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
 
     nodes = {n.name: n for n in graph.nodes}
     values, grads = tables["value"], tables["grad"]
-    partial = version >= 4 or bool(meta.get("kept_modules"))   # kept less than every node
+    # kept less than every node (capture --keep, --modules); a full capture written while the model
+    # ran is version 4 too, and whole
+    partial = meta.get("keep", "both") != "both" or bool(meta.get("kept_modules"))
     for name, value in values.items():
         node = nodes.get(name)
         if node is None or node.op == "output":
@@ -102,7 +106,7 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
             refuse(f"{TENSORS} holds a gradient for output {path[:80]!r}, which is no output")
         _same_layout(grad, leaves[path], f"gradient of output {path!r}", "the output", refuse)
 
-    if version == 3 and not partial:   # a partial capture keeps less (values only, summaries, some modules)
+    if version >= 3 and not partial:   # a partial capture keeps less (values only, summaries, some modules)
         _check_node_meta(graph, values, refuse)
         placeholders = [values[n.name] for n in graph.nodes if n.op == "placeholder" and n.name in values]
         _same_leaves([t for _, t in tree.flatten(inputs)], placeholders, f"the inputs {GRAPH} lists",

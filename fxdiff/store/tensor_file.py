@@ -211,7 +211,8 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
         data = blobs.get(f"storage/{blob}")
         if data is not None and isinstance(dtype, torch.dtype) and data.data_ptr() % _alignment(dtype):
             data = blobs[f"storage/{blob}"] = data.clone()   # written by an older fxdiff, unaligned
-        if not isinstance(dtype, torch.dtype) or str(dtype) != f"torch.{dtype_name}" or data is None or first < 0 or min(shape + stride + [0]) < 0:
+        if not isinstance(dtype, torch.dtype) or str(dtype) != f"torch.{dtype_name}" or str(dtype_name).startswith(_QUANTIZED) \
+                or data is None or first < 0 or len(stride) != len(shape) or min(shape + stride + [0]) < 0:
             raise FxdiffError(f"{file}: tensor {key} has an invalid layout {[blob, dtype_name, shape, stride, first]}")
         size = dtype.itemsize
         extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
@@ -222,6 +223,9 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
             continue
         tensors[key] = torch.empty(0, dtype=dtype).set_(data.untyped_storage(), first // size, shape, stride)
     return tensors
+
+
+_QUANTIZED = ("qint", "quint")   # a capture stores quantized tensors dequantized
 
 
 def _alignment(dtype: torch.dtype) -> int:
@@ -259,8 +263,7 @@ def read_tensors(file: Path, size: int, digest: dict[str, Any], verify: bool = T
         if not isinstance(views, dict):
             raise ValueError("views is not a mapping")
         tensors = _rebuild(blobs, views, file)
-        if "xxh3_64_header" not in digest:   # a streamed file lays its blobs out in the order they came
-            _check_layout(blobs, views, file)
+        _check_layout(blobs, views, file, ordered="xxh3_64_header" not in digest)
     except FxdiffError:
         raise
     except Exception as e:  # noqa: BLE001 -- any malformed header is bad input
@@ -304,15 +307,16 @@ def _mapped(file: Path, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path) -> None:
-    """The blobs are laid out as ``write_tensors`` lays them out: numbered in the order tensors first
-    use them, each used, and each exactly the span its tensors cover (its start aligned down to
-    ``_ALIGN``). A tensor re-pointed at another blob, or given a blob of its own, breaks this."""
+def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path, ordered: bool = True) -> None:
+    """The blobs are laid out as ``write_tensors`` lays them out: each used, each exactly the span its
+    tensors cover (its start aligned down to ``_ALIGN``) and, if ``ordered``, numbered in the order
+    tensors first use them (a file written while the model ran numbers them in the order they came).
+    A tensor re-pointed at another blob, or given a blob of its own, breaks this."""
     spans: dict[int, list[int]] = {}
     for key, (blob, dtype_name, shape, stride, first) in views.items():   # valid: _rebuild took them
         if type(blob) is not int:
             raise FxdiffError(f"{file}: tensor {key} names blob {str(blob)[:20]!r}, expected a number")
-        if blob not in spans and blob != len(spans):
+        if ordered and blob not in spans and blob != len(spans):
             raise FxdiffError(f"{file}: tensor {key} uses blob {blob} before blob {len(spans)}; the tensor file was "
                               "not written by fxdiff or was edited")
         size = getattr(torch, dtype_name).itemsize

@@ -382,22 +382,20 @@ def _permuted(ref, cand, ref_left, cand_left, transposed: bool = False, vectors:
     Linear whose rows are grouped by head); or ``vectors`` whose elements are, preferring an order
     already ``known`` from the matrices (a bias is permuted like its weight, and its elements may
     tie at bfloat16 precision)."""
-    row_keys = row_digests
-
     def fits(t: torch.Tensor) -> bool:
         return t.dim() == (1 if vectors else 2) and t.shape[0] > 1 and not is_summary(t)
     by_sig: dict[tuple, list[str]] = defaultdict(list)
     keys_c = {}
     for c in cand_left:
         if fits(cand[c]):
-            keys_c[c] = row_keys(cand[c])
+            keys_c[c] = row_digests(cand[c])
             by_sig[(tuple(cand[c].shape), tuple(sorted(keys_c[c])))].append(c)
     out = []
     for r in ref_left:
         if not fits(ref[r]):
             continue
         t = ref[r].t() if transposed else ref[r]
-        keys_r = row_keys(t)
+        keys_r = row_digests(t)
         options = by_sig.get((tuple(t.shape), tuple(sorted(keys_r))))
         if not options:
             continue

@@ -105,6 +105,12 @@ def _contents(capture: Capture, targets: Targets,
     return tensors, graph_doc, dumps(graph_doc, separators=(",", ":")).encode(), partial
 
 
+def _format_version(partial: bool, digest: dict[str, Any]) -> int:
+    """A capture's format version: 4 for one that keeps less than every tensor (``partial``) or was
+    written while its model ran (its tensor file's ``digest`` is two digests), 3 otherwise."""
+    return PARTIAL_VERSION if partial or "xxh3_64_header" in digest else VERSION
+
+
 def _complete(tmp: Path, path: Path, capture: Capture, graph_bytes: bytes, size: int, digest: dict[str, Any],
               partial: bool) -> dict[str, Any]:
     """Write the manifest into ``tmp`` and swap ``tmp`` in at ``path`` (the write lock held); returns
@@ -114,7 +120,7 @@ def _complete(tmp: Path, path: Path, capture: Capture, graph_bytes: bytes, size:
     tmp.chmod(0o777 & ~umask)
     manifest = {
         "format": FORMAT,
-        "version": PARTIAL_VERSION if partial or "xxh3_64" not in digest else VERSION,
+        "version": _format_version(partial, digest),
         "meta": capture.meta,
         "files": {
             GRAPH: {"bytes": len(graph_bytes), "xxh3_64": _digest(graph_bytes)},
@@ -246,6 +252,13 @@ def _load(path: Path, targets: Targets | None, verify: bool):
     meta = manifest.get("meta", {})
     if not isinstance(meta, dict):
         raise FxdiffError(f"{path / MANIFEST}: meta is not a mapping")
+    partial = meta.get("keep", "both") != "both" or any(map(is_summary, (t for table in tables.values()
+                                                                       for t in table.values())))
+    expected = _format_version(partial, files[TENSORS])
+    if manifest["version"] >= 3 and manifest["version"] != expected:
+        raise FxdiffError(f"{path / MANIFEST}: says version {manifest['version']}, but a capture "
+                          + ("written while its model ran or keeping less" if expected == PARTIAL_VERSION else
+                             "saved whole after its run") + f" is version {expected}")
     consistency.check(graph, tensors, tables, inputs, outputs, [doc["inputs"], doc["outputs"]], meta,
                       manifest["version"], path)
     capture = Capture(graph=graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
@@ -301,14 +314,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if type(version) is not int or version not in READABLE_VERSIONS:
         raise FxdiffError(f"{path}: capture format version {version!r}; this fxdiff reads versions "
                           f"{', '.join(map(str, READABLE_VERSIONS))} (capture again with this fxdiff)")
-    files, meta = manifest.get("files"), manifest.get("meta")
-    entry = files.get(TENSORS) if isinstance(files, dict) else None
-    streamed = isinstance(entry, dict) and "xxh3_64_header" in entry
-    partial = isinstance(meta, dict) and meta.get("keep", "both") != "both"
-    if version >= 3 and version != (PARTIAL_VERSION if streamed or partial else VERSION):
-        raise FxdiffError(f"{file}: says version {version}, but a capture "
-                          + ("written while its model ran or keeping less" if streamed or partial else
-                             "saved whole after its run") + f" is version {PARTIAL_VERSION if streamed or partial else VERSION}")
     return manifest
 
 

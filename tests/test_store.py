@@ -518,8 +518,7 @@ def test_a_modified_streamed_capture_is_refused(tmp_path, where):
 def test_a_streamed_capture_is_held_to_what_a_saved_one_promises(tmp_path):
     """A streamed capture keeps every tensor, as a saved one does: its inputs must be its
     placeholders' values (checked on loading, as for version 3), and its version must be 4."""
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    import fuzzing as fz
+    import fuzzing as fz   # its safetensors editor and manifest fixer
     model, args, kwargs, loss = build("mha")
     fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "s")
     st = fz.Safetensors.read(tmp_path / "s" / TENSORS)

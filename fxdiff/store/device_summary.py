@@ -148,15 +148,15 @@ def _keys(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_parts(flat: torch.Tensor) -> torch.Tensor:
-    """The row (``_COLUMNS``, as the Triton kernel leaves it) of ``flat``, computed with torch
-    operations on its device, with no read back to the host."""
+    """The row (``_COLUMNS``, as the Triton kernel leaves it) of non-empty ``flat``, computed with
+    torch operations on its device, with no read back to the host."""
     device = flat.device   # no element is set from the host: on a GPU that would wait for it
     total = torch.cat([torch.zeros(2, dtype=torch.float64, device=device),
                        torch.full((1,), math.inf, dtype=torch.float64, device=device),
                        torch.full((1,), -math.inf, dtype=torch.float64, device=device)])
     counts = torch.zeros(5, dtype=torch.int64, device=device)
-    units = _units(flat) if flat.numel() else None
-    per_unit = units.numel() // max(flat.numel(), 1) if units is not None else 1
+    units = _units(flat)
+    per_unit = units.numel() // flat.numel()
     for start in range(0, flat.numel(), _TORCH_CHUNK):
         c = flat[start:start + _TORCH_CHUNK].to(torch.float64)
         finite = torch.isfinite(c)

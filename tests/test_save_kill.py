@@ -157,7 +157,9 @@ def kill_campaign(saver: Saver, tmp: Path, replace: bool, how: str = "save") -> 
     """KILLS rounds of save-and-kill; returns what each round left, for the failure message."""
     import fxdiff
     rng = random.Random(SEED + replace + 2 * (how == "stream"))
-    duration = save_seconds(saver, tmp, replace, how)
+    # the saves that finish say how long they took: the kills follow the machine's pace, which can
+    # change during a campaign (a fresh saver's first saves are slower than its later ones)
+    recent = [save_seconds(saver, tmp, replace, how)]
     out = tmp / ("replaced.fxd" if replace else "fresh.fxd")
     log = []
     for round_ in range(KILLS):
@@ -167,12 +169,15 @@ def kill_campaign(saver: Saver, tmp: Path, replace: bool, how: str = "save") -> 
             shutil.copytree(tmp / "timing.fxd", out)
         before = tag_of(out)
         new = f"round{round_}"
+        duration = sorted(recent[-5:])[len(recent[-5:]) // 2]
         pid = saver.start(out, new, how)
         # half the kills anywhere in the save, half around its end, where the renames are
         delay = rng.uniform(0, duration * 1.5) if round_ % 2 else rng.uniform(duration * 0.7, duration * 1.3)
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)   # the saver's own child, not reaped yet: the pid is still its
         status, said = saver.finish()
+        if not status:
+            recent.append(float(said))
         state = f"round {round_}: kill at {delay:.3f}s of {duration:.3f}s ({'killed' if status else 'finished'})"
         # the name holds the old capture or the new one (a fresh save may also leave nothing)
         try:

@@ -114,22 +114,22 @@ class _Writer:
     written once and read later, and where fresh memory is slow to fault in (virtual machines),
     filling the page cache costs more than the disk does. (Writing chunks from two threads at
     their offsets was measured slower: the disk prefers one sequential stream.) For the same
-    reason the buffers are kept for the next writer (``_POOL``).
+    reason the buffers are kept for the next writer (``_POOL``). The last, partial chunk goes
+    through the page cache: closing then waits for a copy rather than for the disk.
     """
 
     CHUNK = 1 << 23
-    ALIGN = 4096
     BUFFERS = 3
 
     def __init__(self, file: Path, base: int = 0, buffers: int = BUFFERS):
-        """``base``: where the stream starts in the file (a multiple of ``ALIGN``; the bytes before
-        it are written by the caller); ``buffers``: how many ``CHUNK``s may wait for the disk."""
+        """``base``: where the stream starts in the file (a multiple of 4096, the block size
+        ``O_DIRECT`` writes; the bytes before it are written by the caller); ``buffers``: how many
+        ``CHUNK``s may wait for the disk."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             self.fd = os.open(file, flags | getattr(os, "O_DIRECT", 0), 0o666)
         except OSError:
             self.fd = os.open(file, flags, 0o666)
-        self.base = base
         if base:
             os.lseek(self.fd, base, os.SEEK_SET)
         self.size = 0
@@ -156,19 +156,22 @@ class _Writer:
             if self._fill == self.CHUNK:
                 self._flush()
 
-    def _flush(self) -> None:
-        fill, length = self._fill, self._fill + (-self._fill % self.ALIGN)  # O_DIRECT writes whole blocks
-        self._buf[fill:length] = bytes(length - fill)
-        self._pending.append((self._writes.submit(self._write_all, memoryview(self._buf)[:length], fill), self._buf))
+    def _flush(self, last: bool = False) -> None:
+        """Hand the buffer to the writing thread: a full chunk (whole blocks, as ``O_DIRECT`` wants)
+        or the ``last``, partial one."""
+        view = memoryview(self._buf)[:self._fill]
+        self._pending.append((self._writes.submit(self._write_all, view, last), self._buf))
         if not self._free:
             written, buf = self._pending.popleft()
             written.result()
             self._free.append(buf)
         self._buf, self._fill = self._free.pop(), 0
 
-    def _write_all(self, view: memoryview, data_bytes: int) -> None:
-        self._hash.update(view[:data_bytes])
+    def _write_all(self, view: memoryview, cached: bool) -> None:
+        self._hash.update(view)
         direct = getattr(os, "O_DIRECT", 0)
+        if cached and direct:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~direct)
         while len(view):
             try:
                 view = view[os.write(self.fd, view):]
@@ -183,14 +186,12 @@ class _Writer:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None and self._fill:
-                self._flush()
+                self._flush(last=True)
             for written, _ in self._pending:
                 if exc_type is None:
                     written.result()
                 else:
                     written.exception()  # wait; the error being raised already says what went wrong
-            if exc_type is None:
-                os.ftruncate(self.fd, self.base + self.size)  # drop the padding of the last block
         finally:
             self._writes.shutdown()
             os.close(self.fd)

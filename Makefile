@@ -33,6 +33,8 @@ bench: $(VENV)/.bench system-deps
 	$(PY) benchmarks/torchlens_side_by_side.py
 	$(PY) benchmarks/compare_speed.py
 	$(PY) benchmarks/matching.py
+	$(PY) benchmarks/real_pairs.py
+	$(PY) benchmarks/architectures.py
 	$(PY) benchmarks/render.py
 
 clean:

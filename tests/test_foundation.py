@@ -79,11 +79,11 @@ def test_the_isolation_replay_calls_only_allowlisted_targets(small_capture):
     cap = fxdiff.load(small_capture)
     last_op = [n for n in cap.graph.nodes if n.op == "call_function"][-1]
     boundary = {n.name: n.name for n in cap.graph.nodes if n.op == "placeholder"}
-    assert isinstance(replay(cap, cap, last_op.name, boundary), torch.Tensor)
+    assert isinstance(replay(cap, cap, last_op.name, boundary, torch.float32), torch.Tensor)
     calls = []
     last_op.meta[TARGET] = "builtins.print"
     last_op.target = lambda *a, **k: calls.append(a)
-    why = replay(cap, cap, last_op.name, boundary)
+    why = replay(cap, cap, last_op.name, boundary, torch.float32)
     assert why == f"{last_op.name} ({node_key(last_op)}): builtins.print is not on the replay allowlist" and not calls
     assert "builtins.print" not in Targets.default()
     # factories that build masks are replayed; random and uninitialised ones are not
@@ -173,6 +173,25 @@ def test_exit_2_names_the_user_code_that_raised(specs):
     assert result.exit_code == 2
     assert result.stderr.strip() == (f"fxdiff: error: model spec {spec}:broken raised ZeroDivisionError: "
                                      "division by zero at port.py:9")
+
+
+def test_exit_2_names_a_backward_that_fails_in_the_model(tmp_path):
+    """Was exit 3, "a bug in fxdiff": a Hugging Face RWKV in eval mode writes its recurrent state in
+    place after saving it for backward, and autograd refuses; eager fails the same way."""
+    spec = tmp_path / "inplace.py"
+    spec.write_text("import torch\n"
+                    "class Model(torch.nn.Module):\n"
+                    "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(3, 3)\n"
+                    "    def forward(self, x):\n        y = self.lin(x).sigmoid()\n        y.mul_(2)\n        return y\n"
+                    "def build():\n    return Model()\n"
+                    "def inputs():\n    return (torch.ones(2, 3),)\n")
+    result = CliRunner().invoke(main, ["capture", f"{spec}:build", "--inputs", f"{spec}:inputs",
+                                       "-o", str(tmp_path / "out.fxd")])
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fxdiff: error: the backward pass of Model raised RuntimeError: "
+                                                   "one of the variables needed for gradient computation"), lines
+    assert not (tmp_path / "out.fxd").exists()
 
 
 def test_exit_3_with_a_traceback_for_a_bug_in_fxdiff(specs, monkeypatch):

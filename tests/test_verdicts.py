@@ -180,3 +180,45 @@ def test_mixed_precision_as_users_run_it_on_the_bundled_example():
     assert fxdiff.compare(ref, f"{spec}:port", autocast="bfloat16").verdict == "within noise"
     bug = fxdiff.compare(ref, f"{spec}:port_bug_glu_order", autocast="bfloat16")
     assert [(e["ref_module"], e["cand_module"]) for e in bug.first_divergence()["forward"]] == [("layers.2.conv",) * 2]
+
+
+def _hf_resnet():
+    from transformers import ResNetConfig, ResNetModel
+    torch.manual_seed(0)
+    return ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).eval()
+
+
+def test_a_relu_mask_moved_by_bfloat16_rounding_is_within_noise_not_a_custom_backward():
+    """Was "diverged", blamed on a custom backward in the activation: a bfloat16 Hugging Face
+    ResNet's pre-activations near zero round to the other side of relu's kink, so its gradient
+    there differs past the noise level, although its backward is its forward's derivative. The
+    candidate's ops, differentiated at its own values, reproduce its gradient: explained."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ref = fxdiff.capture(_hf_resnet(), kwargs={"pixel_values": x})
+    report = fxdiff.compare(ref, _hf_resnet(), dtype="bfloat16")
+    assert report.verdict == "within noise", report.first_divergence()
+    explained = [r for r in report.nodes if "backward" in r.explained]
+    assert explained and all(r.backward.passed and r.backward_cause() == "amplified" for r in explained)
+    assert any(r.backward.error > r.backward.noise for r in explained)   # past the noise level, explained
+    # a real bug still diverges where it is made: a GELU for the relu of one stage
+    bug = _hf_resnet()
+    bug.encoder.stages[1].layers[0].activation = nn.GELU()
+    first = fxdiff.compare(ref, bug, dtype="bfloat16").first_divergence()["forward"]
+    assert [(e["cand_module"], e["isolated"]) for e in first] == [("encoder.stages.1.layers.0.activation", "introduced")]
+
+
+def test_rotary_sin_of_large_angles_amplifying_rounding_is_within_noise():
+    """Was "diverged" at GPT-NeoX's rotary ``sin`` (a bfloat16 candidate): sin of angles up to the
+    sequence length carries its input's rounding, within noise, amplified more than the noise
+    model allows. The candidate's ops replayed on the reference's inputs reproduce it: explained."""
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+    config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=128, max_position_embeddings=64)
+
+    def build():
+        torch.manual_seed(0)
+        return GPTNeoXModel(config).eval()
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    report = fxdiff.compare(fxdiff.capture(build(), kwargs={"input_ids": ids}), build(), dtype="bfloat16")
+    assert report.verdict == "within noise", report.first_divergence()
+    assert [r.op for r in report.nodes if "forward" in r.explained] == ["sin"]

@@ -109,11 +109,15 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                         "they differ although every gradient after them agrees, so the two ops are used "
                         "differently (a slice of a value that also reaches the output another way)")
     _mark_frontier(ref.graph, rows)
+    for _ in range(EXPLAIN_ROUNDS):
+        explained = _isolate_frontier(ref, cand, rows, tol) + _isolate_backward(ref, cand, rows, tol, node_floor)
+        if tol.strict or not explained:
+            break
+        noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
+        _mark_frontier(ref.graph, rows)
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
-    _isolate_backward(ref, cand, rows, tol, node_floor)
-    _isolate_frontier(ref, cand, rows, tol)
     outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
     return Report(
         warnings=warnings,
@@ -245,6 +249,7 @@ def _describe(node: torch.fx.Node, reason: str = "no counterpart found") -> Unma
                          shape=node.meta.get(SHAPE), reason=reason)
 
 
+EXPLAIN_ROUNDS = 32   # frontiers replayed at most: each explained row may reveal the next one after it
 WEAK_REASON = "weak match (op order only) contradicted by values with no divergence upstream"
 
 
@@ -308,25 +313,37 @@ def _structure(capture: Capture) -> list[dict[str, Any]]:
             for n in capture.graph.nodes]
 
 
-def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> None:
-    """Replay the candidate's block behind each forward frontier row on the reference's values; where
-    it cannot be, say why (``NodeRow.isolated_why``)."""
+def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> list[NodeRow]:
+    """Replay the candidate's block behind each forward frontier row not replayed yet on the
+    reference's values; where it cannot be, say why (``NodeRow.isolated_why``). Returns the rows
+    the replay explains: the candidate's block computes the reference's function, so its
+    difference is its inputs' (which passed) carried through that function, plus its own rounding."""
     boundary = {r.cand_node: r.ref_node for r in rows
                 if r.forward.passed and r.ref_shape == r.cand_shape
                 and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
+    explained = []
     for row in rows:
-        if not row.first_forward:
+        if not row.first_forward or row.isolated is not None or row.isolated_why is not None:
             continue
         if row.cand_permuted:
             row.isolated_why = _not_plain(row)
             continue
-        out = replay(ref, cand, row.cand_node, boundary)
+        out = replay(ref, cand, row.cand_node, boundary, ref.values[row.ref_node].dtype)
         if isinstance(out, str):
             row.isolated_why = out
             continue
         # a slice of a fused output: the replay makes the whole output, compared on the same columns
         m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
-        row.isolated = m if tol.strict else noise.verdict(m, 0.0)
+        row.isolated = m if tol.strict else noise.verdict(m, 0.0, precision=_eps(cand.values[row.cand_node]))
+        if row.isolated.passed:
+            row.explained.append("forward")
+            explained.append(row)
+    return explained
+
+
+def _eps(t: torch.Tensor) -> float:
+    """The machine epsilon of ``t``'s dtype (0 for exact dtypes)."""
+    return torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
 
 
 def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
@@ -389,17 +406,23 @@ def _upstream(start: torch.fx.Node, compared: set[str]) -> set[str]:
     return seen
 
 
-def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance, node_floor: float) -> None:
-    """For each backward first divergence that no forward divergence explains, differentiate the
-    candidate's ops back from its compared consumers with the reference's gradients there
-    (``isolate.replay_backward``). If that derivative agrees with the reference, the candidate's
-    recorded gradient came from a backward of its own (a custom ``autograd.Function``, a hook):
-    the divergence is blamed on the module of those ops."""
+def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance,
+                      node_floor: float) -> list[NodeRow]:
+    """For each backward first divergence not replayed yet that no forward divergence explains,
+    differentiate the candidate's ops back from its compared consumers with the reference's
+    gradients there (``isolate.replay_backward``). If that derivative agrees with the reference,
+    the same ops differentiated at the candidate's own values, from its own gradients, tell the two
+    reasons its recorded gradient can differ: where they reproduce it, its backward is the
+    derivative of its forward, moved by forward values that differ within noise (a relu's mask, a
+    max): the row is returned, explained; where they do not, its gradient came from a backward of
+    its own (a custom ``autograd.Function``, a hook), blamed on the module of those ops."""
     plain = {r.cand_node: r for r in rows
              if r.forward.passed and r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
     boundary = {c: r.ref_node for c, r in plain.items()}
+    explained = []
     for row in rows:
-        if not row.first_backward or row.consequence:
+        if not row.first_backward or row.consequence or row.isolated_backward is not None \
+                or row.isolated_backward_why is not None:
             continue
         if row.cand_node not in plain:
             row.isolated_backward_why = _not_plain(row)
@@ -421,13 +444,23 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         if isinstance(grad, str):
             row.isolated_backward_why = grad
             continue
+        precision = _eps(cand.values[row.cand_node])
         m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
-        row.isolated_backward = m if tol.strict else noise.verdict(m, 0.0, node_floor)
-        if row.isolated_backward.passed:
-            module = (block[0] if block else cand.node(consumers[0])).meta.get(MODULE, "")
-            row.blame = [f"backward only: the candidate's backward through {module or '<root>'} is not the derivative "
-                         "of its forward ops (a custom autograd.Function or a gradient hook)",
-                         _counterpart_module(rows, module, "cand") or row.ref_module, module]
+        row.isolated_backward = m if tol.strict else noise.verdict(m, 0.0, node_floor, precision=precision)
+        if not row.isolated_backward.passed:
+            continue
+        own = replay_backward(cand, cand, row.cand_node, {c: c for c in consumers}, {c: c for c in plain})
+        if not isinstance(own, str):
+            m = _grad_metrics(cand.grads.get(row.cand_node), own, tol, node_floor)
+            if (m if tol.strict else noise.verdict(m, 0.0, node_floor, precision=precision)).passed:
+                row.explained.append("backward")
+                explained.append(row)
+                continue
+        module = (block[0] if block else cand.node(consumers[0])).meta.get(MODULE, "")
+        row.blame = [f"backward only: the candidate's backward through {module or '<root>'} is not the derivative "
+                     "of its forward ops (a custom autograd.Function or a gradient hook)",
+                     _counterpart_module(rows, module, "cand") or row.ref_module, module]
+    return explained
 
 
 def _not_plain(row: NodeRow) -> str:

@@ -12,7 +12,9 @@ noise level is the larger of
   inputs that passed (backward: of its consumers, and of its own and its inputs' forward values).
 
 A failing input does not raise the level of what follows it, so everything downstream of a real
-divergence still fails and the first divergence stays where the error starts. A tail check keeps
+divergence still fails and the first divergence stays where the error starts. A row the isolation
+replays explain (``NodeRow.explained``: the same computation on both sides carrying passing noise
+further than ``AMPLIFY`` allows) passes, and its error counts as noise for what follows. A tail check keeps
 a few badly wrong elements from hiding in the RMS: no element may stray more than ``TAIL`` noise
 levels, relative to its own magnitude or the tensors' RMS, whichever is larger. Measured on real port pairs (see the README): legitimate
 float32 reorderings stay near 1e-7, a bfloat16 port under 3e-2, while planted bugs start at 1e-5.
@@ -63,6 +65,12 @@ def verdict(m: Metrics | None, inherited: float, floor: float = 0.0, tail: float
     return dataclasses.replace(m, passed=passed, error=error, noise=noise)
 
 
+def _explained(m: Metrics | None, explained: bool) -> Metrics | None:
+    """``m``, passed where the replays explained its difference as rounding (``NodeRow.explained``);
+    its error then counts as noise for what follows it."""
+    return dataclasses.replace(m, passed=True) if explained and m is not None and not m.passed else m
+
+
 def nearest(graph: torch.fx.Graph, compared: set[str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """Each node's nearest compared ancestors and nearest compared descendants (through nodes that
     are not compared)."""
@@ -105,10 +113,12 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
         return max(errors, default=0.0)
 
     for r in order:
-        r.forward = verdict(r.forward, passing(preds[r.ref_node], "forward"), precision=precision)
+        r.forward = _explained(verdict(r.forward, passing(preds[r.ref_node], "forward"), precision=precision),
+                               "forward" in r.explained)
     for r in reversed(order):
         inherited = max(passing(succs[r.ref_node], "backward"), passing(preds[r.ref_node] | {r.ref_node}, "forward"))
-        r.backward = verdict(r.backward, inherited, node_floor, TAIL_BACKWARD, precision)
+        r.backward = _explained(verdict(r.backward, inherited, node_floor, TAIL_BACKWARD, precision),
+                                "backward" in r.explained)
     users: dict[str, set[str]] = {}
     for name, target in param_nodes.items():
         users.setdefault(target, set()).update(succs[name])

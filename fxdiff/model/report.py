@@ -93,6 +93,10 @@ class NodeRow:
     consequence: bool = False
     isolated_backward: Metrics | None = None
     isolated_backward_why: str | None = None
+    # "forward", "backward": a difference past the noise level that the replays explain as rounding
+    # carried by the same computation on both sides (``cause``, ``backward_cause``); judged within
+    # noise (under --atol/--rtol it still fails)
+    explained: list[str] = dataclasses.field(default_factory=list)
 
     def cause(self) -> str | None:
         """What the isolated replay says of a first divergence: ``introduced`` when the candidate's
@@ -104,12 +108,15 @@ class NodeRow:
 
     def backward_cause(self) -> str | None:
         """What differentiating the candidate's ops back from the reference's gradients says of a
-        backward first divergence: ``custom backward`` when that derivative agrees with the
-        reference (the candidate's own backward differs from it), ``introduced`` when it does not,
-        None when not replayed."""
+        backward first divergence: ``introduced`` when that derivative differs from the reference;
+        when it agrees, ``amplified`` if the candidate's recorded gradient is the same ops' derivative
+        at its own forward values (which, within noise, moved a kink: relu's mask, a max), else
+        ``custom backward`` (its own backward is not that derivative); None when not replayed."""
         if self.isolated_backward is None:
             return None
-        return "custom backward" if self.isolated_backward.passed else "introduced"
+        if not self.isolated_backward.passed:
+            return "introduced"
+        return "amplified" if "backward" in self.explained else "custom backward"
 
 
 @dataclasses.dataclass

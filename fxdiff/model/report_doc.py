@@ -36,7 +36,7 @@ _NODE = {"ref_node": str, "cand_node": str, "ref_module": str, "cand_module": st
          "confidence": NUM, "depth": int, "first_forward": bool, "first_backward": bool, "ref_slice": _SHAPE,
          "cand_slice": _SHAPE, "cand_permuted": bool, "ref_block": [str], "cand_block": [str],
          "isolated": (_METRICS, None), "isolated_why": (str, None), "blame": ([str], None), "consequence": bool,
-         "isolated_backward": (_METRICS, None), "isolated_backward_why": (str, None)}
+         "isolated_backward": (_METRICS, None), "isolated_backward_why": (str, None), "explained": [str]}
 _PARAM = {"ref": str, "cand": [str], "transform": _Map(ANY), "evidence": str, "grad": (_METRICS, None),
           "value": (_METRICS, None)}
 _OUTPUT = {REQUIRED: ("ref", "metrics"), "ref": str, "cand": (str, None), "metrics": _METRICS}

@@ -387,7 +387,14 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
     finished = rec.finish(outputs)
     rec.keep_outputs(finished, outputs)
     out_nodes = iter(finished)
-    loss_value, output_grads = backward(model, outputs, config)
+    try:
+        loss_value, output_grads = backward(model, outputs, config)
+    except FxdiffError:
+        raise
+    except (Exception, SystemExit) as e:   # autograd's own complaints about the model's graph included
+        if in_fxdiff(e):
+            raise
+        raise blame_user(f"the backward pass of {type(model).__name__}", e) from e
     not_stored: dict[str, str] = {}
     summary = config.keep == "summary"   # parameters and their gradients summarised too, on their device
     params = model_tensors(model, before, not_stored, rec.summarise_param if summary else None)

@@ -133,6 +133,11 @@ def verdict(report: Report) -> Text:
     metrics = _all_metrics(report)
     if report.verdict == "within noise":
         how = f"within {_precision(max(m.eps for m in metrics if m.within_noise))} noise"
+        explained = [f"{r.op} in {r.cand_module or '<root>'}" + (" (gradient)" if d == "backward" else "")
+                     for r in report.nodes for d in r.explained]
+        if explained:
+            how += (f"; past it at {len(explained)} {_plural(len(explained), 'op')}, where replaying the candidate's "
+                    f"ops shows the same computation carrying that noise: {_names(explained, 3)}")
     else:
         how = "within the tolerance" if any(m.max_abs_diff > 0 for m in metrics) else "bit for bit"
     return Text.assemble(("MATCH", "bold green"), f", {how}")

@@ -222,3 +222,27 @@ def test_rotary_sin_of_large_angles_amplifying_rounding_is_within_noise():
     report = fxdiff.compare(fxdiff.capture(build(), kwargs={"input_ids": ids}), build(), dtype="bfloat16")
     assert report.verdict == "within noise", report.first_divergence()
     assert [r.op for r in report.nodes if "forward" in r.explained] == ["sin"]
+
+
+def test_an_analytically_zero_bias_gradient_holding_bfloat16_rounding_is_within_noise():
+    """Was "diverged" on a bfloat16 Hugging Face PoolFormer: its norm's bias feeds only ``pool(x) -
+    x``, which removes it, so the bias gradient is a sum over batch and positions that cancels to
+    rounding, 10% of the floor it is judged against in bfloat16. That sum's difference is what its
+    consumer's gradient difference, summed, brings: within noise. A wrong gradient still fails."""
+    from transformers import PoolFormerConfig, PoolFormerModel
+    config = PoolFormerConfig(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_encoder_blocks=4)
+
+    def build():
+        torch.manual_seed(0)
+        return PoolFormerModel(config).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ref = fxdiff.capture(build(), kwargs={"pixel_values": x})
+    report = fxdiff.compare(ref, build(), dtype="bfloat16")
+    assert report.verdict == "within noise", [(p.ref, p.grad) for p in report.params if not p.grad.passed]
+    bias = next(p for p in report.params if p.ref == "encoder.block.2.0.before_norm.bias")
+    assert bias.grad.error > 8 * torch.finfo(torch.bfloat16).eps and bias.grad.passed
+    # the same parameter's gradient scaled by a hook: not a sum of what its consumers bring
+    bug = build()
+    bug.encoder.block[2][0].before_norm.weight.register_hook(lambda g: g * 1.5)
+    failed = [p.ref for p in fxdiff.compare(ref, bug).params if not p.grad.passed]
+    assert failed == ["encoder.block.2.0.before_norm.weight"]

@@ -9,7 +9,8 @@ noise level is the larger of
 - its own rounding: ``OWN_ROUNDING`` units of the coarser precision of the two tensors (a
   bfloat16 candidate against a float32 reference is judged at bfloat16's), and
 - what its inputs bring: ``AMPLIFY`` times the largest relative error of its nearest compared
-  inputs that passed (backward: of its consumers, and of its own and its inputs' forward values).
+  inputs that passed (backward: of its consumers, and of its own and its inputs' forward values;
+  a parameter's gradient: also of its consumers' gradient differences as it sums them, ``_summed``).
 
 A failing input does not raise the level of what follows it, so everything downstream of a real
 divergence still fails and the first divergence stays where the error starts. A row the isolation
@@ -71,6 +72,19 @@ def _explained(m: Metrics | None, explained: bool) -> Metrics | None:
     return dataclasses.replace(m, passed=True) if explained and m is not None and not m.passed else m
 
 
+def _summed(m: Metrics | None, consumers: list[NodeRow], floor: float) -> float:
+    """The relative error a parameter's gradient gets from its consumers' output gradients, which it
+    sums over every element that used one of its own (a bias over batch and positions): their
+    difference, ``sqrt(elements per parameter element)`` times their RMS difference, at the
+    gradient's own scale. Where the terms cancel (a bias whose effect a norm or a ``pool(x) - x``
+    removes: an analytically zero gradient), this is much more than their relative error."""
+    scale = max(m.ref_rms, m.cand_rms, floor) if m is not None else 0.0
+    if not scale or not m.numel:
+        return 0.0
+    return max([math.sqrt(x.backward.numel / m.numel) * x.backward.rms_diff / scale for x in consumers
+                if x.backward is not None and x.backward.passed], default=0.0)
+
+
 def nearest(graph: torch.fx.Graph, compared: set[str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """Each node's nearest compared ancestors and nearest compared descendants (through nodes that
     are not compared)."""
@@ -129,4 +143,5 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
         consumers = [x for n in users.get(p.ref, ()) for x in by_ref.get(n, ())]
         inherited = max([m.error or 0.0 for x in consumers for m in (x.forward, x.backward)
                          if m is not None and m.passed], default=0.0)
-        p.grad = verdict(p.grad, inherited, param_floor, TAIL_BACKWARD, precision)
+        p.grad = verdict(p.grad, max(inherited, _summed(p.grad, consumers, param_floor)), param_floor,
+                         TAIL_BACKWARD, precision)

@@ -1,12 +1,13 @@
 """fxdiff across Hugging Face architectures: no false alarm on a model compared with itself, in
-float32 and cast to bfloat16.
+float32 and cast to bfloat16 or float16.
 
     PYTHONPATH=. python benchmarks/architectures.py [--models llama,bert,...]
 
 Each architecture is built from a tiny config with random weights (nothing downloaded), captured
 (streamed to disk, as ``fxdiff capture`` does) and compared live with a fresh build of itself: in
-float32 the verdict must be ``match``, cast to bfloat16 ``within noise``. One row per architecture,
-then the totals that go in the README. Not here: RWKV, whose eval-mode forward writes its recurrent
+float32 the verdict must be ``match``, cast to bfloat16 ``within noise``; cast to float16 too, unless
+float16 itself fails (a gradient that overflows to inf, a weight lost to its subnormals), which the
+first divergence then names. One row per architecture, then the totals that go in the README. Not here: RWKV, whose eval-mode forward writes its recurrent
 state in place after saving it for backward (its backward fails in eager too; fxdiff says so, exit 2).
 """
 
@@ -112,6 +113,15 @@ def run(model_type: str, work: str) -> dict:
         fxdiff.capture(build(model_type), kwargs=inputs(model_type), stream_to=out)
         row["fp32"] = fxdiff.compare(out, build(model_type)).verdict
         row["bf16"] = fxdiff.compare(out, build(model_type).to(torch.bfloat16)).verdict
+        fp16 = fxdiff.compare(out, build(model_type).to(torch.float16))
+        row["fp16"] = fp16.verdict
+        if fp16.diverged:
+            first = fp16.first_divergence()
+            said = [f"{d} {e['op']} in {e['ref_module'] or '<root>'}" for d in first for e in first[d][:1]]
+            bad = [p for p in fp16.params if p.grad is not None and not p.grad.passed]
+            if bad:
+                said.append(f"{len(bad)} parameter gradients ({bad[0].grad.note or 'past the noise'})")
+            row["fp16 first"] = "; ".join(said)
     except Exception as e:  # noqa: BLE001 -- a row, not a crash
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return row
@@ -129,11 +139,13 @@ def main(argv=None) -> int:
         for name in a.models.split(","):
             row = run(name, work)
             rows.append(row)
-            print(f"{name:16} {row.get('fp32', '-'):13} {row.get('bf16', '-'):13} {row.get('error', '')}", flush=True)
+            print(f"{name:16} {row.get('fp32', '-'):13} {row.get('bf16', '-'):13} {row.get('fp16', '-'):13} "
+                  f"{row.get('error', row.get('fp16 first', ''))}", flush=True)
     fp32 = sum(r.get("fp32") == "match" for r in rows)
     bf16 = sum(r.get("bf16") == "within noise" for r in rows)
+    fp16 = sum(r.get("fp16") == "within noise" for r in rows)
     print(f"\n{len(rows)} architectures: float32 'match' {fp32}/{len(rows)}; bfloat16 'within noise' {bf16}/{len(rows)}; "
-          f"errors {sum('error' in r for r in rows)}; {time.time() - t0:.0f} s")
+          f"float16 'within noise' {fp16}/{len(rows)}; errors {sum('error' in r for r in rows)}; {time.time() - t0:.0f} s")
     return 0 if fp32 == bf16 == len(rows) else 1
 
 

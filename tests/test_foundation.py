@@ -79,11 +79,11 @@ def test_the_isolation_replay_calls_only_allowlisted_targets(small_capture):
     cap = fxdiff.load(small_capture)
     last_op = [n for n in cap.graph.nodes if n.op == "call_function"][-1]
     boundary = {n.name: n.name for n in cap.graph.nodes if n.op == "placeholder"}
-    assert isinstance(replay(cap, cap, last_op.name, boundary, torch.float32), torch.Tensor)
+    assert isinstance(replay(cap, cap, last_op.name, boundary, torch.zeros(())), torch.Tensor)
     calls = []
     last_op.meta[TARGET] = "builtins.print"
     last_op.target = lambda *a, **k: calls.append(a)
-    why = replay(cap, cap, last_op.name, boundary, torch.float32)
+    why = replay(cap, cap, last_op.name, boundary, torch.zeros(()))
     assert why == f"{last_op.name} ({node_key(last_op)}): builtins.print is not on the replay allowlist" and not calls
     assert "builtins.print" not in Targets.default()
     # factories that build masks are replayed; random and uninitialised ones are not

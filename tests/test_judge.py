@@ -122,3 +122,15 @@ def test_isolated_replay_tells_introduced_from_amplified(tmp_path):
     introduced = fxdiff.compare(fxdiff.capture(_build(), (x6,)), _build(eps_a=0.5))
     causes = {e["ref_module"]: e["isolated"] for e in introduced.first_divergence()["forward"]}
     assert causes["a.1"] == "introduced"
+
+
+def test_values_past_float16s_range_compare_as_float16_holds_them_and_an_overflow_still_fails():
+    """-3.4e38 (``finfo(float32).min``, a mask's -inf) against float16's -65504 is no difference; a
+    float32 1e5 against a float16 that overflowed to inf is one."""
+    ref = torch.tensor([1.0, -3.4e38, 2.0, -3.4e38])
+    cand = torch.tensor([1.0, -65504.0, 2.0, -65504.0], dtype=torch.float16)
+    m = compare_tensors(ref, cand, Tolerance())
+    assert m.max_abs_diff == 0 and m.rms_diff == 0
+    overflowed = compare_tensors(torch.tensor([1.0, 1e5]), torch.tensor([1.0, float("inf")], dtype=torch.float16),
+                                 Tolerance())
+    assert not overflowed.passed and "NaN/Inf" in overflowed.note

@@ -328,7 +328,7 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         if row.cand_permuted:
             row.isolated_why = _not_plain(row)
             continue
-        out = replay(ref, cand, row.cand_node, boundary, ref.values[row.ref_node].dtype)
+        out = replay(ref, cand, row.cand_node, boundary, ref.values[row.ref_node])
         if isinstance(out, str):
             row.isolated_why = out
             continue

@@ -25,14 +25,14 @@ class _NotReplayable(Exception):
     """Why a block cannot be replayed, in words naming the node and its op."""
 
 
-def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str], dtype: torch.dtype,
+def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str], like: torch.Tensor,
            targets: Targets | None = None) -> torch.Tensor | str:
     """The candidate's value of ``cand_node`` recomputed from the reference's values.
 
     ``boundary`` maps candidate node names to the reference nodes whose values stand in for them
-    (matched pairs of equal shape). The candidate's floating parameters are cast to ``dtype``, the
-    reference's at that node: the replay asks whether the candidate computes the reference's
-    function, at the reference's precision. Only ops on the allowlist (``targets``) are called. When the
+    (matched pairs of equal shape). The candidate's parameters are moved to the device of ``like``
+    (the reference's value of the node) and, floating, cast to its dtype: the replay asks whether
+    the candidate computes the reference's function, at the reference's precision. Only ops on the allowlist (``targets``) are called. When the
     block cannot be replayed, returns why instead, naming the node: too many ops, an op off the
     allowlist or drawing random numbers, an unmatched input, a value not stored, arguments not
     recorded in a replayable form, or an op that fails on the reference's values.
@@ -40,7 +40,7 @@ def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]
     nodes = {n.name: n for n in cand.graph.nodes}
     try:
         with torch.no_grad():
-            out = _Block(ref, cand, boundary, {}, targets, cand_node, dtype).value(nodes[cand_node], root=True)
+            out = _Block(ref, cand, boundary, {}, targets, cand_node, like).value(nodes[cand_node], root=True)
     except _NotReplayable as e:
         return str(e)
     if not isinstance(out, torch.Tensor):
@@ -73,7 +73,7 @@ def replay_backward(ref: Capture, cand: Capture, cand_node: str, consumers: dict
     if not _differentiable(ref.values[source]):
         return f"{cand_node} holds {str(ref.values[source].dtype).removeprefix('torch.')} values: no gradient"
     x = ref.values[source].detach().clone().requires_grad_()
-    block = _Block(ref, cand, boundary, {cand_node: x}, targets, cand_node, x.dtype)
+    block = _Block(ref, cand, boundary, {cand_node: x}, targets, cand_node, x)
     try:
         with torch.enable_grad():
             outs = [block.value(nodes[c], root=True) for c in consumers]
@@ -85,7 +85,7 @@ def replay_backward(ref: Capture, cand: Capture, cand_node: str, consumers: dict
                             f"has shape {list(ref.grads[r].shape)}")
                 if not o.requires_grad:
                     return f"consumer {_named(nodes[c])} does not depend differentiably on {cand_node} when replayed"
-                seeds.append(ref.grads[r].to(o.dtype))
+                seeds.append(ref.grads[r].to(o.device, o.dtype))
             grad, = torch.autograd.grad(outs, x, seeds, allow_unused=True)
     except _NotReplayable as e:
         return str(e)
@@ -115,11 +115,11 @@ class _Block:
     the node called ``subject``."""
 
     def __init__(self, ref: Capture, cand: Capture, boundary: dict[str, str], memo: dict[str, Any],
-                 targets: Targets | None, subject: str, dtype: torch.dtype):
+                 targets: Targets | None, subject: str, like: torch.Tensor):
         self.ref, self.cand, self.boundary, self.memo = ref, cand, boundary, memo
         self.targets = targets or Targets.default()
         self.subject = subject
-        self.dtype = dtype   # of the candidate's floating parameters in the replay
+        self.like = like   # the candidate's parameters take its device and (floating) dtype
 
     def value(self, node: torch.fx.Node, root: bool = False) -> Any:
         if node.name in self.memo:
@@ -141,8 +141,8 @@ class _Block:
             if is_summary(out):
                 raise _NotReplayable(f"the candidate's {node.target} ({node.name}) is summarised (capture --keep), "
                                      "not stored")
-            out = out.to(self.dtype, copy=True) if out.is_floating_point() and self.dtype.is_floating_point \
-                else out.clone()
+            dtype = self.like.dtype if out.is_floating_point() and self.like.is_floating_point() else out.dtype
+            out = out.to(self.like.device, dtype, copy=True)
         elif node.op == "call_function":
             if len(self.memo) >= MAX_BLOCK:
                 raise _NotReplayable(f"more than {MAX_BLOCK} of the candidate's ops lie between {self.subject} and "

@@ -396,6 +396,15 @@ def _compare(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance, grad_floor: 
     return m.metrics("; ".join(notes))
 
 
+def _max(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+
+
+def _saturated(t: torch.Tensor, limit: float) -> torch.Tensor:
+    """``t`` with its finite elements clamped to ``[-limit, limit]`` (a copy; infinities and NaN kept)."""
+    return torch.where(torch.isfinite(t), t.clamp(-limit, limit), t)
+
+
 def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     if not (a.is_floating_point and b.is_floating_point):
         return torch.float64
@@ -488,6 +497,9 @@ class _Pair:
         self.orig = (a.dtype, b.dtype)
         self.exact = not (a.is_floating_point() and b.is_floating_point())
         self.cdt = _compute_dtype(a.dtype, b.dtype)
+        # float16 holds no finite value past 65504: a wider side's larger ones (finfo(float32).min as
+        # an attention mask's -inf) are compared as the narrower side would hold them
+        self.range = None if self.exact or _max(a.dtype) == _max(b.dtype) else min(_max(a.dtype), _max(b.dtype))
         # a zero reference is clamped to this in max |d| / |ref|: the tiny of the pair's common dtype
         self.tiny = torch.finfo(torch.float64 if self.exact else torch.promote_types(a.dtype, b.dtype)).tiny
         self.tol = tol
@@ -573,6 +585,8 @@ class _Pair:
                     continue
             if x.dtype != self.cdt or y.dtype != self.cdt:
                 x, y = x.to(self.cdt), y.to(self.cdt)
+            if self.range is not None:
+                x, y = _saturated(x, self.range), _saturated(y, self.range)
             if self.exact:
                 out.append((k, _DIFFERS, float(torch.dot(x, x)), float(torch.dot(y, y))))
                 continue
@@ -591,6 +605,8 @@ class _Pair:
             x, y = self.chunks.pair(k)
             if x.dtype != self.cdt or y.dtype != self.cdt:
                 x, y = x.to(self.cdt), y.to(self.cdt)
+            if self.range is not None:
+                x, y = _saturated(x, self.range), _saturated(y, self.range)
             finite = None
             if kind == _MASKED:
                 fa, fb = torch.isfinite(x), torch.isfinite(y)

@@ -4,9 +4,10 @@ Both sides of a port load the same weights, so a parameter's bytes identify it w
 ``correspond`` finds, in this order: user pairs, exact copies (also reshaped, e.g. a kernel-1
 Conv1d weight against a Linear weight), transposes, row blocks of fused tensors (q/k/v in one
 ``qkv``, also transposed as in GPT-2's Conv1D), fused references against separate candidates,
-(also transposed, GPT-2's ``c_attn`` against separate q/k/v), and row permutations (per-head
-layouts such as RoPE). Parameters a capture keeps only as summaries (``capture --keep summary``) are
-paired by the hash of their content they hold (``device_summary.content_digest``, which a full
+(also transposed, GPT-2's ``c_attn`` against separate q/k/v), row permutations (per-head
+layouts such as RoPE), and last, tensors of one shape equal up to a cast's rounding (``_close``).
+Parameters a capture keeps only as summaries (``capture --keep summary``) are paired by the hash
+of their content they hold (``device_summary.content_digest``, which a full
 tensor reproduces): exact copies, reshapes, and row blocks of a fused full tensor; what needs their
 elements (transposes, permutations, offsets, a fused summary) is not tried. Tensors with equal
 content (LayerNorm weights of ones, zero biases) are paired in order of first use with confidence
@@ -90,7 +91,8 @@ def digest(t: torch.Tensor) -> bytes:
     """A name-free identity of a tensor's content: a hash of its elements in row-major order (so
     equal for a tensor and its reshapes, not for its transpose). Floating elements are hashed at
     bfloat16 precision, so a weight and its cast to float64, float16 or bfloat16 share a digest
-    (the judge then compares the values themselves).
+    (the judge then compares the values themselves). Not always for float16: where it rounds small
+    elements to subnormals, ``_close`` pairs by value what the digests did not.
 
     The tensor is read once, in row-major blocks (each converted on its own: no copy of the whole
     tensor), and the pages of a memory-mapped capture tensor are handed back afterwards."""
@@ -217,7 +219,44 @@ def correspond(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor],
     take(_permuted(ref, cand, ref_left, cand_left, vectors=True,
                    known=[output_index(p.transform) for p in matrices]))
     take(_offset(ref, cand, ref_left, cand_left, dig_c))
+    take(_close(ref, cand, ref_left, cand_left))
     return pairs, ref_left, cand_left
+
+
+CLOSE = 2.0 ** -6   # relative RMS difference within which two tensors are one weight, cast (16-bit: about 2**-10)
+_SAMPLE = 256       # elements of each tensor compared to find the closest ones
+
+
+def _close(ref, cand, ref_left, cand_left) -> list[ParamPair]:
+    """Tensors of one shape whose values differ only by a cast's rounding, each the other's closest
+    (a float16 cast rounds small elements to subnormals, so its digest at bfloat16 precision is not
+    the reference's): paired where their relative RMS difference is within ``CLOSE``."""
+    def usable(t: torch.Tensor) -> bool:
+        return not is_summary(t) and t.is_floating_point() and t.numel() > 0
+
+    def sample(t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().reshape(-1)
+        return flat[torch.linspace(0, flat.numel() - 1, _SAMPLE).long()].float()
+    by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for c in cand_left:
+        if usable(cand[c]):
+            by_shape[tuple(cand[c].shape)].append(c)
+    out = []
+    for shape, cs in by_shape.items():
+        rs = [r for r in ref_left if usable(ref[r]) and tuple(ref[r].shape) == shape]
+        if not rs:
+            continue
+        distance = torch.cdist(torch.stack([sample(ref[r]) for r in rs]), torch.stack([sample(cand[c]) for c in cs]))
+        nearest_c, nearest_r = distance.argmin(1).tolist(), distance.argmin(0).tolist()
+        for i, r in enumerate(rs):
+            c = cs[nearest_c[i]]
+            if nearest_r[nearest_c[i]] != i:
+                continue
+            x, y = ref[r].detach().float(), cand[c].detach().float()
+            scale = max(float(x.norm()), float(y.norm()))
+            if scale > 0 and float((x - y).norm()) <= CLOSE * scale:
+                out.append(ParamPair(r, (c,), {"kind": "identity"}, "equal values up to a cast's rounding"))
+    return out
 
 
 def summarised(*tables: dict[str, torch.Tensor]) -> bool:

@@ -316,8 +316,9 @@ def _structure(capture: Capture) -> list[dict[str, Any]]:
 def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> list[NodeRow]:
     """Replay the candidate's block behind each forward frontier row not replayed yet on the
     reference's values; where it cannot be, say why (``NodeRow.isolated_why``). Returns the rows
-    the replay explains: the candidate's block computes the reference's function, so its
-    difference is its inputs' (which passed) carried through that function, plus its own rounding."""
+    the replays explain: the candidate's block computes the reference's function, and its own
+    value from its own inputs, so its difference is its inputs' (which passed) carried through
+    that function, plus its own rounding."""
     boundary = {r.cand_node: r.ref_node for r in rows
                 if r.forward.passed and r.ref_shape == r.cand_shape
                 and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
@@ -334,10 +335,18 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             continue
         # a slice of a fused output: the replay makes the whole output, compared on the same columns
         m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
-        row.isolated = m if tol.strict else noise.verdict(m, 0.0, precision=_eps(cand.values[row.cand_node]))
-        if row.isolated.passed:
-            row.explained.append("forward")
-            explained.append(row)
+        precision = _eps(cand.values[row.cand_node])
+        row.isolated = m if tol.strict else noise.verdict(m, 0.0, precision=precision)
+        if not row.isolated.passed:
+            continue
+        # and its own value is what its block computes from its own inputs (so, in a capture edited
+        # after the run, a changed value is not taken for one its inputs carried)
+        own = replay(cand, cand, row.cand_node, {c: c for c in boundary}, cand.values[row.cand_node])
+        if not isinstance(own, str):
+            m = compare_tensors(_cut(cand.values[row.cand_node], row.cand_slice), _cut(own, row.cand_slice), tol)
+            if (m if tol.strict else noise.verdict(m, 0.0, precision=precision)).passed:
+                row.explained.append("forward")
+                explained.append(row)
     return explained
 
 

@@ -1,5 +1,5 @@
 """fxdiff across Hugging Face architectures: no false alarm on a model compared with itself, in
-float32 and cast to bfloat16 or float16.
+float32, cast to bfloat16 or float16, and under bfloat16 autocast.
 
     PYTHONPATH=. python benchmarks/architectures.py [--models llama,bert,...]
 
@@ -7,7 +7,8 @@ Each architecture is built from a tiny config with random weights (nothing downl
 (streamed to disk, as ``fxdiff capture`` does) and compared live with a fresh build of itself: in
 float32 the verdict must be ``match``, cast to bfloat16 ``within noise``; cast to float16 too, unless
 float16 itself fails (a gradient that overflows to inf, a weight lost to its subnormals), which the
-first divergence then names. One row per architecture, then the totals that go in the README. Not here: RWKV, whose eval-mode forward writes its recurrent
+first divergence then names; under bfloat16 autocast ``within noise``. One row per architecture,
+then the totals that go in the README. Not here: RWKV, whose eval-mode forward writes its recurrent
 state in place after saving it for backward (its backward fails in eager too; fxdiff says so, exit 2).
 """
 
@@ -113,6 +114,7 @@ def run(model_type: str, work: str) -> dict:
         fxdiff.capture(build(model_type), kwargs=inputs(model_type), stream_to=out)
         row["fp32"] = fxdiff.compare(out, build(model_type)).verdict
         row["bf16"] = fxdiff.compare(out, build(model_type).to(torch.bfloat16)).verdict
+        row["autocast"] = fxdiff.compare(out, build(model_type), autocast="bfloat16").verdict
         fp16 = fxdiff.compare(out, build(model_type).to(torch.float16))
         row["fp16"] = fp16.verdict
         if fp16.diverged:
@@ -135,17 +137,20 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     t0, rows = time.time(), []
+    print(f"{'architecture':16} {'float32':13} {'bfloat16':13} {'bf16 autocast':13} {'float16':13} why not")
     with tempfile.TemporaryDirectory() as work:
         for name in a.models.split(","):
             row = run(name, work)
             rows.append(row)
-            print(f"{name:16} {row.get('fp32', '-'):13} {row.get('bf16', '-'):13} {row.get('fp16', '-'):13} "
+            print(f"{name:16} {row.get('fp32', '-'):13} {row.get('bf16', '-'):13} {row.get('autocast', '-'):13} "
+                  f"{row.get('fp16', '-'):13} "
                   f"{row.get('error', row.get('fp16 first', ''))}", flush=True)
     fp32 = sum(r.get("fp32") == "match" for r in rows)
     bf16 = sum(r.get("bf16") == "within noise" for r in rows)
     fp16 = sum(r.get("fp16") == "within noise" for r in rows)
+    autocast = sum(r.get("autocast") == "within noise" for r in rows)
     print(f"\n{len(rows)} architectures: float32 'match' {fp32}/{len(rows)}; bfloat16 'within noise' {bf16}/{len(rows)}; "
-          f"float16 'within noise' {fp16}/{len(rows)}; errors {sum('error' in r for r in rows)}; {time.time() - t0:.0f} s")
+          f"bfloat16 autocast 'within noise' {autocast}/{len(rows)}; float16 'within noise' {fp16}/{len(rows)}; errors {sum('error' in r for r in rows)}; {time.time() - t0:.0f} s")
     return 0 if fp32 == bf16 == len(rows) else 1
 
 

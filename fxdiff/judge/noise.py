@@ -15,8 +15,8 @@ noise level is the larger of
 A failing input does not raise the level of what follows it, so everything downstream of a real
 divergence still fails and the first divergence stays where the error starts. A row the isolation
 replays explain (``NodeRow.explained``: the same computation on both sides carrying passing noise
-further than ``AMPLIFY`` allows) passes, and its error counts as noise for what follows. A tail check keeps
-a few badly wrong elements from hiding in the RMS: no element may stray more than ``TAIL`` noise
+further than ``AMPLIFY`` allows) passes, and its error counts as noise for what follows. A tail
+check keeps a few badly wrong elements from hiding in the RMS: no element may stray more than ``TAIL`` noise
 levels, relative to its own magnitude or the tensors' RMS, whichever is larger. Measured on real port pairs (see the README): legitimate
 float32 reorderings stay near 1e-7, a bfloat16 port under 3e-2, while planted bugs start at 1e-5.
 """

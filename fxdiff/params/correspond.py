@@ -7,9 +7,9 @@ Conv1d weight against a Linear weight), transposes, row blocks of fused tensors 
 (also transposed, GPT-2's ``c_attn`` against separate q/k/v), row permutations (per-head
 layouts such as RoPE), and last, tensors of one shape equal up to a cast's rounding (``_close``).
 Parameters a capture keeps only as summaries (``capture --keep summary``) are paired by the hash
-of their content they hold (``device_summary.content_digest``, which a full
-tensor reproduces): exact copies, reshapes, and row blocks of a fused full tensor; what needs their
-elements (transposes, permutations, offsets, a fused summary) is not tried. Tensors with equal
+of their content they hold (``device_summary.content_digest``, which a full tensor reproduces):
+exact copies, reshapes, and row blocks of a fused full tensor; what needs their elements
+(transposes, permutations, offsets, a fused summary, closeness) is not tried. Tensors with equal
 content (LayerNorm weights of ones, zero biases) are paired in order of first use with confidence
 0.7; the matcher (``match.GraphMatcher``) re-pairs them through the matched ops that consume them,
 and only content unique on both sides (confidence 1.0) anchors ops.

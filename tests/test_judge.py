@@ -134,3 +134,15 @@ def test_values_past_float16s_range_compare_as_float16_holds_them_and_an_overflo
     overflowed = compare_tensors(torch.tensor([1.0, 1e5]), torch.tensor([1.0, float("inf")], dtype=torch.float16),
                                  Tolerance())
     assert not overflowed.passed and "NaN/Inf" in overflowed.note
+
+
+def test_float32_and_bfloat16_stand_ins_for_minus_infinity_compare_equal_and_float64_keeps_its_range():
+    """T5 under bfloat16 autocast builds its causal mask from ``finfo(bfloat16).min`` (-3.3895e38),
+    the float32 reference from ``finfo(float32).min`` (-3.4028e38): no value but such stand-ins lives
+    past bfloat16's range. In float64 huge values are values."""
+    ref = torch.tensor([0.0, torch.finfo(torch.float32).min, 1.5])
+    cand = torch.tensor([0.0, torch.finfo(torch.bfloat16).min, 1.5])
+    assert compare_tensors(ref, cand, Tolerance()).max_abs_diff == 0
+    m = compare_tensors(torch.tensor([1e39, 1.0], dtype=torch.float64),
+                        torch.tensor([2e39, 1.0], dtype=torch.float64), Tolerance())
+    assert m.max_abs_diff == 1e39 and not m.passed

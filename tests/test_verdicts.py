@@ -282,3 +282,19 @@ def test_a_value_its_own_ops_do_not_make_is_not_explained_as_carried_noise():
     report = fxdiff.compare(ref, cand)
     assert report.diverged and [e["cand_node"] for e in report.first_divergence()["forward"]] == [name]
     assert not any(r.explained for r in report.nodes)
+
+
+def test_t5_under_bfloat16_autocast_is_within_noise_though_its_mask_is_bfloat16s_minus_infinity():
+    """Was "diverged" at T5's decoder self-attention ``where``: its causal mask is
+    ``finfo(bfloat16).min`` under autocast, ``finfo(float32).min`` in the float32 reference."""
+    from transformers import T5Config, T5Model
+    config = T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=128)
+
+    def build():
+        torch.manual_seed(0)
+        return T5Model(config).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = {"input_ids": torch.randint(3, 128, (2, 12), generator=g),
+           "decoder_input_ids": torch.randint(3, 128, (2, 7), generator=g)}
+    report = fxdiff.compare(fxdiff.capture(build(), kwargs=ids), build(), autocast="bfloat16")
+    assert report.verdict == "within noise", report.first_divergence()

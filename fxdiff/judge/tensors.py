@@ -396,6 +396,10 @@ def _compare(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance, grad_floor: 
     return m.metrics("; ".join(notes))
 
 
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+_STAND_INS = 1e36   # a difference this large comes from values near the end of float32's range
+
+
 def _max(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).max if dtype.is_floating_point else math.inf
 
@@ -500,6 +504,7 @@ class _Pair:
         # float16 holds no finite value past 65504: a wider side's larger ones (finfo(float32).min as
         # an attention mask's -inf) are compared as the narrower side would hold them
         self.range = None if self.exact or _max(a.dtype) == _max(b.dtype) else min(_max(a.dtype), _max(b.dtype))
+        self.stand_ins = self.range is None and not self.exact and _max(a.dtype) <= _max(torch.float32)
         # a zero reference is clamped to this in max |d| / |ref|: the tiny of the pair's common dtype
         self.tiny = torch.finfo(torch.float64 if self.exact else torch.promote_types(a.dtype, b.dtype)).tiny
         self.tol = tol
@@ -623,6 +628,13 @@ class _Pair:
         d = torch.sub(x, y, out=_scratch(n, dt, "d"))   # scratch buffers: fresh memory is slow to fault in
         lo, hi = torch.aminmax(d)
         peak = max(float(hi), -float(lo))   # infinite where finite values differ by more than the dtype holds
+        if _STAND_INS <= peak < math.inf and self.stand_ins:
+            # finfo(float32).min against finfo(bfloat16).min, each a mask's -inf (autocast): nothing
+            # but such stand-ins lives past bfloat16's range, so they are compared as it holds them
+            x, y = _saturated(x, _BF16_MAX), _saturated(y, _BF16_MAX)
+            torch.sub(x, y, out=d)
+            lo, hi = torch.aminmax(d)
+            peak = max(float(hi), -float(lo))
         if peak == 0:
             if self.histograms:
                 acc.hist[0] += d.numel() if finite is None else int(finite.sum())

@@ -146,3 +146,12 @@ def test_float32_and_bfloat16_stand_ins_for_minus_infinity_compare_equal_and_flo
     m = compare_tensors(torch.tensor([1e39, 1.0], dtype=torch.float64),
                         torch.tensor([2e39, 1.0], dtype=torch.float64), Tolerance())
     assert m.max_abs_diff == 1e39 and not m.passed
+
+
+def test_float64_values_whose_squares_overflow_are_still_compared():
+    """Was a pass whatever they held: the RMS of 1e200s is infinite in float64, and every relative
+    error divided by it was zero."""
+    ref = torch.tensor([1e200, -3e200, 1.0], dtype=torch.float64)
+    assert compare_tensors(ref, ref.clone(), Tolerance()).passed
+    m = compare_tensors(ref, ref * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64), Tolerance())
+    assert not m.passed and math.isfinite(m.ref_rms) and m.ref_rms > 1e200

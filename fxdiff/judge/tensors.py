@@ -181,6 +181,16 @@ def _rms(t: torch.Tensor) -> float:
     return math.sqrt(total / t.numel())
 
 
+def _scaled_rms(t: torch.Tensor) -> float:
+    """The RMS of ``t``'s finite elements (the others count as zeros, as in ``_masked``), taken on
+    them divided by the largest: where their squares overflow even float64 (|x| > 1e154)."""
+    finite = [x[torch.isfinite(x)].double() for x in _Chunks(t, t).flat_views(0)]
+    peak = max((float(x.abs().max()) for x in finite if x.numel()), default=0.0)
+    if peak == 0:
+        return 0.0
+    return peak * math.sqrt(sum(_sumsq(x / peak) for x in finite) / t.numel())
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max |a - b|`` of two tensors of one shape, in one chunked pass in their common precision
     (NaN if any difference is NaN)."""
@@ -526,6 +536,9 @@ class _Pair:
             xx = sum(item[2] for item in kinds)
             yy = sum(item[3] for item in kinds)
             ref_rms, cand_rms = self.rms if self.rms is not None else (math.sqrt(xx / n), math.sqrt(yy / n))
+            if math.inf in (ref_rms, cand_rms) and self.rms is None:   # squares past float64's range
+                ref_rms, cand_rms = (_scaled_rms(side) if value == math.inf else value
+                                     for side, value in ((self.chunks.a, ref_rms), (self.chunks.b, cand_rms)))
             self.scale = max(ref_rms, cand_rms, self.tiny)
             self.bound, note = self._bound(ref_rms, cand_rms, eps)
             todo = [(k, kind) for k, kind, _, _ in kinds if kind != _SAME]

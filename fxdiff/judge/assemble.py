@@ -35,7 +35,7 @@ from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
 from ..store.summary import is_summary
-from .tensors import Tolerance, compare_many, compare_tensors, rms_many
+from .tensors import Tolerance, compare_many, compare_tensors, machine_eps, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
 
@@ -322,6 +322,7 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
     boundary = {r.cand_node: r.ref_node for r in rows
                 if r.forward.passed and r.ref_shape == r.cand_shape
                 and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
+    own_boundary = {c: c for c in boundary}
     explained = []
     for row in rows:
         if not row.first_forward or row.isolated is not None or row.isolated_why is not None:
@@ -335,24 +336,19 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             continue
         # a slice of a fused output: the replay makes the whole output, compared on the same columns
         m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
-        precision = _eps(cand.values[row.cand_node])
+        precision = machine_eps(cand.values[row.cand_node].dtype)
         row.isolated = m if tol.strict else noise.verdict(m, 0.0, precision=precision)
         if not row.isolated.passed:
             continue
         # and its own value is what its block computes from its own inputs (so, in a capture edited
         # after the run, a changed value is not taken for one its inputs carried)
-        own = replay(cand, cand, row.cand_node, {c: c for c in boundary}, cand.values[row.cand_node])
+        own = replay(cand, cand, row.cand_node, own_boundary, cand.values[row.cand_node])
         if not isinstance(own, str):
             m = compare_tensors(_cut(cand.values[row.cand_node], row.cand_slice), _cut(own, row.cand_slice), tol)
             if (m if tol.strict else noise.verdict(m, 0.0, precision=precision)).passed:
                 row.explained.append("forward")
                 explained.append(row)
     return explained
-
-
-def _eps(t: torch.Tensor) -> float:
-    """The machine epsilon of ``t``'s dtype (0 for exact dtypes)."""
-    return torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
 
 
 def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
@@ -428,6 +424,7 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
     plain = {r.cand_node: r for r in rows
              if r.forward.passed and r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
     boundary = {c: r.ref_node for c, r in plain.items()}
+    own_boundary = {c: c for c in plain}
     explained = []
     for row in rows:
         if not row.first_backward or row.consequence or row.isolated_backward is not None \
@@ -453,12 +450,12 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         if isinstance(grad, str):
             row.isolated_backward_why = grad
             continue
-        precision = _eps(cand.values[row.cand_node])
+        precision = machine_eps(cand.values[row.cand_node].dtype)
         m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
         row.isolated_backward = m if tol.strict else noise.verdict(m, 0.0, node_floor, precision=precision)
         if not row.isolated_backward.passed:
             continue
-        own = replay_backward(cand, cand, row.cand_node, {c: c for c in consumers}, {c: c for c in plain})
+        own = replay_backward(cand, cand, row.cand_node, {c: c for c in consumers}, own_boundary)
         if not isinstance(own, str):
             m = _grad_metrics(cand.grads.get(row.cand_node), own, tol, node_floor)
             if (m if tol.strict else noise.verdict(m, 0.0, node_floor, precision=precision)).passed:

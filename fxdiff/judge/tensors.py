@@ -324,7 +324,8 @@ def _compare_summarised(ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance, g
     notes = []
     if tuple(a.shape) != tuple(b.shape):
         notes.append(f"candidate {tuple(cand.shape)} compared in row-major order (a summary cannot be permuted)")
-    eps = 0.0 if not (a.is_floating_point() and b.is_floating_point()) else max(_eps(a.dtype), _eps(b.dtype))
+    exact = not (a.is_floating_point() and b.is_floating_point())
+    eps = 0.0 if exact else max(machine_eps(a.dtype), machine_eps(b.dtype))
     stats_a = a.stats if isinstance(a, Summary) else None
     stats_b = b.stats if isinstance(b, Summary) else None
     if stats_a or stats_b:   # a sliced summary has no statistics: the full side's are not needed either
@@ -528,7 +529,7 @@ class _Pair:
 
     def run(self) -> _Result:
         n = self.n
-        eps = 0.0 if self.exact else max(_eps(self.orig[0]), _eps(self.orig[1]))
+        eps = 0.0 if self.exact else max(machine_eps(self.orig[0]), machine_eps(self.orig[1]))
         if n == 0:
             return _Result(True, 0.0, 0.0, 0.0, 0.0, None, 0.0, 0.0, 0.0, eps, 0, 0, [], 0)
         with _one_torch_thread():
@@ -783,7 +784,8 @@ def _bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.equal(x.view(view), y.view(view))
 
 
-def _eps(dtype: torch.dtype) -> float:
+def machine_eps(dtype: torch.dtype) -> float:
+    """The machine epsilon of ``dtype`` (of its real part if complex; 0 for exact dtypes)."""
     return torch.finfo(dtype).eps if dtype.is_floating_point else (torch.finfo(dtype.to_real()).eps if dtype.is_complex else 0.0)
 
 

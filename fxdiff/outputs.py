@@ -25,6 +25,8 @@ class OutputPair:
 def pair_outputs(ref: list[tuple[str, torch.Tensor]],
                  cand: list[tuple[str, torch.Tensor]]) -> tuple[list[OutputPair], list[str], list[str]]:
     """(pairs in reference order, reference leaves left over, candidate leaves left over)."""
+    from .judge.tensors import value_distance   # the judge imports this module
+
     cand_by_path = dict(cand)
     pairs: dict[str, OutputPair] = {}
     used: set[str] = set()
@@ -35,7 +37,7 @@ def pair_outputs(ref: list[tuple[str, torch.Tensor]],
             used.add(path)
     left = [(p, t) for p, t in ref if p not in pairs]
     free = [(p, t) for p, t in cand if p not in used]
-    options = sorted((_distance(t, u), p, q) for p, t in left for q, u in free
+    options = sorted((value_distance(t, u), p, q) for p, t in left for q, u in free
                      if u.numel() == t.numel() and _kind(u) == _kind(t))
     for _, p, q in options:
         if p not in pairs and q not in used:
@@ -49,18 +51,3 @@ def _kind(t: torch.Tensor) -> str:
     if t.is_complex():
         return "complex"
     return "float" if t.is_floating_point() else "exact"
-
-
-def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative distance of two tensors of equal size (inf when they cannot be compared): the largest
-    difference over the first's largest magnitude, read in chunks in the tensors' own precision
-    (complex tensors by their real and imaginary parts)."""
-    from .judge.tensors import max_abs, max_abs_diff   # the judge imports this module
-
-    x, y = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (a, b))
-    if x.shape != y.shape:
-        x, y = x.reshape(-1), y.reshape(-1)
-    scale, d = max_abs(x), max_abs_diff(x, y)
-    if d != d:
-        return float("inf")
-    return d / scale if scale > 0 else d

@@ -48,6 +48,19 @@ def test_summary_capture_on_gpu_compares_as_a_match_against_the_full_one():
     assert report.verdict == "match", report.first_divergence()
 
 
+def test_large_outputs_of_a_gpu_summary_capture_are_summarised_there(tmp_path, monkeypatch):
+    from fxdiff.record.recorder import Keep
+    model, ids = _gpt2("cuda")
+    full = fxdiff.capture(model, (ids,))
+    monkeypatch.setattr(Keep, "OUTPUT_BYTES", 0)
+    fxdiff.capture(model, (ids,), keep="summary", stream_to=tmp_path / "s")
+    summary = fxdiff.load(tmp_path / "s")
+    assert is_summary(summary.outputs["logits"]) and is_summary(summary.output_grads["logits"])
+    from fxdiff.store.device_summary import unit_digest
+    assert summary.output_grads["logits"].digest == unit_digest(full.output_grads["logits"])
+    assert fxdiff.compare(full, summary).verdict == "match"
+
+
 def test_gpu_capture_is_within_noise_of_the_cpu_one():
     model, ids = _gpt2("cuda")
     gpu = fxdiff.capture(model, (ids,))

@@ -278,3 +278,30 @@ def test_summarised_parameters_pair_with_a_fused_full_tensor():
     found = {p.ref: (p.cand, p.transform.get("kind")) for p in pairs}
     assert found == {"q": (("qk",), "rows"), "k": (("qk",), "rows"), "b": (("b",), "identity")}
     assert not ref_left and not cand_left
+
+
+def test_large_outputs_of_a_summary_capture_are_summarised_with_their_gradients(tmp_path, gpt2, monkeypatch):
+    """A language model's logits can be the largest tensor of a run: over ``Keep.OUTPUT_BYTES`` a
+    summary capture summarises the outputs and their gradients too; a live candidate then needs its loss."""
+    from fxdiff.record.recorder import Keep
+    model, ids, bugged = gpt2
+    loss = lambda out: out.logits.square().mean()  # noqa: E731
+    full = fxdiff.capture(model, (ids,), loss=loss)
+    assert not any(isinstance(t, Summary) for t in fxdiff.capture(model, (ids,), loss=loss, keep="summary").output_grads.values())
+    monkeypatch.setattr(Keep, "OUTPUT_BYTES", full.outputs["logits"].nbytes - 1)
+    cap = fxdiff.capture(model, (ids,), loss=loss, keep="summary")
+    assert isinstance(cap.outputs["logits"], Summary) and isinstance(cap.output_grads["logits"], Summary)
+    saved, streamed = fxdiff.save(cap, tmp_path / "s"), tmp_path / "t"
+    fxdiff.capture(model, (ids,), loss=loss, keep="summary", stream_to=streamed)
+    for path in (saved, streamed):
+        loaded = fxdiff.load(path)
+        assert loaded.outputs["logits"].digest == cap.outputs["logits"].digest
+        assert loaded.output_grads["logits"].stats == cap.output_grads["logits"].stats
+        assert fxdiff.compare(full, loaded).verdict == fxdiff.compare(loaded, full).verdict == "match"
+    bugged_full = fxdiff.capture(bugged, (ids,), loss=loss)
+    report = fxdiff.compare(fxdiff.load(saved), bugged_full)
+    assert report.diverged and not report.outputs[0].metrics.passed
+    assert frontier_modules(report) == {("transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_fc")}
+    with pytest.raises(fxdiff.FxdiffError, match="gradients as summaries.*give the candidate's loss"):
+        fxdiff.compare(saved, model)
+    assert fxdiff.compare(saved, model, loss=loss).verdict == "match"

@@ -34,7 +34,7 @@ from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
-from ..store.summary import is_summary
+from ..store.summary import all_zero, is_summary
 from .tensors import Tolerance, compare_many, compare_tensors, machine_eps, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
@@ -220,7 +220,7 @@ def _seeded_elsewhere(ref: Capture, cand: Capture, pairs: list[OutputPair], ref_
                              "(different losses?): gradients are not compared"])
     warnings, mixed = [], []
     for capture, left, side in ((ref, ref_left, "reference"), (cand, cand_left, "candidate")):
-        seeded = [p for p in left if p in capture.output_grads and bool(capture.output_grads[p].any())]
+        seeded = [p for p in left if p in capture.output_grads and not all_zero(capture.output_grads[p])]
         nodes = dict(zip((p for p, _ in tree.flatten(capture.outputs)), capture.output_nodes()))
         mixed.append(_ancestors([nodes[p] for p in seeded if p in nodes]))
         if seeded:

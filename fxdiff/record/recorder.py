@@ -117,6 +117,7 @@ class Keep:
 
     MODES = {"both": ("full", "full"), "values": ("full", "none"), "grads": ("summary", "full"),
              "summary": ("summary", "summary")}
+    OUTPUT_BYTES = 64 << 20
 
     @classmethod
     def of(cls, keep: str = "both", modules: str | None = None) -> "Keep":
@@ -126,6 +127,12 @@ class Keep:
     @property
     def everything(self) -> bool:
         return self.values == self.grads == "full" and self.modules is None
+
+    def whole_outputs(self, outputs: Any) -> bool:
+        """Whether the tensors of ``outputs`` and their gradients are kept whole."""
+        if self.grads != "summary":
+            return True
+        return sum(t.numel() * t.element_size() for _, t in tree.flatten(outputs)) <= self.OUTPUT_BYTES
 
     def inside(self, path: str) -> bool:
         """Whether module ``path``, or a module enclosing it, matches ``modules``."""
@@ -233,13 +240,14 @@ class Recorder(TorchFunctionMode):
         self.output_values = {}
         self._outside_refs: dict[str, weakref.ref] = {}
 
-    def keep_outputs(self, nodes: list[torch.fx.Node], outputs: Any) -> None:
-        """The outputs' values in full, for the nodes whose values are summarised or not kept."""
+    def keep_outputs(self, nodes: list[torch.fx.Node], outputs: Any, whole: bool = True) -> None:
+        """The outputs' values in full, for the nodes whose values are not kept, and with ``whole``
+        for those whose values are summarised."""
         if self.keep.everything and self.stream is None:
             return
         for node, (_, t) in zip(nodes, tree.flatten(outputs)):
             value = self.values.get(node.name)
-            if not isinstance(value, torch.Tensor) or is_summary(value) or value.device.type == "meta":
+            if not isinstance(value, torch.Tensor) or is_summary(value) and whole or value.device.type == "meta":
                 self.output_values[node.name] = t.detach()
             if self._outside_refs.pop(node.name, None) is not None and self.keep.grads != "none" \
                     and t.requires_grad and transformed(t) is None:   # made outside: its gradient too

@@ -385,7 +385,8 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
             raise
         raise blame_user(f"the forward pass of {type(model).__name__}", e) from e
     finished = rec.finish(outputs)
-    rec.keep_outputs(finished, outputs)
+    whole = config.kept.whole_outputs(outputs)
+    rec.keep_outputs(finished, outputs, whole)
     out_nodes = iter(finished)
     try:
         loss_value, output_grads = backward(model, outputs, config)
@@ -396,6 +397,9 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
             raise
         raise blame_user(f"the backward pass of {type(model).__name__}", e) from e
     not_stored: dict[str, str] = {}
+    output_grads = plain_tensors(output_grads, "output_grads.", not_stored)
+    if not whole:
+        output_grads = {path: rec.summarise(g) for path, g in output_grads.items()}
     summary = config.keep == "summary"   # parameters and their gradients summarised too, on their device
     params = model_tensors(model, before, not_stored, rec.summarise_param if summary else None)
     param_grads = taken_grads(model, not_stored, rec.summarise if summary else None)
@@ -406,7 +410,7 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
     return Run(rec, inputs=tree.plain(call, lambda t: Slot(placeholders[id(t)])),
                outputs=tree.plain(outputs, lambda t: Slot(next(out_nodes).name)),
                params=params, param_grads=param_grads,
-               output_grads=plain_tensors(output_grads, "output_grads.", not_stored),
+               output_grads=output_grads,
                loss_value=loss_value, not_stored=not_stored, stream=stream)
 
 

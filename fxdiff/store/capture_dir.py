@@ -45,8 +45,9 @@ from .summary import from_json as summary_from_json, to_json as summary_to_json
 from .tensor_file import read_tensors, write_tensors
 
 GRAPH = "graph.json"
-SUMMARIES = "summaries"   # graph.json: the summaries of parameters and their gradients, by section and name
-_NAMED_SUMMARIES = ("param", "param_grad")
+SUMMARIES = "summaries"   # graph.json: the summaries of tensors that have no node, by section and name
+# parameters and their gradients; a summary capture's large outputs (by tensor key) and their gradients
+_NAMED_SUMMARIES = ("param", "param_grad", "output", "output_grad")
 PARTIAL_VERSION = 4   # what captures that keep less than every value and gradient are written as
 _SECTIONS = ("value", "grad", "param", "param_grad", "output_grad")
 
@@ -95,10 +96,14 @@ def _contents(capture: Capture, targets: Targets,
             "inputs": tree.encode(capture.inputs, tensors, "input"),
             "outputs": tree.encode(capture.outputs, tensors, "output"),
         }
+    for key, t in tensors.items():
+        if key.startswith("output.") and is_summary(t):
+            summaries[("output", key)] = summary_to_json(t)
+            tensors[key] = t.sample
     by_name = {section: {name: doc for (s, name), doc in summaries.items() if s == section}
                for section in _NAMED_SUMMARIES}
-    if any(by_name.values()):   # parameters have no node: their summaries are listed by name
-        graph_doc[SUMMARIES] = by_name
+    if any(by_name.values()):
+        graph_doc[SUMMARIES] = {section: docs for section, docs in by_name.items() if docs}
     # partial captures (capture --keep values/grads/summary) are version 4: a version-3 reader
     # would take a missing or summarised tensor for a difference
     partial = bool(summaries) or capture.meta.get("keep", "both") != "both"
@@ -153,18 +158,14 @@ def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Captu
         mapped = stream.tensors.mapped(stream.path / TENSORS)
     except OSError as e:
         raise FxdiffError(f"{stream.path}: cannot write the capture ({e.strerror or e})") from None
-    tables: dict[str, dict[str, torch.Tensor]] = {s: {} for s in _SECTIONS}
-    for key, t in mapped.items():
-        section, _, name = key.partition("/")
-        if section in tables:
-            tables[section][name] = t
-    for section, table in (("value", capture.values), ("grad", capture.grads), ("param", capture.params),
-                           ("param_grad", capture.param_grads)):
+    tables = _tables(mapped)
+    for section, table in (("value", capture.values), ("grad", capture.grads)):
         for name, t in table.items():
             if is_summary(t):   # its sample is in the file
                 tables[section][name] = summary_from_json(summary_to_json(t), tables[section][name], str(stream.path))
-    inputs = tree.decode(doc["inputs"], {k: t for k, t in mapped.items() if k.startswith("input.")})
-    outputs = tree.decode(doc["outputs"], {k: t for k, t in mapped.items() if k.startswith("output.")})
+    _named_summaries(doc, tables, stream.path / GRAPH)
+    inputs = tree.decode(doc["inputs"], tables["input"])
+    outputs = tree.decode(doc["outputs"], tables["output"])
     return Capture(graph=capture.graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
                    param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
                    output_grads=tables["output_grad"], meta=meta)
@@ -216,32 +217,18 @@ def _load(path: Path, targets: Targets | None, verify: bool):
     if not isinstance(doc, dict):
         raise FxdiffError(f"{graph_file}: expected an object with nodes, inputs and outputs")
     graph = graph_from_json(doc.get("nodes"), targets or Targets.default(), graph_file)
-    tables: dict[str, dict[str, torch.Tensor]] = {s: {} for s in _SECTIONS}
-    for key, t in tensors.items():
-        section, _, name = key.partition("/")
-        if section in tables:
-            tables[section][name] = t
+    tables = _tables(tensors)
     for node in graph.nodes:
         for section, key in (("value", VALUE_SUMMARY), ("grad", GRAD_SUMMARY)):
             if key in node.meta and node.name in tables[section]:
                 tables[section][node.name] = summary_from_json(node.meta[key], tables[section][node.name],
                                                                f"{graph_file}: node {node.name!r}")
-    named = doc.get(SUMMARIES, {})
-    if not (isinstance(named, dict) and set(named) <= set(_NAMED_SUMMARIES)
-            and all(isinstance(v, dict) for v in named.values())):
-        raise FxdiffError(f"{graph_file}: {SUMMARIES} is not a mapping of parameter summaries")
-    for section, docs in named.items():
-        for name, summary in docs.items():
-            if name not in tables[section]:
-                raise FxdiffError(f"{graph_file}: a summary of {section} {str(name)[:80]!r}, which {TENSORS} does "
-                                  "not hold; the capture is inconsistent")
-            tables[section][name] = summary_from_json(summary, tables[section][name],
-                                                      f"{graph_file}: {section} {name!r}")
+    _named_summaries(doc, tables, graph_file)
     if not {"inputs", "outputs"} <= set(doc):
         raise FxdiffError(f"{graph_file}: expected an object with nodes, inputs and outputs")
     try:   # each structure reads tensors of its own section only
-        inputs = tree.decode(doc["inputs"], {k: t for k, t in tensors.items() if k.startswith("input.")})
-        outputs = tree.decode(doc["outputs"], {k: t for k, t in tensors.items() if k.startswith("output.")})
+        inputs = tree.decode(doc["inputs"], tables["input"])
+        outputs = tree.decode(doc["outputs"], tables["output"])
     except FxdiffError as e:
         raise FxdiffError(f"{graph_file}: {e}") from None
     except RecursionError:
@@ -265,6 +252,34 @@ def _load(path: Path, targets: Targets | None, verify: bool):
                       param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
                       output_grads=tables["output_grad"], meta=meta)
     return capture if verify else (capture, (path / TENSORS, files[TENSORS]))
+
+
+def _tables(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of a capture file by section: ``value``, ``grad``... by name (``value/NAME``), and
+    the tensors of the inputs and outputs (``input``, ``output``) by key (``input.0``)."""
+    tables: dict[str, dict[str, torch.Tensor]] = {s: {} for s in (*_SECTIONS, "input", "output")}
+    for key, t in tensors.items():
+        section, _, name = key.partition("/")
+        if section in tables:
+            tables[section][name] = t
+        elif key.startswith(("input.", "output.")):
+            tables[key.partition(".")[0]][key] = t
+    return tables
+
+
+def _named_summaries(doc: dict[str, Any], tables: dict[str, dict[str, torch.Tensor]], graph_file: Path) -> None:
+    """Put the summaries ``graph.json`` lists by name (``SUMMARIES``) in place of their samples in ``tables``."""
+    named = doc.get(SUMMARIES, {})
+    if not (isinstance(named, dict) and set(named) <= set(_NAMED_SUMMARIES)
+            and all(isinstance(v, dict) for v in named.values())):
+        raise FxdiffError(f"{graph_file}: {SUMMARIES} is not a mapping of summaries by section and name")
+    for section, docs in named.items():
+        for name, summary in docs.items():
+            if name not in tables[section]:
+                raise FxdiffError(f"{graph_file}: a summary of {section} {str(name)[:80]!r}, which {TENSORS} does "
+                                  "not hold; the capture is inconsistent")
+            tables[section][name] = summary_from_json(summary, tables[section][name],
+                                                      f"{graph_file}: {section} {name!r}")
 
 
 def _with_summaries(doc: dict[str, Any], summaries: dict[tuple[str, str], dict]) -> dict[str, Any]:

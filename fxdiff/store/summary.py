@@ -133,6 +133,14 @@ def is_summary(t: Any) -> bool:
     return isinstance(t, Summary)
 
 
+def all_zero(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` (a tensor or a summary) is zero."""
+    if isinstance(t, Summary):
+        st = t.stats
+        return st["min"] == st["max"] == 0 and not (st["nan"] or st["posinf"] or st["neginf"])
+    return not bool(t.any())
+
+
 def summarise(t: torch.Tensor, content: bool = False) -> Summary:
     """The summary of ``t`` as it is now (on its device; statistics and sample come back to the CPU);
     with ``content`` (a parameter), also its ``device_summary.content_digest``."""

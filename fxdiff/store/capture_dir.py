@@ -40,7 +40,7 @@ from ..targets import Targets
 from ..util import atomic_write, dumps, gc_paused, read_regular
 from . import consistency
 from .graph_json import graph_from_json, node_to_json
-from .summary import GRAD_SUMMARY, VALUE_SUMMARY, is_summary
+from .summary import GRAD_SUMMARY, VALUE_SUMMARY, is_summary, with_sample
 from .summary import from_json as summary_from_json, to_json as summary_to_json
 from .tensor_file import read_tensors, write_tensors
 
@@ -162,7 +162,7 @@ def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Captu
     for section, table in (("value", capture.values), ("grad", capture.grads)):
         for name, t in table.items():
             if is_summary(t):   # its sample is in the file
-                tables[section][name] = summary_from_json(summary_to_json(t), tables[section][name], str(stream.path))
+                tables[section][name] = with_sample(t, tables[section][name])
     _named_summaries(doc, tables, stream.path / GRAPH)
     inputs = tree.decode(doc["inputs"], tables["input"])
     outputs = tree.decode(doc["outputs"], tables["output"])

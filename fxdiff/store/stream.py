@@ -63,6 +63,7 @@ WAKE = 1 << 23            # bytes waiting when an idle copier is woken (each wak
 GPU_IN_FLIGHT = 1 << 27   # bytes of GPU clones being copied to the host at most
 HOST_IN_FLIGHT = 1 << 31  # bytes of pinned host copies waiting for the disk at most
 TRIM = 1 << 30            # bytes stored between two returns of the C heap's free pages (each costs time)
+_SPANS = 16               # blobs of one storage that later views of it are looked for in
 
 
 @functools.cache
@@ -165,8 +166,8 @@ class TensorStream:
         blob = len(self._blobs)
         self._blobs.append([-1, end - lo + (-(end - lo) % _FILE_ALIGN)])
         spans = self._spans.setdefault(sid, [])
-        if len(spans) > 8:   # storages freed since (their address reused): forget them
-            spans[:] = [x for x in spans if x[0]() is not None]
+        if len(spans) >= _SPANS:   # storages freed since (their address reused) are forgotten, then the oldest
+            spans[:] = [x for x in spans if x[0]() is not None][1 - _SPANS:]   # spans (found again, written again)
         try:
             spans.append((weakref.ref(storage), t._version, lo, end, blob))
         except TypeError:

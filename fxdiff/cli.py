@@ -146,7 +146,8 @@ def main() -> None:
               help="What to keep of each node: values and gradients; values only; gradients, with values "
                    "summarised; or summaries of both, and of the parameters and their gradients (statistics, "
                    "a fixed-seed sample of elements and a hash: enough to compare and localise, in a fraction "
-                   "of the memory and disk; the model's outputs are kept whole).")
+                   "of the memory and disk; the model's outputs and their gradients are kept whole up to 64 MiB, "
+                   "beyond which comparing a live candidate needs its --loss).")
 @click.option("--modules", "modules", metavar="REGEX",
               help="Keep only the ops inside modules whose path matches REGEX in full (e.g. 'layers\\.1[0-5]'); "
                    "the model still runs whole, and values made outside and used inside become placeholders.")

@@ -39,6 +39,7 @@ from .model.report import Report
 from .params import convert as convert_state
 from .progress import step
 from .record import BackwardSeed, RunConfig, record
+from .record.recorder import Keep
 from .replay import drew, random_differences, replay_table, replayed
 from .store import is_capture, load, load_deferred, save, trim
 from .store.summary import is_summary
@@ -194,8 +195,8 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
         config = dataclasses.replace(config, loss=_loss(options.loss))
     elif any(map(is_summary, ref.output_grads.values())):
         raise FxdiffError("the reference capture keeps its outputs' gradients as summaries (--keep summary, outputs "
-                          "over 64 MiB), which cannot seed the candidate's backward pass; give the candidate's loss",
-                          option="loss")
+                          f"over {Keep.OUTPUT_BYTES >> 20} MiB), which cannot seed the candidate's backward pass; "
+                          "give the candidate's loss", option="loss")
     elif ref.output_grads:
         config = dataclasses.replace(config, backward_seed=BackwardSeed(tree.flatten(ref.outputs), ref.output_grads))
     elif info.loss not in (None, "random cotangent"):

@@ -22,9 +22,9 @@ with a summary's elements raises ``SummarisedValue``. Complex tensors are summar
 real view (real and imaginary parts).
 
 In a capture directory a summary is its sample, stored as the tensor, and its statistics, in the
-node's metadata (``fxdiff_value_summary`` / ``fxdiff_grad_summary``; for parameters and their
-gradients, which have no node, in graph.json's ``summaries`` by name); such captures are format
-version 4.
+node's metadata (``fxdiff_value_summary`` / ``fxdiff_grad_summary``; for parameters, outputs and
+their gradients, which have no node, in graph.json's ``summaries`` by name); such captures are
+format version 4.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import gc
 import json
 import math
@@ -141,3 +144,13 @@ def dontneed(data: mmap.mmap, start: int, length: int) -> None:
         data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
     except (OSError, ValueError):
         pass
+
+
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library (looked up once: ``find_library`` runs ``ldconfig``), or None where there is none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
+        return None

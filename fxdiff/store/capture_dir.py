@@ -19,8 +19,6 @@ before use (``graph_json.py``, ``tensor_file.py``, ``consistency.py``) and reads
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import json
 import os
@@ -37,7 +35,7 @@ from ..digest import MANIFEST, TENSORS, check_later
 from ..errors import FxdiffError
 from ..model.capture import FORMAT, READABLE_VERSIONS, VERSION, Capture
 from ..targets import Targets
-from ..util import atomic_write, dumps, gc_paused, read_regular
+from ..util import atomic_write, dumps, gc_paused, libc, read_regular
 from . import consistency
 from .graph_json import graph_from_json, node_to_json
 from .summary import GRAD_SUMMARY, VALUE_SUMMARY, is_summary, with_sample
@@ -445,11 +443,7 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unavailable."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    renameat2 = getattr(libc(), "renameat2", None)
     if renameat2 is None:
         return False
     at_fdcwd = -100

@@ -36,9 +36,6 @@ layer).
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
-import functools
 import json
 import mmap
 import os
@@ -54,6 +51,7 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
+from ..util import libc
 from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span, map_written
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
@@ -66,14 +64,9 @@ TRIM = 1 << 30            # bytes stored between two returns of the C heap's fre
 _SPANS = 16               # blobs of one storage that later views of it are looked for in
 
 
-@functools.cache
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
+    return getattr(libc(), "malloc_trim", None)
 
 
 class TensorStream:

@@ -247,7 +247,7 @@ class Recorder(TorchFunctionMode):
             return
         for node, (_, t) in zip(nodes, tree.flatten(outputs)):
             value = self.values.get(node.name)
-            if not isinstance(value, torch.Tensor) or is_summary(value) and whole or value.device.type == "meta":
+            if not isinstance(value, torch.Tensor) or (is_summary(value) and whole) or value.device.type == "meta":
                 self.output_values[node.name] = t.detach()
             if self._outside_refs.pop(node.name, None) is not None and self.keep.grads != "none" \
                     and t.requires_grad and transformed(t) is None:   # made outside: its gradient too

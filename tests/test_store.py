@@ -461,6 +461,27 @@ def test_streamed_capture_with_empty_tensors_reads_back(tmp_path):
         assert_same_capture(saved, loaded)
 
 
+def test_views_of_one_block_put_together_are_one_blob_the_reader_accepts(tmp_path):
+    """``put_all``: slices of one block (a GPU summary capture's samples, on the host) are written as
+    one blob, the span they cover, gaps between them included; a slice of a blob already written is
+    a view of it; the file passes the reader's layout checks."""
+    from fxdiff.store.stream import TensorStream
+    from fxdiff.store.tensor_file import read_tensors
+
+    block, other = torch.randn(1000), torch.randn(64)
+    tensors = {f"value/s{i}": block[i * 30 + 3:i * 30 + 20] for i in range(30)}
+    tensors["value/bf16"] = block[950:990].view(torch.bfloat16)
+    tensors["value/alone"] = other[8:40]
+    stream = TensorStream(tmp_path / TENSORS)
+    stream.put("grad/whole", other)
+    stream.put_all(tensors)
+    size, digest = stream.close()
+    assert len(stream._blobs) == 2
+    for read in (stream.mapped(tmp_path / TENSORS), read_tensors(tmp_path / TENSORS, size, digest)):
+        assert read.keys() == {*tensors, "grad/whole"}
+        assert all(torch.equal(read[k], t) for k, t in tensors.items())
+
+
 class WritesItsWeights(torch.nn.Module):
     """Writes its weights in forward where no version counter sees it, and swaps one's storage."""
 

@@ -19,6 +19,7 @@ before use (``graph_json.py``, ``tensor_file.py``, ``consistency.py``) and reads
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -38,7 +39,7 @@ from ..targets import Targets
 from ..util import atomic_write, dumps, gc_paused, libc, read_regular
 from . import consistency
 from .graph_json import graph_from_json, node_to_json
-from .summary import GRAD_SUMMARY, VALUE_SUMMARY, is_summary, with_sample
+from .summary import GRAD_SUMMARY, VALUE_SUMMARY, Summary, is_summary
 from .summary import from_json as summary_from_json, to_json as summary_to_json
 from .tensor_file import read_tensors, write_tensors
 
@@ -56,13 +57,13 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     targets = targets or Targets.default()
     if path.exists() and not (path / MANIFEST).is_file():
         raise FxdiffError(f"{path}: exists and is not an fxdiff capture; refusing to overwrite it")
-    tensors, _, graph_bytes, partial = _contents(capture, targets)
+    contents = _contents(capture, targets)
     with writing(path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            (tmp / GRAPH).write_bytes(graph_bytes)
-            size, digest = write_tensors(tmp / TENSORS, tensors)
-            _complete(tmp, path, capture, graph_bytes, size, {"xxh3_64": digest}, partial)
+            (tmp / GRAPH).write_bytes(contents.graph_bytes)
+            size, digest = write_tensors(tmp / TENSORS, contents.tensors)
+            _complete(tmp, path, capture, contents.graph_bytes, size, {"xxh3_64": digest}, contents.partial)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FxdiffError(f"{path}: cannot write the capture ({e.strerror or e})") from None
@@ -72,40 +73,46 @@ def save(capture: Capture, path: str | os.PathLike, targets: Targets | None = No
     return path
 
 
-def _contents(capture: Capture, targets: Targets,
-              streamed: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict, bytes, bool]:
-    """(tensors by key, the graph document and its graph.json bytes, whether the capture is partial:
-    version 4). Keys in ``streamed`` are already in the file."""
+@dataclasses.dataclass
+class _Contents:
+    """What a capture directory holds, ready to write."""
+
+    tensors: dict[str, torch.Tensor]   # by key; a summary's sample in its place
+    summaries: dict[str, Summary]      # the summaries whose samples ``tensors`` holds, by the same key
+    doc: dict[str, Any]                # graph.json's document
+    graph_bytes: bytes
+    partial: bool                      # keeps less than every tensor: format version 4
+
+
+def _contents(capture: Capture, targets: Targets, streamed: set[str] = frozenset()) -> _Contents:
+    """The contents of ``capture``'s directory; keys in ``streamed`` are already in the file."""
     tensors: dict[str, torch.Tensor] = {}
-    summaries: dict[tuple[str, str], dict] = {}
     tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
     for section, table in zip(_SECTIONS, tables):
         for name, t in table.items():
             key = f"{section}/{name}"
-            if key in streamed:
-                continue
-            if is_summary(t):   # its sample as the tensor, its statistics in the node's metadata
-                summaries[(section, name)] = summary_to_json(t)
-                t = t.sample
-            tensors[key] = t
+            if key not in streamed:
+                tensors[key] = t
     with gc_paused():
         graph_doc = {
-            "nodes": [_with_summaries(node_to_json(n, targets), summaries) for n in capture.graph.nodes],
             "inputs": tree.encode(capture.inputs, tensors, "input"),
             "outputs": tree.encode(capture.outputs, tensors, "output"),
         }
-    for key, t in tensors.items():
-        if key.startswith("output.") and is_summary(t):
-            summaries[("output", key)] = summary_to_json(t)
+        summaries = {key: t for key, t in tensors.items() if is_summary(t) and not key.startswith("input.")}
+        for key, t in summaries.items():   # its sample as the tensor, its statistics in graph.json
             tensors[key] = t.sample
-    by_name = {section: {name: doc for (s, name), doc in summaries.items() if s == section}
+        docs = {tuple(key.split("/", 1)) if "/" in key else ("output", key): summary_to_json(t)
+                for key, t in summaries.items()}
+        graph_doc = {"nodes": [_with_summaries(node_to_json(n, targets), docs) for n in capture.graph.nodes],
+                     **graph_doc}
+    by_name = {section: {name: doc for (s, name), doc in docs.items() if s == section}
                for section in _NAMED_SUMMARIES}
     if any(by_name.values()):
         graph_doc[SUMMARIES] = {section: docs for section, docs in by_name.items() if docs}
     # partial captures (capture --keep values/grads/summary) are version 4: a version-3 reader
     # would take a missing or summarised tensor for a difference
     partial = bool(summaries) or capture.meta.get("keep", "both") != "both"
-    return tensors, graph_doc, dumps(graph_doc, separators=(",", ":")).encode(), partial
+    return _Contents(tensors, summaries, graph_doc, dumps(graph_doc, separators=(",", ":")).encode(), partial)
 
 
 def _format_version(partial: bool, digest: dict[str, Any]) -> int:
@@ -139,31 +146,32 @@ def _complete(tmp: Path, path: Path, capture: Capture, graph_bytes: bytes, size:
 def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Capture:
     """Complete a capture whose values and gradients ``stream`` (``stream.CaptureStream``) wrote
     during the run: the remaining tensors, the header, the graph and the manifest. Returns
-    ``capture`` with its tensors memory-mapped from the file written and its metadata as written."""
+    ``capture`` with its tensors memory-mapped from the file written (its summaries as they are:
+    their samples are small) and its metadata as written."""
     targets = targets or Targets.default()
-    streamed = set(stream.tensors._views)
-    tensors, doc, graph_bytes, partial = _contents(capture, targets, streamed)
     try:
-        for key, t in tensors.items():
-            stream.put(key, t)
+        # the parameters and their gradients are copied while the graph is written out (nothing
+        # writes to them any more: the deferred copies need no protect)
+        for section, table in (("param", capture.params), ("param_grad", capture.param_grads)):
+            for name, t in table.items():
+                if not is_summary(t):
+                    stream.put(f"{section}/{name}", t, defer=True)
+        stream.tensors.wake()
+        contents = _contents(capture, targets, set(stream.tensors._views))
+        stream.tensors.put_all(contents.tensors)
         views = stream.tensors._views   # in the capture's order, as save() writes them
         tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
         order = [f"{section}/{name}" for section, table in zip(_SECTIONS, tables) for name in table]
         stream.tensors._views = {**{k: views[k] for k in order if k in views}, **views}
         size, digest = stream.tensors.close()
-        (stream.tmp / GRAPH).write_bytes(graph_bytes)
-        meta = _complete(stream.tmp, stream.path, capture, graph_bytes, size, digest, partial)
-        mapped = stream.tensors.mapped(stream.path / TENSORS)
+        (stream.tmp / GRAPH).write_bytes(contents.graph_bytes)
+        meta = _complete(stream.tmp, stream.path, capture, contents.graph_bytes, size, digest, contents.partial)
+        mapped = stream.tensors.mapped(stream.path / TENSORS, skip=contents.summaries)
     except OSError as e:
         raise FxdiffError(f"{stream.path}: cannot write the capture ({e.strerror or e})") from None
-    tables = _tables(mapped)
-    for section, table in (("value", capture.values), ("grad", capture.grads)):
-        for name, t in table.items():
-            if is_summary(t):   # its sample is in the file
-                tables[section][name] = with_sample(t, tables[section][name])
-    _named_summaries(doc, tables, stream.path / GRAPH)
-    inputs = tree.decode(doc["inputs"], tables["input"])
-    outputs = tree.decode(doc["outputs"], tables["output"])
+    tables = _tables({**mapped, **contents.summaries})
+    inputs = tree.decode(contents.doc["inputs"], tables["input"])
+    outputs = tree.decode(contents.doc["outputs"], tables["output"])
     return Capture(graph=capture.graph, values=tables["value"], grads=tables["grad"], params=tables["param"],
                    param_grads=tables["param_grad"], inputs=inputs, outputs=outputs,
                    output_grads=tables["output_grad"], meta=meta)

@@ -2,16 +2,18 @@
 
 Each value and gradient goes to the tensor file as it is produced: a copier thread copies it into
 the file's write buffers and a writer thread writes them to disk, so the model's own thread only
-hands the tensor over. The stream holds a tensor only until it is copied, at most ``PENDING``
-bytes of them (past that the model waits); a capture so costs the model's own memory plus that
-and the buffers (``BUFFERS`` x 8 MiB), not the sum of every value and gradient. An idle copier is
-woken once ``WAKE`` bytes wait, not for each tensor: each wake cost the model's thread more than
-most copies take. The bytes must be
-the value as produced, whatever the model writes later: before a write the recorder foresees
-(``protect``), a tensor still waiting is copied aside; a write it did not foresee is caught by the
-tensor's version counter, checked when the copy is made and again at the recorder's next call
-(``verify``), and ``settle`` then names the tensor, so that the run is recorded again copying
-each tensor the moment it is produced (``put(..., defer=False)``).
+hands the tensor over. The stream holds a tensor only until it is copied, at most ``PENDING`` bytes
+of them (past that the model waits); a capture so costs the model's own memory plus that and the
+buffers (``BUFFERS`` x 8 MiB), not the sum of every value and gradient. An idle copier is woken
+once ``WAKE`` bytes wait, not for each tensor: each wake cost the model's thread more than most
+copies take. It takes up to ``BATCH`` bytes of tensors at a time, and copies without holding the
+GIL (``tensor_file._Writer.write``), so that the model's thread, which needs the GIL between ops,
+does not wait for it. The bytes must be the value as produced, whatever the model writes later:
+before a write the recorder foresees (``protect``), a tensor still queued is copied aside (one
+being copied is waited for); a write it did not foresee is caught by the tensor's version counter,
+checked when the copy is made and again at the recorder's next call (``verify``), and ``settle``
+then names the tensor, so that the run is recorded again copying each tensor the moment it is
+produced (``put(..., defer=False)``).
 
 On a GPU the copy is a device-to-device clone in the model's stream (ordered before any later
 in-place write, and fast), then an asynchronous copy to pinned host memory on a side stream that
@@ -45,7 +47,7 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 import xxhash
@@ -58,6 +60,7 @@ HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000
 BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not wait for the disk
 PENDING = 1 << 28         # bytes of CPU tensors waiting for the copier at most
 WAKE = 1 << 23            # bytes waiting when an idle copier is woken (each wake costs the model's thread)
+BATCH = 1 << 20           # bytes the copier takes from the queue at once
 GPU_IN_FLIGHT = 1 << 27   # bytes of GPU clones being copied to the host at most
 HOST_IN_FLIGHT = 1 << 31  # bytes of pinned host copies waiting for the disk at most
 TRIM = 1 << 30            # bytes stored between two returns of the C heap's free pages (each costs time)
@@ -87,7 +90,7 @@ class TensorStream:
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued = 0                        # bytes in the queue
         self._waiting: dict[int, int] = {}      # storage address -> its items queued or being copied
-        self._copying: _Item | None = None
+        self._copying: list[_Item] = []         # taken from the queue, being copied
         self._recent: list[_Item] = []          # copied; their version is checked once more (``verify``)
         self._copier: threading.Thread | None = None
         self._idle = False                      # the copier waits for work
@@ -127,8 +130,7 @@ class TensorStream:
                     now = (blob, storage, lo, end)
             else:
                 blob, start = found
-            self._views[key] = [blob, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()),
-                                first - start]
+            self._view(key, t, blob, start, first)
             while self._queued > PENDING and self.error is None:
                 self._changed.wait()
             self._untrimmed += end - first
@@ -145,6 +147,38 @@ class TensorStream:
                     if self._gpu is None:
                         self._gpu = _GpuFeeder(self)
             self._gpu.put(*gpu)
+
+    def put_all(self, tensors: dict[str, torch.Tensor]) -> None:
+        """``put`` each of ``tensors``, copied now; the CPU tensors of one storage not written yet
+        become one blob, the span they cover (as ``save`` writes them): many small views of one
+        block (a summary capture's samples) cost one copy, not one each."""
+        groups: dict[int, list] = {}
+        for key, t in tensors.items():
+            if t.device.type != "cpu" or not t.numel() or t.layout != torch.strided:
+                self.put(key, t)
+            else:
+                groups.setdefault(t.untyped_storage().data_ptr(), []).append((key, t.detach(), *byte_span(key, t)))
+        for group in groups.values():
+            if len(group) == 1:
+                self.put(*group[0][:2])
+                continue
+            with self._lock:
+                if self.error is not None:
+                    raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
+                storage = group[0][1].untyped_storage()
+                sid = ("cpu", storage.data_ptr())
+                new = [x for x in group if self._find(sid, *x[1:]) is None]
+                if new:
+                    lo, hi = min(x[2] for x in new), max(x[3] for x in new)
+                    lo -= lo % _ALIGN
+                    blob, start = self._new_blob(sid, storage, new[0][1], lo, hi)
+                for key, t, first, end in group:
+                    self._view(key, t, *(self._find(sid, t, first, end) or (blob, start)), first)
+            if new:
+                self._append(blob, _span_bytes(storage, lo, hi))
+
+    def _view(self, key: str, t: torch.Tensor, blob: int, start: int, first: int) -> None:
+        self._views[key] = [blob, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), first - start]
 
     def _find(self, sid, t: torch.Tensor, first: int, end: int) -> tuple[int, int] | None:
         """A written blob of this storage, not written to since, that holds bytes ``first:end``.
@@ -197,22 +231,29 @@ class TensorStream:
                     self._idle = False
                 if self._stop:
                     return
-                item = self._copying = self._queue.popleft()
-            try:
-                if self.error is None:
-                    self._append(item.blob, _span_bytes(item.storage, item.lo, item.end))
-            except BaseException as e:  # noqa: BLE001 -- reported by put() and close()
-                self.error = e
+                batch, size = [], 0   # up to BATCH bytes: one round trip of the lock for them all
+                while self._queue and (not batch or size + self._queue[0].end - self._queue[0].lo <= BATCH):
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    size += item.end - item.lo
+                self._copying = batch
+            for item in batch:
+                try:
+                    if self.error is None:
+                        self._append(item.blob, _span_bytes(item.storage, item.lo, item.end))
+                except BaseException as e:  # noqa: BLE001 -- reported by put() and close()
+                    self.error = e
             with self._lock:   # in recent before it leaves waiting: protect() looks at both without the lock
-                if item.tensor._version != item.version:
-                    self.overwritten = self.overwritten or item.key
-                else:
-                    self._recent.append(item)
-                self._copying = None
-                self._queued -= item.end - item.lo
-                left = self._waiting.pop(item.address) - 1
-                if left:
-                    self._waiting[item.address] = left
+                for item in batch:
+                    if item.tensor._version != item.version:
+                        self.overwritten = self.overwritten or item.key
+                    else:
+                        self._recent.append(item)
+                    left = self._waiting.pop(item.address) - 1
+                    if left:
+                        self._waiting[item.address] = left
+                self._copying = []
+                self._queued -= size
                 self._changed.notify_all()
 
     def verify(self) -> None:
@@ -247,15 +288,20 @@ class TensorStream:
             for item in self._queue:
                 if item.address in addresses:
                     item.aside()
-            while self._copying is not None and self._copying.address in addresses:
+            while any(item.address in addresses for item in self._copying):
                 self._changed.wait()
             self._verify()
+
+    def wake(self) -> None:
+        """Start copying what is queued, however little."""
+        with self._lock:
+            self._changed.notify_all()
 
     def settle(self) -> str | None:
         """Wait for the queued copies; the key of a tensor written to before it was copied, or None."""
         with self._lock:
             self._changed.notify_all()   # the copier may be waiting for more
-            while self._queue or self._copying is not None:
+            while self._queue or self._copying:
                 self._changed.wait()
             self._verify()
             return self.overwritten
@@ -265,7 +311,7 @@ class TensorStream:
             if not drain:
                 self._queue.clear()
             self._changed.notify_all()
-            while self._queue or self._copying is not None:
+            while self._queue or self._copying:
                 self._changed.wait()
             self._stop = True
             self._changed.notify_all()
@@ -319,9 +365,11 @@ class TensorStream:
         self.size, self.data_offset = reserve + writer.size, reserve
         return self.size, digest
 
-    def mapped(self, file: Path) -> dict[str, torch.Tensor]:
-        """After ``close``: the tensors, memory-mapped from ``file`` (where the file now is)."""
-        return map_written(file, self.size, self.data_offset, self._blobs, self._views)
+    def mapped(self, file: Path, skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
+        """After ``close``: the tensors but those in ``skip``, memory-mapped from ``file`` (where the
+        file now is)."""
+        views = {k: v for k, v in self._views.items() if k not in skip} if skip else self._views
+        return map_written(file, self.size, self.data_offset, self._blobs, views)
 
     def abort(self) -> None:
         self._stop_copier(drain=False)
@@ -486,6 +534,11 @@ class CaptureStream:
 
     def verify(self) -> None:
         self.tensors.verify()
+
+    def wake(self) -> None:
+        """Start copying what is queued, however little."""
+        with self._lock:
+            self._changed.notify_all()
 
     def settle(self) -> str | None:
         return self.tensors.settle()

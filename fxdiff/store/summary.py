@@ -133,11 +133,6 @@ def is_summary(t: Any) -> bool:
     return isinstance(t, Summary)
 
 
-def with_sample(s: Summary, sample: torch.Tensor) -> Summary:
-    """``s`` with ``sample`` as its sample (the same elements, read back from a file)."""
-    return Summary(s.shape, s.dtype, s.stats, sample, s.positions, s.digest, s.content)
-
-
 def all_zero(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` (a tensor or a summary) is zero."""
     if isinstance(t, Summary):

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 import xxhash
 
@@ -138,7 +139,7 @@ class _Writer:
             self._free = [_POOL.pop() for _ in range(min(buffers, len(_POOL)))]
         self._free += [mmap.mmap(-1, self.CHUNK) for _ in range(buffers - len(self._free))]
         self._all = list(self._free)
-        self._buf, self._fill = self._free.pop(), 0
+        self._take()
         self._writes = ThreadPoolExecutor(1)
         self._pending: collections.deque[tuple[Future, mmap.mmap]] = collections.deque()
 
@@ -147,10 +148,13 @@ class _Writer:
         return self._hash.hexdigest()
 
     def write(self, data: memoryview) -> None:
+        """Append ``data``. The copy releases the GIL (numpy's does, a memoryview's does not): the
+        model's thread, which hands tensors to the copier thread calling this, goes on meanwhile."""
+        data = numpy.frombuffer(data, numpy.uint8)
         self.size += len(data)
         while len(data):
             n = min(len(data), self.CHUNK - self._fill)
-            self._buf[self._fill:self._fill + n] = data[:n]
+            numpy.copyto(self._array[self._fill:self._fill + n], data[:n])
             self._fill += n
             data = data[n:]
             if self._fill == self.CHUNK:
@@ -165,7 +169,11 @@ class _Writer:
             written, buf = self._pending.popleft()
             written.result()
             self._free.append(buf)
+        self._take()
+
+    def _take(self) -> None:
         self._buf, self._fill = self._free.pop(), 0
+        self._array = numpy.frombuffer(self._buf, numpy.uint8)
 
     def _write_all(self, view: memoryview, cached: bool) -> None:
         self._hash.update(view)

@@ -38,6 +38,7 @@ layer).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import mmap
 import os
@@ -65,6 +66,11 @@ GPU_IN_FLIGHT = 1 << 27   # bytes of GPU clones being copied to the host at most
 HOST_IN_FLIGHT = 1 << 31  # bytes of pinned host copies waiting for the disk at most
 TRIM = 1 << 30            # bytes stored between two returns of the C heap's free pages (each costs time)
 _SPANS = 16               # blobs of one storage that later views of it are looked for in
+
+
+@functools.cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _malloc_trim():
@@ -154,7 +160,7 @@ class TensorStream:
         block (a summary capture's samples) cost one copy, not one each."""
         groups: dict[int, list] = {}
         for key, t in tensors.items():
-            if t.device.type != "cpu" or not t.numel() or t.layout != torch.strided:
+            if not t.is_cpu or not t.numel() or t.layout != torch.strided:
                 self.put(key, t)
             else:
                 groups.setdefault(t.untyped_storage().data_ptr(), []).append((key, t.detach(), *byte_span(key, t)))
@@ -167,18 +173,19 @@ class TensorStream:
                     raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
                 storage = group[0][1].untyped_storage()
                 sid = ("cpu", storage.data_ptr())
-                new = [x for x in group if self._find(sid, *x[1:]) is None]
+                found = [self._find(sid, *x[1:]) for x in group]
+                new = [x for x, f in zip(group, found) if f is None]
                 if new:
                     lo, hi = min(x[2] for x in new), max(x[3] for x in new)
                     lo -= lo % _ALIGN
                     blob, start = self._new_blob(sid, storage, new[0][1], lo, hi)
-                for key, t, first, end in group:
-                    self._view(key, t, *(self._find(sid, t, first, end) or (blob, start)), first)
+                for (key, t, first, _), f in zip(group, found):
+                    self._view(key, t, *(f or (blob, start)), first)
             if new:
                 self._append(blob, _span_bytes(storage, lo, hi))
 
     def _view(self, key: str, t: torch.Tensor, blob: int, start: int, first: int) -> None:
-        self._views[key] = [blob, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), first - start]
+        self._views[key] = [blob, _dtype_name(t.dtype), list(t.shape), list(t.stride()), first - start]
 
     def _find(self, sid, t: torch.Tensor, first: int, end: int) -> tuple[int, int] | None:
         """A written blob of this storage, not written to since, that holds bytes ``first:end``.

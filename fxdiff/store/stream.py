@@ -542,11 +542,6 @@ class CaptureStream:
     def verify(self) -> None:
         self.tensors.verify()
 
-    def wake(self) -> None:
-        """Start copying what is queued, however little."""
-        with self._lock:
-            self._changed.notify_all()
-
     def settle(self) -> str | None:
         return self.tensors.settle()
 

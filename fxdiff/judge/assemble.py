@@ -213,7 +213,7 @@ def _seeded_elsewhere(ref: Capture, cand: Capture, pairs: list[OutputPair], ref_
         if a is None or b is None:
             continue
         m = compare_tensors(a, b, tol)
-        if not (m.passed if tol.strict else noise.verdict(m, 0.0).passed):
+        if not _own_verdict(m, tol).passed:
             every = ({n.name for n in ref.graph.nodes} | set(ref.params),
                      {n.name for n in cand.graph.nodes} | set(cand.params))
             return (*every, [f"the two runs started backward from different gradients of output {p.ref} "
@@ -337,7 +337,7 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         # a slice of a fused output: the replay makes the whole output, compared on the same columns
         m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
         precision = machine_eps(cand.values[row.cand_node].dtype)
-        row.isolated = m if tol.strict else noise.verdict(m, 0.0, precision=precision)
+        row.isolated = _own_verdict(m, tol, precision=precision)
         if not row.isolated.passed:
             continue
         # and its own value is what its block computes from its own inputs (so, in a capture edited
@@ -345,7 +345,7 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         own = replay(cand, cand, row.cand_node, own_boundary, cand.values[row.cand_node])
         if not isinstance(own, str):
             m = compare_tensors(_cut(cand.values[row.cand_node], row.cand_slice), _cut(own, row.cand_slice), tol)
-            if (m if tol.strict else noise.verdict(m, 0.0, precision=precision)).passed:
+            if _own_verdict(m, tol, precision=precision).passed:
                 row.explained.append("forward")
                 explained.append(row)
     return explained
@@ -452,13 +452,13 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             continue
         precision = machine_eps(cand.values[row.cand_node].dtype)
         m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
-        row.isolated_backward = m if tol.strict else noise.verdict(m, 0.0, node_floor, precision=precision)
+        row.isolated_backward = _own_verdict(m, tol, node_floor, precision)
         if not row.isolated_backward.passed:
             continue
         own = replay_backward(cand, cand, row.cand_node, {c: c for c in consumers}, own_boundary)
         if not isinstance(own, str):
             m = _grad_metrics(cand.grads.get(row.cand_node), own, tol, node_floor)
-            if (m if tol.strict else noise.verdict(m, 0.0, node_floor, precision=precision)).passed:
+            if _own_verdict(m, tol, node_floor, precision).passed:
                 row.explained.append("backward")
                 explained.append(row)
                 continue
@@ -467,6 +467,12 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
                      "of its forward ops (a custom autograd.Function or a gradient hook)",
                      _counterpart_module(rows, module, "cand") or row.ref_module, module]
     return explained
+
+
+def _own_verdict(m: Metrics | None, tol: Tolerance, floor: float = 0.0, precision: float = 0.0) -> Metrics | None:
+    """A comparison judged on its own: as measured under ``--atol``/``--rtol``, else against its
+    own rounding, with nothing inherited from inputs (a replay, a backward seed)."""
+    return m if tol.strict else noise.verdict(m, 0.0, floor, precision=precision)
 
 
 def _not_plain(row: NodeRow) -> str:

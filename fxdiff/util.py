@@ -146,6 +146,13 @@ def dontneed(data: mmap.mmap, start: int, length: int) -> None:
         pass
 
 
+
+@functools.cache
+def dtype_name(dtype: Any) -> str:
+    """``torch.float32`` -> ``"float32"`` (cached: it is asked for every tensor recorded or stored)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @functools.cache
 def libc() -> ctypes.CDLL | None:
     """The C library (looked up once: ``find_library`` runs ``ldconfig``), or None where there is none."""

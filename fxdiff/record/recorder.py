@@ -42,6 +42,7 @@ from ..ops import RANDOM_OPS
 from ..store.device_summary import DeviceSummaries
 from ..store.summary import is_summary, summarise
 from ..targets import mutated, target_name
+from ..util import dtype_name
 from .plain import as_plain, is_plain, transformed, unbatched
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
@@ -360,7 +361,7 @@ class Recorder(TorchFunctionMode):
         look at every value as it is produced)."""
         copy = self.copy if copy is None else copy
         node.meta[SHAPE] = list(t.shape)
-        node.meta[DTYPE] = _dtype_name(t.dtype)
+        node.meta[DTYPE] = dtype_name(t.dtype)
         keep = self.keep
         if not keep.everything:
             if node.op == "call_function" and not keep.inside(node.meta[MODULE]):
@@ -474,7 +475,7 @@ class Recorder(TorchFunctionMode):
             owner = name.rpartition(".")[0]
             node = self._new_node("get_attr", name, (), {}, name=_identifier(name), module=(owner, ""))
             node.meta[SHAPE] = list(t.shape)
-            node.meta[DTYPE] = _dtype_name(t.dtype)
+            node.meta[DTYPE] = dtype_name(t.dtype)
             if not is_plain(t):
                 value, why = as_plain(t)
                 if value is None:
@@ -631,11 +632,6 @@ def _stand_in(t: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=4096)
 def _meta(shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype, device="meta")   # shared: nothing writes to it
-
-
-@functools.cache
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _layout(t: torch.Tensor) -> tuple:

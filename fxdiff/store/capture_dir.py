@@ -86,13 +86,7 @@ class _Contents:
 
 def _contents(capture: Capture, targets: Targets, streamed: set[str] = frozenset()) -> _Contents:
     """The contents of ``capture``'s directory; keys in ``streamed`` are already in the file."""
-    tensors: dict[str, torch.Tensor] = {}
-    tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
-    for section, table in zip(_SECTIONS, tables):
-        for name, t in table.items():
-            key = f"{section}/{name}"
-            if key not in streamed:
-                tensors[key] = t
+    tensors = {key: t for key, t in _keyed(capture) if key not in streamed}
     with gc_paused():
         graph_doc = {
             "inputs": tree.encode(capture.inputs, tensors, "input"),
@@ -113,6 +107,14 @@ def _contents(capture: Capture, targets: Targets, streamed: set[str] = frozenset
     # would take a missing or summarised tensor for a difference
     partial = bool(summaries) or capture.meta.get("keep", "both") != "both"
     return _Contents(tensors, summaries, graph_doc, dumps(graph_doc, separators=(",", ":")).encode(), partial)
+
+
+def _keyed(capture: Capture) -> Iterator[tuple[str, torch.Tensor]]:
+    """The capture's values, gradients, parameters and their gradients by file key (``value/NAME``...)."""
+    tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
+    for section, table in zip(_SECTIONS, tables):
+        for name, t in table.items():
+            yield f"{section}/{name}", t
 
 
 def _format_version(partial: bool, digest: dict[str, Any]) -> int:
@@ -160,9 +162,7 @@ def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Captu
         contents = _contents(capture, targets, set(stream.tensors._views))
         stream.tensors.put_all(contents.tensors)
         views = stream.tensors._views   # in the capture's order, as save() writes them
-        tables = (capture.values, capture.grads, capture.params, capture.param_grads, capture.output_grads)
-        order = [f"{section}/{name}" for section, table in zip(_SECTIONS, tables) for name in table]
-        stream.tensors._views = {**{k: views[k] for k in order if k in views}, **views}
+        stream.tensors._views = {**{k: views[k] for k, _ in _keyed(capture) if k in views}, **views}
         size, digest = stream.tensors.close()
         (stream.tmp / GRAPH).write_bytes(contents.graph_bytes)
         meta = _complete(stream.tmp, stream.path, capture, contents.graph_bytes, size, digest, contents.partial)

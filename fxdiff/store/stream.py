@@ -38,7 +38,6 @@ layer).
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import mmap
 import os
@@ -54,7 +53,7 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
-from ..util import libc
+from ..util import dtype_name, libc
 from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span, map_written
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
@@ -66,11 +65,6 @@ GPU_IN_FLIGHT = 1 << 27   # bytes of GPU clones being copied to the host at most
 HOST_IN_FLIGHT = 1 << 31  # bytes of pinned host copies waiting for the disk at most
 TRIM = 1 << 30            # bytes stored between two returns of the C heap's free pages (each costs time)
 _SPANS = 16               # blobs of one storage that later views of it are looked for in
-
-
-@functools.cache
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _malloc_trim():
@@ -118,8 +112,7 @@ class TensorStream:
         t = t.detach()
         gpu = now = None
         with self._lock:
-            if self.error is not None:
-                raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
+            self._raise_failure()
             storage = t.untyped_storage()
             sid = (str(t.device), storage.data_ptr())
             found = self._find(sid, t, first, end)
@@ -169,8 +162,7 @@ class TensorStream:
                 self.put(*group[0][:2])
                 continue
             with self._lock:
-                if self.error is not None:
-                    raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
+                self._raise_failure()
                 storage = group[0][1].untyped_storage()
                 sid = ("cpu", storage.data_ptr())
                 found = [self._find(sid, *x[1:]) for x in group]
@@ -184,8 +176,13 @@ class TensorStream:
             if new:
                 self._append(blob, _span_bytes(storage, lo, hi))
 
+    def _raise_failure(self) -> None:
+        """Raise what went wrong in a copying or writing thread, if anything did."""
+        if self.error is not None:
+            raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
+
     def _view(self, key: str, t: torch.Tensor, blob: int, start: int, first: int) -> None:
-        self._views[key] = [blob, _dtype_name(t.dtype), list(t.shape), list(t.stride()), first - start]
+        self._views[key] = [blob, dtype_name(t.dtype), list(t.shape), list(t.stride()), first - start]
 
     def _find(self, sid, t: torch.Tensor, first: int, end: int) -> tuple[int, int] | None:
         """A written blob of this storage, not written to since, that holds bytes ``first:end``.
@@ -334,7 +331,7 @@ class TensorStream:
             self._gpu.close()
         if self.error is not None:
             self.abort()
-            raise FxdiffError(f"{self.file}: writing the capture failed ({self.error})")
+            self._raise_failure()
         # GPU blobs reach the file when their copies end, after blobs made later on the CPU: number
         # the blobs in file order, as save() does; empty ones go at the end of the file
         blobs = [(offset if length else self._writer.size, length) for offset, length in self._blobs]

@@ -36,7 +36,7 @@ import xxhash
 
 from ..digest import verify_digest
 from ..errors import FxdiffError
-from ..util import dontneed
+from ..util import dontneed, dtype_name
 
 FORMAT = "fxdiff-capture"
 
@@ -69,7 +69,7 @@ def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, st
         sid = (str(t.device), storage.data_ptr())
         span = spans.setdefault(sid, [first, end, storage])
         span[0], span[1] = min(span[0], first), max(span[1], end)
-        views[key] = [sid, str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), first]
+        views[key] = [sid, dtype_name(t.dtype), list(t.shape), list(t.stride()), first]
     header: dict[str, Any] = {}
     offset = 0
     for i, span in enumerate(spans.values()):

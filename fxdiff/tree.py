@@ -8,6 +8,7 @@ walk them without pickling anything: ``flatten`` lists tensor leaves with readab
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -98,8 +99,8 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
         key = f"{prefix}.{len(tensors)}"
         tensors[key] = obj.detach()
         return {"__tensor__": key}
-    if isinstance(obj, float) and obj != obj:
-        return {"__float__": "nan"}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
     if isinstance(obj, _PRIMITIVES):
         return obj
     if isinstance(obj, (torch.dtype, torch.device)):

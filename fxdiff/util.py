@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import orjson
+
 from .errors import FxdiffError
 
 
@@ -122,6 +124,16 @@ def finite(obj: Any) -> Any:
 def to_float(x: Any) -> float | None:
     """The inverse of ``finite`` for one number: ``"inf"`` -> ``math.inf``; None stays None."""
     return None if x is None else float(x)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact JSON of a large document whose writer passed every float through ``finite`` (orjson,
+    some 15x faster than ``json``, writes a non-finite float as ``null`` instead of failing); what
+    orjson refuses (integers past 64 bits, types it does not know) goes through ``dumps``."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return dumps(obj, separators=(",", ":")).encode()
 
 
 def dumps(obj: Any, **kwargs: Any) -> str:

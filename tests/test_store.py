@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -19,6 +20,7 @@ import fxdiff
 from fxdiff.load import specs
 from fxdiff.errors import FxdiffError
 from fxdiff.store.capture_dir import GRAPH, MANIFEST, TENSORS
+from fxdiff.store.summary import is_summary
 from tiny_models import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -106,6 +108,37 @@ def test_non_tensor_inputs_and_nested_structures_round_trip(tmp_path):
     assert_same_capture(cap, loaded)
     assert loaded.inputs["args"][1] == {"flag": True, "k": 3} and loaded.inputs["kwargs"]["tag"] == "t"
     assert isinstance(loaded.outputs["parts"][1], tuple) and loaded.outputs["tag"] == "t"
+
+
+@pytest.mark.parametrize("keep", ["both", "summary"])
+def test_non_finite_numbers_in_arguments_outputs_and_summaries_round_trip(tmp_path, keep):
+    """The graph document is written with orjson, which would turn inf and nan into null: every
+    float the writers put in it is spelled as a string when it is not finite."""
+    class Extremes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3, dtype=torch.float64)
+
+        def forward(self, x):
+            h = torch.clamp(self.lin(x), min=-math.inf, max=math.inf)
+            big = h * 0 + 1e308   # its sum and sum of squares overflow to inf
+            z = torch.full((2,), complex(math.inf, -math.inf))
+            return {"h": h, "big": big, "s": big.sum(), "z": z, "edge": -math.inf}
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    cap = fxdiff.capture(Extremes(), (x,), loss=lambda out: out["h"].sum(), keep=keep)
+    fxdiff.save(cap, tmp_path / "c")
+    loaded = fxdiff.load(tmp_path / "c")
+    clamp = next(n for n in loaded.graph.nodes if "clamp" in str(n.target))
+    assert sorted(v for v in clamp.kwargs.values()) == [-math.inf, math.inf]
+    assert loaded.outputs["edge"] == -math.inf
+    full = next(n for n in loaded.graph.nodes if "full" in str(n.target))
+    assert full.args[1] == complex(math.inf, -math.inf)
+    if keep == "summary":
+        stats = [v.stats for v in loaded.values.values() if is_summary(v) and v.stats["sum"] == math.inf]
+        assert stats and all(s["sumsq"] == math.inf and s["max"] == 1e308 for s in stats)
+    else:
+        assert_same_capture(cap, loaded)
 
 
 def test_tensors_file_is_safetensors_with_each_storage_written_once(tmp_path, conformer_capture):

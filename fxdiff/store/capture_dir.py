@@ -36,7 +36,7 @@ from ..digest import MANIFEST, TENSORS, check_later
 from ..errors import FxdiffError
 from ..model.capture import FORMAT, READABLE_VERSIONS, VERSION, Capture
 from ..targets import Targets
-from ..util import atomic_write, dumps, gc_paused, libc, read_regular
+from ..util import atomic_write, dumps, gc_paused, json_bytes, libc, read_regular
 from . import consistency
 from .graph_json import graph_from_json, node_to_json
 from .summary import GRAD_SUMMARY, VALUE_SUMMARY, Summary, is_summary
@@ -106,7 +106,7 @@ def _contents(capture: Capture, targets: Targets, streamed: set[str] = frozenset
     # partial captures (capture --keep values/grads/summary) are version 4: a version-3 reader
     # would take a missing or summarised tensor for a difference
     partial = bool(summaries) or capture.meta.get("keep", "both") != "both"
-    return _Contents(tensors, summaries, graph_doc, dumps(graph_doc, separators=(",", ":")).encode(), partial)
+    return _Contents(tensors, summaries, graph_doc, json_bytes(graph_doc), partial)
 
 
 def _keyed(capture: Capture) -> Iterator[tuple[str, torch.Tensor]]:

@@ -18,6 +18,7 @@ import torch.fx
 from ..errors import FxdiffError
 from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
 from ..targets import OPAQUE, Targets
+from ..util import finite
 from .summary import GRAD_SUMMARY, VALUE_SUMMARY
 
 _OPS = ("placeholder", "get_attr", "call_function", "output")
@@ -64,7 +65,7 @@ def _arg_to_json(a: Any) -> Any:
     if isinstance(a, torch.device):
         return {"device": str(a)}
     if isinstance(a, complex):
-        return {"complex": [a.real, a.imag]}
+        return {"complex": [finite(a.real), finite(a.imag)]}
     return {"repr": str(a)}
 
 

@@ -38,7 +38,6 @@ layer).
 from __future__ import annotations
 
 import collections
-import json
 import mmap
 import os
 import queue
@@ -53,7 +52,7 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
-from ..util import dtype_name, libc
+from ..util import dtype_name, json_bytes, libc
 from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span, map_written
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
@@ -156,16 +155,16 @@ class TensorStream:
             if not t.is_cpu or not t.numel() or t.layout != torch.strided:
                 self.put(key, t)
             else:
-                groups.setdefault(t.untyped_storage().data_ptr(), []).append((key, t.detach(), *byte_span(key, t)))
-        for group in groups.values():
+                groups.setdefault(t.untyped_storage().data_ptr(), []).append((key, t, *byte_span(key, t)))
+        for address, group in groups.items():
             if len(group) == 1:
                 self.put(*group[0][:2])
                 continue
             with self._lock:
                 self._raise_failure()
                 storage = group[0][1].untyped_storage()
-                sid = ("cpu", storage.data_ptr())
-                found = [self._find(sid, *x[1:]) for x in group]
+                sid = ("cpu", address)
+                found = [self._find(sid, *x[1:]) for x in group] if sid in self._spans else [None] * len(group)
                 new = [x for x, f in zip(group, found) if f is None]
                 if new:
                     lo, hi = min(x[2] for x in new), max(x[3] for x in new)
@@ -342,8 +341,8 @@ class TensorStream:
             offset, length = blobs[old]
             header[f"storage/{i}"] = {"dtype": "U8", "shape": [length], "data_offsets": [offset, offset + length]}
         views = {k: [number[v[0]], *v[1:]] for k, v in self._views.items()}
-        header["__metadata__"] = {"format": FORMAT, "views": json.dumps(views, separators=(",", ":"))}
-        head = json.dumps(header, separators=(",", ":")).encode()
+        header["__metadata__"] = {"format": FORMAT, "views": json_bytes(views).decode()}
+        head = json_bytes(header)
         writer = self._writer
         writer.__exit__(None, None, None)
         self._closed = True

@@ -37,6 +37,7 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
+from ..util import dtype_name, finite
 
 SAMPLE = 4096
 SEED = 0
@@ -222,8 +223,15 @@ def _digest(t: torch.Tensor, like: str | None = None) -> str:
 
 def to_json(s: Summary) -> dict[str, Any]:
     """The statistics and hash of a summary, for the node's metadata (the sample is stored as a tensor)."""
-    return {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."), "sample": SAMPLE, "seed": SEED,
-            **{k: s.stats[k] for k in _STATS}, "hash": s.digest, **({"content": s.content} if s.content else {})}
+    stats = s.stats
+    values = [stats[k] for k in _STATS]
+    if not math.isfinite(sum(values)):   # rare: one is not finite (or their sum overflows)
+        values = [finite(v) for v in values]
+    doc = {"shape": list(s.shape), "dtype": dtype_name(s.dtype), "sample": SAMPLE, "seed": SEED,
+           **dict(zip(_STATS, values)), "hash": s.digest}
+    if s.content:
+        doc["content"] = s.content
+    return doc
 
 
 def from_json(doc: Any, sample: torch.Tensor, where: str) -> Summary:

@@ -36,7 +36,7 @@ import xxhash
 
 from ..digest import verify_digest
 from ..errors import FxdiffError
-from ..util import dontneed, dtype_name
+from ..util import dontneed, dtype_name, json_bytes
 
 FORMAT = "fxdiff-capture"
 
@@ -44,11 +44,13 @@ FORMAT = "fxdiff-capture"
 def byte_span(key: str, t: torch.Tensor) -> tuple[int, int]:
     """``(first, end)``: the bytes of its storage that ``t`` covers. A tensor that holds no plain
     data (sparse, meta, a subclass) is refused, naming ``key``."""
-    if t.layout != torch.strided or t.device.type == "meta" or type(t) not in (torch.Tensor, torch.nn.Parameter):
+    if t.layout != torch.strided or t.is_meta or type(t) not in (torch.Tensor, torch.nn.Parameter):
         kind = "tensor" if type(t) is torch.Tensor else type(t).__name__
         raise FxdiffError(f"cannot store {key}: a {t.layout} {kind} on {t.device} holds no plain data")
     size = t.element_size()
     first = t.storage_offset() * size
+    if t.is_contiguous():
+        return first, first + t.numel() * size
     extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
     return first, first + extent * size
 
@@ -82,8 +84,8 @@ def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     for view in views.values():
         view[4] -= spans[view[0]][0]
         view[0] = index[view[0]]
-    header["__metadata__"] = {"format": FORMAT, "views": json.dumps(views, separators=(",", ":"))}
-    head = json.dumps(header, separators=(",", ":")).encode()
+    header["__metadata__"] = {"format": FORMAT, "views": json_bytes(views).decode()}
+    head = json_bytes(header)
     head += b" " * (-(8 + len(head)) % _FILE_ALIGN)   # blobs start aligned in the file
     with _Writer(file) as out:
         out.write(memoryview(len(head).to_bytes(8, "little") + head))

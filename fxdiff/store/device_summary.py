@@ -194,59 +194,82 @@ def _kernel():
 
     @triton.jit(do_not_specialize=["n", "row", "k", "at", "blocks", "programs"])
     def parts_kernel(x_ptr, n, rows_f, rows_i, row, positions_ptr, sample_ptr, k, at, blocks, programs,
-                     BITS: tl.constexpr, IS_BOOL: tl.constexpr, BLOCK: tl.constexpr, SAMPLE_BLOCK: tl.constexpr):
+                     BITS: tl.constexpr, IS_BOOL: tl.constexpr, NARROW: tl.constexpr, BLOCK: tl.constexpr,
+                     SAMPLE_BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         if pid < programs:   # blocks pid, pid + programs, ...: kept in registers, added to the row once
-            big = 1.7976931348623157e308
+            if NARROW:   # floats of up to 32 bits: bounded and classified in float32, which is exact
+                big = 3.4028234663852886e38
+                lo = tl.full([BLOCK], big, tl.float32)
+                hi = tl.full([BLOCK], -big, tl.float32)
+            else:
+                big = 1.7976931348623157e308
+                lo = tl.full([BLOCK], big, tl.float64)
+                hi = tl.full([BLOCK], -big, tl.float64)
             s = tl.zeros([BLOCK], tl.float64)
             sq = tl.zeros([BLOCK], tl.float64)
-            lo = tl.full([BLOCK], big, tl.float64)
-            hi = tl.full([BLOCK], -big, tl.float64)
             nan = tl.zeros([BLOCK], tl.int32)
             pos = tl.zeros([BLOCK], tl.int32)
             neg = tl.zeros([BLOCK], tl.int32)
             h1 = tl.zeros([BLOCK], tl.uint32)   # the hashes are sums modulo 2**32, as uint32 adds wrap
             h2 = tl.zeros([BLOCK], tl.uint32)
-            for b in range(pid, blocks, programs):
-                offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-                inside = offs < n
-                x = tl.load(x_ptr + offs, mask=inside, other=0)
-                f = x.to(tl.float64)
-                finite = (tl.abs(f) <= big) & inside   # false for NaN and infinities
-                g = tl.where(finite, f, 0.0)
-                s += g
-                sq += g * g
-                lo = tl.minimum(lo, tl.where(finite, f, big))
-                hi = tl.maximum(hi, tl.where(finite, f, -big))
-                nan += ((f != f) & inside).to(tl.int32)
-                pos += ((f > big) & inside).to(tl.int32)
-                neg += ((f < -big) & inside).to(tl.int32)
-                for word in tl.static_range(2 if BITS == 64 else 1):   # 8-byte elements: two 32-bit units
-                    if BITS == 64:
-                        u = (x.to(tl.int64, bitcast=True) >> (32 * word)).to(tl.uint32)
-                        i = (offs * 2 + word).to(tl.uint32)
+            whole = n // BLOCK   # blocks with no element past the end (offsets fit in int32: n < 2**31 - BLOCK)
+            for masked in tl.static_range(2):   # the whole blocks with no mask, then the partial one
+                if masked:
+                    first, stop = tl.where(pid == whole % programs, whole, blocks), blocks
+                else:
+                    first, stop = pid, whole
+                for b in range(first, stop, programs):
+                    offs = b * BLOCK + tl.arange(0, BLOCK)
+                    if masked:
+                        inside = offs < n
+                        x = tl.load(x_ptr + offs, mask=inside, other=0)   # a zero is no NaN or infinity
                     else:
-                        if IS_BOOL:
-                            u = x.to(tl.uint32)
-                        elif BITS == 8:
-                            u = x.to(tl.uint8, bitcast=True).to(tl.uint32)
-                        elif BITS == 16:
-                            u = x.to(tl.uint16, bitcast=True).to(tl.uint32)
+                        x = tl.load(x_ptr + offs)
+                    if NARROW:
+                        f = x.to(tl.float32)
+                    else:
+                        f = x.to(tl.float64)
+                    finite = tl.abs(f) <= big   # false for NaN and infinities
+                    if masked:
+                        finite = finite & inside
+                    g = tl.where(finite, f, 0.0).to(tl.float64)
+                    s += g
+                    sq += g * g
+                    lo = tl.minimum(lo, tl.where(finite, f, big))
+                    hi = tl.maximum(hi, tl.where(finite, f, -big))
+                    nan += (f != f).to(tl.int32)
+                    pos += (f > big).to(tl.int32)
+                    neg += (f < -big).to(tl.int32)
+                    for word in tl.static_range(2 if BITS == 64 else 1):   # 8-byte elements: two 32-bit units
+                        if BITS == 64:
+                            u = (x.to(tl.int64, bitcast=True) >> (32 * word)).to(tl.uint32)
+                            i = offs.to(tl.uint32) * 2 + word
                         else:
-                            u = x.to(tl.uint32, bitcast=True)
-                        i = offs.to(tl.uint32)   # products of uint32 wrap at 2**32
-                    a = (u ^ (i * 0x9E3779B1)) * 0x85EBCA77
-                    a = a ^ (a >> 13)
-                    a = a * 0xC2B2AE3D
-                    a = a ^ (a >> 16)
-                    c = (u + i * 0x27D4EB2F) * 0x165667B1
-                    c = c ^ (c >> 15)
-                    c = c * 0x9E3779B1
-                    c = c ^ (c >> 13)
-                    h1 += tl.where(inside, a, 0)
-                    h2 += tl.where(inside, c, 0)
-            low = tl.min(lo, 0).to(tl.int64, bitcast=True)
-            high = tl.max(hi, 0).to(tl.int64, bitcast=True)
+                            if IS_BOOL:
+                                u = x.to(tl.uint32)
+                            elif BITS == 8:
+                                u = x.to(tl.uint8, bitcast=True).to(tl.uint32)
+                            elif BITS == 16:
+                                u = x.to(tl.uint16, bitcast=True).to(tl.uint32)
+                            else:
+                                u = x.to(tl.uint32, bitcast=True)
+                            i = offs.to(tl.uint32)   # products of uint32 wrap at 2**32
+                        a = (u ^ (i * 0x9E3779B1)) * 0x85EBCA77
+                        a = a ^ (a >> 13)
+                        a = a * 0xC2B2AE3D
+                        a = a ^ (a >> 16)
+                        c = (u + i * 0x27D4EB2F) * 0x165667B1
+                        c = c ^ (c >> 15)
+                        c = c * 0x9E3779B1
+                        c = c ^ (c >> 13)
+                        if masked:
+                            a = tl.where(inside, a, 0)
+                            c = tl.where(inside, c, 0)
+                        h1 += a
+                        h2 += c
+            low = tl.min(lo, 0).to(tl.float64).to(tl.int64, bitcast=True)
+            high = tl.max(hi, 0).to(tl.float64).to(tl.int64, bitcast=True)
             base = row.to(tl.int64) * 9
             tl.atomic_add(rows_f + base, tl.sum(s, 0))
             tl.atomic_add(rows_f + base + 1, tl.sum(sq, 0))
@@ -349,14 +372,15 @@ class DeviceSummaries:
             out = self._views.get(key)
             if out is None:
                 out = self._views[key] = samples.blocks[sblock].view(flat.dtype)
-        kernel = _kernel() if device.type == "cuda" and flat.dtype != torch.uint64 and n < 2**31 else None
+        kernel = _kernel() if device.type == "cuda" and flat.dtype != torch.uint64 and n < 2**31 - BLOCK else None
         if kernel is not None:
             blocks = -(-n // BLOCK)
             programs = min(blocks, _programs(device))
             kernel[(programs + -(-k // _SAMPLE_BLOCK),)](
                 flat, n, slab.view(torch.float64), slab, at // _COLUMNS, _positions_on(n, device) if k else slab,
                 out if k else flat, k, sat // size, blocks, programs, BITS=8 * size, IS_BOOL=flat.dtype == torch.bool,
-                BLOCK=BLOCK, SAMPLE_BLOCK=_SAMPLE_BLOCK, num_warps=_WARPS)
+                NARROW=flat.is_floating_point() and size <= 4, BLOCK=BLOCK, SAMPLE_BLOCK=_SAMPLE_BLOCK,
+                num_warps=_WARPS)
         else:
             slab[at:at + _COLUMNS].copy_(_torch_parts(flat))
             if k:

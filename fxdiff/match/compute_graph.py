@@ -7,7 +7,6 @@ import warnings
 from collections import Counter, defaultdict
 from typing import Any, Iterable
 
-import networkx as nx
 import torch
 import torch.fx
 
@@ -114,6 +113,7 @@ class ComputeGraph:
             counts[k + (self.numel[n],)] += 1
         # The computing graph, and Weisfeiler-Lehman hashes of each node's predecessors (labels: op
         # keys, two rounds), which tell apart look-alike ops fed by different computations.
+        import networkx as nx   # here, not at the top: capturing needs none of it, and it takes 0.12 s to import
         self.graph = nx.DiGraph()
         self.graph.add_nodes_from((n, {"label": self.key[n]}) for n in self.order)
         self.graph.add_edges_from((p, n) for n in self.order for p in self.preds[n])

@@ -117,11 +117,13 @@ class _Writer:
     written once and read later, and where fresh memory is slow to fault in (virtual machines),
     filling the page cache costs more than the disk does. (Writing chunks from two threads at
     their offsets was measured slower: the disk prefers one sequential stream.) For the same
-    reason the buffers are kept for the next writer (``_POOL``). The last, partial chunk goes
-    through the page cache: closing then waits for a copy rather than for the disk.
+    reason the buffers are kept for the next writer (``_POOL``). The last, partial chunk is padded
+    to whole blocks and the file cut back to its length after: on the development VM, writing
+    6.6 MiB through the page cache took 6-12 ms at the end of a capture, and directly 3-4 ms.
     """
 
     CHUNK = 1 << 23
+    BLOCK = 4096       # what O_DIRECT writes (and a multiple of every file system's block size)
     BUFFERS = 3
 
     def __init__(self, file: Path, base: int = 0, buffers: int = BUFFERS):
@@ -135,7 +137,9 @@ class _Writer:
             self.fd = os.open(file, flags, 0o666)
         if base:
             os.lseek(self.fd, base, os.SEEK_SET)
+        self.base = base
         self.size = 0
+        self._padded = False
         self._hash = xxhash.xxh3_64()
         with _POOL_LOCK:
             self._free = [_POOL.pop() for _ in range(min(buffers, len(_POOL)))]
@@ -162,11 +166,16 @@ class _Writer:
             if self._fill == self.CHUNK:
                 self._flush()
 
-    def _flush(self, last: bool = False) -> None:
-        """Hand the buffer to the writing thread: a full chunk (whole blocks, as ``O_DIRECT`` wants)
-        or the ``last``, partial one."""
-        view = memoryview(self._buf)[:self._fill]
-        self._pending.append((self._writes.submit(self._write_all, view, last), self._buf))
+    def _flush(self) -> None:
+        """Hand the buffer to the writing thread in whole blocks, as ``O_DIRECT`` wants: a full
+        chunk, or the last one padded with zeros (``__exit__`` cuts the file back)."""
+        fill = self._fill
+        length = fill + -fill % self.BLOCK
+        if length != fill:
+            self._buf[fill:length] = bytes(length - fill)
+            self._padded = True
+        view = memoryview(self._buf)
+        self._pending.append((self._writes.submit(self._write_all, view[:length], view[:fill]), self._buf))
         if not self._free:
             written, buf = self._pending.popleft()
             written.result()
@@ -177,11 +186,9 @@ class _Writer:
         self._buf, self._fill = self._free.pop(), 0
         self._array = numpy.frombuffer(self._buf, numpy.uint8)
 
-    def _write_all(self, view: memoryview, cached: bool) -> None:
-        self._hash.update(view)
+    def _write_all(self, view: memoryview, data: memoryview) -> None:
+        self._hash.update(data)
         direct = getattr(os, "O_DIRECT", 0)
-        if cached and direct:
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~direct)
         while len(view):
             try:
                 view = view[os.write(self.fd, view):]
@@ -196,12 +203,14 @@ class _Writer:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None and self._fill:
-                self._flush(last=True)
+                self._flush()
             for written, _ in self._pending:
                 if exc_type is None:
                     written.result()
                 else:
                     written.exception()  # wait; the error being raised already says what went wrong
+            if exc_type is None and self._padded:
+                os.ftruncate(self.fd, self.base + self.size)
         finally:
             self._writes.shutdown()
             os.close(self.fd)

@@ -119,11 +119,11 @@ class _Writer:
     their offsets was measured slower: the disk prefers one sequential stream.) For the same
     reason the buffers are kept for the next writer (``_POOL``). The last, partial chunk is padded
     to whole blocks and the file cut back to its length after: on the development VM, writing
-    6.6 MiB through the page cache took 6-12 ms at the end of a capture, and directly 3-4 ms.
+    6.6 MiB through the page cache took 6-12 ms at the end of a capture, and directly 3-6 ms.
     """
 
     CHUNK = 1 << 23
-    BLOCK = 4096       # what O_DIRECT writes (and a multiple of every file system's block size)
+    BLOCK = 4096       # O_DIRECT writes whole blocks of the disk (512 or 4096 bytes); refused, it is turned off
     BUFFERS = 3
 
     def __init__(self, file: Path, base: int = 0, buffers: int = BUFFERS):

@@ -38,7 +38,6 @@ layer).
 from __future__ import annotations
 
 import collections
-import mmap
 import os
 import queue
 import shutil
@@ -351,18 +350,14 @@ class TensorStream:
             reserve = len(head) + 8 + (-(len(head) + 8) % self._reserve)
             _move_data(self.file, self._reserve, reserve, writer.size)
         head = (reserve - 8).to_bytes(8, "little") + head + b" " * (reserve - 8 - len(head))
-        buf = mmap.mmap(-1, reserve)   # page-aligned, as O_DIRECT wants
-        buf[:] = head
-        fd = os.open(self.file, os.O_WRONLY)
+        fd = os.open(self.file, os.O_WRONLY)   # through the page cache: no alignment to keep
         try:
-            view = memoryview(buf)
+            view = memoryview(head)
             written = 0
             while written < reserve:
                 written += os.pwrite(fd, view[written:], written)
-            view.release()
         finally:
             os.close(fd)
-            buf.close()
         digest = {"xxh3_64_header": xxhash.xxh3_64_hexdigest(head), "xxh3_64_data": writer.digest,
                   "data_offset": reserve}
         self.size, self.data_offset = reserve + writer.size, reserve

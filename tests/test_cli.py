@@ -110,6 +110,11 @@ def not_a_module():
     return 3
 
 
+def model_in_inference_mode():
+    with torch.inference_mode():   # a habit of inference scripts; autograd cannot run through its weights
+        return model()
+
+
 def bert():
     import transformers
     transformers.logging.set_verbosity_error()
@@ -148,6 +153,12 @@ def one_line_error(result, *needles):
     assert len(lines) == 1 and lines[0].startswith("fxdiff: error: "), result.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def test_model_built_under_inference_mode_is_refused_in_one_line(spec, tmp_path):
+    result = cli("capture", f"{spec}:model_in_inference_mode", "--inputs", f"{spec}:inputs", "-o", tmp_path / "c")
+    one_line_error(result, "Net", "lin.weight", "torch.inference_mode()")
+    assert not (tmp_path / "c").exists()
 
 
 def test_inputs_from_safetensors_and_pt_files(spec, tmp_path):

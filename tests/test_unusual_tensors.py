@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -216,6 +217,38 @@ def test_meta_buffer_is_left_out_with_its_reason(tmp_path):
     loaded = round_trip(capture, tmp_path)
     assert loaded.meta["not_stored"] == capture.meta["not_stored"]
     assert fxdiff.compare(loaded, capture).diverged is False
+
+
+class InferenceBlock(nn.Module):
+    """Constants made under ``torch.inference_mode()`` inside the forward, and a buffer made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        with torch.inference_mode():
+            self.register_buffer("shift", torch.arange(4.0))
+
+    def forward(self, x):
+        with torch.inference_mode():
+            scale = torch.ones(4) * 2
+            scale.add_(1)
+        return self.lin(x) * scale.clone() + self.shift + scale
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_inference_tensors_are_constants_of_the_run(tmp_path, streamed):
+    torch.manual_seed(0)
+    model, x = InferenceBlock(), torch.randn(2, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cap = fxdiff.capture(model, (x,), stream_to=tmp_path / "c" if streamed else None)
+    assert torch.equal(cap.outputs, model(x))
+    targets = [str(n.target) for n in cap.graph.nodes]
+    assert not any("ones" in t for t in targets)   # made under inference mode: not an op of the run
+    constant = [n.name for n in cap.graph.nodes if n.op == "get_attr" and "constant" in n.name]
+    assert [cap.values[n].tolist() for n in constant] == [[3.0] * 4]
+    assert set(cap.param_grads) == {"lin.weight", "lin.bias"}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert fxdiff.compare(cap, model).verdict == "match"
 
 
 def test_float64_capture_against_float32_live_model():

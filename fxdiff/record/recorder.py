@@ -89,8 +89,17 @@ class _Live:
     def __init__(self, tensor: torch.Tensor, node: torch.fx.Node, hooked: bool):
         self.ref = weakref.ref(tensor)
         self.node = node
-        self.version = tensor._version
+        self.version = _version(tensor)
         self.hooked = hooked
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t._version``; -1 for an inference tensor, which keeps none (made under
+    ``torch.inference_mode()``, it cannot be written outside it)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,6 +546,8 @@ class Recorder(TorchFunctionMode):
                 return args[0] if args else kwargs["input"]
         if _is_random(func, args, kwargs):
             return self._random_call(func, args, kwargs)
+        if torch.is_inference_mode_enabled():   # autograd sees none of it: its results are constants to the run
+            return func(*args, **kwargs)
         return self.call(func, args, kwargs)
 
     def _random_call(self, func, args: tuple, kwargs: dict) -> Any:
@@ -556,7 +567,7 @@ class Recorder(TorchFunctionMode):
         if self.stream is not None:
             self.stream.verify()
         inputs = _arg_tensors(args, kwargs)
-        versions = [t._version for t in inputs]
+        versions = _versions(inputs)
         written = _written(func, args, kwargs)
         if written:
             self.protect(written)
@@ -572,13 +583,14 @@ class Recorder(TorchFunctionMode):
         """Turn one finished call into graph nodes (none for calls that yield no new tensor)."""
         outs = tree.flatten(out) if not isinstance(out, torch.Tensor) else [("0", out)]
         in_ids = {id(t): i for i, t in enumerate(inputs)}
+        now = _versions(inputs)
         produced = []
         for path, t in outs:
             i = in_ids.get(id(t))
-            if i is None or inputs[i]._version != versions[i]:
+            if i is None or now[i] != versions[i]:
                 produced.append((path, t))
         for i, t in enumerate(inputs):  # inputs changed in place but not returned (setitem, out=)
-            if t._version != versions[i] and id(t) not in self._frozen \
+            if now[i] != versions[i] and id(t) not in self._frozen \
                     and all(t is not o for _, o in outs):
                 produced.append((f"mutated.{i}", t))
         if not produced:
@@ -606,14 +618,14 @@ class Recorder(TorchFunctionMode):
         if base is None or id(t) not in in_ids:
             return
         live = self._live.get(id(base))
-        if live is None or live.ref() is not base or live.version == base._version:
+        if live is None or live.ref() is not base or live.version == _version(base):
             return
         item = self._new_node("call_function", mutated, (live.node, node), {}, name="mutated")
         self.hold(item, base)
 
     def finish(self, outputs: Any) -> list[torch.fx.Node]:
         """Add the output node over the tensors of ``outputs``; return the nodes, in leaf order."""
-        nodes = [self.node_of(t, t._version) for _, t in tree.flatten(outputs)]
+        nodes = [self.node_of(t, _version(t)) for _, t in tree.flatten(outputs)]
         self.graph.output(nodes)
         return nodes
 
@@ -683,6 +695,14 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, meta...
         return None
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int]:
+    """``_version`` of each, quicker when none is an inference tensor."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [_version(t) for t in tensors]
 
 
 def _arg_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:

@@ -162,7 +162,9 @@ def preserved_state(model: torch.nn.Module, spill: str | os.PathLike | None = No
     """
     modules = list(model.modules())
     slots = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
-    tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values()) if t is not None}
+    # an inference tensor cannot be written outside inference mode: nothing to put back
+    tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values())
+               if t is not None and not t.is_inference()}
     cpu_bytes = sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type == "cpu")
     saved = Saved(_Spill.open(spill) if spill is not None and cpu_bytes >= SPILL_AT else None)
     saved.copy(tensors, {id(t) for _, p, _, _ in slots for t in p.values() if t is not None})
@@ -317,6 +319,12 @@ def prepared(model: torch.nn.Module, args: tuple, kwargs: dict,
              config: RunConfig) -> Iterator[tuple[dict[int, torch.Tensor], tuple, dict]]:
     """Set the model up for one run and restore it afterwards: yields the parameter copies taken
     on entry (by ``id``) and private copies of the call's arguments."""
+    inference = [n for n, p in model.named_parameters() if p.is_inference()]
+    if inference:
+        raise FxdiffError(f"{type(model).__name__}: its parameter {inference[0]}"
+                          + (f" (and {len(inference) - 1} more)" if len(inference) > 1 else "")
+                          + " was made under torch.inference_mode(), which autograd cannot run through; "
+                          "build or load the model outside it (torch.no_grad() is fine)")
     spill = None if config.stream_to is None else Path(config.stream_to).absolute().parent
     with preserved_state(model, spill) as before:
         model.train(config.mode == "train")

@@ -199,7 +199,7 @@ class TensorStream:
             spans[:] = [x for x in spans if x[0]() is not None][1 - _SPANS:]   # spans (found again, written again)
         try:
             spans.append((weakref.ref(storage), t._version, lo, end, blob))
-        except TypeError:
+        except (TypeError, RuntimeError):   # no weak reference, or no version (an inference tensor)
             pass
         return blob, lo
 

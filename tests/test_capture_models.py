@@ -351,6 +351,25 @@ def test_train_mode_disables_dropout_and_is_deterministic(name):
     assert not torch.equal(with_dropout.outputs["last_hidden_state"], first.outputs["last_hidden_state"])
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_in_train_mode(reentrant):
+    """Checkpointed layers run their forward again in backward, outside the recorder, with dropout on:
+    with dropout switched off in the recorded forward, those gradients would not be its own."""
+    model, args, kwargs, _ = build("gpt2")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    with pytest.raises(fxdiff.api.FxdiffError, match="activation checkpointing") as refused:
+        fxdiff.capture(model, args, kwargs, mode="train")
+    assert refused.value.option == "keep_dropout"
+    kept = fxdiff.capture(model, args, kwargs, mode="train", keep_dropout=True)   # the same draws twice
+    plain = fxdiff.capture(build("gpt2")[0], args, kwargs, mode="train", keep_dropout=True)
+    assert torch.equal(kept.outputs["logits"], plain.outputs["logits"])
+    assert all(torch.equal(g, kept.param_grads[n]) for n, g in plain.param_grads.items())
+    if not reentrant:   # a reentrant checkpoint runs its forward under no_grad: no node gradients inside
+        assert fxdiff.compare(plain, kept).verdict == "match"
+    with pytest.raises(fxdiff.api.FxdiffError, match="rng_replay=False"):   # the reference's draws replayed
+        fxdiff.compare(plain, model)
+
+
 def test_outputs_keep_their_structure_as_plain_containers():
     model, args, kwargs, loss = build("conformer")
     cap = fxdiff.capture(model, args, kwargs, loss=loss)

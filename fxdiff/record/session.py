@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import tree
 from ..version import __version__
@@ -456,8 +457,9 @@ def backward(model: torch.nn.Module, outputs: Any, config: RunConfig) -> tuple[f
         mine = dict(leaves)
         seeds = [(mine[p.cand], seed.grads[p.ref]) for p in pairs if p.ref in seed.grads]
         if seeds:
-            torch.autograd.backward([t for t, _ in seeds],
-                                    [g.to(t.device, t.dtype).reshape(t.shape) for t, g in seeds])
+            with _no_draws(model, config):
+                torch.autograd.backward([t for t, _ in seeds],
+                                        [g.to(t.device, t.dtype).reshape(t.shape) for t, g in seeds])
         return None, {}
     with torch.enable_grad():
         value = objective(config, outputs, model)
@@ -467,8 +469,49 @@ def backward(model: torch.nn.Module, outputs: Any, config: RunConfig) -> tuple[f
                                   "the model's outputs", option="loss")
             return float(value.detach().double()), {}
         grads = _output_grads(config, outputs, leaves, model)
-        value.backward()
+        with _no_draws(model, config):
+            value.backward()
     return float(value.detach().double()), grads
+
+
+class _Draws(TorchDispatchMode):
+    """Notes the first random op that runs under it drawing from torch's default generator (fxdiff's
+    own draws, a summary's sample positions, come from generators of their own)."""
+
+    op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.op is None and torch.Tag.nondeterministic_seeded in func.tags and kwargs.get("generator") is None:
+            self.op = func
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_draws(model: torch.nn.Module, config: RunConfig) -> Iterator[None]:
+    """Refuse a backward pass that draws random numbers when the recorded forward's draws were
+    changed (dropout switched off, or the reference's draws replayed): such a backward runs part of
+    the forward again (activation checkpointing), with draws of its own, so its gradients are not
+    those of the forward recorded. (torch function modes, the recorder's way of changing draws,
+    are not active in backward.)"""
+    if not (config.disable_dropout or config.replay):
+        yield
+        return
+    draws = _Draws()
+    try:
+        with draws:
+            yield
+    except BaseException:
+        if draws.op is None:
+            raise
+    if draws.op is not None:
+        changed = "without dropout" if config.disable_dropout else "with the reference's random draws"
+        raise FxdiffError(f"{type(model).__name__} runs part of its forward again during backward (activation "
+                          f"checkpointing) and draws random numbers there ({draws.op}), but its forward was "
+                          f"recorded {changed}, so the gradients would not be that forward's; turn activation "
+                          "checkpointing off" + (", or keep dropout" if config.disable_dropout else
+                                                 ", or compare with rng_replay=False"),
+                          option="keep_dropout" if config.disable_dropout else None)
 
 
 def _output_grads(config: RunConfig, outputs: Any, leaves: list[tuple[str, torch.Tensor]],

@@ -15,6 +15,7 @@ was given) before torch, which takes seconds to import, is loaded.
 
 import importlib
 import importlib.util
+import random
 
 from .errors import FxdiffError, UserCodeError
 from .version import __version__
@@ -36,11 +37,15 @@ __all__ = ["Capture", "FxdiffError", "LiveOptions", "ParamMap", "Report", "Toler
 
 
 def __getattr__(name: str):
-    if name in _FROM:
-        value = globals()[name] = getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
-        return value
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f".{name}", __name__)   # a module, as ``fxdiff.store.load``
+    state = random.getstate()   # rich draws from Python's random when imported: the caller's draws stay theirs
+    try:
+        if name in _FROM:
+            value = globals()[name] = getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
+            return value
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)   # a module, as ``fxdiff.store.load``
+    finally:
+        random.setstate(state)
     raise AttributeError(f"module 'fxdiff' has no attribute {name!r}")
 
 

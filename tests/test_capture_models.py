@@ -370,6 +370,22 @@ def test_activation_checkpointing_in_train_mode(reentrant):
         fxdiff.compare(plain, model)
 
 
+def test_torchscript_submodule_runs_unseen_and_is_put_back():
+    """TorchScript runs its ops itself, out of the recorder's sight: its output enters the graph as a
+    constant, its parameters' gradients are still captured, and the model is left as found."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.GELU()), nn.Linear(4, 2))
+    scripted = nn.Sequential(torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.GELU())), nn.Linear(4, 2))
+    scripted.load_state_dict(eager.state_dict())
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    x = torch.randn(3, 4)
+    cap = fxdiff.capture(scripted, (x,))
+    assert torch.equal(cap.outputs, scripted(x))
+    assert set(cap.param_grads) == {"0.0.weight", "0.0.bias", "1.weight", "1.bias"}
+    assert all(torch.equal(v, scripted.state_dict()[k]) for k, v in before.items())
+    assert not fxdiff.compare(cap, eager).diverged
+
+
 def test_outputs_keep_their_structure_as_plain_containers():
     model, args, kwargs, loss = build("conformer")
     cap = fxdiff.capture(model, args, kwargs, loss=loss)

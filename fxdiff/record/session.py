@@ -176,6 +176,8 @@ def preserved_state(model: torch.nn.Module, spill: str | os.PathLike | None = No
         yield saved
     finally:
         for m, params, buffers, non_persistent in slots:
+            if isinstance(m, torch.jit.ScriptModule):   # TorchScript's own dicts: its tensors are put back below
+                continue
             if not (_same(m._parameters, params) and _same(m._buffers, buffers)):
                 m._parameters.clear()
                 m._parameters.update(params)

@@ -159,6 +159,15 @@ def dontneed(data: mmap.mmap, start: int, length: int) -> None:
 
 
 
+def tensor_version(t: Any) -> int | None:
+    """A tensor's version counter (``t._version``), or None for an inference tensor, which keeps
+    none (made under ``torch.inference_mode()``, it cannot be written outside it)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 @functools.cache
 def dtype_name(dtype: Any) -> str:
     """``torch.float32`` -> ``"float32"`` (cached: it is asked for every tensor recorded or stored)."""

@@ -42,7 +42,7 @@ from ..ops import RANDOM_OPS
 from ..store.device_summary import DeviceSummaries
 from ..store.summary import is_summary, summarise
 from ..targets import mutated, target_name
-from ..util import dtype_name
+from ..util import dtype_name, tensor_version
 from .plain import as_plain, is_plain, transformed, unbatched
 
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
@@ -89,17 +89,8 @@ class _Live:
     def __init__(self, tensor: torch.Tensor, node: torch.fx.Node, hooked: bool):
         self.ref = weakref.ref(tensor)
         self.node = node
-        self.version = _version(tensor)
+        self.version = tensor_version(tensor)
         self.hooked = hooked
-
-
-def _version(t: torch.Tensor) -> int:
-    """``t._version``; -1 for an inference tensor, which keeps none (made under
-    ``torch.inference_mode()``, it cannot be written outside it)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -618,14 +609,14 @@ class Recorder(TorchFunctionMode):
         if base is None or id(t) not in in_ids:
             return
         live = self._live.get(id(base))
-        if live is None or live.ref() is not base or live.version == _version(base):
+        if live is None or live.ref() is not base or live.version == tensor_version(base):
             return
         item = self._new_node("call_function", mutated, (live.node, node), {}, name="mutated")
         self.hold(item, base)
 
     def finish(self, outputs: Any) -> list[torch.fx.Node]:
         """Add the output node over the tensors of ``outputs``; return the nodes, in leaf order."""
-        nodes = [self.node_of(t, _version(t)) for _, t in tree.flatten(outputs)]
+        nodes = [self.node_of(t, tensor_version(t)) for _, t in tree.flatten(outputs)]
         self.graph.output(nodes)
         return nodes
 
@@ -697,12 +688,12 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return None
 
 
-def _versions(tensors: list[torch.Tensor]) -> list[int]:
-    """``_version`` of each, quicker when none is an inference tensor."""
+def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    """``util.tensor_version`` of each, quicker when none is an inference tensor."""
     try:
         return [t._version for t in tensors]
     except RuntimeError:
-        return [_version(t) for t in tensors]
+        return [tensor_version(t) for t in tensors]
 
 
 def _arg_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:

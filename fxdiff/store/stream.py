@@ -51,7 +51,7 @@ import torch
 import xxhash
 
 from ..errors import FxdiffError
-from ..util import dtype_name, json_bytes, libc
+from ..util import dtype_name, json_bytes, libc, tensor_version
 from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span, map_written
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
@@ -107,22 +107,24 @@ class TensorStream:
         """Store ``t`` under ``key`` as it is now: copied before this returns, or with ``defer`` (a
         CPU tensor) by the copier thread, the caller calling ``protect`` before it writes to it."""
         first, end = byte_span(key, t)
-        t = t.detach()
+        # no detach() or is_inference(): torch releases the GIL in those, and while the copier runs
+        # taking it back cost 3-12 us a call
+        version = tensor_version(t)
         gpu = now = None
         with self._lock:
             self._raise_failure()
             storage = t.untyped_storage()
             sid = (str(t.device), storage.data_ptr())
-            found = self._find(sid, t, first, end)
+            found = self._find(sid, version, first, end)
             if found is None:
                 lo = first - first % _ALIGN
-                blob, start = self._new_blob(sid, storage, t, lo, end)
+                blob, start = self._new_blob(sid, storage, version, lo, end)
                 if end == lo:
                     pass   # no bytes: close() places it at the end of the file
                 elif storage.device.type == "cuda":
                     gpu = (blob, storage, lo, end)
-                elif defer and storage.device.type == "cpu" and not t.is_inference():
-                    self._enqueue(_Item(key, blob, t, storage, lo, end))
+                elif defer and storage.device.type == "cpu" and version is not None:
+                    self._enqueue(_Item(key, blob, t, version, storage, lo, end))
                 else:
                     now = (blob, storage, lo, end)
             else:
@@ -163,12 +165,13 @@ class TensorStream:
                 self._raise_failure()
                 storage = group[0][1].untyped_storage()
                 sid = ("cpu", address)
-                found = [self._find(sid, *x[1:]) for x in group] if sid in self._spans else [None] * len(group)
+                found = [self._find(sid, tensor_version(x[1]), *x[2:]) for x in group] if sid in self._spans \
+                    else [None] * len(group)
                 new = [x for x, f in zip(group, found) if f is None]
                 if new:
                     lo, hi = min(x[2] for x in new), max(x[3] for x in new)
                     lo -= lo % _ALIGN
-                    blob, start = self._new_blob(sid, storage, new[0][1], lo, hi)
+                    blob, start = self._new_blob(sid, storage, tensor_version(new[0][1]), lo, hi)
                 for (key, t, first, _), f in zip(group, found):
                     self._view(key, t, *(f or (blob, start)), first)
             if new:
@@ -182,24 +185,29 @@ class TensorStream:
     def _view(self, key: str, t: torch.Tensor, blob: int, start: int, first: int) -> None:
         self._views[key] = [blob, dtype_name(t.dtype), list(t.shape), list(t.stride()), first - start]
 
-    def _find(self, sid, t: torch.Tensor, first: int, end: int) -> tuple[int, int] | None:
+    def _find(self, sid, version: int | None, first: int, end: int) -> tuple[int, int] | None:
         """A written blob of this storage, not written to since, that holds bytes ``first:end``.
         (The storage is known by a weak reference to its Python object, which torch keeps while the
         storage lives; where it does not, nothing is found and the bytes are written again.)"""
-        for ref, version, lo, hi, blob in self._spans.get(sid, ()):
-            if ref() is not None and version == t._version and lo <= first and end <= hi:
+        if version is None:
+            return None
+        for ref, written, lo, hi, blob in self._spans.get(sid, ()):
+            if ref() is not None and version == written and lo <= first and end <= hi:
                 return blob, lo
         return None
 
-    def _new_blob(self, sid, storage: torch.UntypedStorage, t: torch.Tensor, lo: int, end: int) -> tuple[int, int]:
+    def _new_blob(self, sid, storage: torch.UntypedStorage, version: int | None, lo: int,
+                  end: int) -> tuple[int, int]:
         blob = len(self._blobs)
         self._blobs.append([-1, end - lo + (-(end - lo) % _FILE_ALIGN)])
+        if version is None:   # an inference tensor: its storage's later views cannot be told unchanged
+            return blob, lo
         spans = self._spans.setdefault(sid, [])
         if len(spans) >= _SPANS:   # storages freed since (their address reused) are forgotten, then the oldest
             spans[:] = [x for x in spans if x[0]() is not None][1 - _SPANS:]   # spans (found again, written again)
         try:
-            spans.append((weakref.ref(storage), t._version, lo, end, blob))
-        except (TypeError, RuntimeError):   # no weak reference, or no version (an inference tensor)
+            spans.append((weakref.ref(storage), version, lo, end, blob))
+        except TypeError:
             pass
         return blob, lo
 
@@ -386,8 +394,9 @@ class _Item:
 
     __slots__ = ("key", "blob", "tensor", "version", "storage", "lo", "end", "address")
 
-    def __init__(self, key: str, blob: int, tensor: torch.Tensor, storage: torch.UntypedStorage, lo: int, end: int):
-        self.key, self.blob, self.tensor, self.version = key, blob, tensor, tensor._version
+    def __init__(self, key: str, blob: int, tensor: torch.Tensor, version: int, storage: torch.UntypedStorage,
+                 lo: int, end: int):
+        self.key, self.blob, self.tensor, self.version = key, blob, tensor, version
         self.storage, self.lo, self.end, self.address = storage, lo, end, storage.data_ptr()
 
     def aside(self) -> None:

@@ -251,6 +251,26 @@ def test_inference_tensors_are_constants_of_the_run(tmp_path, streamed):
     assert fxdiff.compare(cap, model).verdict == "match"
 
 
+class ExpandedBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("pos", torch.arange(4.0).expand(3, 4), persistent=False)   # rows share memory
+
+    def forward(self, x):
+        return self.lin(x + self.pos)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_buffer_whose_elements_share_memory_is_left_as_it_is(tmp_path, streamed):
+    torch.manual_seed(0)
+    model, x = ExpandedBuffer(), torch.randn(3, 4)
+    pos = model.pos
+    cap = fxdiff.capture(model, (x,), stream_to=tmp_path / "c" if streamed else None)
+    assert model.pos is pos and torch.equal(pos, torch.arange(4.0).expand(3, 4))
+    assert torch.equal(cap.params["pos"], pos) and fxdiff.compare(cap, model).verdict == "match"
+
+
 def test_float64_capture_against_float32_live_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))

@@ -163,9 +163,7 @@ def preserved_state(model: torch.nn.Module, spill: str | os.PathLike | None = No
     """
     modules = list(model.modules())
     slots = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
-    # an inference tensor cannot be written outside inference mode: nothing to put back
-    tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values())
-               if t is not None and not t.is_inference()}
+    tensors = {id(t): t for _, p, b, _ in slots for t in (*p.values(), *b.values()) if _writable(t)}
     cpu_bytes = sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type == "cpu")
     saved = Saved(_Spill.open(spill) if spill is not None and cpu_bytes >= SPILL_AT else None)
     saved.copy(tensors, {id(t) for _, p, _, _ in slots for t in p.values() if t is not None})
@@ -251,6 +249,12 @@ class _Spill:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _writable(t: torch.Tensor | None) -> bool:
+    """Whether a run could have written to ``t``: not an inference tensor (those cannot be written
+    outside inference mode) nor one whose elements share memory (expanded: no op writes to those)."""
+    return t is not None and not t.is_inference() and not any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride()))
 
 
 def _same(now: dict, before: dict) -> bool:

@@ -6,7 +6,7 @@ the CLI's way), then ``save``. *load captures -> match -> judge -> render*: ``co
 two captures, or a capture and a live candidate that it runs on the capture's saved inputs.
 
 What a live candidate inherits from the reference (its "rules"): the saved inputs (unless
-``inputs`` is given), the seed, the mode and whether dropout was kept (unless given), and the
+``inputs`` is given; those the reference's gradient reached require grad), the seed, the mode and whether dropout was kept (unless given), and the
 backward seed: without a ``loss`` of its own, the candidate's backward starts from the reference's
 gradient of the loss with respect to each matched output, so the candidate's environment needs
 none of the reference's code. With its own ``loss`` the two loss values are compared too. And,
@@ -187,6 +187,10 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
             else dataclasses.replace(options, dtype=first.dtype)
         args, kwargs = _inputs((tuple(ref.inputs.get("args", ())), dict(ref.inputs.get("kwargs", {}))), model, own)
         meta["inputs"] = "the reference's saved inputs"
+        with_grad = {n.target for n in ref.graph.nodes if n.op == "placeholder" and n.name in ref.grads}
+        for path, t in tree.flatten({"args": args, "kwargs": kwargs}):   # as the reference's did
+            if path.removeprefix("kwargs.") in with_grad and (t.is_floating_point() or t.is_complex()):
+                t.requires_grad_()
     info = ref.info
     config = RunConfig(mode=options.mode or info.mode, seed=info.seed if options.seed is None else options.seed,
                        keep_dropout=info.keep_dropout if options.keep_dropout is None else bool(options.keep_dropout),

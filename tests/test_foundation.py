@@ -103,6 +103,24 @@ def test_compare_of_a_capture_with_its_own_model_is_clean_without_a_loss():
     assert all(r.backward is not None and r.backward.max_abs_diff == 0 for r in report.nodes if r.backward)
 
 
+@pytest.mark.parametrize("with_params", [True, False])
+def test_inputs_the_reference_took_gradients_of_take_them_in_the_candidate(with_params):
+    """A saved input is stored without ``requires_grad``; the candidate's copy gets it back where the
+    reference recorded a gradient (else: a false backward divergence, blamed on a custom backward)."""
+    model = Small() if with_params else torch.nn.Softmax(-1)
+    x = torch.randn(5, 4, requires_grad=True)
+    ref = fxdiff.capture(model, (x,))
+    placeholder = next(n.name for n in ref.graph.nodes if n.op == "placeholder")
+    assert placeholder in ref.grads
+    report = fxdiff.compare(ref, model)
+    assert report.verdict == "match"
+    row = next(r for r in report.nodes if r.ref_node == placeholder)
+    assert row.backward is not None and row.backward.max_abs_diff == 0
+    plain = fxdiff.capture(model, (x.detach(),))   # and an input the reference took none of takes none
+    row = next(r for r in fxdiff.compare(plain, model).nodes if r.ref_node == placeholder)
+    assert row.backward is None
+
+
 def test_the_api_and_the_cli_give_the_same_report(tmp_path):
     spec = tmp_path / "spec.py"
     spec.write_text("import torch\n"

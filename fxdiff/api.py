@@ -6,10 +6,11 @@ the CLI's way), then ``save``. *load captures -> match -> judge -> render*: ``co
 two captures, or a capture and a live candidate that it runs on the capture's saved inputs.
 
 What a live candidate inherits from the reference (its "rules"): the saved inputs (unless
-``inputs`` is given; those the reference's gradient reached require grad), the seed, the mode and whether dropout was kept (unless given), and the
-backward seed: without a ``loss`` of its own, the candidate's backward starts from the reference's
-gradient of the loss with respect to each matched output, so the candidate's environment needs
-none of the reference's code. With its own ``loss`` the two loss values are compared too. And,
+``inputs`` is given; those the reference's gradient reached require grad), the seed, the mode and
+whether dropout was kept (unless given), and the backward seed: without a ``loss`` of its own, the
+candidate's backward starts from the reference's gradient of the loss with respect to each matched
+output, so the candidate's environment needs none of the reference's code. With its own ``loss``
+the two loss values are compared too. And,
 unless ``rng_replay=False``, the reference's random draws: the candidate runs once, is aligned,
 and runs again with each random op that pairs with one of the reference's (same op, same shape,
 same constant arguments) taking the reference's draw; dropout takes the reference's keep mask

@@ -507,7 +507,7 @@ def _no_draws(model: torch.nn.Module, config: RunConfig) -> Iterator[None]:
     try:
         with draws:
             yield
-    except BaseException:
+    except Exception:   # autograd's own complaint (checkpoint's CheckpointError) is the consequence
         if draws.op is None:
             raise
     if draws.op is not None:

@@ -488,7 +488,8 @@ class _Draws(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.op is None and torch.Tag.nondeterministic_seeded in func.tags and kwargs.get("generator") is None:
+        if self.op is None and torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()) \
+                and kwargs.get("generator") is None:
             self.op = func
         return func(*args, **kwargs)
 

@@ -19,6 +19,7 @@ import collections
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import math
 import mmap
@@ -227,12 +228,11 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
     """The tensors that ``views`` describes, as views of their storage blobs."""
     tensors = {}
     for key, (blob, dtype_name, shape, stride, first) in views.items():
-        dtype = getattr(torch, str(dtype_name), None)
+        dtype = _view_dtype(dtype_name) if type(dtype_name) is str else None
         data = blobs.get(f"storage/{blob}")
-        if data is not None and isinstance(dtype, torch.dtype) and data.data_ptr() % _alignment(dtype):
+        if data is not None and dtype is not None and data.data_ptr() % _alignment(dtype):
             data = blobs[f"storage/{blob}"] = data.clone()   # written by an older fxdiff, unaligned
-        if not isinstance(dtype, torch.dtype) or str(dtype) != f"torch.{dtype_name}" or str(dtype_name).startswith(_QUANTIZED) \
-                or data is None or first < 0 or len(stride) != len(shape) or min(shape + stride + [0]) < 0:
+        if dtype is None or data is None or first < 0 or len(stride) != len(shape) or min(shape + stride + [0]) < 0:
             raise FxdiffError(f"{file}: tensor {key} has an invalid layout {[blob, dtype_name, shape, stride, first]}")
         size = dtype.itemsize
         extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
@@ -246,6 +246,15 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
 
 
 _QUANTIZED = ("qint", "quint")   # a capture stores quantized tensors dequantized
+
+
+@functools.cache
+def _view_dtype(name: str) -> torch.dtype | None:
+    """The dtype a view names by its own name (``float32``; not an alias, not quantized), or None."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or str(dtype) != f"torch.{name}" or name.startswith(_QUANTIZED):
+        return None
+    return dtype
 
 
 def _alignment(dtype: torch.dtype) -> int:

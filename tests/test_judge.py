@@ -155,3 +155,34 @@ def test_float64_values_whose_squares_overflow_are_still_compared():
     assert compare_tensors(ref, ref.clone(), Tolerance()).passed
     m = compare_tensors(ref, ref * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64), Tolerance())
     assert not m.passed and math.isfinite(m.ref_rms) and m.ref_rms > 1e200
+
+
+class NoGradBlock(nn.Module):
+    """Three layers; with ``bug``, the middle one runs under ``torch.no_grad`` (a port's mistake)."""
+
+    def __init__(self, bug=False):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.bug = bug
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad() if self.bug else torch.enable_grad():
+            h = torch.tanh(self.b(h))
+        return self.c(h)
+
+
+def test_a_block_run_without_autograd_is_named_where_the_gradient_stops(tmp_path):
+    """The block's own nodes have no gradient to compare; the gradient missing at its input is the
+    divergence, and the reason names the block's op that ran with autograd off."""
+    torch.manual_seed(0)
+    ref, x = NoGradBlock(), torch.randn(3, 4)
+    port = NoGradBlock(bug=True)
+    port.load_state_dict(ref.state_dict())
+    cap = fxdiff.capture(ref, (x,))
+    fxdiff.capture(port, (x,), stream_to=tmp_path / "port")   # the autograd-off mark survives the file
+    for report in (fxdiff.compare(cap, port), fxdiff.compare(cap, tmp_path / "port")):
+        assert report.verdict == "diverged"
+        first, = [r for r in report.nodes if r.first_backward]
+        assert first.ref_module == "" and "linear in b) ran with autograd off" in first.isolated_backward_why
+        assert {p.ref for p in report.params if not p.grad.passed} == {"a.weight", "a.bias", "b.weight", "b.bias"}

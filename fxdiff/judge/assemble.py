@@ -26,7 +26,7 @@ import torch.fx
 
 from .. import tree
 from ..model.alignment import Alignment
-from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
+from ..model.capture import DTYPE, MODULE, NO_GRAD, SHAPE, TARGET, Capture
 from . import noise
 from .isolate import replay, replay_backward
 from ..match.confidence import OTHER_USERS, WEAK
@@ -78,10 +78,14 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         ))
         calls.append(functools.partial(_node_pair, ref.values, cand.values, pair, tol))
         sizes.append(ref.values[pair.ref].numel())
-        mixed = pair.ref in mixed_ref or pair.cand in mixed_cand
-        calls.append(functools.partial(_node_pair, ref.grads, cand.grads, pair, tol, node_floor) if not mixed
+        # no gradient on a side that ran the op with autograd off (a reentrant checkpoint's first
+        # forward): nothing to compare there; a gradient that stops short of it shows before it
+        untracked = (pair.ref not in ref.grads and rn.meta.get(NO_GRAD)) or \
+            (pair.cand not in cand.grads and cn.meta.get(NO_GRAD))
+        skip = pair.ref in mixed_ref or pair.cand in mixed_cand or untracked
+        calls.append(functools.partial(_node_pair, ref.grads, cand.grads, pair, tol, node_floor) if not skip
                      else _nothing)
-        sizes.append(0 if mixed or pair.ref not in ref.grads else ref.grads[pair.ref].numel())
+        sizes.append(0 if skip or pair.ref not in ref.grads else ref.grads[pair.ref].numel())
     params = [ParamRow(ref=pp.ref, cand=list(pp.cand), transform=pp.transform, evidence=pp.evidence, grad=None,
                        value=None) for pp in alignment.params]
     for pp in alignment.params:
@@ -441,10 +445,14 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         unusable = [c for c in consumers if plain[c].backward is None or not plain[c].backward.passed]
         if unusable:
             c = plain[unusable[0]]
-            row.isolated_backward_why = (f"the gradient at its consumer {c.cand_node} ({c.op} in "
-                                         f"{c.cand_module or '<root>'}) "
-                                         f"{'was not compared' if c.backward is None else 'differs too'}: "
-                                         "no agreeing reference gradient to start from")
+            consumer = f"its consumer {c.cand_node} ({c.op} in {c.cand_module or '<root>'})"
+            if c.backward is None and cand.node(c.cand_node).meta.get(NO_GRAD):
+                row.isolated_backward_why = (f"{consumer} ran with autograd off in the candidate (torch.no_grad, or "
+                                             "a reentrant checkpoint's forward): no gradient to start from")
+            else:
+                row.isolated_backward_why = (f"the gradient at {consumer} "
+                                             f"{'was not compared' if c.backward is None else 'differs too'}: "
+                                             "no agreeing reference gradient to start from")
             continue
         grad = replay_backward(ref, cand, row.cand_node, {c: boundary[c] for c in consumers}, boundary)
         if isinstance(grad, str):

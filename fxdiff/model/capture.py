@@ -29,6 +29,7 @@ GRAD = "fxdiff_grad"            # "recorded": a gradient was stored; "none": no 
 NOT_STORED = "fxdiff_not_stored"  # why a tensor the node produced has no stored value
 VMAP_DIMS = "fxdiff_vmap_dims"  # the op ran per sample inside torch.vmap: the stored value's leading dims are the batch
 BOUNDARY = "fxdiff_boundary"    # placeholder for a value made outside the kept modules: the op that made it
+NO_GRAD = "fxdiff_no_grad"      # True: made with autograd off (torch.no_grad, a reentrant checkpoint's forward)
 
 
 _KINDS = {"str": str, "int": int, "bool": bool, "dict": dict}

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import tree
-from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
+from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NO_GRAD, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
 from ..ops import RANDOM_OPS
 from ..store.device_summary import DeviceSummaries
 from ..store.summary import is_summary, summarise
@@ -362,6 +362,8 @@ class Recorder(TorchFunctionMode):
         copy = self.copy if copy is None else copy
         node.meta[SHAPE] = list(t.shape)
         node.meta[DTYPE] = dtype_name(t.dtype)
+        if node.op == "call_function" and not torch.is_grad_enabled() and not t.requires_grad:
+            node.meta[NO_GRAD] = True   # no gradient can reach it
         keep = self.keep
         if not keep.everything:
             if node.op == "call_function" and not keep.inside(node.meta[MODULE]):

@@ -31,7 +31,7 @@ import torch.fx
 
 from .. import tree
 from ..errors import FxdiffError
-from ..model.capture import DTYPE, GRAD, MODULE, NOT_STORED, SHAPE, TARGET
+from ..model.capture import DTYPE, GRAD, MODULE, NO_GRAD, NOT_STORED, SHAPE, TARGET
 from .summary import is_summary
 
 GRAPH, TENSORS = "graph.json", "tensors.safetensors"
@@ -76,6 +76,8 @@ def check(graph: torch.fx.Graph, tensors: dict[str, torch.Tensor], tables: dict[
     for name, grad in grads.items():
         if name not in values:
             refuse(f"{TENSORS} holds a gradient for {name[:80]!r}, which has no value")
+        if nodes[name].meta.get(NO_GRAD):
+            refuse(f"{GRAPH}: node {name!r} says it ran with autograd off, and {TENSORS} holds a gradient of it")
         if not (is_summary(grad) or is_summary(values[name])):
             _same_layout(grad, values[name], f"gradient of node {name!r}", "its value", refuse)
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from ..errors import FxdiffError
-from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
+from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NO_GRAD, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
 from ..targets import OPAQUE, Targets
 from ..util import finite
 from .summary import GRAD_SUMMARY, VALUE_SUMMARY
@@ -24,7 +24,7 @@ from .summary import GRAD_SUMMARY, VALUE_SUMMARY
 _OPS = ("placeholder", "get_attr", "call_function", "output")
 _META_TYPES = {MODULE: str, MODULE_TYPE: str, TARGET: str, DTYPE: (str, type(None)), GRAD: str, NOT_STORED: str,
                VALUE_SUMMARY: dict, GRAD_SUMMARY: dict, BOUNDARY: str,
-               VMAP_DIMS: int}
+               VMAP_DIMS: int, NO_GRAD: bool}
 
 
 class _Invalid(Exception):

@@ -390,6 +390,8 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
         rec.before_frozen_write = before.wait_device
     if not config.kept.everything or stream is not None:
         rec.restrict(config.kept, stream)
+    if stream is not None and config.keep != "summary":
+        _put_params_early(model, before, stream)
     placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
                     for path, t in tree.flatten(call)}
     try:
@@ -427,6 +429,18 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
                params=params, param_grads=param_grads,
                output_grads=output_grads,
                loss_value=loss_value, not_stored=not_stored, stream=stream)
+
+
+def _put_params_early(model: torch.nn.Module, before: dict[int, torch.Tensor], stream: CaptureStream) -> None:
+    """Hand a streamed capture the parameters' copies taken on entry, which are what it stores and
+    which nothing writes: the disk takes them during the run instead of after it (finishing finds
+    them written). CPU copies held in memory only (not those of CUDA parameters, still in transit)."""
+    if not isinstance(before, Saved) or before.spill is not None:
+        return
+    for name, p in model.named_parameters():
+        copy = before.get(id(p))
+        if copy is not None and id(p) not in before.versions and copy.device.type == "cpu" and is_plain(copy):
+            stream.put(f"param/{name}", copy, defer=True)
 
 
 def plain_tensors(tensors: dict[str, torch.Tensor], prefix: str = "",

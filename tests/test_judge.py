@@ -173,8 +173,8 @@ class NoGradBlock(nn.Module):
 
 
 def test_a_block_run_without_autograd_is_named_where_the_gradient_stops(tmp_path):
-    """The block's own nodes have no gradient to compare; the gradient missing at its input is the
-    divergence, and the reason names the block's op that ran with autograd off."""
+    """The gradient stops at the block's output: the first backward divergence, its reason the
+    autograd-off run (not a custom backward)."""
     torch.manual_seed(0)
     ref, x = NoGradBlock(), torch.randn(3, 4)
     port = NoGradBlock(bug=True)
@@ -184,5 +184,31 @@ def test_a_block_run_without_autograd_is_named_where_the_gradient_stops(tmp_path
     for report in (fxdiff.compare(cap, port), fxdiff.compare(cap, tmp_path / "port")):
         assert report.verdict == "diverged"
         first, = [r for r in report.nodes if r.first_backward]
-        assert first.ref_module == "" and "linear in b) ran with autograd off" in first.isolated_backward_why
+        assert first.op == "tanh" and first.ref_module == "" and first.blame is None
+        assert "the candidate made it with autograd off" in first.isolated_backward_why
         assert {p.ref for p in report.params if not p.grad.passed} == {"a.weight", "a.bias", "b.weight", "b.bias"}
+
+
+class NoGradScale(nn.Module):
+    """A scale made from a weight; with ``bug``, under ``torch.no_grad`` (its gradient cut)."""
+
+    def __init__(self, bug=False):
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.bug = bug
+
+    def forward(self, x):
+        with torch.no_grad() if self.bug else torch.enable_grad():
+            scale = self.a.weight.norm()
+        return self.c(self.a(x) / scale)
+
+
+def test_a_gradient_cut_at_a_parameter_is_the_first_divergence():
+    torch.manual_seed(0)
+    ref, x = NoGradScale(), torch.randn(3, 4)
+    port = NoGradScale(bug=True)
+    port.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), port)
+    first, = [r for r in report.nodes if r.first_backward]
+    assert first.op == "norm" and "autograd off" in first.isolated_backward_why
+    assert [p.ref for p in report.params if not p.grad.passed] == ["a.weight"]

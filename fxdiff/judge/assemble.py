@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import torch
 import torch.fx
@@ -60,6 +60,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     out_pairs, ref_outputs_left, cand_outputs_left = pair_outputs(tree.flatten(ref.outputs), tree.flatten(cand.outputs))
     mixed_ref, mixed_cand, warnings = _seeded_elsewhere(ref, cand, out_pairs, ref_outputs_left, cand_outputs_left, tol)
     rows: list[NodeRow] = []
+    untracked: list[tuple[NodeRow, str]] = []   # a gradient missing on a side that made the op with autograd off
     calls, sizes = [], []
     for pair in alignment.pairs:
         rn, cn = ref_nodes[pair.ref], cand_nodes[pair.cand]
@@ -78,11 +79,11 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         ))
         calls.append(functools.partial(_node_pair, ref.values, cand.values, pair, tol))
         sizes.append(ref.values[pair.ref].numel())
-        # no gradient on a side that ran the op with autograd off (a reentrant checkpoint's first
-        # forward): nothing to compare there; a gradient that stops short of it shows before it
-        untracked = (pair.ref not in ref.grads and rn.meta.get(NO_GRAD)) or \
-            (pair.cand not in cand.grads and cn.meta.get(NO_GRAD))
-        skip = pair.ref in mixed_ref or pair.cand in mixed_cand or untracked
+        side = "ref" if pair.ref not in ref.grads and rn.meta.get(NO_GRAD) else \
+            "cand" if pair.cand not in cand.grads and cn.meta.get(NO_GRAD) else None
+        if side is not None:
+            untracked.append((rows[-1], side))
+        skip = pair.ref in mixed_ref or pair.cand in mixed_cand or side is not None
         calls.append(functools.partial(_node_pair, ref.grads, cand.grads, pair, tol, node_floor) if not skip
                      else _nothing)
         sizes.append(0 if skip or pair.ref not in ref.grads else ref.grads[pair.ref].numel())
@@ -100,6 +101,10 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             row.forward, row.backward = next(done), next(done)
         else:
             row.value, row.grad = next(done), next(done)
+    for side in ("ref", "cand"):
+        reached = _gradient_reaches(ref if side == "ref" else cand, side, rows, params)
+        for row in (r for r, s in untracked if s == side and not reached(r)):
+            row.backward = _grad_metrics(ref.grads.get(row.ref_node), cand.grads.get(row.cand_node), tol, node_floor)
     if not tol.strict:
         node_floor = grad_floor(ref.grads, {r.ref_node: r.backward for r in rows if r.ref_slice is None})
         param_floor = grad_floor(ref.param_grads, {p.ref: p.grad for p in params})
@@ -415,6 +420,35 @@ def _upstream(start: torch.fx.Node, compared: set[str]) -> set[str]:
     return seen
 
 
+def _gradient_reaches(capture: Capture, side: str, rows: list[NodeRow],
+                      params: list[ParamRow]) -> Callable[[NodeRow], bool]:
+    """For a row whose node ``side`` made with autograd off: whether the gradient reaches that side's
+    region of such ops where it enters, as on the other side. Then the ops inside have no gradient to
+    compare (a reentrant checkpoint's first forward, whose backward runs it again); when a gradient
+    at an input of the region (an op's, a parameter's) differs, the missing one is a difference too
+    (a port that cut the gradient with ``torch.no_grad``)."""
+    rows_at = {r.ref_node if side == "ref" else r.cand_node: r for r in rows}
+    params_at = {name: p for p in params for name in ([p.ref] if side == "ref" else p.cand)}
+
+    def reaches(row: NodeRow) -> bool:
+        start = capture.node(row.ref_node if side == "ref" else row.cand_node)
+        seen, stack = {start}, [start]
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a in seen:
+                    continue
+                seen.add(a)
+                if a.meta.get(NO_GRAD):
+                    stack.append(a)
+                    continue
+                at = params_at.get(str(a.target)) if a.op == "get_attr" else rows_at.get(a.name)
+                judged = None if at is None else at.grad if isinstance(at, ParamRow) else at.backward
+                if judged is not None and not judged.passed:
+                    return False
+        return True
+    return reaches
+
+
 def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance,
                       node_floor: float) -> list[NodeRow]:
     """For each backward first divergence not replayed yet that no forward divergence explains,
@@ -433,6 +467,12 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
     for row in rows:
         if not row.first_backward or row.consequence or row.isolated_backward is not None \
                 or row.isolated_backward_why is not None:
+            continue
+        cut = [who for who, c, name in (("reference", ref, row.ref_node), ("candidate", cand, row.cand_node))
+               if name not in c.grads and c.node(name).meta.get(NO_GRAD)]
+        if cut:
+            row.isolated_backward_why = (f"the {cut[0]} made it with autograd off (torch.no_grad), which cuts the "
+                                         "gradient there")
             continue
         if row.cand_node not in plain:
             row.isolated_backward_why = _not_plain(row)

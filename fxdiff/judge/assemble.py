@@ -101,16 +101,16 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             row.forward, row.backward = next(done), next(done)
         else:
             row.value, row.grad = next(done), next(done)
-    for side in ("ref", "cand"):
-        reached = _gradient_reaches(ref if side == "ref" else cand, side, rows, params)
-        for row in (r for r, s in untracked if s == side and not reached(r)):
-            row.backward = _grad_metrics(ref.grads.get(row.ref_node), cand.grads.get(row.cand_node), tol, node_floor)
     if not tol.strict:
         node_floor = grad_floor(ref.grads, {r.ref_node: r.backward for r in rows if r.ref_slice is None})
         param_floor = grad_floor(ref.param_grads, {p.ref: p.grad for p in params})
     precision = noise.TF32_EPS if ref.info.tf32 or cand.info.tf32 else 0.0
     if not tol.strict:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
+    for side in ("ref", "cand"):   # on the verdicts within noise: a gradient that differs only by rounding reaches
+        reached = _gradient_reaches(ref if side == "ref" else cand, side, rows, params)
+        for row in (r for r, s in untracked if s == side and not reached(r)):
+            row.backward = _grad_metrics(ref.grads.get(row.ref_node), cand.grads.get(row.cand_node), tol, node_floor)
     rows, rejected = _verify_weak(ref.graph, rows)
     unjudged = _verify_weak_grads(ref.graph, rows)
     if unjudged:

@@ -39,7 +39,7 @@ from .model.capture import Capture
 from .model.report import Report
 from .params import convert as convert_state
 from .progress import step
-from .record import BackwardSeed, RunConfig, record
+from .record import BackwardSeed, RunConfig, input_target, record
 from .record.recorder import Keep
 from .replay import drew, random_differences, replay_table, replayed
 from .store import is_capture, load, load_deferred, save, trim
@@ -190,7 +190,7 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
         meta["inputs"] = "the reference's saved inputs"
         with_grad = {n.target for n in ref.graph.nodes if n.op == "placeholder" and n.name in ref.grads}
         for path, t in tree.flatten({"args": args, "kwargs": kwargs}):   # as the reference's did
-            if path.removeprefix("kwargs.") in with_grad and (t.is_floating_point() or t.is_complex()):
+            if input_target(path) in with_grad and (t.is_floating_point() or t.is_complex()):
                 t.requires_grad_()
     info = ref.info
     config = RunConfig(mode=options.mode or info.mode, seed=info.seed if options.seed is None else options.seed,

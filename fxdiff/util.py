@@ -158,7 +158,6 @@ def dontneed(data: mmap.mmap, start: int, length: int) -> None:
         pass
 
 
-
 def tensor_version(t: Any) -> int | None:
     """A tensor's version counter (``t._version``), or None for an inference tensor, which keeps
     none (made under ``torch.inference_mode()``, it cannot be written outside it)."""

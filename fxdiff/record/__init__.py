@@ -18,12 +18,12 @@ from ..util import gc_paused
 from .eager import record_eager
 from .fx import record_fx
 from .recorder import Recorder
-from .session import BackwardSeed, Loss, Run, RunConfig, assemble, objective
+from .session import BackwardSeed, Loss, Run, RunConfig, assemble, input_target, objective
 
 Tracer = Callable[[torch.nn.Module, tuple, dict, RunConfig], Run]
 TRACERS: Mapping[str, Tracer] = {"eager": record_eager, "fx": record_fx}
 
-__all__ = ["BackwardSeed", "Loss", "objective", "Recorder", "RunConfig", "TRACERS", "record"]
+__all__ = ["BackwardSeed", "Loss", "input_target", "objective", "Recorder", "RunConfig", "TRACERS", "record"]
 
 
 def record(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, config: RunConfig = RunConfig(),

@@ -35,6 +35,7 @@ from ..outputs import pair_outputs
 from .plain import as_plain, is_plain
 from ..store.stream import CaptureStream
 from ..store.tensor_file import _span_bytes, byte_span
+from ..util import dtype_name
 from .recorder import BOUNDARY, Keep, Recorder, Slot
 
 Loss = Callable[..., torch.Tensor]
@@ -392,7 +393,7 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
         rec.restrict(config.kept, stream)
     if stream is not None and config.keep != "summary":
         _put_params_early(model, before, stream)
-    placeholders = {id(t): rec.add_input(path.removeprefix("kwargs."), t).name
+    placeholders = {id(t): rec.add_input(input_target(path), t).name
                     for path, t in tree.flatten(call)}
     try:
         with torch.enable_grad(), rec, forward_context(model, config):
@@ -441,6 +442,12 @@ def _put_params_early(model: torch.nn.Module, before: dict[int, torch.Tensor], s
         copy = before.get(id(p))
         if copy is not None and id(p) not in before.versions and copy.device.type == "cpu" and is_plain(copy):
             stream.put(f"param/{name}", copy, defer=True)
+
+
+def input_target(path: str) -> str:
+    """The target of the placeholder for the call's tensor at ``path`` (``args.0``, ``kwargs.x``):
+    keyword arguments by their name."""
+    return path.removeprefix("kwargs.")
 
 
 def plain_tensors(tensors: dict[str, torch.Tensor], prefix: str = "",
@@ -657,14 +664,14 @@ def assemble(model: torch.nn.Module, run: Run, *, tracer: str, config: RunConfig
         "mode": config.mode,
         "seed": config.seed,
         "keep_dropout": config.keep_dropout,
-        "autocast": str(config.autocast).removeprefix("torch.") if config.autocast else None,
+        "autocast": dtype_name(config.autocast) if config.autocast else None,
         "loss": _loss_name(config),
         "loss_value": run.loss_value,
         "device": str(first.device) if first is not None else "cpu",
         # float32 convolutions and matrix products on CUDA may round their inputs to TF32
         "tf32": first is not None and first.device.type == "cuda"
         and bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32),
-        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "dtype": dtype_name(first.dtype) if first is not None else None,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "started": started.isoformat(timespec="seconds"),
         "ops": ops,

@@ -32,6 +32,7 @@ import torch.fx
 from .. import tree
 from ..errors import FxdiffError
 from ..model.capture import DTYPE, GRAD, MODULE, NO_GRAD, NOT_STORED, SHAPE, TARGET
+from ..util import dtype_name
 from .summary import is_summary
 
 GRAPH, TENSORS = "graph.json", "tensors.safetensors"
@@ -177,7 +178,7 @@ def _agrees(t: torch.Tensor, meta: dict[str, Any], what: str, refuse) -> None:
         refuse(f"{GRAPH} records no shape and dtype for the {what}")
     if list(t.shape) != shape:
         refuse(f"the {what} in {TENSORS} has shape {list(t.shape)}, {GRAPH} records {shape}")
-    stored = str(t.dtype).removeprefix("torch.")
+    stored = dtype_name(t.dtype)
     if stored != dtype and not (dtype.startswith(("qint", "quint")) and t.is_floating_point()):
         refuse(f"the {what} in {TENSORS} is {stored}, {GRAPH} records {dtype}")
 

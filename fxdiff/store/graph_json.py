@@ -18,7 +18,7 @@ import torch.fx
 from ..errors import FxdiffError
 from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NO_GRAD, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
 from ..targets import OPAQUE, Targets
-from ..util import finite
+from ..util import dtype_name, finite
 from .summary import GRAD_SUMMARY, VALUE_SUMMARY
 
 _OPS = ("placeholder", "get_attr", "call_function", "output")
@@ -61,7 +61,7 @@ def _arg_to_json(a: Any) -> Any:
     if a is Ellipsis:
         return {"ellipsis": True}
     if isinstance(a, torch.dtype):
-        return {"dtype": str(a).removeprefix("torch.")}
+        return {"dtype": dtype_name(a)}
     if isinstance(a, torch.device):
         return {"device": str(a)}
     if isinstance(a, complex):

@@ -163,8 +163,8 @@ def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Captu
         stream.tensors.put_all(contents.tensors)
         views = stream.tensors._views   # in the capture's order, as save() writes them
         stream.tensors._views = {**{k: views[k] for k, _ in _keyed(capture) if k in views}, **views}
-        size, digest = stream.tensors.close()
         (stream.tmp / GRAPH).write_bytes(contents.graph_bytes)
+        size, digest = stream.tensors.close()
         meta = _complete(stream.tmp, stream.path, capture, contents.graph_bytes, size, digest, contents.partial)
         mapped = stream.tensors.mapped(stream.path / TENSORS, skip=contents.summaries)
     except OSError as e:

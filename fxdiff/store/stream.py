@@ -338,6 +338,8 @@ class TensorStream:
         if self.error is not None:
             self.abort()
             self._raise_failure()
+        writer = self._writer
+        writer.submit_rest()   # the last bytes go to disk while the header is made and written
         # GPU blobs reach the file when their copies end, after blobs made later on the CPU: number
         # the blobs in file order, as save() does; empty ones go at the end of the file
         blobs = [(offset if length else self._writer.size, length) for offset, length in self._blobs]
@@ -350,11 +352,10 @@ class TensorStream:
         views = {k: [number[v[0]], *v[1:]] for k, v in self._views.items()}
         header["__metadata__"] = {"format": FORMAT, "views": json_bytes(views).decode()}
         head = json_bytes(header)
-        writer = self._writer
-        writer.__exit__(None, None, None)
-        self._closed = True
         reserve = self._reserve
-        if len(head) > reserve - 8:   # more tensors than the space kept for the header: move the data
+        moved = len(head) > reserve - 8
+        if moved:   # more tensors than the space kept for the header: move the data, once it is written
+            writer.__exit__(None, None, None)
             reserve = len(head) + 8 + (-(len(head) + 8) % self._reserve)
             _move_data(self.file, self._reserve, reserve, writer.size)
         head = (reserve - 8).to_bytes(8, "little") + head + b" " * (reserve - 8 - len(head))
@@ -366,6 +367,9 @@ class TensorStream:
                 written += os.pwrite(fd, view[written:], written)
         finally:
             os.close(fd)
+        if not moved:
+            writer.__exit__(None, None, None)
+        self._closed = True
         digest = {"xxh3_64_header": xxhash.xxh3_64_hexdigest(head), "xxh3_64_data": writer.digest,
                   "data_offset": reserve}
         self.size, self.data_offset = reserve + writer.size, reserve

@@ -167,7 +167,13 @@ class _Writer:
             if self._fill == self.CHUNK:
                 self._flush()
 
-    def _flush(self) -> None:
+    def submit_rest(self) -> None:
+        """Hand what is buffered to the writing thread now, without waiting for it (the last write:
+        the caller does other work while it goes to disk, then calls ``__exit__``)."""
+        if self._fill:
+            self._flush(last=True)
+
+    def _flush(self, last: bool = False) -> None:
         """Hand the buffer to the writing thread in whole blocks, as ``O_DIRECT`` wants: a full
         chunk, or the last one padded with zeros (``__exit__`` cuts the file back)."""
         fill = self._fill
@@ -177,6 +183,9 @@ class _Writer:
             self._padded = True
         view = memoryview(self._buf)
         self._pending.append((self._writes.submit(self._write_all, view[:length], view[:fill]), self._buf))
+        if last:
+            self._fill = 0
+            return
         if not self._free:
             written, buf = self._pending.popleft()
             written.result()
@@ -227,13 +236,13 @@ _POOL_KEEP = 8
 def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path) -> dict[str, torch.Tensor]:
     """The tensors that ``views`` describes, as views of their storage blobs."""
     tensors = {}
-    for key, (blob, dtype_name, shape, stride, first) in views.items():
-        dtype = _view_dtype(dtype_name) if type(dtype_name) is str else None
+    for key, (blob, label, shape, stride, first) in views.items():
+        dtype = _view_dtype(label) if type(label) is str else None
         data = blobs.get(f"storage/{blob}")
         if data is not None and dtype is not None and data.data_ptr() % _alignment(dtype):
             data = blobs[f"storage/{blob}"] = data.clone()   # written by an older fxdiff, unaligned
         if dtype is None or data is None or first < 0 or len(stride) != len(shape) or min(shape + stride + [0]) < 0:
-            raise FxdiffError(f"{file}: tensor {key} has an invalid layout {[blob, dtype_name, shape, stride, first]}")
+            raise FxdiffError(f"{file}: tensor {key} has an invalid layout {[blob, label, shape, stride, first]}")
         size = dtype.itemsize
         extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
         if first % size or first + extent * size > data.numel():
@@ -342,13 +351,13 @@ def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: 
     tensors first use them (a file written while the model ran numbers them in the order they came).
     A tensor re-pointed at another blob, or given a blob of its own, breaks this."""
     spans: dict[int, list[int]] = {}
-    for key, (blob, dtype_name, shape, stride, first) in views.items():   # valid: _rebuild took them
+    for key, (blob, label, shape, stride, first) in views.items():   # valid: _rebuild took them
         if type(blob) is not int:
             raise FxdiffError(f"{file}: tensor {key} names blob {str(blob)[:20]!r}, expected a number")
         if ordered and blob not in spans and blob != len(spans):
             raise FxdiffError(f"{file}: tensor {key} uses blob {blob} before blob {len(spans)}; the tensor file was "
                               "not written by fxdiff or was edited")
-        size = getattr(torch, dtype_name).itemsize
+        size = getattr(torch, label).itemsize
         extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
         span = spans.setdefault(blob, [first, first + extent * size])
         span[0], span[1] = min(span[0], first), max(span[1], first + extent * size)

@@ -21,10 +21,11 @@ named inside a capture, report or checkpoint is ever imported or called.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -106,16 +107,16 @@ def capture_spec(model: str | torch.nn.Module, **run: Any) -> Capture:
     options = LiveOptions(**run)
     if options.inputs is None:
         raise FxdiffError("a model needs inputs to run", option="inputs")
-    built, meta = _build(model, options)
-    args, kwargs = _inputs(options.inputs, built, options)
-    meta["inputs"] = options.inputs if isinstance(options.inputs, str) else "given in Python"
-    if isinstance(options.loss, str):
-        meta["loss"] = options.loss   # a description: a capture's loss is never loaded from it
     config = RunConfig(mode=options.mode or "eval", seed=options.seed or 0, keep_dropout=bool(options.keep_dropout),
                        loss=_loss(options.loss), autocast=_dtype(options.autocast), keep=options.keep,
                        modules=options.modules, stream_to=options.stream_to)
-    with step(f"capturing {_label(model)}"):
-        return record(built, args, kwargs, config, tracer=options.tracer, meta=meta)
+    with _built(model, options) as (built, meta):
+        args, kwargs = _inputs(options.inputs, built, options)
+        meta["inputs"] = options.inputs if isinstance(options.inputs, str) else "given in Python"
+        if isinstance(options.loss, str):
+            meta["loss"] = options.loss   # a description: a capture's loss is never loaded from it
+        with step(f"capturing {_label(model)}"):
+            return record(built, args, kwargs, config, tracer=options.tracer, meta=meta)
 
 
 def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_map: UserMap | str | None = None,
@@ -154,6 +155,9 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
             report = judge(ref_capture, cand_capture, alignment, tolerance or Tolerance(),
                            ref_label=ref_label or _label(ref), cand_label=cand_label or _label(cand))
         report.replayed = replayed(ref_capture, cand_capture, alignment)
+        report.warnings[:0] = [f"the {side}'s checkpoint {line}" for side, c in (("reference", ref_capture),
+                                                                                ("candidate", cand_capture))
+                               if (line := specs.checkpoint_warning(c.meta.get("checkpoint")))]
         if not _is_live(cand):
             report.warnings.extend(_setup_differences(ref_capture, cand_capture) + random_differences(report))
     except BaseException:
@@ -178,20 +182,6 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
     """Record a live candidate as ``compare`` does: on ``ref``'s inputs, seed, mode and backward seed,
     and, with ``options.rng_replay`` and the eager tracer, again with ``ref``'s random draws where
     its random ops pair with ``ref``'s (``user_map`` helps align them)."""
-    model, meta = _build(cand, options)
-    if options.inputs is not None:
-        args, kwargs = _inputs(options.inputs, model, options)
-        meta["inputs"] = options.inputs if isinstance(options.inputs, str) else "given in Python"
-    else:   # the saved inputs, floating ones in the candidate's own dtype unless one is asked for
-        first = next(model.parameters(), None)
-        own = options if options.dtype is not None or first is None or not first.is_floating_point() \
-            else dataclasses.replace(options, dtype=first.dtype)
-        args, kwargs = _inputs((tuple(ref.inputs.get("args", ())), dict(ref.inputs.get("kwargs", {}))), model, own)
-        meta["inputs"] = "the reference's saved inputs"
-        with_grad = {n.target for n in ref.graph.nodes if n.op == "placeholder" and n.name in ref.grads}
-        for path, t in tree.flatten({"args": args, "kwargs": kwargs}):   # as the reference's did
-            if input_target(path) in with_grad and (t.is_floating_point() or t.is_complex()):
-                t.requires_grad_()
     info = ref.info
     config = RunConfig(mode=options.mode or info.mode, seed=info.seed if options.seed is None else options.seed,
                        keep_dropout=info.keep_dropout if options.keep_dropout is None else bool(options.keep_dropout),
@@ -207,14 +197,35 @@ def run_candidate(ref: Capture, cand: str | torch.nn.Module, options: LiveOption
     elif info.loss not in (None, "random cotangent"):
         raise FxdiffError("the reference capture holds no output gradients (it was made by an older fxdiff) and "
                           "its loss was code; give the candidate's loss", option="loss")
-    with step(f"running {_label(cand)}"):
-        once = record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
-    draws = _reference_draws(ref, once, options, user_map)
-    if not draws:
-        return once
-    with step(f"running {_label(cand)} again with the reference's random draws"):
-        return record(model, args, kwargs, dataclasses.replace(config, replay=draws), tracer=options.tracer,
-                      meta=meta)
+    with _built(cand, options) as (model, meta):
+        args, kwargs = _candidate_inputs(ref, model, options, meta)
+        with step(f"running {_label(cand)}"):
+            once = record(model, args, kwargs, config, tracer=options.tracer, meta=meta)
+        draws = _reference_draws(ref, once, options, user_map)
+        if not draws:
+            return once
+        with step(f"running {_label(cand)} again with the reference's random draws"):
+            return record(model, args, kwargs, dataclasses.replace(config, replay=draws), tracer=options.tracer,
+                          meta=meta)
+
+
+def _candidate_inputs(ref: Capture, model: torch.nn.Module, options: LiveOptions,
+                      meta: dict[str, Any]) -> tuple[tuple, dict]:
+    """A live candidate's call: ``options.inputs``, or the reference's saved inputs, floating ones in
+    the candidate's own dtype unless one is asked for, requiring grad where the reference's did."""
+    if options.inputs is not None:
+        meta["inputs"] = options.inputs if isinstance(options.inputs, str) else "given in Python"
+        return _inputs(options.inputs, model, options)
+    first = next(model.parameters(), None)
+    own = options if options.dtype is not None or first is None or not first.is_floating_point() \
+        else dataclasses.replace(options, dtype=first.dtype)
+    args, kwargs = _inputs((tuple(ref.inputs.get("args", ())), dict(ref.inputs.get("kwargs", {}))), model, own)
+    meta["inputs"] = "the reference's saved inputs"
+    with_grad = {n.target for n in ref.graph.nodes if n.op == "placeholder" and n.name in ref.grads}
+    for path, t in tree.flatten({"args": args, "kwargs": kwargs}):
+        if input_target(path) in with_grad and (t.is_floating_point() or t.is_complex()):
+            t.requires_grad_()
+    return args, kwargs
 
 
 def _reference_draws(ref: Capture, cand: Capture, options: LiveOptions,
@@ -299,17 +310,42 @@ def _reference(ref: Side | torch.nn.Module, options: LiveOptions,
     return capture_spec(ref, **dataclasses.asdict(options)) if _is_live(ref) else _as_capture(ref, checks)
 
 
-def _build(model: str | torch.nn.Module, options: LiveOptions) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model (weights loaded, placed on the device and dtype asked for) and metadata about it."""
+@contextlib.contextmanager
+def _built(model: str | torch.nn.Module, options: LiveOptions) -> Iterator[tuple[torch.nn.Module, dict[str, Any]]]:
+    """The model (weights loaded, placed on the device and dtype asked for) and metadata about it.
+    A module given in Python is changed only for the block: its tensors are put back after it."""
     meta: dict[str, Any] = {}
+    restore = None
     if isinstance(model, (str, os.PathLike)):
         meta["model"] = str(model)
         model = specs.load_model(str(model))
-    if options.checkpoint:
-        loaded = specs.load_checkpoint(model, options.checkpoint)
-        meta["checkpoint"] = dataclasses.asdict(loaded)
-    model, _, _ = specs.place(model, (), {}, options.device, _dtype(options.dtype))
-    return model, meta
+    elif options.checkpoint or options.device or options.dtype:
+        restore = _tensors_put_back(model, copy=bool(options.checkpoint))
+    try:
+        if options.checkpoint:
+            loaded = specs.load_checkpoint(model, options.checkpoint)
+            meta["checkpoint"] = dataclasses.asdict(loaded)
+        placed, _, _ = specs.place(model, (), {}, options.device, _dtype(options.dtype))
+        yield placed, meta
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _tensors_put_back(model: torch.nn.Module, copy: bool) -> Callable[[], None]:
+    """A function that gives ``model``'s parameters and buffers back the tensors they hold now
+    (``Module.to`` replaces them); with ``copy``, copies of them (loading a checkpoint writes into them)."""
+    held = [(m, kind, name, t, t.data.clone() if copy else t.data, t.grad)
+            for m in model.modules() for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items() if t is not None]
+
+    def restore() -> None:
+        for m, kind, name, t, data, grad in held:
+            getattr(m, kind)[name] = t   # the object the caller held, holding its own data again
+            t.data = data
+            if t.grad is not grad:
+                t.grad = grad
+    return restore
 
 
 def _inputs(inputs: str | tuple[tuple, dict], model: torch.nn.Module, options: LiveOptions) -> tuple[tuple, dict]:

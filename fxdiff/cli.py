@@ -161,17 +161,16 @@ def capture(model: str, output: str, tracer: str, keep: str, modules: str | None
     Loading MODEL, --inputs and --loss executes that code: it is your model code.
     """
     from . import api
+    from .load.specs import checkpoint_warning
     from .store import writing
 
     _writable(output, "--output", capture=True)
     with writing(output):   # a second capture to the same output is refused now, not after its run
         cap = api.capture_spec(model, **_live(o, tracer), keep=keep, modules=modules,
                                stream_to=output if stream else None)
-        loaded = cap.meta.get("checkpoint")
-        if loaded and (loaded["missing"] or loaded["unexpected"]):
-            click.echo(f"fxdiff: warning: {loaded['path']}: {len(loaded['missing'])} missing keys "
-                       f"{loaded['missing'][:5]}, {len(loaded['unexpected'])} unexpected keys "
-                       f"{loaded['unexpected'][:5]}", err=True)
+        loaded = checkpoint_warning(cap.meta.get("checkpoint"))
+        if loaded:
+            click.echo(f"fxdiff: warning: {loaded}", err=True)
         if not stream:
             with progress.step(f"saving {output}"):
                 api.save(cap, output)

@@ -360,8 +360,13 @@ def test_activation_checkpointing_in_train_mode(reentrant):
     with pytest.raises(fxdiff.api.FxdiffError, match="activation checkpointing") as refused:
         fxdiff.capture(model, args, kwargs, mode="train")
     assert refused.value.option == "keep_dropout"
+    fxdiff.capture(model, args, kwargs, mode="train", keep_dropout=True)   # attention dropout as it will run again
+    plain = build("gpt2")[0]
+    for m in (model, plain):   # the plain model's attention dropout is written out (replayable): none here
+        for block in m.transformer.h:
+            block.attn.attn_dropout.p = 0.0
     kept = fxdiff.capture(model, args, kwargs, mode="train", keep_dropout=True)   # the same draws twice
-    plain = fxdiff.capture(build("gpt2")[0], args, kwargs, mode="train", keep_dropout=True)
+    plain = fxdiff.capture(plain, args, kwargs, mode="train", keep_dropout=True)
     assert torch.equal(kept.outputs["logits"], plain.outputs["logits"])
     assert all(torch.equal(g, kept.param_grads[n]) for n, g in plain.param_grads.items())
     # a reentrant checkpoint runs its first forward under no_grad: no gradients there, none compared
@@ -369,6 +374,40 @@ def test_activation_checkpointing_in_train_mode(reentrant):
     assert fxdiff.compare(plain, kept).verdict == fxdiff.compare(kept, plain).verdict == "match"
     with pytest.raises(fxdiff.api.FxdiffError, match="rng_replay=False"):   # the reference's draws replayed
         fxdiff.compare(plain, model)
+
+
+class ShiftedDraws(nn.Module):
+    """``model`` after one unrelated random draw: a port that consumes the generator differently."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        torch.rand(3)
+        return self.model(*args, **kwargs)
+
+
+def test_attention_dropout_is_replayed_like_any_dropout():
+    """``scaled_dot_product_attention`` draws its dropout inside the kernel: recorded written out, its
+    dropout an ``F.dropout``, so a port that draws in another order takes the reference's masks."""
+    model, args, kwargs, _ = build("bert")
+    assert model.config._attn_implementation == "sdpa" and model.config.attention_probs_dropout_prob > 0
+    ref = fxdiff.capture(model, args, kwargs, mode="train", keep_dropout=True)
+    # per layer the attention weights', attention output's and feed-forward's; the embeddings'
+    assert sum(1 for n in ref.graph.nodes if str(n.meta.get(TARGET)).endswith("dropout")) == 2 * 3 + 1
+    report = fxdiff.compare(ref, ShiftedDraws(model))
+    assert not report.diverged and len(report.replayed) == 7
+
+
+def test_a_module_compared_in_another_dtype_is_given_back_as_it_was():
+    model, args, kwargs, _ = build("bert")
+    ref = fxdiff.capture(model, args, kwargs)
+    before = {n: (p, p.detach().clone()) for n, p in [*model.named_parameters(), *model.named_buffers()]}
+    assert fxdiff.compare(ref, model, dtype="bfloat16").verdict == "within noise"
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(now[n] is p and p.dtype == v.dtype and torch.equal(p, v) for n, (p, v) in before.items())
+    assert fxdiff.compare(ref, model).verdict == "match"
 
 
 def test_torchscript_submodule_runs_unseen_and_is_put_back():

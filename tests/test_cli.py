@@ -226,6 +226,14 @@ def test_checkpoint_missing_and_unexpected_keys_are_reported(spec, tmp_path):
     assert "partial.pt: 1 missing keys ['norm.bias'], 1 unexpected keys ['extra.weight']" in warning
     meta = fxdiff.load(tmp_path / "c").meta["checkpoint"]
     assert meta["missing"] == ["norm.bias"] and meta["unexpected"] == ["extra.weight"]
+    # a live candidate given that checkpoint: the report says so (the missing bias is why it differs)
+    assert cli("capture", f"{spec}:model", "--inputs", f"{spec}:inputs", "-o", tmp_path / "ref").exit_code == 0
+    result = cli("compare", tmp_path / "ref", f"{spec}:model", "--checkpoint", tmp_path / "partial.pt",
+                 "--json", tmp_path / "r.json")
+    assert result.exit_code == 1, result.stderr
+    line = "the candidate's checkpoint " + str(tmp_path / "partial.pt") + ": 1 missing keys ['norm.bias']"
+    assert any(w.startswith(line) for w in json.loads((tmp_path / "r.json").read_text())["warnings"])
+    assert f"fxdiff: warning: {line}" in result.stderr
 
 
 def test_mode_seed_and_dtype(spec, tmp_path):

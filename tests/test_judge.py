@@ -1,5 +1,7 @@
 """Verdicts on tensor pairs and the first-divergence frontier, on real recorded models."""
 
+import io
+import json
 import math
 
 import torch
@@ -212,3 +214,93 @@ def test_a_gradient_cut_at_a_parameter_is_the_first_divergence():
     first, = [r for r in report.nodes if r.first_backward]
     assert first.op == "norm" and "autograd off" in first.isolated_backward_why
     assert [p.ref for p in report.params if not p.grad.passed] == ["a.weight"]
+
+
+class TwoTowers(nn.Module):
+    """Image and text features made into logits as CLIP does. The reference's order is open_clip's,
+    ``s * img @ txt.T``; ``hf_order`` computes Hugging Face's ``((txt @ img.T) * s).T``, whose last
+    ops pair with none of the reference's. Porting bugs: ``no_exp`` (the scale used as stored),
+    ``text_rolled`` (the text features in another order)."""
+
+    def __init__(self, hf_order=False, no_exp=False, text_rolled=False):
+        super().__init__()
+        self.img = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8))
+        self.txt = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8))
+        self.img_proj, self.txt_proj = nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(1.5))
+        self.hf_order, self.no_exp, self.text_rolled = hf_order, no_exp, text_rolled
+
+    def forward(self, image, text):
+        i = nn.functional.normalize(self.img_proj(self.img(image)), dim=-1)
+        t = self.txt(text)
+        t = nn.functional.normalize(self.txt_proj(t.roll(1, -1) if self.text_rolled else t), dim=-1)
+        s = self.logit_scale if self.no_exp else self.logit_scale.exp()
+        return ((t @ i.T) * s).T if self.hf_order else s * i @ t.T
+
+
+def _towers(**kw):
+    torch.manual_seed(0)
+    ref = TwoTowers()
+    return ref, _port(ref, **kw)
+
+
+def _port(ref, **kw):
+    port = TwoTowers(**kw)
+    port.load_state_dict(ref.state_dict())
+    return port
+
+
+def _tower_inputs():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(3, 6, generator=g), torch.randn(3, 5, generator=g)
+
+
+def test_an_output_made_by_ops_that_pair_with_none_is_the_first_forward_divergence():
+    ref, port = _towers(hf_order=True)
+    cap = fxdiff.capture(ref, _tower_inputs())
+    assert not fxdiff.compare(cap, port).diverged   # the same logits, the other order
+    report = fxdiff.compare(cap, _port(ref, hf_order=True, no_exp=True))
+    assert report.diverged and not any(r.first_forward for r in report.nodes)
+    entry, = report.first_divergence()["forward"]
+    assert entry["output"] == "0" and "exp" in entry["unpaired_ops"]["ref"]
+    assert "exp" not in " ".join(entry["unpaired_ops"]["cand"])
+    # the projections' gradients differ because the logits do: not a backward bug of their own
+    assert all(e["consequence_of_forward"] for e in report.first_divergence()["backward"])
+    text = _text(report)
+    assert "forward: output 0" in text and "made after the last compared values" in text
+    assert "backward only" not in text and "forward: none" not in text
+    assert fxdiff.Report.from_dict(json.loads(json.dumps(report.to_dict()))).outputs[0].frontier == \
+        report.outputs[0].frontier
+
+
+def test_a_forward_bug_in_one_tower_explains_the_other_towers_gradients():
+    """d logits / d image features = upstream gradient @ text features: the image side's gradient
+    differs because the text tower's forward does, though its own forward matches."""
+    ref, port = _towers(text_rolled=True)
+    report = fxdiff.compare(fxdiff.capture(ref, _tower_inputs()), port)
+    forward, = report.first_divergence()["forward"]
+    assert forward["op"] == "linear" and forward["blame"] == "cand-only roll (roll)"
+    backward = report.first_divergence()["backward"]
+    assert all(e["consequence_of_forward"] for e in backward)
+    rows = {r.ref_node: r for r in report.nodes}
+    assert any(rows[e["ref_node"]].forward.passed for e in backward)   # the image side of the product
+    assert "backward only" not in _text(report)
+
+
+def test_under_autocast_ops_kept_in_float32_are_judged_at_autocasts_precision():
+    """The norms and ``exp`` run in float32 under bfloat16 autocast, on what the bfloat16 matrix
+    products before them rounded; where their consumers pair with nothing (the logits, computed in
+    another order), nothing brings that noise to them."""
+    ref, port = _towers(hf_order=True)
+    cap = fxdiff.capture(ref, _tower_inputs())
+    report = fxdiff.compare(cap, port, autocast="bfloat16")
+    assert report.verdict == "within noise", _text(report)
+    assert fxdiff.compare(cap, _port(ref, hf_order=True, no_exp=True), autocast="bfloat16").diverged
+
+
+def _text(report) -> str:
+    from rich.console import Console
+    from fxdiff.render.text import render
+    console = Console(width=200, record=True, file=io.StringIO(), color_system=None)
+    console.print(render(report))
+    return console.export_text()

@@ -104,7 +104,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     if not tol.strict:
         node_floor = grad_floor(ref.grads, {r.ref_node: r.backward for r in rows if r.ref_slice is None})
         param_floor = grad_floor(ref.param_grads, {p.ref: p.grad for p in params})
-    precision = noise.TF32_EPS if ref.info.tf32 or cand.info.tf32 else 0.0
+    precision = noise.run_precision(ref.info, cand.info)
     if not tol.strict:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
     for side in ("ref", "cand"):   # on the verdicts within noise: a gradient that differs only by rounding reaches
@@ -124,10 +124,12 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             break
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
         _mark_frontier(ref.graph, rows)
+    outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
+    if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
+        _mark_frontier(ref.graph, rows, {o.frontier["ref_node"] for o in outputs if o.frontier})
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
-    outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
     return Report(
         warnings=warnings,
         ref={"label": ref_label, **ref.meta},
@@ -206,6 +208,44 @@ def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: 
             metrics = noise.verdict(metrics, inherited, precision=precision)
         compared.append(OutputRow(ref=p.ref, cand=p.cand, metrics=metrics))
     return compared
+
+
+def _output_frontier(ref: Capture, cand: Capture, outputs: list[OutputRow], rows: list[NodeRow]) -> bool:
+    """Give ``frontier`` to the outputs that differ although no compared value they depend on does:
+    the ops between those values and the output pair with nothing (one side computes
+    ``s * img @ txt.T``, the other ``(txt @ img.T) * s``), so the divergence starts among them.
+    Whether any output is one."""
+    nodes = {side: dict(zip((p for p, _ in tree.flatten(c.outputs)), c.output_nodes()))
+             for side, c in (("ref", ref), ("cand", cand))}
+    failing = {r.ref_node for r in rows if r.forward is not None and not r.forward.passed}
+    compared = {"ref": {r.ref_node for r in rows}, "cand": {r.cand_node for r in rows}}
+    found = False
+    for o in outputs:
+        rn, cn = nodes["ref"].get(o.ref), nodes["cand"].get(o.cand)
+        if o.metrics.passed or rn is None or cn is None or not failing.isdisjoint(_ancestors([rn])):
+            continue
+        unpaired = {side: [x.name for x in _unpaired_before(n, compared[side])]
+                    for side, n in (("ref", rn), ("cand", cn))}
+        o.frontier = {"ref_node": rn.name, "cand_node": cn.name, "ref_module": rn.meta.get(MODULE, ""),
+                      "cand_module": cn.meta.get(MODULE, ""), "op": node_key(rn), "unpaired_ops": unpaired}
+        found = True
+    return found
+
+
+def _unpaired_before(node: torch.fx.Node, compared: set[str]) -> list[torch.fx.Node]:
+    """The ops ``node`` depends on through ops that are not compared (itself included), in graph order."""
+    seen, stack, ops = {node.name}, [node], []
+    while stack:
+        n = stack.pop()
+        if n.name in compared or n.op != "call_function":
+            continue
+        ops.append(n)
+        for a in n.all_input_nodes:
+            if a.name not in seen:
+                seen.add(a.name)
+                stack.append(a)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(ops, key=order.__getitem__)
 
 
 def _seeded_elsewhere(ref: Capture, cand: Capture, pairs: list[OutputPair], ref_left: list[str],
@@ -635,9 +675,10 @@ def _counterpart_module(rows: list[NodeRow], module: str, side: str) -> str:
     return ".".join(os.path.commonprefix(inner)) if inner else ""
 
 
-def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow]) -> None:
+def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow], outputs_failed: Collection[str] = ()) -> None:
     """Set ``first_forward`` / ``first_backward`` on the frontier rows of the failing set: failing
-    rows with no failing row among their compared ancestors (backward: descendants), however far."""
+    rows with no failing row among their compared ancestors (backward: descendants), however far.
+    ``outputs_failed``: nodes of outputs that differ with no failing row before them."""
     by_ref: dict[str, list[NodeRow]] = {}
     for r in rows:
         by_ref.setdefault(r.ref_node, []).append(r)
@@ -651,13 +692,28 @@ def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow]) -> None:
         tainted[name] = any(fails(p, "forward") or tainted[p] for p in preds[name])
         for row in by_ref[name]:
             row.first_forward = row.forward is not None and not row.forward.passed and not tainted[name]
-    forward_failed = {name for name in order if fails(name, "forward")}
+    explained = _meets_forward_divergence(graph, {name for name in order if fails(name, "forward")}
+                                          | set(outputs_failed))
     tainted.clear()
-    downstream: dict[str, bool] = {}   # a forward divergence at the node or after it
     for name in reversed(order):
         tainted[name] = any(fails(s, "backward") or tainted[s] for s in succs[name])
-        downstream[name] = name in forward_failed or any(downstream[s] for s in succs[name])
         for row in by_ref[name]:
             row.first_backward = row.backward is not None and not row.backward.passed and not tainted[name]
-            # backward through a node uses the forward values after it: a divergence there explains it
-            row.consequence = row.first_backward and downstream[name]
+            row.consequence = row.first_backward and name in explained
+
+
+def _meets_forward_divergence(graph: torch.fx.Graph, failed: set[str]) -> set[str]:
+    """The nodes whose backward pass a forward divergence (at the ``failed`` nodes) explains: the
+    gradient reaching a node goes back through the ops after it, and each uses its forward values,
+    the node's own and what it combines them with (the text features in ``image @ text.T``), so
+    a node explains it when one of the ops after it (or itself) takes a value that differs. The
+    output node, which only collects the outputs, combines nothing."""
+    differs: set[str] = set()
+    for n in graph.nodes:
+        if n.op != "output" and (n.name in failed or any(a.name in differs for a in n.all_input_nodes)):
+            differs.add(n.name)
+    meets: set[str] = set()
+    for n in reversed(graph.nodes):
+        if n.name in differs or any(u.name in meets for u in n.users):
+            meets.add(n.name)
+    return meets

@@ -26,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
 import torch.fx
 
+from ..model.capture import CaptureInfo
 from ..model.report import Metrics, NodeRow, ParamRow
 
 OWN_ROUNDING = 8    # a node's own rounding error, in units of machine epsilon
@@ -49,11 +51,24 @@ def relative_error(m: Metrics, floor: float = 0.0) -> float:
 TF32_EPS = 2.0 ** -10   # float32 matrix products and convolutions on CUDA may round inputs to TF32
 
 
+def run_precision(*infos: CaptureInfo) -> float:
+    """The coarsest machine epsilon the runs computed at beyond what their tensors' dtypes say:
+    TF32 matrix products, or ``torch.autocast``'s dtype (an op autocast keeps in float32, a norm
+    or an ``exp``, takes what the lower-precision ops before it rounded, compared or not)."""
+    eps = [TF32_EPS for info in infos if info.tf32]
+    for info in infos:
+        # a name from a file: looked up, never called
+        dtype = getattr(torch, info.autocast, None) if info.autocast else None
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            eps.append(torch.finfo(dtype).eps)
+    return max(eps, default=0.0)
+
+
 def verdict(m: Metrics | None, inherited: float, floor: float = 0.0, tail: float = TAIL,
             precision: float = 0.0) -> Metrics | None:
     """``m`` judged against its noise level; exact dtypes, shape mismatches and NaN/Inf
     differences keep their verdict. ``precision``: the machine epsilon the run computed at, when
-    coarser than its tensors' dtypes say (TF32)."""
+    coarser than its tensors' dtypes say (``run_precision``)."""
     if m is None or m.eps == 0 or not math.isfinite(m.max_abs_diff) or "NaN/Inf" in m.note:
         return m
     eps = max(m.eps, precision)

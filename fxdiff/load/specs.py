@@ -284,6 +284,18 @@ class CheckpointLoad:
     stripped_prefix: str = ""
 
 
+def checkpoint_warning(loaded: Any) -> str | None:
+    """What loading a checkpoint left out, in a line (from a ``CheckpointLoad`` as a capture's
+    metadata keeps it), or None when every key fit."""
+    if not isinstance(loaded, dict):
+        return None
+    missing, unexpected = (loaded.get(k) if isinstance(loaded.get(k), list) else [] for k in ("missing", "unexpected"))
+    if not (missing or unexpected):
+        return None
+    return (f"{loaded.get('path')}: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors``, ``.pt``/``.pth``/``.bin``, Lightning ``.ckpt`` or ``.nemo``."""
     _require_file(path, "checkpoint")

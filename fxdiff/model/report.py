@@ -138,6 +138,10 @@ class OutputRow:
     ref: str
     cand: str | None      # None only in reports of early versions, which paired outputs by position
     metrics: Metrics
+    # a first forward divergence: it differs although every compared value it depends on matches.
+    # The nodes that made it (ref_node, cand_node, ref_module, cand_module, op) and the ops between
+    # those values and it that pair with nothing (unpaired_ops: {"ref": [node...], "cand": [node...]})
+    frontier: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -225,7 +229,11 @@ class Report:
                     "error": m.error, "noise": m.noise, "isolated": row.cause(), "not_isolated": row.isolated_why,
                     "blame": row.blame[0] if row.blame else None}
         return {
-            "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward],
+            "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward]
+            + [{**o.frontier, "output": o.ref, "max_abs_diff": o.metrics.max_abs_diff,
+                "max_rel_diff": o.metrics.max_rel_diff, "cosine": o.metrics.cosine, "error": o.metrics.error,
+                "noise": o.metrics.noise, "isolated": None, "not_isolated": None, "blame": None}
+               for o in self.outputs if o.frontier],
             "backward": [{**entry(r, r.backward), "consequence_of_forward": r.consequence,
                           "isolated": r.backward_cause(), "not_isolated": r.isolated_backward_why}
                          for r in self.nodes if r.first_backward],
@@ -301,7 +309,8 @@ class Report:
             return _known(Metrics, {**d, **floats})
         return cls(
             ref=doc["ref"], cand=doc["cand"], tolerance=doc["tolerance"],
-            outputs=[OutputRow(ref=o["ref"], cand=o.get("cand"), metrics=metrics(o["metrics"])) for o in doc["outputs"]],
+            outputs=[OutputRow(ref=o["ref"], cand=o.get("cand"), metrics=metrics(o["metrics"]),
+                               frontier=o.get("frontier")) for o in doc["outputs"]],
             nodes=[_known(NodeRow, {**r, "forward": metrics(r["forward"]), "backward": metrics(r["backward"]),
                                     "isolated": metrics(r.get("isolated")),
                                     "isolated_backward": metrics(r.get("isolated_backward"))})

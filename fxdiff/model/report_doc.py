@@ -39,7 +39,10 @@ _NODE = {"ref_node": str, "cand_node": str, "ref_module": str, "cand_module": st
          "isolated_backward": (_METRICS, None), "isolated_backward_why": (str, None), "explained": [str]}
 _PARAM = {"ref": str, "cand": [str], "transform": _Map(ANY), "evidence": str, "grad": (_METRICS, None),
           "value": (_METRICS, None)}
-_OUTPUT = {REQUIRED: ("ref", "metrics"), "ref": str, "cand": (str, None), "metrics": _METRICS}
+_OUTPUT = {REQUIRED: ("ref", "metrics"), "ref": str, "cand": (str, None), "metrics": _METRICS,
+           "frontier": ({REQUIRED: ("ref_node", "cand_node", "ref_module", "cand_module", "op", "unpaired_ops"),
+                         "ref_node": str, "cand_node": str, "ref_module": str, "cand_module": str, "op": str,
+                         "unpaired_ops": {"ref": [str], "cand": [str]}}, None)}
 _GRAPH_NODE = {REQUIRED: ("name",), "name": str, "op": str, "kind": str, "target": str, "module": str, "shape": _SHAPE,
                "dtype": (str, None), "inputs": [str]}
 _UNMATCHED_NODE = {REQUIRED: ("node",), "node": str, "module": str, "op": str, "shape": _SHAPE, "reason": str}

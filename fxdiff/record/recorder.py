@@ -541,6 +541,14 @@ class Recorder(TorchFunctionMode):
             return self._random_call(func, args, kwargs)
         if torch.is_inference_mode_enabled():   # autograd sees none of it: its results are constants to the run
             return func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and _attention_dropout(args, kwargs) and not _runs_again():
+            # its dropout draws inside the kernel, where they can be neither recorded nor replayed: the
+            # same attention written out, recorded op by op, its dropout an F.dropout
+            TorchFunctionMode.__enter__(self)   # the mode alone: the module hooks are in place already
+            try:
+                return _attention(*args, **kwargs)
+            finally:
+                TorchFunctionMode.__exit__(self, None, None, None)
         return self.call(func, args, kwargs)
 
     def _random_call(self, func, args: tuple, kwargs: dict) -> Any:
@@ -820,6 +828,37 @@ def _without_dropout(func, args, kwargs):
     if func is F.multi_head_attention_forward:
         return args, {**kwargs, "training": False}, False
     return args, kwargs, False
+
+
+def _attention_dropout(args: tuple, kwargs: dict) -> float:
+    """The dropout probability of an ``F.scaled_dot_product_attention`` call."""
+    return float(args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0))
+
+
+def _runs_again() -> bool:
+    """Whether the op being recorded will run again in backward (activation checkpointing: a
+    reentrant checkpoint's first forward runs without autograd, a non-reentrant one under saved-tensor
+    hooks), outside the recorder: it must be recorded as it will run then."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return not torch.is_grad_enabled() or (top is not None and top(False) is not None)
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+               enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, as its reference implementation in torch's documentation
+    computes it, the dropout an ``F.dropout`` of the attention weights."""
+    scale = 1 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa:
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+    scores = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=True) @ value
 
 
 def is_random(node: torch.fx.Node) -> bool:

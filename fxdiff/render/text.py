@@ -23,7 +23,7 @@ from rich.text import Text
 from ..judge.noise import TAIL
 from ..ops import node_key
 from ..model.capture import DTYPE, GRAD, MODULE, SHAPE, Capture
-from ..model.report import Metrics, NodeRow, ParamRow, Report
+from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report
 
 MANY = 12          # more parameter rows than this are grouped by module
 SHOWN_FIRST = 3    # first-divergence entries shown per direction
@@ -188,12 +188,15 @@ def first_divergence(report: Report) -> RenderableType | None:
     """The frontier of the divergence, forward and backward, and why each entry is believed."""
     firsts = {d: sorted((r for r in report.nodes if getattr(r, f"first_{d}")), key=lambda r: r.depth,
                         reverse=d == "backward") for d in ("forward", "backward")}
-    if not any(firsts.values()):
+    outputs = [o for o in report.outputs if o.frontier]
+    if not any(firsts.values()) and not outputs:
         return None
     downstream = _downstream(report, {r.ref_node for r in firsts["forward"]})
     lines = [Text("First divergence", style="bold")]
     for d, rows in firsts.items():
-        if not rows:
+        if d == "forward":
+            lines += _output_frontier(outputs)
+        if not rows and not (d == "forward" and outputs):
             lines.append(Text(f"{d}: none, every compared {'value' if d == 'forward' else 'gradient'} matches"))
         for r in rows[:SHOWN_FIRST]:
             m = r.forward if d == "forward" else r.backward
@@ -211,6 +214,24 @@ def first_divergence(report: Report) -> RenderableType | None:
         if len(rows) > SHOWN_FIRST:
             lines.append(_indent(Text(f"and {len(rows) - SHOWN_FIRST} more {d} (--ops lists them)")))
     return Group(*lines)
+
+
+def _output_frontier(outputs: list[OutputRow]) -> list[RenderableType]:
+    """The outputs that differ with no compared value before them differing, and the unpaired ops
+    between (``OutputRow.frontier``)."""
+    lines: list[RenderableType] = []
+    for o in outputs[:SHOWN_FIRST]:
+        f = o.frontier
+        where = f"output {o.ref}: {f['ref_module'] or ROOT} {f['ref_node']} ({f['op']})"
+        if (f["cand_module"], f["cand_node"]) != (f["ref_module"], f["ref_node"]):
+            where += f", cand {f['cand_module'] or ROOT} {f['cand_node']}"
+        listed = "; ".join(f"{side} {_names(f['unpaired_ops'][side])}" for side in ("ref", "cand")
+                           if f["unpaired_ops"][side])
+        lines += [Text.assemble(("forward: ", "bold"), where), _indent(Text(_judged(o.metrics))),
+                  _indent(Text.from_markup("[bold]made after the last compared values[/]: every compared value it "
+                                           "depends on matches; the ops in between pair with none of the other "
+                                           f"side's: {escape(listed or 'none')}"))]
+    return lines
 
 
 def _indent(text: Text) -> Padding:
@@ -246,6 +267,9 @@ def _consequence(r: NodeRow, downstream: set[str]) -> str:
         return "[bold]consequence of the forward divergence[/]: this node's forward value already differs"
     if r.ref_node in downstream:
         return "[bold]consequence of the forward divergence[/]: this node is downstream of it"
+    if r.consequence:
+        return ("[bold]consequence of the forward divergence[/]: the gradient reaching it goes back through ops "
+                "whose forward values differ")
     only = "[bold]backward only[/]: its forward value matches and no forward divergence precedes it"
     cause = r.backward_cause()
     if cause == "custom backward":

@@ -304,3 +304,10 @@ def _text(report) -> str:
     console = Console(width=200, record=True, file=io.StringIO(), color_system=None)
     console.print(render(report))
     return console.export_text()
+
+
+def test_the_summary_says_when_no_gradient_was_compared():
+    ref, port = _towers()
+    kept_values = fxdiff.capture(ref, _tower_inputs(), keep="values")
+    text = _text(fxdiff.compare(kept_values, port))
+    assert "op gradients:        none compared" in text and "op values:           13 match, 0 differ" in text

@@ -10,7 +10,7 @@ never cut: a table too wide for the console is printed one block per row.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from rich.console import Console, ConsoleOptions, Group, NewLine, RenderableType, RenderResult
 from rich.measure import Measurement
@@ -474,10 +474,9 @@ def summary_panel(report: Report) -> Panel:
         f"outputs:             {len(report.outputs) - outputs_bad} match, {outputs_bad} differ"
         + (f"; {s['uncompared']['ref_outputs']} ref, {s['uncompared']['cand_outputs']} cand not paired"
            if s["uncompared"]["ref_outputs"] or s["uncompared"]["cand_outputs"] else ""),
-        f"op values:           {n['forward_matches']} match, {n['forward_mismatches']} differ "
-        f"({n['forward_match_rate']:.1%}); {n['unmatched_ref']} ref, {n['unmatched_cand']} cand ops unmatched",
-        f"op gradients:        {n['backward_matches']} match, {n['backward_mismatches']} differ "
-        f"({n['backward_match_rate']:.1%})",
+        f"op values:           {_counted(n, 'forward')}; {n['unmatched_ref']} ref, {n['unmatched_cand']} cand ops "
+        "unmatched",
+        f"op gradients:        {_counted(n, 'backward')}",
         f"parameters:          {t['total']} parameters and buffers = {t['trained']} trained + "
         f"{t['buffers_or_frozen']} buffers or frozen (no gradient)"
         + (f"; {t['unpaired']} without a counterpart" if t["unpaired"] else ""),
@@ -490,6 +489,14 @@ def summary_panel(report: Report) -> Panel:
     ]
     word = "[bold red]DIVERGED[/]" if report.diverged else "[bold green]MATCH[/]"
     return Panel(escape("\n".join(lines)), title=f"Summary: {word}", title_align="left", expand=False)
+
+
+def _counted(n: dict[str, Any], direction: str) -> str:
+    """``N match, M differ (rate)`` of the op pairs in ``direction``, or that none was compared."""
+    matches, mismatches = n[f"{direction}_matches"], n[f"{direction}_mismatches"]
+    if not matches + mismatches:
+        return "none compared"
+    return f"{matches} match, {mismatches} differ ({n[f'{direction}_match_rate']:.1%})"
 
 
 def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:

@@ -311,3 +311,126 @@ def test_the_summary_says_when_no_gradient_was_compared():
     kept_values = fxdiff.capture(ref, _tower_inputs(), keep="values")
     text = _text(fxdiff.compare(kept_values, port))
     assert "op gradients:        none compared" in text and "op values:           13 match, 0 differ" in text
+
+
+class MHABlock(nn.Module):
+    """A norm, self-attention through ``nn.MultiheadAttention`` (one op in the graph, with items), a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+class WrittenAttention(nn.Module):
+    """``MHABlock`` as Hugging Face writes attention: q, k and v projections and
+    ``scaled_dot_product_attention``; ``scale``: a porting bug."""
+
+    def __init__(self, scale=None):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 3)
+        self.scale = scale
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        x = self.norm(x)
+        heads = [p(x).view(b, n, 2, 4).transpose(1, 2) for p in (self.q, self.k, self.v)]
+        o = nn.functional.scaled_dot_product_attention(*heads, scale=self.scale)
+        return self.head(self.out(o.transpose(1, 2).reshape(b, n, 8)))
+
+    def load_from(self, ref: MHABlock) -> "WrittenAttention":
+        with torch.no_grad():
+            for proj, w, bias in zip((self.q, self.k, self.v), ref.attn.in_proj_weight.chunk(3),
+                                     ref.attn.in_proj_bias.chunk(3)):
+                proj.weight.copy_(w)
+                proj.bias.copy_(bias)
+            self.out.load_state_dict(ref.attn.out_proj.state_dict())
+            self.norm.load_state_dict(ref.norm.state_dict())
+            self.head.load_state_dict(ref.head.state_dict())
+        return self
+
+
+def test_an_attention_bug_beside_an_opaque_attention_op_is_not_blamed_on_a_projection():
+    """The reference's attention is one op (``multi_head_attention_forward``) and its items; the
+    port's, projections and ``sdpa``: both sides compute it their own way, so no projection of the
+    port is 'the op present on one side only' (it was: the q projection, which is right)."""
+    torch.manual_seed(0)
+    ref, x = MHABlock(), torch.randn(2, 5, 8)
+    cap = fxdiff.capture(ref, (x,))
+    assert not fxdiff.compare(cap, WrittenAttention().load_from(ref)).diverged
+    report = fxdiff.compare(cap, WrittenAttention(scale=1 / 4).load_from(ref))
+    entry, = report.first_divergence()["forward"]
+    assert entry["blame"] is None and entry["ref_module"] == "attn" and entry["cand_module"] == "out"
+
+
+class Heads(nn.Module):
+    """A body and a head; with ``hidden``, the body's output returned too (as Hugging Face models
+    return hidden states)."""
+
+    def __init__(self, hidden=False):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.hidden = hidden
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"out": self.head(h), **({"hidden": h} if self.hidden else {})}
+
+
+def test_gradients_seeded_from_an_output_on_one_side_only_are_trained_and_not_compared():
+    torch.manual_seed(0)
+    ref, x = Heads(), torch.randn(3, 4)
+    cand = Heads(hidden=True)
+    cand.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), fxdiff.capture(cand, (x,)))
+    s = report.summary()
+    assert s["tensors"]["trained"] == 4 and s["tensors"]["buffers_or_frozen"] == 0
+    assert s["uncompared"]["param_grads"] == 2 and s["param_grads"]["matched"] == 2
+    text = _text(report)
+    assert "gradients not compared, seeded from different outputs on each side: body.weight, body.bias" in text
+    assert "parameter gradients: 2 match, 0 differ, 2 not compared" in text
+
+
+def _bn_port_with_running_stats_swapped():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        ref[1].running_mean.uniform_(-1, 1)
+        ref[1].running_var.uniform_(0.5, 2)
+    port = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    state = ref.state_dict()
+    state["1.running_mean"], state["1.running_var"] = state["1.running_var"], state["1.running_mean"]
+    port.load_state_dict(state)
+    return ref, port, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_buffers_used_in_each_others_place_are_named():
+    """Paired by content, the running mean pairs with the port's running variance: the matched
+    batch_norm ops read them in each other's place, which the report says."""
+    ref, port, x = _bn_port_with_running_stats_swapped()
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), port)
+    assert report.diverged
+    swapped = {p.ref: p for p in report.params if not p.value.passed}
+    assert set(swapped) == {"1.running_mean", "1.running_var"}
+    assert "used in each other's place" in swapped["1.running_mean"].value.note
+    assert any(w.startswith("1.running_mean holds the candidate's 1.running_var") for w in report.warnings)
+
+
+def test_buffers_updated_their_own_way_pair_by_the_argument_they_are_read_at():
+    """In train mode batch norm normalises by the batch's statistics (the outputs agree) and updates
+    the running ones, which then pair by content with nothing: they pair as the same argument of the
+    matched batch_norm ops, and differ (it said 'match, bit for bit')."""
+    ref, port, x = _bn_port_with_running_stats_swapped()
+    report = fxdiff.compare(fxdiff.capture(ref, (x,), mode="train"), port)
+    assert report.diverged and not report.unmatched.ref_params
+    stats = {p.ref: p for p in report.params if p.ref.startswith("1.running")}
+    assert {k: p.cand for k, p in stats.items()} == {"1.running_mean": ["1.running_mean"],
+                                                     "1.running_var": ["1.running_var"]}
+    assert not any(p.value.passed for p in stats.values())

@@ -25,12 +25,12 @@ import torch
 import torch.fx
 
 from .. import tree
-from ..model.alignment import Alignment
+from ..model.alignment import Alignment, ParamPair
 from ..model.capture import DTYPE, MODULE, NO_GRAD, SHAPE, TARGET, Capture
 from . import noise
 from .isolate import replay, replay_backward
 from ..match.confidence import OTHER_USERS, WEAK
-from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
+from ..ops import DEFAULT_OPS, GETITEM, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
@@ -50,6 +50,7 @@ def grad_floor(grads: dict[str, torch.Tensor], measured: dict[str, Metrics | Non
 def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = Tolerance(),
           ref_label: str = "ref", cand_label: str = "cand") -> Report:
     """Compare every aligned pair of ``ref`` and ``cand`` and build the report."""
+    alignment, roles = _by_role(ref, cand, alignment)
     ref_nodes = {n.name: n for n in ref.graph.nodes}
     cand_nodes = {n.name: n for n in cand.graph.nodes}
     # strict bounds scale gradients by the floors, so they are needed first; otherwise they come after,
@@ -89,8 +90,10 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         sizes.append(0 if skip or pair.ref not in ref.grads else ref.grads[pair.ref].numel())
     params = [ParamRow(ref=pp.ref, cand=list(pp.cand), transform=pp.transform, evidence=pp.evidence, grad=None,
                        value=None) for pp in alignment.params]
-    for pp in alignment.params:
+    for pp, row in zip(alignment.params, params):
         mixed = pp.ref in mixed_ref or any(c in mixed_cand for c in pp.cand)
+        if mixed and pp.ref in ref.param_grads:
+            row.grad_uncompared = "the two sides' gradients are seeded from different outputs"
         calls.append(functools.partial(_param_pair, ref.params, cand.params, pp, tol))
         calls.append(functools.partial(_param_pair, ref.param_grads, cand.param_grads, pp, tol, param_floor)
                      if not mixed else _nothing)
@@ -124,6 +127,10 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             break
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
         _mark_frontier(ref.graph, rows)
+    for p in params:
+        if p.ref in roles and p.value is not None:
+            p.value = dataclasses.replace(p.value, passed=False, note=roles[p.ref])
+            warnings.append(f"{p.ref} {roles[p.ref]}")
     outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
     if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
         _mark_frontier(ref.graph, rows, {o.frontier["ref_node"] for o in outputs if o.frontier})
@@ -194,6 +201,49 @@ def _transformed(table: dict[str, torch.Tensor], pp, gradient: bool = False) -> 
             return None   # the transform needs the elements
         return parts[0] if kind != "rows" else apply_transform(parts, pp.transform, gradient)
     return apply_transform(parts, pp.transform, gradient)
+
+
+_SYMMETRIC = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne"})   # arguments that may come in any order
+
+
+def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignment, dict[str, str]]:
+    """Parameters read at the same argument of matched ops of one kind. Those that content left
+    unpaired on both sides (buffers each side updated its own way in train mode) are paired; and
+    a reference parameter paired by content with another tensor than the one the candidate reads
+    in its place (BatchNorm's running mean and variance swapped) is named: ``{ref param: what}``."""
+    whole = {"identity", "reshape"}
+    paired = {p.ref: p.cand for p in alignment.params if p.transform.get("kind", "identity") in whole}
+    holder = {p.cand[0]: p.ref for p in alignment.params
+              if len(p.cand) == 1 and p.transform.get("kind", "identity") in whole}
+    left_r, left_c = set(alignment.unmatched_ref_params), set(alignment.unmatched_cand_params)
+    found, roles = [], {}
+    for pair in alignment.pairs:
+        rn, cn = ref.node(pair.ref), cand.node(pair.cand)
+        key = node_key(rn)   # the same function, whose arguments mean the same (addmm's differ from linear's)
+        if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET) or key in _SYMMETRIC:
+            continue
+        shared = rn.kwargs.keys() & cn.kwargs.keys()
+        for a, b in [*zip(rn.args, cn.args), *((rn.kwargs[k], cn.kwargs[k]) for k in shared)]:
+            if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr"):
+                continue
+            x, y = str(a.target), str(b.target)
+            if x not in ref.params or y not in cand.params:
+                continue
+            if x in left_r and y in left_c and ref.params[x].shape == cand.params[y].shape:
+                found.append(ParamPair(x, (y,), {"kind": "identity"}, f"read at the same argument of matched {key} ops",
+                                       WEAK))
+                left_r.discard(x)
+                left_c.discard(y)
+            elif x in paired and len(paired[x]) == 1 and paired[x] != (y,) and holder.get(y, x) != x and x not in roles:
+                # crossed: x holds another tensor's values, and y those of another reference tensor
+                # (a weight tied on one side and copied on the other is no crossing: its copy holds nothing else)
+                roles[x] = (f"holds the candidate's {paired[x][0]}, but the matched {key} ops ({pair.ref}, {pair.cand}) "
+                            f"read it where the candidate reads {y}: the two are used in each other's place")
+    if not found:
+        return alignment, roles
+    return dataclasses.replace(alignment, params=[*alignment.params, *found],
+                               unmatched_ref_params=[n for n in alignment.unmatched_ref_params if n in left_r],
+                               unmatched_cand_params=[n for n in alignment.unmatched_cand_params if n in left_c]), roles
 
 
 def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,
@@ -409,7 +459,7 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
     # an op fed by compared activations (not only by the model's inputs, as a mask is)
     compared_r = {r.ref_node for r in rows if r.op != "input"}
     compared_c = {r.cand_node for r in rows if r.op != "input"}
-    only_r, only_c = set(alignment.unmatched_ref), set(alignment.unmatched_cand)
+    only_r, only_c = _unpaired(ref, alignment, "ref"), _unpaired(cand, alignment, "cand")
     for row in rows:
         if not row.first_forward:
             continue
@@ -421,6 +471,15 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
         module = op.meta.get(MODULE, "")
         other = _counterpart_module(rows, module, side)
         row.blame = [f"{side}-only {node_key(op)} ({op.name})", *((module, other) if side == "ref" else (other, module))]
+
+
+def _unpaired(capture: Capture, alignment: Alignment, side: str) -> set[str]:
+    """The ops of one side that pair with nothing: unmatched, or in no pair while holding no tensor
+    of their own (an op of several outputs, whose items hold them)."""
+    paired = {n for p in alignment.pairs for n in (getattr(p, side), *getattr(p, f"{side}_block"))}
+    return set(getattr(alignment, f"unmatched_{side}")) | {
+        n.name for n in capture.graph.nodes
+        if n.op == "call_function" and n.name not in paired and n.name not in capture.values}
 
 
 def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow]) -> None:
@@ -649,6 +708,9 @@ def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[s
     inner = {n.name for n in block}
     for a in (a for n in block for a in n.all_input_nodes if a.name not in inner):
         op = _through_views(a, compared)
+        if op.name not in compared and op.meta.get(TARGET) in GETITEM and isinstance(op.args[0], torch.fx.Node) \
+                and not DEFAULT_OPS.is_view(op, node_key(op)):
+            op = op.args[0]   # an output of an op of several (nn.MultiheadAttention's), not a split's: that op
         if op.name in only and all(_through_views(x, compared).name in compared
                                    or _through_views(x, compared).op == "get_attr" for x in op.all_input_nodes):
             return op

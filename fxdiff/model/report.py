@@ -129,6 +129,9 @@ class ParamRow:
     evidence: str
     grad: Metrics | None
     value: Metrics | None = None
+    # why a gradient the reference has was not compared (``grad`` None), e.g. seeded from an output
+    # the other side does not have
+    grad_uncompared: str | None = None
 
 
 @dataclasses.dataclass
@@ -250,7 +253,8 @@ class Report:
         ok = sum(g.passed for g in grads)
         values = [p.value for p in self.params if p.value is not None]
         unpaired = len(self.unmatched.ref_params)
-        trained = len(grads) + len(self.unmatched.trained_ref_params)
+        uncompared = sum(p.grad is None and p.grad_uncompared is not None for p in self.params)
+        trained = len(grads) + uncompared + len(self.unmatched.trained_ref_params)
         return {
             "forward_output_match": self.forward_output_match,
             "tensors": {"total": len(self.params) + unpaired, "trained": trained,
@@ -258,7 +262,7 @@ class Report:
             "param_grads": {"matched": ok, "mismatched": len(grads) - ok,
                             "match_rate": ok / len(grads) if grads else 1.0},
             "param_values": {"compared": len(values), "mismatched": sum(not v.passed for v in values)},
-            "uncompared": {"trained_ref_params": len(self.unmatched.trained_ref_params),
+            "uncompared": {"trained_ref_params": len(self.unmatched.trained_ref_params), "param_grads": uncompared,
                            "ref_inputs": len(self.unmatched.ref_inputs),
                            "ref_outputs": len(self.unmatched.ref_outputs),
                            "cand_outputs": len(self.unmatched.cand_outputs)},

@@ -38,7 +38,7 @@ _NODE = {"ref_node": str, "cand_node": str, "ref_module": str, "cand_module": st
          "isolated": (_METRICS, None), "isolated_why": (str, None), "blame": ([str], None), "consequence": bool,
          "isolated_backward": (_METRICS, None), "isolated_backward_why": (str, None), "explained": [str]}
 _PARAM = {"ref": str, "cand": [str], "transform": _Map(ANY), "evidence": str, "grad": (_METRICS, None),
-          "value": (_METRICS, None)}
+          "value": (_METRICS, None), "grad_uncompared": (str, None)}
 _OUTPUT = {REQUIRED: ("ref", "metrics"), "ref": str, "cand": (str, None), "metrics": _METRICS,
            "frontier": ({REQUIRED: ("ref_node", "cand_node", "ref_module", "cand_module", "op", "unpaired_ops"),
                          "ref_node": str, "cand_node": str, "ref_module": str, "cand_module": str, "op": str,

@@ -412,6 +412,10 @@ def params_section(report: Report, key: Callable[[str], str], what: str = "grad"
         if unpaired:
             lines.append(Text(f"not compared, no counterpart in the candidate: "
                               f"{_names(unpaired, len(unpaired) if show_all else 8)}"))
+        unseeded = [p.ref for p in report.params if p.grad is None and p.grad_uncompared]
+        if unseeded:
+            lines.append(Text(f"gradients not compared, seeded from different outputs on each side: "
+                              f"{_names(unseeded, len(unseeded) if show_all else 8)}"))
     return Group(*lines) if lines else None
 
 
@@ -481,7 +485,9 @@ def summary_panel(report: Report) -> Panel:
         f"{t['buffers_or_frozen']} buffers or frozen (no gradient)"
         + (f"; {t['unpaired']} without a counterpart" if t["unpaired"] else ""),
         f"parameter gradients: {p['matched']} match, {p['mismatched']} differ"
-        + (f", {s['uncompared']['trained_ref_params']} not compared" if s["uncompared"]["trained_ref_params"] else ""),
+        + (f", {s['uncompared']['trained_ref_params']} without a counterpart" if s["uncompared"]["trained_ref_params"]
+           else "")
+        + (f", {s['uncompared']['param_grads']} not compared" if s["uncompared"]["param_grads"] else ""),
         f"values:              {v['compared'] - v['mismatched']} parameters and buffers match, "
         f"{v['mismatched']} differ",
         f"verdicts:            {_rule(report)}",

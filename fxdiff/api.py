@@ -160,6 +160,8 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
                                if (line := specs.checkpoint_warning(c.meta.get("checkpoint")))]
         if not _is_live(cand):
             report.warnings.extend(_setup_differences(ref_capture, cand_capture) + random_differences(report))
+        else:   # a live candidate runs as the reference did, but for the options that say otherwise
+            report.warnings.extend(_setup_differences(ref_capture, cand_capture, _OVERRIDDEN))
     except BaseException:
         for check in checks:   # a modified capture is the error to report, whatever it caused
             check()
@@ -383,13 +385,14 @@ def _label(side: Any) -> str:
 
 
 _SETUP = ("mode", "keep_dropout", "dtype", "device", "seed", "torch", "autocast")
+_OVERRIDDEN = ("mode", "keep_dropout", "seed")   # a live candidate's, when its options change them
 
 
-def _setup_differences(ref: Capture, cand: Capture) -> list[str]:
+def _setup_differences(ref: Capture, cand: Capture, keys: tuple[str, ...] = _SETUP) -> list[str]:
     """How two captures were run differently, in words: each difference can explain a divergence."""
     out = []
     ref_info, cand_info = ref.info, cand.info
-    for key in _SETUP:
+    for key in keys:
         a, b = getattr(ref_info, key), getattr(cand_info, key)
         if a != b:
             out.append(f"the captures differ in {key}: {a} vs {b}")

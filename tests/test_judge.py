@@ -434,3 +434,40 @@ def test_buffers_updated_their_own_way_pair_by_the_argument_they_are_read_at():
     assert {k: p.cand for k, p in stats.items()} == {"1.running_mean": ["1.running_mean"],
                                                      "1.running_var": ["1.running_var"]}
     assert not any(p.value.passed for p in stats.values())
+
+
+def test_a_live_candidate_run_in_another_mode_than_the_capture_says_so():
+    ref, port, x = _bn_port_with_running_stats_swapped()
+    cap = fxdiff.capture(ref, (x,))
+    assert not fxdiff.compare(cap, ref).warnings
+    assert "the captures differ in mode: eval vs train" in fxdiff.compare(cap, ref, mode="train").warnings
+
+
+class Bottleneck(nn.Module):
+    """A ResNet bottleneck that downsamples in its 3x3 conv, or (``stride_on_1x1``, a porting bug
+    of Hugging Face's ``downsample_in_bottleneck``) in the 1x1 before it."""
+
+    def __init__(self, stride_on_1x1=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 1, stride=2 if stride_on_1x1 else 1, bias=False)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=1 if stride_on_1x1 else 2, padding=1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv3, self.head = nn.Conv2d(4, 6, 1, bias=False), nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return self.head(self.conv3(y).mean((2, 3)))
+
+
+def test_an_op_whose_output_size_differs_is_where_the_divergence_starts():
+    """Its weight pairs it with its counterpart although their outputs differ in size: the first
+    divergence is the 1x1 conv the stride moved to (it was the 3x3 after it)."""
+    torch.manual_seed(0)
+    ref = Bottleneck()
+    port = Bottleneck(stride_on_1x1=True)
+    port.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 4, 8, 8),)), port)
+    entry, = report.first_divergence()["forward"]
+    assert (entry["ref_module"], entry["cand_module"], entry["op"]) == ("conv1", "conv1", "conv")
+    assert entry["isolated"] == "introduced"

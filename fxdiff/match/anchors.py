@@ -121,7 +121,9 @@ def param_anchors(r: ComputeGraph, c: ComputeGraph, params: list[ParamPair]) -> 
                 if r.key[ru] == c.key[cu] and r.numel[ru] == c.numel[cu]:
                     raw.append(Pair(ru, cu, f"parameter {pp.ref} = {pp.cand[0]} with rows permuted",
                                     pp.confidence, cand_index=index))
-            elif r.numel[ru] == c.numel[cu]:
+            elif r.numel[ru] == c.numel[cu] or (r.key[ru] == c.key[cu] and pp.confidence >= CERTAIN):
+                # the same op with the same unique weight, even where its output's size differs (a
+                # stride or padding ported wrong): there the divergence starts
                 raw.append(Pair(ru, cu, f"parameter {pp.ref} <-> {pp.cand[0]}", pp.confidence))
     return merge_decomposed(r, c, raw)
 

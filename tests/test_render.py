@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -267,7 +266,8 @@ def test_cli_bad_input_is_one_line(conformer, tmp_path):
     assert r.exit_code == 2 and "install Graphviz" in r.output and r.output.count("\n") == 1
 
 
-def _chrome():
+def _chrome(profile):
+    """Headless chromium with its profile in ``profile`` (a test's own folder: nothing is left behind)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -280,7 +280,7 @@ def _chrome():
     opts.binary_location = binary
     for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
               "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
-              f"--user-data-dir={tempfile.mkdtemp(prefix='fxdiff-chrome-')}"):
+              f"--user-data-dir={profile}"):
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=opts)
@@ -296,7 +296,7 @@ def test_html_report_in_headless_chromium(conformer, tmp_path):
     assert not re.search(r'(?:src|href)\s*=\s*"(?:https?:)?//', page), "nothing loads from the network"
     path = write_html(report, tmp_path / "report.html")
     ARTIFACTS.mkdir(exist_ok=True)
-    driver = _chrome()
+    driver = _chrome(tmp_path / "chrome-profile")
     try:
         driver.get(path.resolve().as_uri())
         WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.body.dataset.ready"))

@@ -839,8 +839,15 @@ def _runs_again() -> bool:
     """Whether the op being recorded will run again in backward (activation checkpointing: a
     reentrant checkpoint's first forward runs without autograd, a non-reentrant one under saved-tensor
     hooks), outside the recorder: it must be recorded as it will run then."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return not torch.is_grad_enabled() or (top is not None and top(False) is not None)
+    if not torch.is_grad_enabled():
+        return True
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)   # torch's own, not public
+    if top is None:
+        return False
+    try:
+        return top(False) is not None   # (ignore_is_tracing)
+    except TypeError:   # a torch whose version of it takes no argument
+        return top() is not None
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,

@@ -471,3 +471,29 @@ def test_an_op_whose_output_size_differs_is_where_the_divergence_starts():
     entry, = report.first_divergence()["forward"]
     assert (entry["ref_module"], entry["cand_module"], entry["op"]) == ("conv1", "conv1", "conv")
     assert entry["isolated"] == "introduced"
+
+
+class PickedToken(nn.Module):
+    """A norm over every token then the first one picked (open_clip's ``ln_post``), or, with
+    ``pick_first``, the token picked and then normed (Hugging Face's ``post_layernorm``): equal."""
+
+    def __init__(self, pick_first=False):
+        super().__init__()
+        self.proj, self.norm, self.head = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+        nn.init.uniform_(self.norm.weight, 0.5, 1.5)
+        self.pick_first = pick_first
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head(self.norm(h[:, 0]) if self.pick_first else self.norm(h)[:, 0])
+
+
+def test_one_op_applied_to_inputs_of_other_sizes_is_not_a_divergence():
+    """The norm's weight pairs the two norms, whose outputs differ in size because their inputs do:
+    the ops around them run in another order, which is no divergence (it was one, 'shape (2, 5, 8)
+    vs (2, 8)', once ops of one weight paired whatever their sizes)."""
+    torch.manual_seed(0)
+    ref = PickedToken()
+    port = PickedToken(pick_first=True)
+    port.load_state_dict(ref.state_dict())
+    assert not fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 5, 6),)), port).diverged

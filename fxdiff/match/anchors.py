@@ -121,11 +121,19 @@ def param_anchors(r: ComputeGraph, c: ComputeGraph, params: list[ParamPair]) -> 
                 if r.key[ru] == c.key[cu] and r.numel[ru] == c.numel[cu]:
                     raw.append(Pair(ru, cu, f"parameter {pp.ref} = {pp.cand[0]} with rows permuted",
                                     pp.confidence, cand_index=index))
-            elif r.numel[ru] == c.numel[cu] or (r.key[ru] == c.key[cu] and pp.confidence >= CERTAIN):
-                # the same op with the same unique weight, even where its output's size differs (a
-                # stride or padding ported wrong): there the divergence starts
+            elif r.numel[ru] == c.numel[cu] or (r.key[ru] == c.key[cu] and pp.confidence >= CERTAIN
+                                                  and _input_sizes(r, ru) == _input_sizes(c, cu)):
+                # the same op with the same unique weight on inputs of the same sizes, whose output's
+                # size differs (a stride or padding ported wrong): there the divergence starts (an
+                # input of another size is the ops around it in another order: a norm before or
+                # after a token is picked)
                 raw.append(Pair(ru, cu, f"parameter {pp.ref} <-> {pp.cand[0]}", pp.confidence))
     return merge_decomposed(r, c, raw)
+
+
+def _input_sizes(g: ComputeGraph, node: str) -> list[int] | None:
+    """The sizes of ``node``'s inputs other than parameters, in order; None when it has none."""
+    return [g.numel[p] for p in g.preds.get(node, ())] or None
 
 
 def merge_decomposed(r: ComputeGraph, c: ComputeGraph, raw: list[Pair]) -> list[Pair]:

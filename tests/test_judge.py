@@ -497,3 +497,22 @@ def test_one_op_applied_to_inputs_of_other_sizes_is_not_a_divergence():
     port = PickedToken(pick_first=True)
     port.load_state_dict(ref.state_dict())
     assert not fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 5, 6),)), port).diverged
+
+
+class Body(Heads):
+    """``Heads`` returning its body's output alone, by another name: none of its outputs pairs."""
+
+    def forward(self, x):
+        return {"features": self.body(x)}
+
+
+def test_a_match_with_no_gradient_compared_says_it_is_forward_only():
+    """No output pairs, so the candidate's backward has no seed: the values that pair match, and
+    the verdict says nothing behind them was compared (it said 'MATCH, bit for bit')."""
+    torch.manual_seed(0)
+    ref, x = Heads(), torch.randn(3, 4)
+    cand = Body()
+    cand.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), cand)
+    assert not report.diverged
+    assert _text(report).startswith("MATCH, bit for bit; forward only: no gradient was compared")

@@ -140,6 +140,10 @@ def verdict(report: Report) -> Text:
                     f"ops shows the same computation carrying that noise: {_names(explained, 3)}")
     else:
         how = "within the tolerance" if any(m.max_abs_diff > 0 for m in metrics) else "bit for bit"
+    s = report.summary()
+    if not any(s["nodes"][k] for k in ("backward_matches", "backward_mismatches")) \
+            and not any(s["param_grads"][k] for k in ("matched", "mismatched")):
+        how += "; forward only: no gradient was compared"
     return Text.assemble(("MATCH", "bold green"), f", {how}")
 
 

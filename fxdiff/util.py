@@ -174,6 +174,15 @@ def dtype_name(dtype: Any) -> str:
 
 
 @functools.cache
+def named_dtype(name: str) -> Any:
+    """The torch dtype ``dtype_name`` calls ``name`` (``"float32"``; not an alias such as ``"float"``),
+    or None: a name read from a file is looked up, never called."""
+    import torch   # here, not at the top: this module is imported before torch is (``digest``)
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype_name(dtype) == name else None
+
+
+@functools.cache
 def libc() -> ctypes.CDLL | None:
     """The C library (looked up once: ``find_library`` runs ``ldconfig``), or None where there is none."""
     name = ctypes.util.find_library("c")

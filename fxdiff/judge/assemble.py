@@ -219,7 +219,7 @@ def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignme
     found, roles = [], {}
     for pair in alignment.pairs:
         rn, cn = ref.node(pair.ref), cand.node(pair.cand)
-        key = node_key(rn)   # the same function, whose arguments mean the same (addmm's differ from linear's)
+        key = node_key(rn)   # the same function below, whose arguments mean the same (addmm's differ from linear's)
         if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET) or key in _SYMMETRIC:
             continue
         shared = rn.kwargs.keys() & cn.kwargs.keys()

@@ -31,6 +31,7 @@ import torch.fx
 
 from ..model.capture import CaptureInfo
 from ..model.report import Metrics, NodeRow, ParamRow
+from ..util import named_dtype
 
 OWN_ROUNDING = 8    # a node's own rounding error, in units of machine epsilon
 AMPLIFY = 8         # how much one node may amplify the relative error of its inputs
@@ -57,9 +58,8 @@ def run_precision(*infos: CaptureInfo) -> float:
     or an ``exp``, takes what the lower-precision ops before it rounded, compared or not)."""
     eps = [TF32_EPS for info in infos if info.tf32]
     for info in infos:
-        # a name from a file: looked up, never called
-        dtype = getattr(torch, info.autocast, None) if info.autocast else None
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        dtype = named_dtype(info.autocast) if info.autocast else None
+        if dtype is not None and dtype.is_floating_point:
             eps.append(torch.finfo(dtype).eps)
     return max(eps, default=0.0)
 

@@ -342,7 +342,7 @@ class TensorStream:
         writer.submit_rest()   # the last bytes go to disk while the header is made and written
         # GPU blobs reach the file when their copies end, after blobs made later on the CPU: number
         # the blobs in file order, as save() does; empty ones go at the end of the file
-        blobs = [(offset if length else self._writer.size, length) for offset, length in self._blobs]
+        blobs = [(offset if length else writer.size, length) for offset, length in self._blobs]
         order = sorted(range(len(blobs)), key=lambda i: blobs[i])
         number = {old: new for new, old in enumerate(order)}
         header: dict[str, Any] = {}

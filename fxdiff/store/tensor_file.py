@@ -19,7 +19,6 @@ import collections
 import ctypes
 import errno
 import fcntl
-import functools
 import json
 import math
 import mmap
@@ -37,7 +36,7 @@ import xxhash
 
 from ..digest import verify_digest
 from ..errors import FxdiffError
-from ..util import dontneed, dtype_name, json_bytes
+from ..util import dontneed, dtype_name, json_bytes, named_dtype
 
 FORMAT = "fxdiff-capture"
 
@@ -257,13 +256,9 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
 _QUANTIZED = ("qint", "quint")   # a capture stores quantized tensors dequantized
 
 
-@functools.cache
 def _view_dtype(name: str) -> torch.dtype | None:
     """The dtype a view names by its own name (``float32``; not an alias, not quantized), or None."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or str(dtype) != f"torch.{name}" or name.startswith(_QUANTIZED):
-        return None
-    return dtype
+    return None if name.startswith(_QUANTIZED) else named_dtype(name)
 
 
 def _alignment(dtype: torch.dtype) -> int:
@@ -357,7 +352,7 @@ def _check_layout(blobs: dict[str, torch.Tensor], views: dict[str, list], file: 
         if ordered and blob not in spans and blob != len(spans):
             raise FxdiffError(f"{file}: tensor {key} uses blob {blob} before blob {len(spans)}; the tensor file was "
                               "not written by fxdiff or was edited")
-        size = getattr(torch, label).itemsize
+        size = _view_dtype(label).itemsize
         extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
         span = spans.setdefault(blob, [first, first + extent * size])
         span[0], span[1] = min(span[0], first), max(span[1], first + extent * size)

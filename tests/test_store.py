@@ -549,6 +549,50 @@ def test_a_streamed_capture_keeps_the_weights_the_run_used_and_puts_them_back(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
+class ClipsItsGradients(torch.nn.Module):
+    """The hook of the parameter whose gradient is accumulated last rescales another's gradient in
+    place, after that one was accumulated (gradient clipping done inside backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.b.weight.register_post_accumulate_grad_hook(self.clip)
+
+    def clip(self, _):
+        self.a.weight.grad.mul_(0.5)
+
+    def forward(self, x):
+        return self.a(torch.tanh(self.b(x)))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "clips"])
+def test_streamed_parameter_gradients_go_to_disk_during_backward(tmp_path, monkeypatch, name):
+    """Each parameter's gradient is handed to the stream once backward has accumulated it, not after
+    the run: finishing finds them written. One the model rewrites afterwards is stored as it was left."""
+    from fxdiff.store.stream import CaptureStream
+    if name == "gpt2":
+        model, args, kwargs, loss = build("gpt2")
+    else:
+        torch.manual_seed(0)
+        model, args, kwargs, loss = ClipsItsGradients(), (torch.randn(4, 8),), {}, None
+    held = fxdiff.capture(model, args, kwargs, loss=loss)
+    written = []
+    finish = CaptureStream.finish
+
+    def noting(self, capture, targets=None):
+        written.append({k for k in self.tensors._views if k.startswith("param_grad/")})
+        return finish(self, capture, targets)
+    monkeypatch.setattr(CaptureStream, "finish", noting)
+    streamed = fxdiff.capture(model, args, kwargs, loss=loss, stream_to=tmp_path / "s")
+    # the rewrite is caught and the run recorded again, copying: its gradients are handed over after it
+    assert written[-1] == (set() if name == "clips" else {f"param_grad/{k}" for k in held.param_grads})
+    streamed.meta["started"] = held.meta["started"]
+    assert_same_capture(held, streamed)
+    loaded = fxdiff.load(tmp_path / "s")
+    loaded.meta["started"] = held.meta["started"]
+    assert_same_capture(held, loaded)
+
+
 def test_streamed_header_grows_past_its_reserve(tmp_path, conformer_capture, monkeypatch):
     from fxdiff.store import stream
 

@@ -407,7 +407,8 @@ def _record_run(model, rec, call, forward, config, before, check, stream) -> Run
     rec.keep_outputs(finished, outputs, whole)
     out_nodes = iter(finished)
     try:
-        loss_value, output_grads = backward(model, outputs, config)
+        with _param_grads_streamed(model, rec, config, stream):
+            loss_value, output_grads = backward(model, outputs, config)
     except FxdiffError:
         raise
     except (Exception, SystemExit) as e:   # autograd's own complaints about the model's graph included
@@ -442,6 +443,31 @@ def _put_params_early(model: torch.nn.Module, before: dict[int, torch.Tensor], s
         copy = before.get(id(p))
         if copy is not None and id(p) not in before.versions and copy.device.type == "cpu" and is_plain(copy):
             stream.put(f"param/{name}", copy, defer=True)
+
+
+@contextlib.contextmanager
+def _param_grads_streamed(model: torch.nn.Module, rec: Recorder, config: RunConfig,
+                          stream: CaptureStream | None) -> Iterator[None]:
+    """Hand a streamed capture each parameter's gradient as soon as backward has accumulated it, so
+    that the disk takes them during backward instead of after it (finishing finds them written;
+    the size of the model less to wait for at the end). A later write to one is caught as any
+    value's is (``TensorStream.verify``), and the run recorded again copying, these gradients then
+    handed over after it."""
+    if stream is None or config.keep == "summary" or rec.copy:
+        yield
+        return
+
+    def put(name: str, p: torch.Tensor) -> None:
+        if p.grad is not None and is_plain(p.grad):
+            stream.put(f"param_grad/{name}", p.grad.detach(), defer=True)
+
+    handles = [p.register_post_accumulate_grad_hook(lambda p, name=name: put(name, p))
+               for name, p in model.named_parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def input_target(path: str) -> str:

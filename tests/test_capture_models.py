@@ -230,6 +230,41 @@ def test_in_place_ops_record_values_as_produced():
     assert torch.equal(x, cap.inputs["args"][0])
 
 
+class ScalesQuery(nn.Module):
+    """fairseq's attention (fair-esm): a linear on a (T, B, E) input, whose output is a view of a
+    matrix product, scaled in place; with ``in_place=False``, out of place (Hugging Face's ESM)."""
+
+    def __init__(self, in_place=True):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.in_place = in_place
+
+    def forward(self, x):
+        q = self.q(x)
+        if self.in_place:
+            q *= 0.25
+        else:
+            q = q * 0.25
+        scores = torch.bmm(q.transpose(0, 1), self.k(x).permute(1, 2, 0))
+        return scores.softmax(-1).sum((0, 1))
+
+
+def test_a_view_written_in_place_keeps_the_gradient_of_the_value_it_held():
+    """A view's gradient hook never fires once the view is written to in place: the gradient of the
+    linear before the scale was missing, and a correct port that scales out of place was DIVERGED
+    ('gradient on cand only')."""
+    torch.manual_seed(0)
+    model, x = ScalesQuery().double(), torch.randn(5, 2, 8, dtype=torch.float64)
+    port = ScalesQuery(in_place=False).double()
+    port.load_state_dict(model.state_dict())
+    cap = fxdiff.capture(model, (x,))
+    _, truth, _ = ground_truth(port, (x,), {}, None)   # the same gradient, from autograd's own graph
+    q = nodes_of(cap, "linear")[0]
+    assert cap.values[q.name].shape == (5, 2, 8)
+    assert torch.allclose(cap.grads[q.name], truth[q.name], rtol=1e-12, atol=0)
+    assert fxdiff.compare(cap, port).verdict == "match"
+
+
 def test_inputs_changed_in_place_by_the_model_are_recorded_as_given():
     class Scale(nn.Module):
         def forward(self, x):

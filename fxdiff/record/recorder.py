@@ -82,15 +82,17 @@ class Aliased(Exception):
 
 
 class _Live:
-    """What the recorder knows about a live tensor: its node, version and whether it is hooked."""
+    """What the recorder knows about a live tensor: its node, version, whether it is hooked, and
+    the handle of the hook that stores its gradient."""
 
-    __slots__ = ("ref", "node", "version", "hooked")
+    __slots__ = ("ref", "node", "version", "hooked", "handle")
 
     def __init__(self, tensor: torch.Tensor, node: torch.fx.Node, hooked: bool):
         self.ref = weakref.ref(tensor)
         self.node = node
         self.version = tensor_version(tensor)
         self.hooked = hooked
+        self.handle = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,10 +426,33 @@ class Recorder(TorchFunctionMode):
     def _watch(self, live: _Live, t: torch.Tensor, plain: bool = False) -> None:
         if not live.hooked and t.requires_grad and (plain or transformed(t) is None):
             try:
-                t.register_hook(self._store_grad(live.node.name))
+                live.handle = t.register_hook(self._store_grad(live.node.name))
             except RuntimeError:   # a tensor that cannot take hooks: its gradient is not recorded
                 pass
             live.hooked = True
+
+    def _watch_base(self, tensors: list[torch.Tensor]) -> None:
+        """Before an in-place write to views: a view's hook never fires once it is written to (the
+        write moves the view elsewhere in autograd's graph, through its base), so the gradient of
+        the value it held is taken from its base's, whose hooks get the gradient of the base as it
+        was before the write, and viewed as the view was (``Tensor._view_func``)."""
+        for t in tensors:
+            live = self._live.get(id(t))
+            if live is None or live.ref() is not t or live.handle is None or t._base is None:
+                continue
+            view = getattr(t, "_view_func", None)   # torch >= 2.1
+            if view is None:
+                continue
+            store = self._store_grad(live.node.name)
+
+            def from_base(grad: torch.Tensor, view=view, store=store) -> None:
+                store(view(grad))
+            try:
+                t._base.register_hook(from_base)
+            except RuntimeError:   # a base that cannot take hooks: the gradient is not recorded
+                continue
+            live.handle.remove()
+            live.handle = None
 
     def _store_grad(self, name: str):
         def store(grad):
@@ -572,6 +597,7 @@ class Recorder(TorchFunctionMode):
         written = _written(func, args, kwargs)
         if written:
             self.protect(written)
+            self._watch_base(written)
         try:
             out = func(*args, **kwargs) if run is None else run()
         except BaseException as e:

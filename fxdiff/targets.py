@@ -47,6 +47,9 @@ _DENIED = ("hook", "storage", "__reduce", "__setstate__", "__torch_", "apply_", 
 # them, and the isolation replay needs them to rerun those. Random and uninitialised ones are left out.
 _FACTORIES = ("zeros", "ones", "full", "arange", "eye", "linspace", "logspace", "tensor", "scalar_tensor",
               "Tensor.new_zeros", "Tensor.new_ones", "Tensor.new_full")
+# Private, so not listed as overridable, yet computation that public modules call: weight_norm's
+# (legacy and parametrized) core, in every EnCodec, HiFi-GAN or DAC port.
+_PRIVATE = ("_weight_norm",)
 
 
 def target_name(func: Any) -> str:
@@ -93,6 +96,8 @@ class Targets:
         for name in _FACTORIES:
             owner, _, attr = name.rpartition(".")
             table.setdefault(f"torch.{name}", getattr(torch.Tensor if owner else torch, attr))
+        for name in _PRIVATE:
+            table[f"torch.{name}"] = getattr(torch, name)
         for name in _OPERATOR:
             table[f"operator.{name}"] = table[f"_operator.{name}"] = getattr(operator, name)
         table[MUTATED] = mutated

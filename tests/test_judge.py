@@ -499,6 +499,36 @@ def test_one_op_applied_to_inputs_of_other_sizes_is_not_a_divergence():
     assert not fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 5, 6),)), port).diverged
 
 
+class Positions(nn.Module):
+    """A table of positions added to a conv's output: as a buffer (openai-whisper's encoder) or,
+    with ``lookup``, looked up by position from a frozen embedding and then added (Hugging Face's
+    ``WhisperEncoder``)."""
+
+    def __init__(self, lookup=False):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(3, 8, 3, padding=1), nn.Linear(8, 2)
+        if lookup:
+            self.positions = nn.Embedding(10, 8).requires_grad_(False)
+        else:
+            self.register_buffer("positions", torch.randn(10, 8))
+        self.lookup = lookup
+
+    def forward(self, x):
+        h = self.conv(x).transpose(1, 2)
+        return self.head(torch.relu(h + (self.positions(torch.arange(10)) if self.lookup else self.positions)))
+
+
+def test_a_table_added_is_not_the_same_table_looked_up():
+    """The two tables pair by content, but the reference's add (activations + table) is not the
+    candidate's lookup of the table: they were paired by their users' sizes, and a correct Whisper
+    port was DIVERGED at 'encoder add, cand embed_positions embedding'."""
+    torch.manual_seed(0)
+    ref, port = Positions(), Positions(lookup=True)
+    port.load_state_dict({**ref.state_dict(), "positions.weight": ref.positions}, strict=False)
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(1, 3, 10),)), port)   # the sum's size is the table's
+    assert report.verdict == "match", _text(report)
+
+
 class Body(Heads):
     """``Heads`` returning its body's output alone, by another name: none of its outputs pairs."""
 
@@ -516,3 +546,56 @@ def test_a_match_with_no_gradient_compared_says_it_is_forward_only():
     report = fxdiff.compare(fxdiff.capture(ref, (x,)), cand)
     assert not report.diverged
     assert _text(report).startswith("MATCH, bit for bit; forward only: no gradient was compared")
+
+
+class WeightNormed(nn.Module):
+    """Weight-normed convolutions (EnCodec's, HiFi-GAN's): torch._weight_norm makes each weight."""
+
+    def __init__(self):
+        super().__init__()
+        wn = nn.utils.parametrizations.weight_norm
+        self.a, self.b = wn(nn.Conv1d(2, 4, 3, padding=1)), wn(nn.Conv1d(4, 2, 3, padding=1))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_weight_norm_gain_ported_wrong_is_introduced_at_the_weight_norm():
+    """torch._weight_norm is private, so it was off the replay allowlist: 'introduced here or
+    amplified is not known'."""
+    torch.manual_seed(0)
+    ref, port = WeightNormed(), WeightNormed()
+    state = ref.state_dict()
+    gain = "b.parametrizations.weight.original0"
+    port.load_state_dict({**state, gain: state[gain] * 1.5})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(1, 2, 16),)), port)
+    entry, = report.first_divergence()["forward"]
+    assert (entry["ref_module"], entry["op"], entry["isolated"]) == ("b.parametrizations.weight.0", "_weight_norm",
+                                                                      "introduced"), entry
+
+
+class Recurrent(nn.Module):
+    """An LSTM between two projections (EnCodec's SEANet keeps one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.lstm, self.out = nn.Linear(3, 4), nn.LSTM(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.lstm(self.inp(x))[0])
+
+
+def test_lstm_gates_converted_in_another_order_are_a_difference_not_a_layout():
+    """Rows permuted in blocks (gates i, f, g, o stored as i, g, f, o) were accepted as a layout:
+    'parameter and buffer values: all match', the LSTM's output 'compared with its features
+    reordered like the weight'. An LSTM's output does not follow its weight's rows."""
+    torch.manual_seed(0)
+    ref, port = Recurrent(), Recurrent()
+    order = torch.cat([torch.arange(0, 4), torch.arange(8, 12), torch.arange(4, 8), torch.arange(12, 16)])
+    port.load_state_dict({k: v[order] if k.startswith("lstm.") else v for k, v in ref.state_dict().items()})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(5, 2, 3),)), port)
+    failed = {p.ref for p in report.params if p.value is not None and not p.value.passed}
+    assert failed == {f"lstm.{w}_{x}_l0" for w in ("weight", "bias") for x in ("ih", "hh")}
+    assert any("lstm.weight_ih_l0 is the candidate's with its 16 rows in another order" in w for w in report.warnings)
+    first = report.first_divergence()["forward"]
+    assert {(e["ref_module"], e["op"], e["isolated"]) for e in first} == {("lstm", "lstm", "introduced")}, first

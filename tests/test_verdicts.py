@@ -298,3 +298,59 @@ def test_t5_under_bfloat16_autocast_is_within_noise_though_its_mask_is_bfloat16s
            "decoder_input_ids": torch.randint(3, 128, (2, 7), generator=g)}
     report = fxdiff.compare(fxdiff.capture(build(), kwargs=ids), build(), autocast="bfloat16")
     assert report.verdict == "within noise", report.first_divergence()
+
+
+class Quantizer(nn.Module):
+    """A vector quantizer as EnCodec's: each frame's nearest codebook row, returned as codes
+    (stacked and transposed) beside the decoded frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.register_buffer("codebook", torch.randn(64, 8))
+
+    def forward(self, x):
+        z = self.proj(x)
+        codes = torch.cdist(z, self.codebook).argmin(-1)
+        return {"codes": torch.stack([codes]).transpose(0, 1), "audio": self.out(self.codebook[codes] + z)}
+
+
+def test_codes_flipped_by_bfloat16_rounding_are_within_noise_as_an_output_too():
+    """bfloat16 rounding flips near-tie codes; the replays explain the argmin's difference, and the
+    codes output, a view of it, is explained with it (judged alone, an integer output was DIVERGED
+    'made after the last compared values')."""
+    torch.manual_seed(0)
+    ref, x = Quantizer(), torch.randn(1, 2000, 4)
+    cand = Quantizer()
+    cand.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), cand, dtype="bfloat16")
+    codes = next(o for o in report.outputs if o.ref == "codes")
+    assert codes.metrics.max_abs_diff > 0   # flips happened
+    assert report.verdict == "within noise", [o.metrics for o in report.outputs]
+
+
+class Mono(nn.Module):
+    """Convolutions ending in one output channel (mono audio, as EnCodec's decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.out = nn.Conv1d(4, 8, 5, padding=2), nn.Conv1d(8, 1, 7, padding=3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.body(x)))
+
+
+def test_a_float64_candidate_summing_cancelling_terms_exactly_is_within_float32_noise():
+    """The output bias's gradient sums 2400 terms that nearly cancel: the float32 reference's own
+    rounding of that sum is its noise, which a float64 candidate, summing exactly the reference's
+    own seed, shows (it was DIVERGED, '1 of 4 parameter gradients differ')."""
+    torch.manual_seed(0)
+    ref, x, w = Mono(), torch.randn(1, 4, 2400), torch.randn(1, 1, 2400)
+    w -= 0.99 * w.mean()
+    cand = Mono()
+    cand.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (x,), loss=lambda y: (y * w).sum()), cand, dtype="float64")
+    assert report.verdict == "within noise"
+    bug = Mono()
+    bug.load_state_dict({**ref.state_dict(), "out.bias": ref.out.bias + 1e-3})
+    assert fxdiff.compare(fxdiff.capture(ref, (x,), loss=lambda y: (y * w).sum()), bug, dtype="float64").diverged

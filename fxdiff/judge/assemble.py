@@ -51,6 +51,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
           ref_label: str = "ref", cand_label: str = "cand") -> Report:
     """Compare every aligned pair of ``ref`` and ``cand`` and build the report."""
     alignment, roles = _by_role(ref, cand, alignment)
+    roles.update(_unfollowed(ref, alignment))
     ref_nodes = {n.name: n for n in ref.graph.nodes}
     cand_nodes = {n.name: n for n in cand.graph.nodes}
     # strict bounds scale gradients by the floors, so they are needed first; otherwise they come after,
@@ -246,18 +247,54 @@ def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignme
                                unmatched_cand_params=[n for n in alignment.unmatched_cand_params if n in left_c]), roles
 
 
+def _unfollowed(ref: Capture, alignment: Alignment) -> dict[str, str]:
+    """Parameters paired by content with their rows in another order, which an op reading them
+    does not follow: ``{ref param: what}``. Only an op whose output's features are the weight's
+    rows (a linear, a fused per-head projection, a bias added) is laid out that way; an LSTM's
+    gate blocks, or a table looked up by index (an embedding, a codebook), compute something else
+    from rows in another order."""
+    rows = {p.ref: len(p.transform["index"]) for p in alignment.params if p.transform.get("kind") == "permute_rows"}
+    attrs = {n.name: str(n.target) for n in ref.graph.nodes if n.op == "get_attr" and str(n.target) in rows}
+    found = {}
+    for node in ref.graph.nodes:
+        if node.op != "call_function" or DEFAULT_OPS.is_view(node, node_key(node)):
+            continue
+        # a multi-output op (lstm: output, h, c) holds no value itself: its items' sizes
+        sizes = {tuple(x.meta[SHAPE])[-1:] for x in (node, *node.users) if x.meta.get(SHAPE)}
+        for name in (attrs[a.name] for a in node.all_input_nodes if a.name in attrs):
+            if name not in found and sizes and (rows[name],) not in sizes:
+                found[name] = (f"is the candidate's with its {rows[name]} rows in another order, which its "
+                               f"{node_key(node)} op ({node.name}) does not follow: not a layout, a difference")
+    return found
+
+
 def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,
                      rows: list[NodeRow], precision: float) -> list[OutputRow]:
     """The paired outputs (``outputs.py``), judged like the nodes that made them."""
     ref_out, cand_out = dict(tree.flatten(ref.outputs)), dict(tree.flatten(cand.outputs))
     inherited = max([r.forward.error or 0.0 for r in rows if r.forward is not None and r.forward.passed], default=0.0)
+    # an output that is a view of a value whose difference the replays explained (codes picked by
+    # argmax, flipped by rounding, stacked and transposed) is explained with it: an exact dtype
+    # alone has no noise to pass within
+    explained = {(r.ref_node, r.cand_node) for r in rows if "forward" in r.explained}
+    nodes = [dict(zip((p for p, _ in tree.flatten(c.outputs)), c.output_nodes())) for c in (ref, cand)]
     compared = []
     for p in pairs:
         metrics = compare_tensors(ref_out[p.ref], cand_out[p.cand], tol)
         if not tol.strict:
             metrics = noise.verdict(metrics, inherited, precision=precision)
+            seen = (_viewed(nodes[0].get(p.ref)), _viewed(nodes[1].get(p.cand)))
+            metrics = noise.explained(metrics, seen in explained)
         compared.append(OutputRow(ref=p.ref, cand=p.cand, metrics=metrics))
     return compared
+
+
+def _viewed(node: torch.fx.Node | None) -> str | None:
+    """The name of the op whose value ``node`` shows through views (``transpose``, ``view``...)."""
+    while node is not None and node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
+            and DEFAULT_OPS.is_view(node, node_key(node)):
+        node = node.args[0]
+    return node.name if node is not None else None
 
 
 def _output_frontier(ref: Capture, cand: Capture, outputs: list[OutputRow], rows: list[NodeRow]) -> bool:

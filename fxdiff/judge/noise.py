@@ -81,22 +81,25 @@ def verdict(m: Metrics | None, inherited: float, floor: float = 0.0, tail: float
     return dataclasses.replace(m, passed=passed, error=error, noise=noise)
 
 
-def _explained(m: Metrics | None, explained: bool) -> Metrics | None:
-    """``m``, passed where the replays explained its difference as rounding (``NodeRow.explained``);
-    its error then counts as noise for what follows it."""
-    return dataclasses.replace(m, passed=True) if explained and m is not None and not m.passed else m
+def explained(m: Metrics | None, by_replay: bool) -> Metrics | None:
+    """``m``, passed where the replays explained its difference as rounding (``by_replay``: see
+    ``NodeRow.explained``); its error then counts as noise for what follows it."""
+    return dataclasses.replace(m, passed=True) if by_replay and m is not None and not m.passed else m
 
 
 def _summed(m: Metrics | None, consumers: list[NodeRow], floor: float) -> float:
     """The relative error a parameter's gradient gets from its consumers' output gradients, which it
     sums over every element that used one of its own (a bias over batch and positions): their
-    difference, ``sqrt(elements per parameter element)`` times their RMS difference, at the
-    gradient's own scale. Where the terms cancel (a bias whose effect a norm or a ``pool(x) - x``
-    removes: an analytically zero gradient), this is much more than their relative error."""
+    difference plus the rounding of the sum itself (machine epsilon times their RMS, for each
+    term), ``sqrt(elements per parameter element)`` times that, at the gradient's own scale. Where
+    the terms cancel (a bias whose effect a norm or a ``pool(x) - x`` removes: an analytically
+    zero gradient; a mono output's bias summed over every sample), this is much more than their
+    relative error, and a float32 sum differs from a float64 one of the same terms by as much."""
     scale = max(m.ref_rms, m.cand_rms, floor) if m is not None else 0.0
     if not scale or not m.numel:
         return 0.0
-    return max([math.sqrt(x.backward.numel / m.numel) * x.backward.rms_diff / scale for x in consumers
+    return max([math.sqrt(x.backward.numel / m.numel) * (x.backward.rms_diff + x.backward.eps * max(
+        x.backward.ref_rms, x.backward.cand_rms)) / scale for x in consumers
                 if x.backward is not None and x.backward.passed], default=0.0)
 
 
@@ -142,11 +145,11 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
         return max(errors, default=0.0)
 
     for r in order:
-        r.forward = _explained(verdict(r.forward, passing(preds[r.ref_node], "forward"), precision=precision),
+        r.forward = explained(verdict(r.forward, passing(preds[r.ref_node], "forward"), precision=precision),
                                "forward" in r.explained)
     for r in reversed(order):
         inherited = max(passing(succs[r.ref_node], "backward"), passing(preds[r.ref_node] | {r.ref_node}, "forward"))
-        r.backward = _explained(verdict(r.backward, inherited, node_floor, TAIL_BACKWARD, precision),
+        r.backward = explained(verdict(r.backward, inherited, node_floor, TAIL_BACKWARD, precision),
                                 "backward" in r.explained)
     users: dict[str, set[str]] = {}
     for name, target in param_nodes.items():

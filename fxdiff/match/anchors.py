@@ -11,6 +11,7 @@ import torch
 
 from ..model.alignment import Pair, ParamPair
 from ..params import output_index, output_slice
+from ..util import named_dtype
 from .compute_graph import ComputeGraph
 from .confidence import CERTAIN, GRAPH_OUTPUT, SIZE_ONLY
 from .patience import lis
@@ -117,10 +118,12 @@ def param_anchors(r: ComputeGraph, c: ComputeGraph, params: list[ParamPair]) -> 
                 if r.key[ru] == c.key[cu]:
                     raw.append(Pair(ru, cu, f"parameter {pp.ref} = {pp.cand[0]}[{block[0]}:{block[1]}]",
                                     pp.confidence, cand_slice=block))
-            elif index is not None:
-                if r.key[ru] == c.key[cu] and r.numel[ru] == c.numel[cu]:
+            elif index is not None:   # an output whose features are the rows, reordered like them
+                if r.key[ru] == c.key[cu] and r.numel[ru] == c.numel[cu] and r.shape.get(ru, (0,))[-1:] == (len(index),):
                     raw.append(Pair(ru, cu, f"parameter {pp.ref} = {pp.cand[0]} with rows permuted",
                                     pp.confidence, cand_index=index))
+            elif _reads_data(r, ru) != _reads_data(c, cu):
+                continue   # x + table against embedding(positions, table): the table looked up is not the sum
             elif r.numel[ru] == c.numel[cu] or (r.key[ru] == c.key[cu] and pp.confidence >= CERTAIN
                                                   and _input_sizes(r, ru) == _input_sizes(c, cu)):
                 # the same op with the same unique weight on inputs of the same sizes, whose output's
@@ -129,6 +132,17 @@ def param_anchors(r: ComputeGraph, c: ComputeGraph, params: list[ParamPair]) -> 
                 # after a token is picked)
                 raw.append(Pair(ru, cu, f"parameter {pp.ref} <-> {pp.cand[0]}", pp.confidence))
     return merge_decomposed(r, c, raw)
+
+
+def _reads_data(g: ComputeGraph, node: str) -> bool:
+    """Whether ``node`` combines its parameters with floating-point values (activations), rather
+    than with integer indices or nothing (a lookup or a function of the weights alone)."""
+    return any(_floating(g.dtype.get(p)) for p in g.preds.get(node, ()))
+
+
+def _floating(dtype: str | None) -> bool:
+    kind = named_dtype(dtype) if dtype else None
+    return kind is None or kind.is_floating_point or kind.is_complex
 
 
 def _input_sizes(g: ComputeGraph, node: str) -> list[int] | None:

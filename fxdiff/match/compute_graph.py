@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from ..model.capture import MODULE, NOT_STORED, SHAPE, Capture
+from ..model.capture import DTYPE, MODULE, NOT_STORED, SHAPE, Capture
 from ..ops import DEFAULT_OPS, OpKeys
 
 LEVELS = 5   # feature levels; no level matches ops of different sizes: the judge could not compare them
@@ -27,6 +27,7 @@ class ComputeGraph:
         self.order: list[str] = []            # computing nodes
         self.key: dict[str, str] = {}
         self.numel: dict[str, int] = {}
+        self.dtype: dict[str, str | None] = {}   # the value's dtype, by name ("float32")
         self.module: dict[str, str] = {}
         self.preds: dict[str, list[str]] = {}
         self.succs: dict[str, list[str]] = defaultdict(list)
@@ -92,6 +93,7 @@ class ComputeGraph:
             self.order.append(name)
             self.key[name] = key
             self.numel[name] = _prod(node.meta.get(SHAPE) or [])
+            self.dtype[name] = node.meta.get(DTYPE)
             self.module[name] = node.meta.get(MODULE, "")
             self.preds[name] = inputs
             for a in inputs:

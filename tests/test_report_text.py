@@ -286,3 +286,80 @@ def test_default_svg_fits_a_screen(runs, tmp_path):
     assert result.exit_code == 0, result.output
     root = ET.parse(svg).getroot()
     assert float(root.get("height").removesuffix("pt")) > 1000
+
+
+class Lookup(torch.nn.Module):
+    """Positions looked up from a table, trained or (``frozen``) not, added to a projection."""
+
+    def __init__(self, frozen=False):
+        super().__init__()
+        self.proj, self.positions = torch.nn.Linear(3, 4), torch.nn.Embedding(5, 4)
+        self.positions.requires_grad_(not frozen)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x) + self.positions(torch.arange(5)))
+
+
+def test_a_gradient_on_one_side_only_is_said_in_words_not_infinite_differences():
+    torch.manual_seed(0)
+    ref, port = Lookup(), Lookup(frozen=True)
+    port.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 5, 3),)), port)
+    out = " ".join(_section(show(text.render(report)), "First divergence").split())
+    assert "backward: positions embedding (embedding)" in out
+    assert "gradient on ref only: none reached the candidate's op" in out and "inf" not in out
+    assert "output 0: matches" in show(text.render(report))   # one tensor returned: no "all 1 match (0)"
+    assert "its own backward is not their derivative" not in out   # a frozen table, not a custom backward
+
+
+class RefDecoder(torch.nn.Module):
+    """A decoder that makes its logits itself from the token table (openai-whisper's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.emb = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Embedding(6, 4)
+
+    def forward(self, x):
+        return self.norm(torch.tanh(self.lin(x))) @ self.emb.weight.T
+
+
+class Ref(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.decoder = RefDecoder()
+
+    def forward(self, x):
+        return self.decoder(x)
+
+
+class PortDecoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(torch.tanh(self.lin(x)))
+
+
+class Port(torch.nn.Module):
+    """The same, its logits made by a head beside the decoder (Hugging Face's ``proj_out``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.proj_out = PortDecoder(), torch.nn.Linear(4, 6, bias=False)
+
+    def forward(self, x):
+        return self.proj_out(self.body(x))
+
+
+def test_a_module_row_names_the_module_most_of_its_ops_pair_into():
+    """The logits product pairs with a head outside the decoder's counterpart: the row named the
+    candidate's root ('decoder (cand hf)'), the common prefix of every op's module."""
+    torch.manual_seed(0)
+    ref, port = Ref(), Port()
+    state = ref.state_dict()
+    port.load_state_dict({"body.lin.weight": state["decoder.lin.weight"] + 1e-2, "body.lin.bias": state["decoder.lin.bias"],
+                          "body.norm.weight": state["decoder.norm.weight"], "body.norm.bias": state["decoder.norm.bias"],
+                          "proj_out.weight": state["decoder.emb.weight"]})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4),)), port)
+    assert "decoder (cand body)" in _section(show(text.render(report)), "Modules")

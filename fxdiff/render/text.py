@@ -9,7 +9,7 @@ never cut: a table too wide for the console is printed one block per row.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable, Iterator
 
 from rich.console import Console, ConsoleOptions, Group, NewLine, RenderableType, RenderResult
@@ -157,6 +157,8 @@ def outputs_section(report: Report, show_all: bool = False) -> RenderableType:
                           [[_pair_name(o.ref, o.cand), _verdict(o.metrics), fmt(o.metrics.max_abs_diff),
                             fmt(o.metrics.max_rel_diff), fmt(o.metrics.cosine)] for o in rows],
                           _more(same, "output")))
+    elif len(report.outputs) == 1:   # "outputs: all 1 match (0)" read as a count
+        lines.append(Text(f"output {report.outputs[0].ref}: matches"))
     elif report.outputs:
         names = [o.ref for o in report.outputs]
         lines.append(Text(f"outputs: all {len(names)} match ({_names(names)})"))
@@ -242,8 +244,15 @@ def _indent(text: Text) -> Padding:
     return Padding(text, (0, 0, 0, 4), expand=False)
 
 
+_ONE_SIDED = ("gradient on ref only", "gradient on cand only")
+
+
 def _judged(m: Metrics) -> str:
     """What the verdict compared: the error and the noise level it was judged against."""
+    if m.note in _ONE_SIDED:   # no numbers: nothing to subtract
+        other = "candidate" if m.note.endswith("ref only") else "reference"
+        return (f"{m.note}: none reached the {other}'s op (nothing it is computed from requires grad there, "
+                "or no path leads from it to the loss)")
     diffs = f"max abs diff {fmt(m.max_abs_diff)}, max rel diff {fmt(m.max_rel_diff)}"
     if m.error is None or not m.noise:
         what = m.note or f"{m.mismatched} of {m.numel} elements outside the tolerance"
@@ -275,6 +284,8 @@ def _consequence(r: NodeRow, downstream: set[str]) -> str:
         return ("[bold]consequence of the forward divergence[/]: the gradient reaching it goes back through ops "
                 "whose forward values differ")
     only = "[bold]backward only[/]: its forward value matches and no forward divergence precedes it"
+    if r.backward is not None and r.backward.note in _ONE_SIDED:
+        return only   # replaying it says nothing of a gradient autograd never computed
     cause = r.backward_cause()
     if cause == "custom backward":
         return (f"{only}; the candidate's ops, differentiated back from the reference's gradients, agree with the "
@@ -356,7 +367,7 @@ def modules_section(report: Report, key: Callable[[str], str], show_all: bool = 
         if all(m.passed for m in fwd + bwd) and name not in blamed and not show_all:
             same += 1
             continue
-        cand = _common_prefix([r.cand_module for r in members])
+        cand = _counterpart([r.cand_module for r in members])
         first = _first_inside(name, members)
         if name in blamed:
             first = Text.assemble(blamed[name].blame[0], ", then " if first.plain else "",
@@ -385,14 +396,12 @@ def _first_inside(name: str, members: list[NodeRow]) -> Text:
     return text
 
 
-def _common_prefix(modules: list[str]) -> str:
-    parts = [m.split(".") if m else [] for m in modules]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) > 1:
-            break
-        common.append(level[0])
-    return ".".join(common)
+def _counterpart(modules: list[str]) -> str:
+    """The deepest candidate module that holds three quarters of ``modules`` (the candidate modules
+    of one reference module's ops): an op or two that pair outside it (the decoder's logits product
+    against the model's ``proj_out``) do not make the whole model its counterpart."""
+    counts = Counter(p for m in modules for p in _prefixes(m))
+    return max((p for p, n in counts.items() if 4 * n >= 3 * len(modules)), key=lambda p: p.count("."), default="")
 
 
 def params_section(report: Report, key: Callable[[str], str], what: str = "grad",

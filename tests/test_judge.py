@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxdiff
 from fxdiff.judge import Tolerance, compare_tensors
@@ -599,3 +600,34 @@ def test_lstm_gates_converted_in_another_order_are_a_difference_not_a_layout():
     assert any("lstm.weight_ih_l0 is the candidate's with its 16 rows in another order" in w for w in report.warnings)
     first = report.first_divergence()["forward"]
     assert {(e["ref_module"], e["op"], e["isolated"]) for e in first} == {("lstm", "lstm", "introduced")}, first
+
+
+class Causal(nn.Module):
+    """Causal self-attention: scaled and masked by sdpa itself (openai-whisper's), or (``port``) its
+    query scaled first and a mask built and passed (Hugging Face's), ``diagonal`` its first
+    masked diagonal above the main one (2: each token also sees the next, a port's bug)."""
+
+    def __init__(self, port=False, diagonal=1):
+        super().__init__()
+        self.qkv, self.port, self.diagonal = nn.Linear(8, 24), port, diagonal
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(1, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        if not self.port:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = torch.full((5, 5), float("-inf")).triu(self.diagonal)
+        return F.scaled_dot_product_attention(q * 0.5, k, v, attn_mask=mask[None, None], scale=1.0)
+
+
+def test_a_mask_one_side_alone_builds_is_named_beside_the_op_it_alone_runs():
+    """The divergence was blamed on the port's query scale alone, which the correct port runs too."""
+    torch.manual_seed(0)
+    ref, x = Causal(), torch.randn(1, 5, 8)
+    ports = [Causal(port=True, diagonal=d) for d in (1, 2)]
+    for port in ports:
+        port.load_state_dict(ref.state_dict())
+    cap = fxdiff.capture(ref, (x,))
+    assert not fxdiff.compare(cap, ports[0]).diverged
+    first = next(r for r in fxdiff.compare(cap, ports[1]).nodes if r.first_forward)
+    assert first.op == "sdpa" and first.blame[0] == \
+        "cand-only mul (mul), or the side input it alone passes, built by triu (triu)", first.blame

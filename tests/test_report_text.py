@@ -241,7 +241,7 @@ def test_saved_reports_keep_their_json_form_and_older_or_newer_ones_load(runs, t
     doc = json.loads(json.dumps(report.to_dict(), default=str))
     assert set(doc["outputs"][0]) == {"ref", "cand", "metrics", "frontier"}
     assert set(doc["unmatched"]) == {"ref", "cand", "ref_params", "cand_params", "ref_outputs", "cand_outputs",
-                                     "trained_ref_params", "ref_inputs"}
+                                     "trained_ref_params", "trained_cand_params", "ref_inputs"}
     assert set(doc["unmatched"]["cand"][0]) == {"node", "module", "op", "shape", "reason"}
     for row in doc["nodes"]:
         for key in ("isolated_why", "isolated_backward_why"):
@@ -363,3 +363,24 @@ def test_a_module_row_names_the_module_most_of_its_ops_pair_into():
                           "proj_out.weight": state["decoder.emb.weight"]})
     report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4),)), port)
     assert "decoder (cand body)" in _section(show(text.render(report)), "Modules")
+
+
+class Keyed(torch.nn.Module):
+    """Keys projected without a bias (openai-whisper's), or (``bias``) with one (a port's mistake)."""
+
+    def __init__(self, bias=False):
+        super().__init__()
+        self.key, self.head = torch.nn.Linear(4, 4, bias=bias), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.key(x)))
+
+
+def test_a_parameter_trained_in_the_candidate_only_is_named():
+    """It was counted ('2 without a counterpart') but never named, the reference's leftovers only."""
+    torch.manual_seed(0)
+    ref, port = Keyed(), Keyed(bias=True)
+    port.load_state_dict({**ref.state_dict(), "key.bias": torch.zeros(4)})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4),)), port)
+    assert report.unmatched.trained_cand_params == ["key.bias"]
+    assert "trained in the candidate only, no counterpart in the reference: key.bias" in show(text.render(report))

@@ -154,6 +154,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             ref_params=list(alignment.unmatched_ref_params), cand_params=list(alignment.unmatched_cand_params),
             ref_outputs=ref_outputs_left, cand_outputs=cand_outputs_left,
             trained_ref_params=[n for n in alignment.unmatched_ref_params if n in ref.param_grads],
+            trained_cand_params=[n for n in alignment.unmatched_cand_params if n in cand.param_grads],
             ref_inputs=[n for n in alignment.unmatched_ref if ref_nodes[n].op == "placeholder"]),
         graph={"ref": _structure(ref), "cand": _structure(cand)},
     )
@@ -500,14 +501,22 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
     for row in rows:
         if not row.first_forward:
             continue
-        op_r = _one_sided_input([ref.node(n) for n in (row.ref_node, *row.ref_block)], compared_r, only_r)
-        op_c = _one_sided_input([cand.node(n) for n in (row.cand_node, *row.cand_block)], compared_c, only_c)
+        block_r = [ref.node(n) for n in (row.ref_node, *row.ref_block)]
+        block_c = [cand.node(n) for n in (row.cand_node, *row.cand_block)]
+        op_r, op_c = _one_sided_input(block_r, compared_r, only_r), _one_sided_input(block_c, compared_c, only_c)
         if (op_r is None) == (op_c is None):
             continue
         side, op = ("ref", op_r) if op_r is not None else ("cand", op_c)
         module = op.meta.get(MODULE, "")
         other = _counterpart_module(rows, module, side)
-        row.blame = [f"{side}-only {node_key(op)} ({op.name})", *((module, other) if side == "ref" else (other, module))]
+        what = f"{side}-only {node_key(op)} ({op.name})"
+        # a side input (a mask) that side alone builds, where the other passes none (is_causal=True)
+        masks = {"ref": _one_sided_input(block_r, compared_r, only_r, side=True),
+                 "cand": _one_sided_input(block_c, compared_c, only_c, side=True)}
+        also = masks.pop(side)
+        if also is not None and None in masks.values():
+            what += f", or the side input it alone passes, built by {node_key(also)} ({also.name})"
+        row.blame = [what, *((module, other) if side == "ref" else (other, module))]
 
 
 def _unpaired(capture: Capture, alignment: Alignment, side: str) -> set[str]:
@@ -737,28 +746,33 @@ def _relative_distance(a: torch.Tensor | None, b: torch.Tensor) -> float:
     return m.rms_diff / m.ref_rms if m.ref_rms > 0 else math.inf
 
 
-def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[str]) -> torch.fx.Node | None:
+def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[str],
+                     side: bool = False) -> torch.fx.Node | None:
     """An input of the ``block`` (a node and the ops folded into its match; through views) that is
-    an op in ``only`` whose every tensor input is a compared node or a parameter: an op added to (or
-    left out of) a matched computation, such as a residual add, and not a side computation of its
-    own, such as a mask."""
+    an op in ``only`` whose tensor inputs are compared nodes and parameters, one compared at least:
+    an op added to (or left out of) a matched computation, such as a residual add, and not a side
+    computation of its own, such as a mask or a slice of a table; with ``side``, such a side
+    computation instead."""
     inner = {n.name for n in block}
     for a in (a for n in block for a in n.all_input_nodes if a.name not in inner):
         op = _through_views(a, compared)
         if op.name not in compared and op.meta.get(TARGET) in GETITEM and isinstance(op.args[0], torch.fx.Node) \
                 and not DEFAULT_OPS.is_view(op, node_key(op)):
             op = op.args[0]   # an output of an op of several (nn.MultiheadAttention's), not a split's: that op
-        if op.name in only and all(_through_views(x, compared).name in compared
-                                   or _through_views(x, compared).op == "get_attr" for x in op.all_input_nodes):
+        sources = [_through_views(x, compared, items=True) for x in op.all_input_nodes]
+        on_data = any(x.name in compared for x in sources) and all(x.name in compared or x.op == "get_attr"
+                                                                   for x in sources)
+        if op.name in only and side != on_data:
             return op
     return None
 
 
-def _through_views(node: torch.fx.Node, compared: set[str]) -> torch.fx.Node:
-    """``node``, or the node it is a view of (through reshapes, transposes, expands...), stopping at
-    a compared node."""
-    while (node.name not in compared and node.op == "call_function" and node_key(node) in DEFAULT_OPS.transparent
-           and len(node.all_input_nodes) == 1):
+def _through_views(node: torch.fx.Node, compared: set[str], items: bool = False) -> torch.fx.Node:
+    """``node``, or the node it is a view of (through reshapes, transposes, expands, ``x[None]``...,
+    with ``items`` the items of a split too), stopping at a compared node."""
+    while (node.name not in compared and node.op == "call_function" and len(node.all_input_nodes) == 1
+           and (node_key(node) in DEFAULT_OPS.transparent or (node_key(node) == "getitem" or items)
+                and DEFAULT_OPS.is_view(node, node_key(node)) or items and node_key(node) in DEFAULT_OPS.splits)):
         node = node.all_input_nodes[0]
     return node
 

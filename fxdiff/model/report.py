@@ -169,6 +169,7 @@ class Unmatched:
     ref_outputs: list[str] = dataclasses.field(default_factory=list)       # output leaf paths
     cand_outputs: list[str] = dataclasses.field(default_factory=list)
     trained_ref_params: list[str] = dataclasses.field(default_factory=list)   # of ref_params: with a gradient
+    trained_cand_params: list[str] = dataclasses.field(default_factory=list)  # of cand_params: with a gradient
     ref_inputs: list[str] = dataclasses.field(default_factory=list)        # of ref: the model's inputs
 
     @classmethod

@@ -47,7 +47,7 @@ _GRAPH_NODE = {REQUIRED: ("name",), "name": str, "op": str, "kind": str, "target
                "dtype": (str, None), "inputs": [str]}
 _UNMATCHED_NODE = {REQUIRED: ("node",), "node": str, "module": str, "op": str, "shape": _SHAPE, "reason": str}
 _UNMATCHED = {"ref": [_UNMATCHED_NODE], "cand": [_UNMATCHED_NODE], "ref_params": [str], "cand_params": [str],
-              "ref_outputs": [str], "cand_outputs": [str], "trained_ref_params": [str], "ref_inputs": [str]}
+              "ref_outputs": [str], "cand_outputs": [str], "trained_ref_params": [str], "trained_cand_params": [str], "ref_inputs": [str]}
 _SIDE = {"label": str, "modules": _Map(str)}
 REPORT = {"ref": _SIDE, "cand": _SIDE, "tolerance": {"atol": (NUM, None), "rtol": (NUM, None)},
           "outputs": [_OUTPUT], "nodes": [_NODE], "params": [_PARAM], "unmatched": _UNMATCHED,

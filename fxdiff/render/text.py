@@ -425,6 +425,10 @@ def params_section(report: Report, key: Callable[[str], str], what: str = "grad"
         if unpaired:
             lines.append(Text(f"not compared, no counterpart in the candidate: "
                               f"{_names(unpaired, len(unpaired) if show_all else 8)}"))
+        extra = report.unmatched.trained_cand_params   # a bias the reference does not have
+        if extra:
+            lines.append(Text(f"trained in the candidate only, no counterpart in the reference: "
+                              f"{_names(extra, len(extra) if show_all else 8)}"))
         unseeded = [p.ref for p in report.params if p.grad is None and p.grad_uncompared]
         if unseeded:
             lines.append(Text(f"gradients not compared, seeded from different outputs on each side: "

@@ -631,3 +631,61 @@ def test_a_mask_one_side_alone_builds_is_named_beside_the_op_it_alone_runs():
     first = next(r for r in fxdiff.compare(cap, ports[1]).nodes if r.first_forward)
     assert first.op == "sdpa" and first.blame[0] == \
         "cand-only mul (mul), or the side input it alone passes, built by triu (triu)", first.blame
+
+
+class TimeFirst(nn.Module):
+    """Residual layers, in (time, batch, features) as fairseq runs them, or (``batch_first``) in
+    (batch, time, features) as Hugging Face does."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.layers, self.batch_first = nn.ModuleList(nn.Linear(4, 4) for _ in range(40)), batch_first
+
+    def forward(self, x):   # x: (batch, time, features)
+        h = x if self.batch_first else x.transpose(0, 1)
+        for layer in self.layers:
+            h = h + torch.tanh(layer(h))
+        return h if self.batch_first else h.transpose(0, 1)
+
+
+def test_values_compared_transposed_stand_in_for_each_other_in_the_replay():
+    """The replay took only pairs of one shape as its boundary: a bias not copied, behind values of
+    the other layout, was 'not replayed in isolation: more than 64 of the candidate's ops lie
+    between ...' (a fair-esm port's)."""
+    torch.manual_seed(0)
+    ref, port = TimeFirst(), TimeFirst(batch_first=True)
+    port.load_state_dict({**ref.state_dict(), "layers.39.bias": torch.zeros(4)})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 5, 4),)), port)
+    entry, = report.first_divergence()["forward"]
+    assert (entry["ref_module"], entry["op"], entry["isolated"]) == ("layers.39", "linear", "introduced"), entry
+    clean = TimeFirst(batch_first=True)
+    clean.load_state_dict(ref.state_dict())
+    assert not fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 5, 4),)), clean).diverged
+
+
+class Chain(nn.Module):
+    """``TimeFirst`` without residuals: one long chain of ops."""
+
+    def __init__(self, batch_first=False, depth=400):
+        super().__init__()
+        self.layers, self.batch_first = nn.ModuleList(nn.Linear(4, 4) for _ in range(depth)), batch_first
+
+    def forward(self, x):
+        h = x if self.batch_first else x.transpose(0, 1)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return h if self.batch_first else h.transpose(0, 1)
+
+
+def test_a_replay_counts_the_ops_of_a_deep_chain_and_stops_at_its_limit():
+    """The limit counted the ops replayed so far, which a chain reaches only on its way back: with
+    no boundary on it, a chain deeper than Python's recursion limit crashed (RecursionError)."""
+    from fxdiff.judge.isolate import MAX_BLOCK, replay
+    torch.manual_seed(0)
+    ref, port = Chain(), Chain(batch_first=True)
+    port.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 4)
+    r, c = fxdiff.capture(ref, (x,)), fxdiff.capture(port, (x,))
+    last = [n.name for n in c.graph.nodes if n.op == "call_function"][-1]
+    why = replay(r, c, last, {"args_0": "args_0"}, r.values["args_0"])
+    assert why == f"more than {MAX_BLOCK} of the candidate's ops lie between {last} and values that match the reference"

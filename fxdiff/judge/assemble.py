@@ -35,7 +35,7 @@ from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
 from ..store.summary import all_zero, is_summary
-from .tensors import Tolerance, compare_many, compare_tensors, machine_eps, rms_many
+from .tensors import Tolerance, compare_many, compare_tensors, layout_permutation, machine_eps, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
 
@@ -456,10 +456,11 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
     the replays explain: the candidate's block computes the reference's function, and its own
     value from its own inputs, so its difference is its inputs' (which passed) carried through
     that function, plus its own rounding."""
-    boundary = {r.cand_node: r.ref_node for r in rows
-                if r.forward.passed and r.ref_shape == r.cand_shape
-                and not (r.ref_slice or r.cand_slice or r.cand_permuted)}
+    whole = [r for r in rows if r.forward.passed and not (r.ref_slice or r.cand_slice or r.cand_permuted)]
+    boundary = {r.cand_node: r.ref_node for r in whole if r.ref_shape == r.cand_shape}
     own_boundary = {c: c for c in boundary}
+    layouts = _layouts(ref, cand, [r for r in whole if r.ref_shape != r.cand_shape])
+    boundary.update({r.cand_node: r.ref_node for r in whole if r.cand_node in layouts})
     explained = []
     for row in rows:
         if not row.first_forward or row.isolated is not None or row.isolated_why is not None:
@@ -467,7 +468,7 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         if row.cand_permuted:
             row.isolated_why = _not_plain(row)
             continue
-        out = replay(ref, cand, row.cand_node, boundary, ref.values[row.ref_node])
+        out = replay(ref, cand, row.cand_node, boundary, ref.values[row.ref_node], layouts=layouts)
         if isinstance(out, str):
             row.isolated_why = out
             continue
@@ -486,6 +487,21 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
                 row.explained.append("forward")
                 explained.append(row)
     return explained
+
+
+def _layouts(ref: Capture, cand: Capture, rows: list[NodeRow]) -> dict[str, tuple[int, ...]]:
+    """For pairs compared with the candidate's dimensions in another order (fairseq's (time, batch,
+    features) against (batch, time, features)): the permutation that lays the reference's value
+    out like the candidate's, by candidate node."""
+    found = {}
+    for r in rows:
+        a, b = ref.values.get(r.ref_node), cand.values.get(r.cand_node)
+        if a is None or b is None or is_summary(a) or is_summary(b):
+            continue
+        p = layout_permutation(a, b)   # b.permute(p) is laid out like a
+        if p is not None:
+            found[r.cand_node] = tuple(sorted(range(len(p)), key=p.__getitem__))
+    return found
 
 
 def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:

@@ -26,11 +26,12 @@ class _NotReplayable(Exception):
 
 
 def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str], like: torch.Tensor,
-           targets: Targets | None = None) -> torch.Tensor | str:
+           targets: Targets | None = None, layouts: dict[str, tuple[int, ...]] | None = None) -> torch.Tensor | str:
     """The candidate's value of ``cand_node`` recomputed from the reference's values.
 
     ``boundary`` maps candidate node names to the reference nodes whose values stand in for them
-    (matched pairs of equal shape). The candidate's parameters are moved to the device of ``like``
+    (matched pairs of equal shape, or, with ``layouts``, of dimensions in another order: the
+    reference's value permuted so, a (time, batch) layout for a (batch, time) one). The candidate's parameters are moved to the device of ``like``
     (the reference's value of the node) and, floating, cast to its dtype: the replay asks whether
     the candidate computes the reference's function, at the reference's precision. Only ops on the
     allowlist (``targets``) are called. When the block cannot be replayed, returns why instead,
@@ -41,7 +42,7 @@ def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]
     nodes = {n.name: n for n in cand.graph.nodes}
     try:
         with torch.no_grad():
-            out = _Block(ref, cand, boundary, {}, targets, cand_node, like).value(nodes[cand_node], root=True)
+            out = _Block(ref, cand, boundary, {}, targets, cand_node, like, layouts).value(nodes[cand_node], root=True)
     except _NotReplayable as e:
         return str(e)
     if not isinstance(out, torch.Tensor):
@@ -116,11 +117,14 @@ class _Block:
     the node called ``subject``."""
 
     def __init__(self, ref: Capture, cand: Capture, boundary: dict[str, str], memo: dict[str, Any],
-                 targets: Targets | None, subject: str, like: torch.Tensor):
+                 targets: Targets | None, subject: str, like: torch.Tensor,
+                 layouts: dict[str, tuple[int, ...]] | None = None):
         self.ref, self.cand, self.boundary, self.memo = ref, cand, boundary, memo
         self.targets = targets or Targets.default()
         self.subject = subject
         self.like = like   # the candidate's parameters take its device and (floating) dtype
+        self.layouts = layouts or {}
+        self.ops = 0   # ops entered, counted before their inputs are: a deep chain counts as a wide block does
 
     def value(self, node: torch.fx.Node, root: bool = False) -> Any:
         if node.name in self.memo:
@@ -130,7 +134,10 @@ class _Block:
             if is_summary(ref.values[boundary[node.name]]):
                 raise _NotReplayable(f"the reference's value of {boundary[node.name]} (standing in for {node.name}) "
                                      "is summarised (capture --keep), not stored")
-            out = ref.values[boundary[node.name]].clone()   # clone: the block may write in place
+            out = ref.values[boundary[node.name]]
+            if node.name in self.layouts:
+                out = out.permute(self.layouts[node.name])
+            out = out.clone()   # the block may write in place
         elif node.op == "placeholder":
             raise _NotReplayable(f"{node.name} is an input of the candidate with no counterpart of its shape "
                                  "in the reference")
@@ -145,7 +152,8 @@ class _Block:
             dtype = self.like.dtype if out.is_floating_point() and self.like.is_floating_point() else out.dtype
             out = out.to(self.like.device, dtype, copy=True)
         elif node.op == "call_function":
-            if len(self.memo) >= MAX_BLOCK:
+            self.ops += 1
+            if self.ops > MAX_BLOCK:
                 raise _NotReplayable(f"more than {MAX_BLOCK} of the candidate's ops lie between {self.subject} and "
                                      "values that match the reference")
             if node_key(node) in RANDOM_OPS:

@@ -226,16 +226,25 @@ def _chunked_max(a: torch.Tensor, b: torch.Tensor | None) -> float:
 def same_layout(ref: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, str]:
     """``cand`` laid out like ``ref``: a dimension permutation when one fits (the closest one if
     several do, e.g. square attention maps), else a reshape."""
-    if cand.dim() == ref.dim() and sorted(cand.shape) == sorted(ref.shape):
-        fits = [p for p in itertools.permutations(range(cand.dim()))
-                if tuple(cand.shape[i] for i in p) == tuple(ref.shape)]
-        if fits:
-            def distance(p):
-                d = max_abs_diff(ref, cand.permute(p))
-                return math.inf if d != d else d
-            best = fits[0] if len(fits) == 1 else min(fits, key=distance)
-            return cand.permute(best), f"candidate permuted {best}"
+    best = layout_permutation(ref, cand)
+    if best is not None:
+        return cand.permute(best), f"candidate permuted {best}"
     return cand.reshape(ref.shape), f"candidate reshaped from {tuple(cand.shape)}"
+
+
+def layout_permutation(ref: torch.Tensor, cand: torch.Tensor) -> tuple[int, ...] | None:
+    """The dimension permutation that lays ``cand`` out like ``ref`` (the closest one if several
+    fit), or None when none does."""
+    if cand.dim() != ref.dim() or sorted(cand.shape) != sorted(ref.shape):
+        return None
+    fits = [p for p in itertools.permutations(range(cand.dim())) if tuple(cand.shape[i] for i in p) == tuple(ref.shape)]
+    if len(fits) <= 1:
+        return fits[0] if fits else None
+
+    def distance(p):
+        d = max_abs_diff(ref, cand.permute(p))
+        return math.inf if d != d else d
+    return min(fits, key=distance)
 
 
 def value_distance(x: torch.Tensor, y: torch.Tensor) -> float:

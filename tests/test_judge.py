@@ -689,3 +689,40 @@ def test_a_replay_counts_the_ops_of_a_deep_chain_and_stops_at_its_limit():
     last = [n.name for n in c.graph.nodes if n.op == "call_function"][-1]
     why = replay(r, c, last, {"args_0": "args_0"}, r.values["args_0"])
     assert why == f"more than {MAX_BLOCK} of the candidate's ops lie between {last} and values that match the reference"
+
+
+class Rotated(nn.Module):
+    """Two layers scaling by a table of frequencies: one table a layer (fair-esm's rotary
+    embeddings), or (``shared``) one table for both (Hugging Face's ESM), computed with ``base``."""
+
+    def __init__(self, shared=False, base=10000.0):
+        super().__init__()
+        self.lin = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        table = 1.0 / base ** (torch.arange(0, 4, 2) / 4)
+        if shared:
+            self.register_buffer("inv_freq", table)
+        else:
+            for layer in self.lin:
+                layer.register_buffer("inv_freq", table.clone())
+        self.shared = shared
+
+    def forward(self, x):
+        for layer in self.lin:
+            x = torch.tanh(layer(x) * (self.inv_freq if self.shared else layer.inv_freq).repeat(2))
+        return x
+
+
+def test_a_table_kept_once_pairs_with_each_copy_of_it_and_shows_a_difference():
+    """Content pairs one tensor with one: the reference's second copy was 'no counterpart', and a
+    table computed with another base, unpaired on both sides, passed silently."""
+    torch.manual_seed(0)
+    ref, x = Rotated(), torch.randn(3, 4)
+    port = Rotated(shared=True)
+    port.load_state_dict({k: v for k, v in ref.state_dict().items() if "inv_freq" not in k}, strict=False)
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), port)
+    assert report.verdict == "match" and not report.unmatched.ref_params
+    bug = Rotated(shared=True, base=500.0)
+    bug.load_state_dict({k: v for k, v in ref.state_dict().items() if "inv_freq" not in k}, strict=False)
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), bug)
+    assert {p.ref for p in report.params if p.value is not None and not p.value.passed} == \
+        {"lin.0.inv_freq", "lin.1.inv_freq"}

@@ -50,7 +50,7 @@ def grad_floor(grads: dict[str, torch.Tensor], measured: dict[str, Metrics | Non
 def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = Tolerance(),
           ref_label: str = "ref", cand_label: str = "cand") -> Report:
     """Compare every aligned pair of ``ref`` and ``cand`` and build the report."""
-    alignment, roles = _by_role(ref, cand, alignment)
+    alignment, roles = _by_role(ref, cand, _by_name(ref, cand, alignment))
     roles.update(_unfollowed(ref, alignment))
     ref_nodes = {n.name: n for n in ref.graph.nodes}
     cand_nodes = {n.name: n for n in cand.graph.nodes}
@@ -206,6 +206,32 @@ def _transformed(table: dict[str, torch.Tensor], pp, gradient: bool = False) -> 
 
 
 _SYMMETRIC = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne"})   # arguments that may come in any order
+
+
+def _by_name(ref: Capture, cand: Capture, alignment: Alignment) -> Alignment:
+    """Reference tensors that content left unpaired, read by the run, paired with the one tensor of
+    the candidate's that the run reads under the same last name, of the same shape: a rotary
+    table the candidate keeps once where the reference keeps one a layer (``inv_freq``), or one
+    computed with another base, whose difference is then shown, not left 'not compared'."""
+    def read(capture: Capture) -> set[str]:
+        return {str(n.target) for n in capture.graph.nodes if n.op == "get_attr" and n.users}
+    used_c = read(cand)
+    by_leaf: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for name in used_c & cand.params.keys():
+        by_leaf.setdefault((name.rpartition(".")[2], tuple(cand.params[name].shape)), []).append(name)
+    found = []
+    for name in read(ref) & set(alignment.unmatched_ref_params):
+        options = by_leaf.get((name.rpartition(".")[2], tuple(ref.params[name].shape)), [])
+        if len(options) == 1 and ref.params[name].dtype == cand.params[options[0]].dtype:
+            found.append(ParamPair(name, (options[0],), {"kind": "identity"}, "the same name and shape, read by "
+                                   "both runs", WEAK))
+    if not found:
+        return alignment
+    paired = {p.cand[0] for p in found}
+    return dataclasses.replace(alignment, params=[*alignment.params, *found],
+                               unmatched_ref_params=[n for n in alignment.unmatched_ref_params
+                                                     if n not in {p.ref for p in found}],
+                               unmatched_cand_params=[n for n in alignment.unmatched_cand_params if n not in paired])
 
 
 def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignment, dict[str, str]]:

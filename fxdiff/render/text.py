@@ -80,8 +80,8 @@ def _rule(report: Report) -> str:
     metrics = [m for r in report.nodes for m in (r.forward, r.backward) if m is not None]
     noisy = [m for m in metrics if m.within_noise]
     coarsest = max((m.eps for m in metrics), default=0.0)
-    return (f"noise-aware ({_precision(coarsest)}): {len(noisy)} of {len(metrics)} comparisons differ within "
-            "their noise level")
+    return (f"noise-aware ({_precision(coarsest)}): {len(noisy)} of {len(metrics)} comparisons pass within their "
+            "noise level, not bit for bit")
 
 
 class Rows:

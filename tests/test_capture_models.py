@@ -19,6 +19,7 @@ import functools
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.autograd.graph import get_gradient_edge
 
 import fxdiff
@@ -543,3 +544,41 @@ def test_tensor_inside_a_slice_is_an_input_of_the_op():
     crop, = nodes_of(cap, "getitem")
     assert cap.node("args_1") in crop.all_input_nodes
     assert torch.equal(cap.values[crop.name], x[:, :3])
+
+
+class Codebook(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("embed", torch.randn(16, 4))
+
+    def encode(self, x):
+        return (x @ self.embed.t()).argmax(-1)
+
+    def decode(self, codes):
+        return F.embedding(codes, self.embed)
+
+
+class Quantized(nn.Module):
+    """Codebooks called through methods other than ``forward`` (EnCodec's residual quantizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.books = nn.Linear(4, 4), nn.ModuleList(Codebook() for _ in range(2))
+
+    def forward(self, x):
+        x = self.proj(x)
+        out = torch.zeros_like(x)
+        for book in self.books:
+            out = out + book.decode(book.encode(x - out))
+        return out
+
+
+def test_ops_reading_a_module_whose_forward_never_ran_are_its_own():
+    """No module hook runs for ``encode``: every op of the quantizer was the root's."""
+    cap = fxdiff.capture(Quantized(), (torch.randn(3, 4),))
+    modules = {n.name: n.meta["fxdiff_module"] for n in cap.nodes("call_function")}
+    for key, count in (("matmul", 2), ("embedding", 2)):
+        nodes = nodes_of(cap, key)
+        assert [modules[n.name] for n in nodes] == [f"books.{i}" for i in range(count)], key
+    assert modules[nodes_of(cap, "linear")[0].name] == "proj"
+    assert {modules[n.name] for n in nodes_of(cap, "sub")} == {""}   # the caller's own ops stay its own

@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import tree
 from ..model.capture import BOUNDARY, DTYPE, GRAD, MODULE, MODULE_TYPE, NO_GRAD, NOT_STORED, SHAPE, TARGET, VMAP_DIMS
-from ..ops import RANDOM_OPS
+from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..store.device_summary import DeviceSummaries
 from ..store.summary import is_summary, summarise
 from ..targets import mutated, target_name
@@ -186,6 +186,7 @@ class Recorder(TorchFunctionMode):
                 self._paths.setdefault(id(m), []).append(path)
                 self._types[id(m)] = type(m).__name__
         self._hooks: list[Any] = []
+        self._entered: set[str] = set()   # modules whose forward ran
         self.replay: dict[int, torch.Tensor] = {}
         self.random_calls = 0
 
@@ -216,6 +217,7 @@ class Recorder(TorchFunctionMode):
         if paths is not None:
             path = paths[0] if len(paths) == 1 else _call_site(paths, self._stack[-1][0])
             self._stack.append((path, self._types[id(module)]))
+            self._entered.add(path)
 
     def _leave(self, module, args, output):
         if id(module) in self._paths and len(self._stack) > 1:
@@ -654,7 +656,28 @@ class Recorder(TorchFunctionMode):
         """Add the output node over the tensors of ``outputs``; return the nodes, in leaf order."""
         nodes = [self.node_of(t, tensor_version(t)) for _, t in tree.flatten(outputs)]
         self.graph.output(nodes)
+        if self.keep.modules is None:   # what --modules keeps was decided by the paths as they were
+            self._place_methods()
         return nodes
+
+    def _place_methods(self) -> None:
+        """Attribute to a module whose forward never ran the ops that read its parameters or buffers
+        (directly or through a view, ``embed.t()``): a method other than ``forward`` (EnCodec's
+        ``quantizer.encode``) runs no module hook, so its ops were the caller's."""
+        types = {path: self._types[i] for i, paths in self._paths.items() for path in paths}
+        owner_of = {n.name: n.meta[MODULE] for n in self.graph.nodes if n.op == "get_attr"}   # and views of them
+        for node in self.graph.nodes:
+            if node.op != "call_function":
+                continue
+            here = node.meta[MODULE]
+            owners = {owner_of[a.name] for a in node.all_input_nodes if a.name in owner_of}
+            if len(owners) == 1 and len(node.all_input_nodes) == 1 and node_key(node) in DEFAULT_OPS.transparent:
+                owner_of[node.name] = next(iter(owners))
+            owners = {o for o in owners if o in types and o != here and o.startswith(f"{here}." if here else "")
+                      and not any(p in self._entered for p in _prefixes(o, here))}
+            if len(owners) == 1:
+                owner = owners.pop()
+                node.meta[MODULE], node.meta[MODULE_TYPE] = owner, types[owner]
 
     def mark_grads(self) -> None:
         """After backward: note on each value node whether a gradient reached it."""
@@ -711,6 +734,13 @@ def _call_site(paths: list[str], caller: str) -> str:
             n += 1
         return n
     return max(paths, key=shared)
+
+
+def _prefixes(path: str, above: str) -> list[str]:
+    """The module paths from below ``above`` down to ``path`` (``a.b``, ``a.b.c`` for ``a.b.c``
+    below ``a``)."""
+    parts, skip = path.split("."), len(above.split(".")) if above else 0
+    return [".".join(parts[:k]) for k in range(skip + 1, len(parts) + 1)]
 
 
 def _identifier(path: str) -> str:

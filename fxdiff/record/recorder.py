@@ -448,7 +448,11 @@ class Recorder(TorchFunctionMode):
             store = self._store_grad(live.node.name)
 
             def from_base(grad: torch.Tensor, view=view, store=store) -> None:
-                store(view(grad))
+                try:
+                    grad = view(grad)
+                except (RuntimeError, NotImplementedError):   # a view torch cannot replay: not recorded
+                    return
+                store(grad)
             try:
                 t._base.register_hook(from_base)
             except RuntimeError:   # a base that cannot take hooks: the gradient is not recorded

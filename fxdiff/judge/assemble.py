@@ -812,9 +812,11 @@ def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[s
 def _through_views(node: torch.fx.Node, compared: set[str], items: bool = False) -> torch.fx.Node:
     """``node``, or the node it is a view of (through reshapes, transposes, expands, ``x[None]``...,
     with ``items`` the items of a split too), stopping at a compared node."""
-    while (node.name not in compared and node.op == "call_function" and len(node.all_input_nodes) == 1
-           and (node_key(node) in DEFAULT_OPS.transparent or (node_key(node) == "getitem" or items)
-                and DEFAULT_OPS.is_view(node, node_key(node)) or items and node_key(node) in DEFAULT_OPS.splits)):
+    while node.name not in compared and node.op == "call_function" and len(node.all_input_nodes) == 1:
+        key = node_key(node)   # an item of a split has its split's key
+        if not (key in DEFAULT_OPS.transparent or key == "getitem" and DEFAULT_OPS.is_view(node, key)
+                or items and key in DEFAULT_OPS.splits):
+            break
         node = node.all_input_nodes[0]
     return node
 

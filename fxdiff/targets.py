@@ -50,6 +50,9 @@ _FACTORIES = ("zeros", "ones", "full", "arange", "eye", "linspace", "logspace", 
 # Private, so not listed as overridable, yet computation that public modules call: weight_norm's
 # (legacy and parametrized) core, in every EnCodec, HiFi-GAN or DAC port.
 _PRIVATE = ("_weight_norm",)
+# Overridable (a TorchFunctionMode sees them) but missing from torch's list: MobileNetV3's and
+# EfficientNet-lite's activations.
+_UNLISTED = ("nn.functional.hardswish", "nn.functional.hardsigmoid")
 
 
 def target_name(func: Any) -> str:
@@ -98,6 +101,8 @@ class Targets:
             table.setdefault(f"torch.{name}", getattr(torch.Tensor if owner else torch, attr))
         for name in _PRIVATE:
             table[f"torch.{name}"] = getattr(torch, name)
+        for name in _UNLISTED:
+            table[f"torch.{name}"] = functools.reduce(getattr, name.split("."), torch)
         for name in _OPERATOR:
             table[f"operator.{name}"] = table[f"_operator.{name}"] = getattr(operator, name)
         table[MUTATED] = mutated

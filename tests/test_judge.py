@@ -726,3 +726,53 @@ def test_a_table_kept_once_pairs_with_each_copy_of_it_and_shows_a_difference():
     report = fxdiff.compare(fxdiff.capture(ref, (x,)), bug)
     assert {p.ref for p in report.params if p.value is not None and not p.value.passed} == \
         {"lin.0.inv_freq", "lin.1.inv_freq"}
+
+
+class NormAct(nn.BatchNorm2d):
+    """A batch norm that applies its activation itself (timm's ``BatchNormAct2d``)."""
+
+    def __init__(self, channels, act):
+        super().__init__(channels)
+        self.act = act()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class Stem(nn.Module):
+    """A stem's conv, norm and activation (torchvision's EfficientNet; ``act``: timm's, a norm that
+    applies the activation given), then depthwise and pointwise blocks."""
+
+    def __init__(self, act=None):
+        super().__init__()
+        norm_act = (nn.BatchNorm2d(8), nn.SiLU()) if act is None else (NormAct(8, act),)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *norm_act)
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8),
+                                                    nn.SiLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+                                      for _ in range(2)))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _stem_report(act):
+    torch.manual_seed(0)
+    ref, x = Stem().eval(), torch.randn(2, 3, 16, 16)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    cand = Stem(act).eval()
+    cand.load_state_dict(ref.state_dict())
+    return fxdiff.compare(fxdiff.capture(ref, (x,)), cand)
+
+
+def test_a_hardswish_ported_for_a_silu_is_replayed_where_it_runs():
+    """F.hardswish and F.hardsigmoid are missing from torch's list of overridable functions, so they
+    were off the replay allowlist: 'introduced here or amplified is not known'."""
+    assert not _stem_report(act=nn.SiLU).diverged
+    first = next(r for r in _stem_report(act=nn.Hardswish).nodes if r.first_forward)
+    assert (first.ref_module, first.cand_module, first.op, first.cause()) == ("stem.2", "stem.1.act", "silu",
+                                                                              "introduced")
+

@@ -29,7 +29,7 @@ from ..model.alignment import Alignment, ParamPair
 from ..model.capture import DTYPE, MODULE, NO_GRAD, SHAPE, TARGET, Capture
 from . import noise
 from .isolate import replay, replay_backward
-from ..match.confidence import OTHER_USERS, WEAK
+from ..match.confidence import CERTAIN, OTHER_USERS, WEAK
 from ..ops import DEFAULT_OPS, GETITEM, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
@@ -262,7 +262,8 @@ def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignme
                                        WEAK))
                 left_r.discard(x)
                 left_c.discard(y)
-            elif x in paired and len(paired[x]) == 1 and paired[x] != (y,) and holder.get(y, x) != x and x not in roles:
+            elif x in paired and len(paired[x]) == 1 and paired[x] != (y,) and holder.get(y, x) != x and x not in roles \
+                    and pair.confidence >= CERTAIN:   # ops paired by their place alone may be a place off
                 # crossed: x holds another tensor's values, and y those of another reference tensor
                 # (a weight tied on one side and copied on the other is no crossing: its copy holds nothing else)
                 roles[x] = (f"holds the candidate's {paired[x][0]}, but the matched {key} ops ({pair.ref}, {pair.cand}) "
@@ -580,7 +581,10 @@ def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
     failing_r = {r.ref_node for r in rows if not r.forward.passed}
     failing_c = {r.cand_node for r in rows if not r.forward.passed}
-    differing = [r for r in rejected if r.confidence >= OTHER_USERS and not r.forward.passed
+    keys = {r.ref_node: (node_key(ref.node(r.ref_node)), node_key(cand.node(r.cand_node))) for r in rejected}
+    # aligned by order, or two different ops in each other's place (SiLU against Hardswish)
+    differing = [r for r in rejected if (r.confidence >= OTHER_USERS or len(set(keys[r.ref_node])) == 2)
+                 and not r.forward.passed
                  and set(_block_after(ref.node(r.ref_node), compared_r)[1]) <= failing_r
                  and set(_block_after(cand.node(r.cand_node), compared_c)[1]) <= failing_c]
     for row in rows:
@@ -589,9 +593,12 @@ def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected
         up_r = _upstream(ref.node(row.ref_node), compared_r)
         up_c = _upstream(cand.node(row.cand_node), compared_c)
         found = [r for r in differing if r.ref_node in up_r and r.cand_node in up_c]
-        if found:
-            r = max(found, key=lambda r: r.depth)
-            row.blame = [f"a side input that differs: {r.op} ({r.ref_node} | {r.cand_node})", r.ref_module, r.cand_module]
+        if found:   # a side input aligned by order first, else two different ops
+            r = max(found, key=lambda r: (r.confidence >= OTHER_USERS, r.depth))
+            key_r, key_c = keys[r.ref_node]
+            what = f"a side input that differs: {r.op} ({r.ref_node} | {r.cand_node})" if key_r == key_c else \
+                f"ops that differ: ref {key_r} ({r.ref_node}) against cand {key_c} ({r.cand_node})"
+            row.blame = [what, r.ref_module, r.cand_module]
 
 
 def _upstream(start: torch.fx.Node, compared: set[str]) -> set[str]:

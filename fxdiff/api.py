@@ -42,7 +42,7 @@ from .params import convert as convert_state
 from .progress import step
 from .record import BackwardSeed, RunConfig, input_target, record
 from .record.recorder import Keep
-from .replay import drew, random_differences, replay_table, replayed
+from .replay import drew, random_differences, replay_table, replayed, withheld
 from .store import is_capture, load, load_deferred, save, trim
 from .store.summary import is_summary
 
@@ -161,7 +161,8 @@ def compare(ref: Side | torch.nn.Module, cand: Side | torch.nn.Module, *, user_m
         if not _is_live(cand):
             report.warnings.extend(_setup_differences(ref_capture, cand_capture) + random_differences(report))
         else:   # a live candidate runs as the reference did, but for the options that say otherwise
-            report.warnings.extend(_setup_differences(ref_capture, cand_capture, _OVERRIDDEN))
+            report.warnings.extend(_setup_differences(ref_capture, cand_capture, _OVERRIDDEN)
+                                   + (withheld(ref_capture, cand_capture, alignment) if options.rng_replay else []))
     except BaseException:
         for check in checks:   # a modified capture is the error to report, whatever it caused
             check()

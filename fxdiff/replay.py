@@ -78,6 +78,22 @@ def replayed(ref: Capture, cand: Capture, alignment: Alignment) -> list[dict[str
             for p in alignment.pairs if cand_nodes[p.cand].meta.get(REPLAYED)]
 
 
+def withheld(ref: Capture, cand: Capture, alignment: Alignment) -> list[str]:
+    """Paired random ops of one kind and shape whose arguments differ (a stochastic depth rate
+    ported wrong), in words: the candidate drew its own numbers there."""
+    ref_nodes, cand_nodes = {n.name: n for n in ref.graph.nodes}, {n.name: n for n in cand.graph.nodes}
+    found = []
+    for pair in alignment.pairs:
+        r, c = ref_nodes[pair.ref], cand_nodes[pair.cand]
+        if RANDOM_CALL in c.meta and is_random(r) and _random_op(r) == _random_op(c) \
+                and r.meta.get(SHAPE) == c.meta.get(SHAPE) and "dropout" not in _random_op(c) \
+                and _constants(r) != _constants(c):
+            found.append(f"{_random_op(c)} at {c.meta.get(MODULE, '') or '<root>'} drew its own numbers: its "
+                         f"arguments {_constants(c)} differ from the reference's {_constants(r)} at "
+                         f"{r.meta.get(MODULE, '') or '<root>'}, so the reference's draw was not given to it")
+    return found
+
+
 def random_differences(report: Report) -> list[str]:
     """Two captures whose paired random ops drew differently, in words: only a live candidate is replayed."""
     differ = [r for r in report.nodes if r.op in RANDOM_OPS and r.forward is not None and not r.forward.passed]

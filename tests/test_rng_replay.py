@@ -363,6 +363,8 @@ def test_other_distribution_parameters_are_not_replayed():
     report = fxdiff.compare(ref, Drawn(lambda h: h * torch.empty(h.shape).uniform_()))
     assert report.diverged and report.replayed == []
     assert [e["op"] for e in first_forward(report)] == ["uniform_"], first_forward(report)
+    assert report.warnings == ["uniform_ at <root> drew its own numbers: its arguments [] differ from the "
+                               "reference's [0.5, 1.5] at <root>, so the reference's draw was not given to it"]
 
 
 def test_two_captures_are_not_replayed_and_the_report_says_so():

@@ -776,3 +776,21 @@ def test_a_hardswish_ported_for_a_silu_is_replayed_where_it_runs():
     assert (first.ref_module, first.cand_module, first.op, first.cause()) == ("stem.2", "stem.1.act", "silu",
                                                                               "introduced")
 
+
+
+class Normed(nn.Module):
+    def __init__(self, eps=1e-5):
+        super().__init__()
+        self.proj, self.norm, self.head = nn.Linear(4, 8), nn.LayerNorm(8, eps=eps), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.proj(x)))
+
+
+def test_a_constant_argument_ported_wrong_is_named():
+    """A norm's eps, an attention's scale: the op was 'introduced here' with no word of why."""
+    torch.manual_seed(0)
+    ref, port = Normed(), Normed(eps=1e-1)
+    port.load_state_dict(ref.state_dict())
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4),)), port).nodes if r.first_forward)
+    assert first.blame == ["its arguments differ: eps 1e-05 against 0.1", "norm", "norm"], first.blame

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import os
 from typing import Any, Callable, Collection
@@ -35,6 +36,7 @@ from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
 from ..store.summary import all_zero, is_summary
+from ..targets import Targets
 from .tensors import Tolerance, compare_many, compare_tensors, layout_permutation, machine_eps, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
@@ -135,6 +137,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
     if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
         _mark_frontier(ref.graph, rows, {o.frontier["ref_node"] for o in outputs if o.frontier})
+    _blame_arguments(ref, cand, rows)
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
@@ -531,6 +534,39 @@ def _layouts(ref: Capture, cand: Capture, rows: list[NodeRow]) -> dict[str, tupl
     return found
 
 
+def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence of one function on both sides on the constant arguments it
+    was called with where they differ (a norm's ``eps``, an attention's ``scale`` or
+    ``is_causal``), by keyword or position."""
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
+            continue
+        names = _parameter_names(str(rn.meta.get(TARGET)))
+        pairs = [(names[i] if i < len(names) else f"argument {i}", a, b) for i, (a, b) in enumerate(zip(rn.args, cn.args))]
+        pairs += [(k, rn.kwargs[k], cn.kwargs[k]) for k in rn.kwargs.keys() & cn.kwargs.keys()]
+        differ = [f"{name} {a!r} against {b!r}" for name, a, b in pairs
+                  if type(a) in _CONSTANT and type(b) in _CONSTANT and a != b]
+        if differ:
+            row.blame = [f"its arguments differ: {', '.join(differ)}", row.ref_module, row.cand_module]
+
+
+_CONSTANT = (bool, int, float, str)
+
+
+@functools.lru_cache(maxsize=256)
+def _parameter_names(target: str) -> tuple[str, ...]:
+    """The positional parameter names of the op a capture names (``F.layer_norm``: ``input,
+    normalized_shape, weight, bias, eps``), where Python can tell; none for a builtin."""
+    fn = Targets.default().resolve(target)
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
 def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
     """Blame a forward first divergence on an op present on one side only (a forgotten residual
     add, an extra scale) when such an op lies between the divergent node and its compared inputs on
@@ -542,7 +578,7 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
     compared_c = {r.cand_node for r in rows if r.op != "input"}
     only_r, only_c = _unpaired(ref, alignment, "ref"), _unpaired(cand, alignment, "cand")
     for row in rows:
-        if not row.first_forward:
+        if not row.first_forward or row.blame:   # its arguments, already named
             continue
         block_r = [ref.node(n) for n in (row.ref_node, *row.ref_block)]
         block_c = [cand.node(n) for n in (row.cand_node, *row.cand_block)]
@@ -599,6 +635,19 @@ def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected
             what = f"a side input that differs: {r.op} ({r.ref_node} | {r.cand_node})" if key_r == key_c else \
                 f"ops that differ: ref {key_r} ({r.ref_node}) against cand {key_c} ({r.cand_node})"
             row.blame = [what, r.ref_module, r.cand_module]
+
+
+def _from_constants(node: torch.fx.Node, compared: set[str]) -> bool:
+    """Whether ``node`` is computed from no compared value (a mask built from its sizes alone)."""
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n.name in compared:
+            return False
+        if n.name not in seen:
+            seen.add(n.name)
+            stack.extend(n.all_input_nodes)
+    return True
 
 
 def _upstream(start: torch.fx.Node, compared: set[str]) -> set[str]:
@@ -800,18 +849,22 @@ def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[s
     """An input of the ``block`` (a node and the ops folded into its match; through views) that is
     an op in ``only`` whose tensor inputs are compared nodes and parameters, one compared at least:
     an op added to (or left out of) a matched computation, such as a residual add, and not a side
-    computation of its own, such as a mask or a slice of a table; with ``side``, such a side
-    computation instead."""
+    computation of its own, such as a mask or a slice of a table; with ``side``, an op computed
+    from no compared value at all (a mask built from constants) instead."""
     inner = {n.name for n in block}
     for a in (a for n in block for a in n.all_input_nodes if a.name not in inner):
         op = _through_views(a, compared)
         if op.name not in compared and op.meta.get(TARGET) in GETITEM and isinstance(op.args[0], torch.fx.Node) \
                 and not DEFAULT_OPS.is_view(op, node_key(op)):
             op = op.args[0]   # an output of an op of several (nn.MultiheadAttention's), not a split's: that op
+        if op.name not in only:
+            continue
+        if side:
+            if _from_constants(op, compared):
+                return op
+            continue
         sources = [_through_views(x, compared, items=True) for x in op.all_input_nodes]
-        on_data = any(x.name in compared for x in sources) and all(x.name in compared or x.op == "get_attr"
-                                                                   for x in sources)
-        if op.name in only and side != on_data:
+        if any(x.name in compared for x in sources) and all(x.name in compared or x.op == "get_attr" for x in sources):
             return op
     return None
 

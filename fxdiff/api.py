@@ -80,7 +80,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
 class LiveOptions:
     """How to build and run a model given as a spec, or a live candidate. ``None``: inherit/default."""
 
-    inputs: str | tuple[tuple, dict] | None = None
+    inputs: Any = None              # a spec, (args, kwargs), a dict of kwargs, a tuple of args
     loss: LossSpec = None
     checkpoint: str | None = None
     mode: str | None = None
@@ -351,9 +351,20 @@ def _tensors_put_back(model: torch.nn.Module, copy: bool) -> Callable[[], None]:
     return restore
 
 
-def _inputs(inputs: str | tuple[tuple, dict], model: torch.nn.Module, options: LiveOptions) -> tuple[tuple, dict]:
-    """The call's arguments, on the model's device, floating tensors in ``options.dtype`` if given."""
-    args, kwargs = specs.load_inputs(inputs) if isinstance(inputs, str) else inputs
+def _inputs(inputs: str | Any, model: torch.nn.Module, options: LiveOptions) -> tuple[tuple, dict]:
+    """The call's arguments, on the model's device, floating tensors in ``options.dtype`` if given:
+    from a spec, an ``(args, kwargs)`` pair, or what a spec may return (a dict of keyword
+    arguments, a tuple of positional ones, one tensor)."""
+    if isinstance(inputs, str):
+        args, kwargs = specs.load_inputs(inputs)
+    elif isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], (tuple, list)) \
+            and isinstance(inputs[1], dict):
+        args, kwargs = tuple(inputs[0]), inputs[1]
+    else:
+        try:
+            args, kwargs = specs.split_call(inputs, "inputs")
+        except FxdiffError as e:
+            raise FxdiffError(str(e), option="inputs") from None
     first = next(model.parameters(), None)
     device = options.device or (str(first.device) if first is not None else None)
     _, args, kwargs = specs.place(model, args, kwargs, device, _dtype(options.dtype))

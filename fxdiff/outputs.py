@@ -47,6 +47,17 @@ def pair_outputs(ref: list[tuple[str, torch.Tensor]],
     return ordered, [p for p, _ in ref if p not in pairs], [q for q, _ in cand if q not in used]
 
 
+def in_layout_of(g: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """``g``, a tensor laid out like the reference output ``ref`` (its gradient), laid out like the
+    candidate output ``cand`` it pairs with: through the dimension permutation that lays ``ref``
+    out like ``cand`` where one fits ((batch, features, time) against (batch, time, features)),
+    else a reshape."""
+    from .judge.tensors import layout_permutation   # the judge imports this module
+
+    order = layout_permutation(cand, ref) if ref.shape != cand.shape else None
+    return g.permute(order) if order is not None else g.reshape(cand.shape)
+
+
 def _kind(t: torch.Tensor) -> str:
     if t.is_complex():
         return "complex"

@@ -794,3 +794,57 @@ def test_a_constant_argument_ported_wrong_is_named():
     port.load_state_dict(ref.state_dict())
     first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4),)), port).nodes if r.first_forward)
     assert first.blame == ["its arguments differ: eps 1e-05 against 0.1", "norm", "norm"], first.blame
+
+
+class ChannelsFirst(nn.Module):
+    """An encoder returning (batch, features, time) as NeMo's does, or (``time_major``) (batch, time,
+    features) as Hugging Face's Parakeet does."""
+
+    def __init__(self, time_major=False):
+        super().__init__()
+        self.conv, self.time_major = nn.Conv1d(4, 6, 3, padding=1), time_major
+
+    def forward(self, x):
+        y = torch.tanh(self.conv(x))
+        return y.transpose(1, 2) if self.time_major else y
+
+
+def test_a_live_candidates_backward_starts_from_the_references_gradient_in_its_own_layout():
+    """The output pairs through a transpose, but the seed of the candidate's backward was the
+    reference's gradient reshaped: every gradient of a correct port differed."""
+    torch.manual_seed(0)
+    ref, port = ChannelsFirst(), ChannelsFirst(time_major=True)
+    port.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 4, 7),), loss=lambda y: (y * y.detach()).sum()), port)
+    assert report.verdict == "match", report.first_divergence()
+    assert report.summary()["param_grads"]["matched"] == 2
+
+
+class MaskedAttention(nn.Module):
+    """Attention weights zeroed where masked after the softmax (NeMo's), or (``port``) left at the
+    softmax's zeros, only whole padded rows zeroed (none here): equal values, gradients that
+    differ only where the softmax's derivative is zero."""
+
+    def __init__(self, port=False):
+        super().__init__()
+        self.q, self.k, self.v, self.port = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), port
+
+    def forward(self, x, mask):
+        scores = (self.q(x) @ self.k(x).transpose(1, 2)).masked_fill(mask, float("-inf"))
+        weights = scores.softmax(-1)
+        weights = weights.masked_fill(mask.all(-1, keepdim=True) if self.port else mask, 0.0)
+        return weights @ self.v(x)
+
+
+def test_a_gradient_that_differs_only_where_it_reaches_nothing_is_not_a_divergence():
+    """A correct NeMo FastConformer port was DIVERGED: the gradient of the masked weights, which the
+    softmax's derivative zeroes on the way back, differs; every gradient it reaches agrees."""
+    torch.manual_seed(0)
+    ref, port = MaskedAttention(), MaskedAttention(port=True)
+    port.load_state_dict(ref.state_dict())
+    x, mask = torch.randn(2, 5, 4), torch.rand(2, 5, 5) > 0.7
+    mask[..., 0] = False   # no row masked whole
+    report = fxdiff.compare(fxdiff.capture(ref, (x, mask)), port)
+    assert report.verdict == "match", report.first_divergence()
+    assert any("differ only where they reach none of their inputs' gradients" in w for w in report.warnings)
+    assert report.summary()["param_grads"]["mismatched"] == 0

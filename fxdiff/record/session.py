@@ -31,7 +31,7 @@ from .. import tree
 from ..version import __version__
 from ..errors import FxdiffError, UserCodeError, blame_user, in_fxdiff
 from ..model.capture import GRAD, MODULE, NOT_STORED, TARGET, Capture
-from ..outputs import pair_outputs
+from ..outputs import in_layout_of, pair_outputs
 from .plain import as_plain, is_plain
 from ..store.stream import CaptureStream
 from ..store.tensor_file import _span_bytes, byte_span
@@ -507,12 +507,12 @@ def backward(model: torch.nn.Module, outputs: Any, config: RunConfig) -> tuple[f
     if config.backward_seed is not None:
         seed = config.backward_seed
         pairs, _, _ = pair_outputs(seed.outputs, leaves)
-        mine = dict(leaves)
-        seeds = [(mine[p.cand], seed.grads[p.ref]) for p in pairs if p.ref in seed.grads]
+        mine, theirs = dict(leaves), dict(seed.outputs)
+        seeds = [(mine[p.cand], in_layout_of(seed.grads[p.ref], theirs[p.ref], mine[p.cand]))
+                 for p in pairs if p.ref in seed.grads]
         if seeds:
             with _no_draws(model, config):
-                torch.autograd.backward([t for t, _ in seeds],
-                                        [g.to(t.device, t.dtype).reshape(t.shape) for t, g in seeds])
+                torch.autograd.backward([t for t, _ in seeds], [g.to(t.device, t.dtype) for t, g in seeds])
         return None, {}
     with torch.enable_grad():
         value = objective(config, outputs, model)

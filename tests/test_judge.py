@@ -4,6 +4,7 @@ import io
 import json
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -848,3 +849,15 @@ def test_a_gradient_that_differs_only_where_it_reaches_nothing_is_not_a_divergen
     assert report.verdict == "match", report.first_divergence()
     assert any("differ only where they reach none of their inputs' gradients" in w for w in report.warnings)
     assert report.summary()["param_grads"]["mismatched"] == 0
+
+
+def test_a_live_candidates_inputs_may_be_given_as_a_spec_returns_them():
+    """A dict of keyword arguments, a tuple of positional ones or an (args, kwargs) pair; a dict
+    crashed (ValueError: its keys were split as args and kwargs)."""
+    torch.manual_seed(0)
+    model, x = Normed(), torch.randn(3, 4)
+    cap = fxdiff.capture(model, (x,))
+    for inputs in ({"x": x}, (x,), ((x,), {}), x):
+        assert fxdiff.compare(cap, model, inputs=inputs).verdict == "match", type(inputs)
+    with pytest.raises(fxdiff.FxdiffError, match="inputs: got int"):
+        fxdiff.compare(cap, model, inputs=3)

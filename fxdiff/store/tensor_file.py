@@ -263,7 +263,7 @@ def _rebuild(blobs: dict[str, torch.Tensor], views: dict[str, list], file: Path)
         whole = typed.get((blob, dtype))
         if whole is None:
             whole = typed[blob, dtype] = data[:data.numel() - data.numel() % size].view(dtype)
-        tensors[key] = whole.as_strided(shape, stride, first // size)
+        tensors[key] = whole.as_strided(shape, stride, whole.storage_offset() + first // size)
     return tensors
 
 

@@ -351,7 +351,7 @@ def _tensors_put_back(model: torch.nn.Module, copy: bool) -> Callable[[], None]:
     return restore
 
 
-def _inputs(inputs: str | Any, model: torch.nn.Module, options: LiveOptions) -> tuple[tuple, dict]:
+def _inputs(inputs: Any, model: torch.nn.Module, options: LiveOptions) -> tuple[tuple, dict]:
     """The call's arguments, on the model's device, floating tensors in ``options.dtype`` if given:
     from a spec, an ``(args, kwargs)`` pair, or what a spec may return (a dict of keyword
     arguments, a tuple of positional ones, one tensor)."""

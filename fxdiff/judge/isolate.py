@@ -31,13 +31,14 @@ def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]
 
     ``boundary`` maps candidate node names to the reference nodes whose values stand in for them
     (matched pairs of equal shape, or, with ``layouts``, of dimensions in another order: the
-    reference's value permuted so, a (time, batch) layout for a (batch, time) one). The candidate's parameters are moved to the device of ``like``
-    (the reference's value of the node) and, floating, cast to its dtype: the replay asks whether
-    the candidate computes the reference's function, at the reference's precision. Only ops on the
-    allowlist (``targets``) are called. When the block cannot be replayed, returns why instead,
-    naming the node: too many ops, an op off the allowlist or drawing random numbers, an unmatched
-    input, a value not stored, arguments not recorded in a replayable form, or an op that fails on
-    the reference's values.
+    reference's value permuted so, a (time, batch) layout for a (batch, time) one). The
+    candidate's parameters are moved to the device of ``like`` (the reference's value of the
+    node) and, floating, cast to its dtype: the replay asks whether the candidate computes the
+    reference's function, at the reference's precision. Only ops on the allowlist (``targets``)
+    are called. When the block cannot be replayed, returns why instead, naming the node: too many
+    ops, an op off the allowlist or drawing random numbers, an unmatched input, a value not
+    stored, arguments not recorded in a replayable form, or an op that fails on the reference's
+    values.
     """
     nodes = {n.name: n for n in cand.graph.nodes}
     try:

@@ -98,9 +98,9 @@ def _summed(m: Metrics | None, consumers: list[NodeRow], floor: float) -> float:
     scale = max(m.ref_rms, m.cand_rms, floor) if m is not None else 0.0
     if not scale or not m.numel:
         return 0.0
-    return max([math.sqrt(x.backward.numel / m.numel) * (x.backward.rms_diff + x.backward.eps * max(
-        x.backward.ref_rms, x.backward.cand_rms)) / scale for x in consumers
-                if x.backward is not None and x.backward.passed], default=0.0)
+    terms = [x.backward for x in consumers if x.backward is not None and x.backward.passed]
+    return max([math.sqrt(g.numel / m.numel) * (g.rms_diff + g.eps * max(g.ref_rms, g.cand_rms)) / scale
+                for g in terms], default=0.0)
 
 
 def nearest(graph: torch.fx.Graph, compared: set[str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:

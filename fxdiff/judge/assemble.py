@@ -122,7 +122,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     if unjudged:
         warnings.append(f"gradients of {len(unjudged)} weak pair(s) not judged ({', '.join(unjudged[:4])}): "
                         "they differ although every gradient after them agrees, so the two ops are used "
-                        "differently (a slice of a value that also reaches the output another way)")
+                        "differently (paired by their place, not their role: a slice of a value that also "
+                        "reaches the output another way, an op written in place on one side)")
     _mark_frontier(ref.graph, rows)
     for _ in range(EXPLAIN_ROUNDS):
         explained = _isolate_frontier(ref, cand, rows, tol) + _isolate_backward(ref, cand, rows, tol, node_floor)

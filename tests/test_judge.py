@@ -861,3 +861,28 @@ def test_a_live_candidates_inputs_may_be_given_as_a_spec_returns_them():
         assert fxdiff.compare(cap, model, inputs=inputs).verdict == "match", type(inputs)
     with pytest.raises(fxdiff.FxdiffError, match="inputs: got int"):
         fxdiff.compare(cap, model, inputs=3)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        q, k, v = (proj(x).view(1, 5, 2, 2).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 5, 4)
+
+
+def test_separate_projections_given_each_others_weights_are_named_where_they_cross():
+    """q and k each match the reference's k and q (their weights pair them so) and cross at the
+    attention: it was 'introduced here' at the attention, with no word of a swap."""
+    torch.manual_seed(0)
+    ref, port = Attention(), Attention()
+    state = ref.state_dict()
+    port.load_state_dict({**state, **{f"q.{w}": state[f"k.{w}"] for w in ("weight", "bias")},
+                          **{f"k.{w}": state[f"q.{w}"] for w in ("weight", "bias")}})
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (torch.randn(1, 5, 4),)), port).nodes
+                 if r.first_forward)
+    assert first.op == "sdpa" and first.blame[0] == ("another input: the candidate passes what the reference "
+                                                     "computes in k where the reference passes what it computes in q"), \
+        first.blame

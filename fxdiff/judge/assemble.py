@@ -148,6 +148,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
+    _name_crossed_inputs(ref, cand, rows)
     return Report(
         warnings=warnings,
         ref={"label": ref_label, **ref.meta},
@@ -857,6 +858,33 @@ def _name_role_swaps(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
                              f"reference computes in {ref.node(holds).meta.get(MODULE, '') or '<root>'}, and is used "
                              f"where the reference uses {ref.node(used_as[0]).meta.get(MODULE, '') or '<root>'}",
                              ref.node(used_as[0]).meta.get(MODULE, ""), cand_module]
+                break
+
+
+def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Name another input at a forward first divergence of one function on both sides (not one
+    whose arguments may come in any order): the candidate passes, at one argument, what pairs with
+    another value of the reference's than the one it passes there (roles swapped: a query
+    projection given the key's weights, q and k each matching and crossing at the attention, a
+    GLU's gate and value; or the wrong value: cross-attention fed the encoder's states before its
+    final norm)."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    pair_of = {r.cand_node: r.ref_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        if rn.meta.get(TARGET) != cn.meta.get(TARGET) or node_key(rn) in _SYMMETRIC:
+            continue
+        ref_args = [_through_views(a, compared_r).name if isinstance(a, torch.fx.Node) else None for a in rn.args]
+        for i, b in enumerate(cn.args[:len(ref_args)]):
+            if not isinstance(b, torch.fx.Node) or ref_args[i] not in compared_r:
+                continue
+            got = pair_of.get(_through_views(b, compared_c).name)
+            if got is not None and got != ref_args[i]:
+                module, where = (ref.node(n).meta.get(MODULE, "") or "<root>" for n in (got, ref_args[i]))
+                row.blame = [f"another input: the candidate passes what the reference computes in {module} where "
+                             f"the reference passes what it computes in {where}", row.ref_module, row.cand_module]
                 break
 
 

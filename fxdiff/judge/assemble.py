@@ -238,11 +238,10 @@ def _by_name(ref: Capture, cand: Capture, alignment: Alignment) -> Alignment:
                                    "both runs", WEAK))
     if not found:
         return alignment
-    paired = {p.cand[0] for p in found}
+    paired_r, paired_c = {p.ref for p in found}, {p.cand[0] for p in found}
     return dataclasses.replace(alignment, params=[*alignment.params, *found],
-                               unmatched_ref_params=[n for n in alignment.unmatched_ref_params
-                                                     if n not in {p.ref for p in found}],
-                               unmatched_cand_params=[n for n in alignment.unmatched_cand_params if n not in paired])
+                               unmatched_ref_params=[n for n in alignment.unmatched_ref_params if n not in paired_r],
+                               unmatched_cand_params=[n for n in alignment.unmatched_cand_params if n not in paired_c])
 
 
 def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignment, dict[str, str]]:
@@ -261,8 +260,7 @@ def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignme
         key = node_key(rn)   # the same function below, whose arguments mean the same (addmm's differ from linear's)
         if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET) or key in _SYMMETRIC:
             continue
-        shared = rn.kwargs.keys() & cn.kwargs.keys()
-        for a, b in [*zip(rn.args, cn.args), *((rn.kwargs[k], cn.kwargs[k]) for k in shared)]:
+        for _, a, b in _arguments(rn, cn):
             if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr"):
                 continue
             x, y = str(a.target), str(b.target)
@@ -316,7 +314,7 @@ def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: 
     # argmax, flipped by rounding, stacked and transposed) is explained with it: an exact dtype
     # alone has no noise to pass within
     explained = {(r.ref_node, r.cand_node) for r in rows if "forward" in r.explained}
-    nodes = [dict(zip((p for p, _ in tree.flatten(c.outputs)), c.output_nodes())) for c in (ref, cand)]
+    nodes = [_output_nodes(ref), _output_nodes(cand)]
     compared = []
     for p in pairs:
         metrics = compare_tensors(ref_out[p.ref], cand_out[p.cand], tol)
@@ -326,6 +324,11 @@ def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: 
             metrics = noise.explained(metrics, seen in explained)
         compared.append(OutputRow(ref=p.ref, cand=p.cand, metrics=metrics))
     return compared
+
+
+def _output_nodes(capture: Capture) -> dict[str, torch.fx.Node]:
+    """The node each output leaf is, by its path."""
+    return dict(zip((p for p, _ in tree.flatten(capture.outputs)), capture.output_nodes()))
 
 
 def _viewed(node: torch.fx.Node | None) -> str | None:
@@ -341,8 +344,7 @@ def _output_frontier(ref: Capture, cand: Capture, outputs: list[OutputRow], rows
     the ops between those values and the output pair with nothing (one side computes
     ``s * img @ txt.T``, the other ``(txt @ img.T) * s``), so the divergence starts among them.
     Whether any output is one."""
-    nodes = {side: dict(zip((p for p, _ in tree.flatten(c.outputs)), c.output_nodes()))
-             for side, c in (("ref", ref), ("cand", cand))}
+    nodes = {"ref": _output_nodes(ref), "cand": _output_nodes(cand)}
     failing = {r.ref_node for r in rows if r.forward is not None and not r.forward.passed}
     compared = {"ref": {r.ref_node for r in rows}, "cand": {r.cand_node for r in rows}}
     found = False
@@ -436,9 +438,7 @@ def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow]) -> tuple[list[NodeR
     strongly matched node. Random ops are kept: two runs that drew differently differ there. Returns
     (kept, rejected).
     """
-    by_ref: dict[str, list[NodeRow]] = {}
-    for r in rows:
-        by_ref.setdefault(r.ref_node, []).append(r)
+    by_ref = noise.rows_by_ref(rows)
     rejected: list[NodeRow] = []
     preds: dict[str, set[str]] = {}
     for n in graph.nodes:  # topological: decisions upstream are final before a node is seen
@@ -466,9 +466,7 @@ def _verify_weak_grads(graph: torch.fx.Graph, rows: list[NodeRow]) -> list[str]:
     value is used, and look-alike ops paired by value can be used differently (one side slices a
     value that also feeds the output directly, the other routes all of it through slices). A wrong
     backward there still shows at the strongly matched ops before them. Returns the reference nodes."""
-    by_ref: dict[str, list[NodeRow]] = {}
-    for r in rows:
-        by_ref.setdefault(r.ref_node, []).append(r)
+    by_ref = noise.rows_by_ref(rows)
     _, succs = noise.nearest(graph, set(by_ref))
     dropped = []
     for r in rows:
@@ -486,9 +484,7 @@ def _reach_nothing(graph: torch.fx.Graph, rows: list[NodeRow]) -> list[str]:
     where the derivative of the op that made them is zero (NeMo zeroes masked attention weights
     after the softmax, a port leaves them at softmax's zero), so it reaches no parameter. A wrong
     backward shows at those inputs. Returns the reference nodes."""
-    by_ref: dict[str, list[NodeRow]] = {}
-    for r in rows:
-        by_ref.setdefault(r.ref_node, []).append(r)
+    by_ref = noise.rows_by_ref(rows)
     preds, _ = noise.nearest(graph, set(by_ref))
     dropped = []
     for r in rows:
@@ -573,12 +569,17 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
             continue
         names = _parameter_names(str(rn.meta.get(TARGET)))
-        pairs = [(names[i] if i < len(names) else f"argument {i}", a, b) for i, (a, b) in enumerate(zip(rn.args, cn.args))]
-        pairs += [(k, rn.kwargs[k], cn.kwargs[k]) for k in rn.kwargs.keys() & cn.kwargs.keys()]
-        differ = [f"{name} {a!r} against {b!r}" for name, a, b in pairs
+        label = {i: names[i] if i < len(names) else f"argument {i}" for i in range(len(rn.args))}
+        differ = [f"{label.get(i, i)} {a!r} against {b!r}" for i, a, b in _arguments(rn, cn)
                   if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a)]
         if differ:
             row.blame = [f"its arguments differ: {', '.join(differ)}", row.ref_module, row.cand_module]
+
+
+def _arguments(rn: torch.fx.Node, cn: torch.fx.Node) -> list[tuple[int | str, Any, Any]]:
+    """The two calls' arguments side by side: by position, then the keywords both pass."""
+    return [*((i, a, b) for i, (a, b) in enumerate(zip(rn.args, cn.args))),
+            *((k, rn.kwargs[k], cn.kwargs[k]) for k in rn.kwargs.keys() & cn.kwargs.keys())]
 
 
 def _spread(a: Any, b: Any) -> Any:
@@ -959,9 +960,7 @@ def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow], outputs_failed: C
     """Set ``first_forward`` / ``first_backward`` on the frontier rows of the failing set: failing
     rows with no failing row among their compared ancestors (backward: descendants), however far.
     ``outputs_failed``: nodes of outputs that differ with no failing row before them."""
-    by_ref: dict[str, list[NodeRow]] = {}
-    for r in rows:
-        by_ref.setdefault(r.ref_node, []).append(r)
+    by_ref = noise.rows_by_ref(rows)
     preds, succs = noise.nearest(graph, set(by_ref))
     order = [n.name for n in graph.nodes if n.name in by_ref]
 

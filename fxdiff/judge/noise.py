@@ -103,6 +103,14 @@ def _summed(m: Metrics | None, consumers: list[NodeRow], floor: float) -> float:
                 for g in terms], default=0.0)
 
 
+def rows_by_ref(rows: list[NodeRow]) -> dict[str, list[NodeRow]]:
+    """The rows of each reference node (a node a fused output's slices share has several)."""
+    by_ref: dict[str, list[NodeRow]] = {}
+    for r in rows:
+        by_ref.setdefault(r.ref_node, []).append(r)
+    return by_ref
+
+
 def nearest(graph: torch.fx.Graph, compared: set[str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """Each node's nearest compared ancestors and nearest compared descendants (through nodes that
     are not compared)."""
@@ -131,9 +139,7 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
         p.value = verdict(p.value, 0.0)
     value_error = {p.ref: p.value.error or 0.0 for p in params if p.value is not None and p.value.passed}
     param_nodes = {n.name: str(n.target) for n in graph.nodes if n.op == "get_attr" and str(n.target) in value_error}
-    by_ref: dict[str, list[NodeRow]] = {}
-    for r in rows:
-        by_ref.setdefault(r.ref_node, []).append(r)
+    by_ref = rows_by_ref(rows)
     preds, succs = nearest(graph, set(by_ref) | set(param_nodes))
     order = sorted(rows, key=lambda r: r.depth)
 

@@ -154,9 +154,10 @@ def _finish_streamed(stream, capture: Capture, targets: Targets | None) -> Captu
     try:
         # the parameters and their gradients are copied while the graph is written out (nothing
         # writes to them any more: the deferred copies need no protect)
+        written = stream.tensors._views   # most went early: the parameters before the run, their gradients in backward
         for section, table in (("param", capture.params), ("param_grad", capture.param_grads)):
             for name, t in table.items():
-                if not is_summary(t):
+                if f"{section}/{name}" not in written and not is_summary(t):
                     stream.put(f"{section}/{name}", t, defer=True)
         stream.tensors.wake()
         contents = _contents(capture, targets, set(stream.tensors._views))

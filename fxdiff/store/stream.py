@@ -314,7 +314,10 @@ class TensorStream:
             while self._queue or self._copying:
                 self._changed.wait()
             self._verify()
-            return self.overwritten
+            overwritten = self.overwritten
+        with self._write_lock:
+            self._writer.flush_whole()
+        return overwritten
 
     def _stop_copier(self, drain: bool) -> None:
         with self._lock:

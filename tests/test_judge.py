@@ -886,3 +886,86 @@ def test_separate_projections_given_each_others_weights_are_named_where_they_cro
     assert first.op == "sdpa" and first.blame[0] == ("another input: the candidate passes what the reference "
                                                      "computes in k where the reference passes what it computes in q"), \
         first.blame
+
+
+class RotaryRef(nn.Module):
+    """A Llama-style attention block as Hugging Face writes it: the rotary cos and sin computed in
+    the forward from ``inv_freq`` once, at the model level, and grouped-query attention left to sdpa."""
+
+    def __init__(self, width=32, heads=4, groups=2):
+        super().__init__()
+        self.heads, self.groups, self.dim = heads, groups, width // heads
+        self.embed = nn.Embedding(50, width)
+        self.q, self.k, self.v = (nn.Linear(width, n * self.dim, bias=False) for n in (heads, groups, groups))
+        self.o = nn.Linear(width, width, bias=False)
+        self.register_buffer("inv_freq", _inverse_frequencies(10_000.0, self.dim), persistent=False)
+
+    def tables(self, t):
+        freqs = torch.arange(t)[None, :, None].float() * self.inv_freq[None, None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * 1.0, emb.sin() * 1.0   # (1, t, dim), scaled by attention_scaling
+
+    def rotate(self, x, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        x1, x2 = x[..., :self.dim // 2], x[..., self.dim // 2:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        cos, sin = self.tables(ids.shape[1])
+        q, k, v = (p(x).view(*x.shape[:2], n, self.dim).transpose(1, 2)
+                   for p, n in ((self.q, self.heads), (self.k, self.groups), (self.v, self.groups)))
+        y = self.attend(self.rotate(q, cos, sin), self.rotate(k, cos, sin), v)
+        return self.o(y.transpose(1, 2).reshape(x.shape)) + x
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def _inverse_frequencies(base: float, dim: int) -> torch.Tensor:
+    return 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+
+
+class RotaryPort(RotaryRef):
+    """The port, as litgpt writes it: cos and sin precomputed into buffers (``base``: a porting
+    bug), rotated on the first ``rope_n_elem`` features (all of them here), and the key and value
+    heads expanded for the query groups before sdpa."""
+
+    def __init__(self, base=10_000.0):
+        super().__init__()
+        freqs = torch.arange(64)[:, None].float() * _inverse_frequencies(base, self.dim)[None]
+        self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((freqs, freqs), dim=-1).sin(), persistent=False)
+
+    def tables(self, t):
+        return self.cos[:t].unsqueeze(0), self.sin[:t].unsqueeze(0)
+
+    def rotate(self, x, cos, sin):
+        roped = super().rotate(x[..., :self.dim], cos, sin)
+        return torch.cat((roped, x[..., self.dim:]), dim=-1)
+
+    def attend(self, q, k, v):
+        r = self.heads // self.groups
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1),
+                                              is_causal=True)
+
+
+@pytest.mark.skipif(torch.__version__ < "2.5", reason="sdpa's enable_gqa needs torch 2.5")
+def test_a_wrong_rotary_base_is_blamed_on_the_tables_not_on_an_op_one_side_adds():
+    """litgpt against Hugging Face Llama with the wrong RoPE base: the divergence at the rotated q
+    and k (or at sdpa) was blamed on an op the port alone has and that is correct (the slice of
+    the features to rotate here; litgpt's key/value head expansion, which the reference leaves to
+    sdpa), and the rotary tables, which pair only weakly, were not named."""
+    torch.manual_seed(0)
+    ref, ids = RotaryRef().eval(), torch.randint(0, 50, (2, 12))
+    captured = fxdiff.capture(ref, (ids,))
+    for base, diverged in ((10_000.0, False), (500_000.0, True)):
+        port = RotaryPort(base).eval()
+        port.load_state_dict(ref.state_dict(), strict=False)
+        report = fxdiff.compare(captured, port)
+        assert report.diverged == diverged
+    firsts = [r for r in report.nodes if r.first_forward]
+    blamed = [r.blame for r in firsts if r.blame]
+    assert blamed and all(b[0].startswith("a value made another way on each side differs: ref ")
+                          and b[0].endswith(", the candidate's made with cos") for b in blamed), blamed
+    assert all(r.blame or r.op in ("cos", "sin", "mul") and r.ref_module == "" for r in firsts)

@@ -145,6 +145,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
         _mark_frontier(ref.graph, rows, {o.frontier["ref_node"] for o in outputs if o.frontier})
     _blame_arguments(ref, cand, rows)
+    _blame_made_another_way(ref, cand, rows, rejected, tol)
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
@@ -510,11 +511,8 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
     the replays explain: the candidate's block computes the reference's function, and its own
     value from its own inputs, so its difference is its inputs' (which passed) carried through
     that function, plus its own rounding."""
-    whole = [r for r in rows if r.forward.passed and not (r.ref_slice or r.cand_slice or r.cand_permuted)]
-    boundary = {r.cand_node: r.ref_node for r in whole if r.ref_shape == r.cand_shape}
-    own_boundary = {c: c for c in boundary}
-    layouts = _layouts(ref, cand, [r for r in whole if r.ref_shape != r.cand_shape])
-    boundary.update({r.cand_node: r.ref_node for r in whole if r.cand_node in layouts})
+    boundary, layouts = _boundary(ref, cand, rows)
+    own_boundary = {c: c for c in boundary if c not in layouts}
     explained = []
     for row in rows:
         if not row.first_forward or row.isolated is not None or row.isolated_why is not None:
@@ -541,6 +539,17 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
                 row.explained.append("forward")
                 explained.append(row)
     return explained
+
+
+def _boundary(ref: Capture, cand: Capture, rows: list[NodeRow]) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Where a replay of the candidate's ops takes the reference's values: the passing pairs
+    compared whole (candidate node -> reference node), and the layouts of those compared with
+    their dimensions in another order (see ``_layouts``)."""
+    whole = [r for r in rows if r.forward.passed and not (r.ref_slice or r.cand_slice or r.cand_permuted)]
+    boundary = {r.cand_node: r.ref_node for r in whole if r.ref_shape == r.cand_shape}
+    layouts = _layouts(ref, cand, [r for r in whole if r.ref_shape != r.cand_shape])
+    boundary.update({r.cand_node: r.ref_node for r in whole if r.cand_node in layouts})
+    return boundary, layouts
 
 
 def _layouts(ref: Capture, cand: Capture, rows: list[NodeRow]) -> dict[str, tuple[int, ...]]:
@@ -602,6 +611,67 @@ def _parameter_names(target: str) -> tuple[str, ...]:
         return tuple(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return ()
+
+
+def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow],
+                            tol: Tolerance) -> None:
+    """Blame a forward first divergence introduced in the candidate's block on values both sides
+    make, each its own way, before it (a rotary embedding's cos and sin from a buffer against ones
+    computed from ``inv_freq``; q and k rotated by them) when the block, replayed with those values
+    taken from the reference too, computes the reference's value: the difference came in with them,
+    not with the block's own ops (a head expansion one side alone writes out). Such values pair
+    only weakly and were set aside when they differ (``_verify_weak``); the replay is the evidence
+    they are what differs. The first of them that does is named, with the parameters and buffers
+    of the candidate's it is made from."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    weak = [r for r in rejected if r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice or r.cand_permuted)
+            and r.ref_node in ref.values and r.cand_node in cand.values
+            and not is_summary(ref.values[r.ref_node]) and not is_summary(cand.values[r.cand_node])]
+    if not weak:
+        return
+    boundary, layouts = _boundary(ref, cand, rows)
+    for row in rows:
+        if not row.first_forward or row.blame or row.cause() != "introduced":
+            continue
+        up_r = _upstream(ref.node(row.ref_node), compared_r)
+        up_c = _upstream(cand.node(row.cand_node), compared_c)
+        before = [r for r in weak if r.ref_node in up_r and r.cand_node in up_c]
+        feeding = {r.cand_node: _upstream(cand.node(r.cand_node), compared_c) for r in before}
+        first = [r for r in before if not any(o.cand_node in feeding[r.cand_node] for o in before)]
+        for taken in (first, before):   # where they start, else all of them
+            if not taken:
+                continue
+            out = replay(ref, cand, row.cand_node, {**boundary, **{r.cand_node: r.ref_node for r in taken}},
+                         ref.values[row.ref_node], layouts=layouts)
+            if isinstance(out, str):
+                continue
+            m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
+            if not _own_verdict(m, tol, precision=machine_eps(cand.values[row.cand_node].dtype)).passed:
+                continue
+            used = taken if taken is first else [r for r in taken if not any(r.cand_node in feeding[o.cand_node]
+                                                                             for o in taken)]
+            r = min(used, key=lambda r: r.depth)
+            what = (f"a value made another way on each side differs: ref {node_key(ref.node(r.ref_node))} "
+                    f"({r.ref_node}) against cand {node_key(cand.node(r.cand_node))} ({r.cand_node})")
+            held = _held(cand.node(r.cand_node), compared_c)
+            if held:
+                what += f", the candidate's made with {', '.join(held)}"
+            row.blame = [what, r.ref_module, r.cand_module]
+            break
+
+
+def _held(node: torch.fx.Node, compared: set[str]) -> list[str]:
+    """The parameters and buffers read on the way from the compared values to ``node``."""
+    held, seen, stack = set(), set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.name in seen or n.name in compared:
+            continue
+        seen.add(n.name)
+        if n.op == "get_attr":
+            held.add(str(n.target))
+        stack.extend(n.all_input_nodes)
+    return sorted(held)
 
 
 def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:

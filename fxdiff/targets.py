@@ -33,7 +33,9 @@ def opaque(*args: Any, **kwargs: Any) -> Any:
 
 
 # Earlier captures named the stand-in by the module that implemented it.
-_LEGACY = {"fxdiff.record.mutated": MUTATED}
+# names older captures stored: the pooling functions torch makes with boolean_dispatch were all
+# stored under its inner function's name, which cannot tell them apart (opaque: never replayed)
+_LEGACY = {"fxdiff.record.mutated": MUTATED, "torch.nn.functional.boolean_dispatch.<locals>.fn": OPAQUE}
 
 _OPERATOR = ("getitem", "setitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos",
              "abs", "invert", "and_", "or_", "xor", "lshift", "rshift", "matmul", "eq", "ne", "lt", "le",
@@ -68,7 +70,10 @@ def target_name(func: Any) -> str:
     module = getattr(func, "__module__", None) or "torch"
     if module.startswith("torch._C._VariableFunctions"):
         module = "torch"
-    return f"{module}.{getattr(func, '__qualname__', name)}".replace("._VariableFunctionsClass", "")
+    qualname = getattr(func, "__qualname__", name)
+    if "<locals>" in qualname:   # made by a factory (F.max_pool2d is one of torch's boolean_dispatch ``fn``s)
+        qualname = name
+    return f"{module}.{qualname}".replace("._VariableFunctionsClass", "")
 
 
 class Targets:

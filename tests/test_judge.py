@@ -969,3 +969,65 @@ def test_a_wrong_rotary_base_is_blamed_on_the_tables_not_on_an_op_one_side_adds(
     assert blamed and all(b[0].startswith("a value made another way on each side differs: ref ")
                           and b[0].endswith(", the candidate's made with cos") for b in blamed), blamed
     assert all(r.blame or r.op in ("cos", "sin", "mul") and r.ref_module == "" for r in firsts)
+
+
+class PooledStem(nn.Module):
+    """torchvision's ResNet stem: conv, norm, in-place ReLU, max pool; then a residual block
+    (``residual=False``: a port that forgot its add), its ReLU in place or not (Hugging Face's is not)."""
+
+    def __init__(self, kernel=3, residual=True, inplace=True):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.block, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+        self.kernel, self.residual, self.inplace = kernel, residual, inplace
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)), inplace=self.inplace)
+        x = F.max_pool2d(x, self.kernel, stride=2, padding=1)
+        y = self.block(x)
+        x = F.relu(y + x if self.residual else y, inplace=self.inplace)
+        return self.head(x.mean((2, 3)))
+
+
+def _pooled_report(**port):
+    torch.manual_seed(0)
+    ref, x = PooledStem().eval(), torch.randn(2, 3, 16, 16)
+    cand = PooledStem(**port).eval()
+    cand.load_state_dict(ref.state_dict())
+    return fxdiff.capture(ref, (x,)), fxdiff.compare(fxdiff.capture(ref, (x,)), cand)
+
+
+def test_each_max_pool_is_stored_by_its_own_name_and_replayed_as_itself():
+    """torch makes F.max_pool1d/2d/3d (and the adaptive and fractional ones) with boolean_dispatch:
+    all were stored as its inner ``fn`` and replayed as whichever the allowlist saw last, max_pool3d,
+    which fails on 4-d input: a wrong kernel could not be told introduced."""
+    captured, report = _pooled_report(kernel=4)
+    assert any(n.meta.get("fxdiff_target") == "torch.nn.functional.max_pool2d" for n in captured.graph.nodes)
+    first = next(r for r in report.nodes if r.first_forward)
+    assert (first.op, first.cause(), first.isolated_why) == ("max_pool2d", "introduced", None), first
+    assert first.blame[0] == "its arguments differ: kernel_size 3 against 4", first.blame
+
+
+def test_a_forgotten_residual_is_not_blamed_on_an_in_place_flag():
+    """torchvision's ReLU runs in place, Hugging Face's does not: a port that forgot the residual
+    add was blamed on 'its arguments differ: inplace True against False'."""
+    _, report = _pooled_report(residual=False, inplace=False)
+    first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame[0].startswith("ref-only add"), first.blame
+
+
+def test_a_capture_that_stored_max_pools_by_their_inner_name_still_loads(tmp_path):
+    """Captures written before max pools had their own names hold boolean_dispatch's ``fn``, which
+    cannot tell them apart: they load, and those ops are never replayed."""
+    import xxhash
+    captured, _ = _pooled_report()
+    path = fxdiff.save(captured, tmp_path / "old")
+    text = (path / "graph.json").read_text().replace("torch.nn.functional.max_pool2d",
+                                                    "torch.nn.functional.boolean_dispatch.<locals>.fn")
+    (path / "graph.json").write_text(text)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["graph.json"] = {"bytes": len(text.encode()), "xxh3_64": xxhash.xxh3_64_hexdigest(text.encode())}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    old = fxdiff.load(path)
+    assert [n.name for n in old.graph.nodes if n.meta.get("fxdiff_target", "").endswith("<locals>.fn")] == ["max_pool2d"]
+    assert fxdiff.compare(old, captured).verdict == "match"

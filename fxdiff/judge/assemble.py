@@ -580,7 +580,8 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         names = _parameter_names(str(rn.meta.get(TARGET)))
         label = {i: names[i] if i < len(names) else f"argument {i}" for i in range(len(rn.args))}
         differ = [f"{label.get(i, i)} {a!r} against {b!r}" for i, a, b in _arguments(rn, cn)
-                  if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a)]
+                  if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a)
+                  and label.get(i, i) not in _NO_EFFECT]
         if differ:
             row.blame = [f"its arguments differ: {', '.join(differ)}", row.ref_module, row.cand_module]
 
@@ -602,15 +603,26 @@ def _constant(x: Any) -> bool:
     return type(x) in (bool, int, float, str) or type(x) in (list, tuple) and all(map(_constant, x))
 
 
+_NO_EFFECT = {"inplace"}   # arguments that change where a result goes, not its value (torchvision's ReLU(inplace=True))
+
+
 @functools.lru_cache(maxsize=256)
 def _parameter_names(target: str) -> tuple[str, ...]:
     """The positional parameter names of the op a capture names (``F.layer_norm``: ``input,
-    normalized_shape, weight, bias, eps``), where Python can tell; none for a builtin."""
+    normalized_shape, weight, bias, eps``): those torch lists for its overridable functions
+    (builtins such as ``conv2d`` included), else those Python can tell; none when neither can."""
     fn = Targets.default().resolve(target)
     try:
-        return tuple(inspect.signature(fn).parameters)
+        return tuple(inspect.signature(_testing_overrides().get(fn, fn)).parameters)
     except (TypeError, ValueError):
         return ()
+
+
+@functools.cache
+def _testing_overrides() -> dict[Any, Callable]:
+    """torch's stand-in for each overridable function, with its parameters' names."""
+    from torch.overrides import get_testing_overrides
+    return get_testing_overrides()
 
 
 def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow],

@@ -1031,3 +1031,36 @@ def test_a_capture_that_stored_max_pools_by_their_inner_name_still_loads(tmp_pat
     old = fxdiff.load(path)
     assert [n.name for n in old.graph.nodes if n.meta.get("fxdiff_target", "").endswith("<locals>.fn")] == ["max_pool2d"]
     assert fxdiff.compare(old, captured).verdict == "match"
+
+
+class Diluted(nn.Module):
+    """A value (``t``) then a residual sum that dilutes its error (``u``) and a difference that brings
+    it back (``v``): ``scale`` is a porting bug in ``t``."""
+
+    def __init__(self, scale=2.0):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.scale = scale
+
+    def forward(self, x):
+        t = self.lin1(x) * self.scale
+        u = t + 6.0 * x
+        return self.lin2(torch.tanh(u - 6.0 * x))
+
+
+def test_a_value_after_a_divergence_lends_no_noise_even_where_it_passes():
+    """timm's ViT against Hugging Face's with the class token's position left out, the port cast to
+    bfloat16: the logits, 58% off, 'matched'. A node after the divergence passed on its own rounding
+    (a residual add dilutes the error below bfloat16's), and its error, the bug's, then set the
+    noise level of what followed, eight times larger at each step."""
+    torch.manual_seed(0)
+    ref, x = Diluted().eval(), torch.randn(8, 16)
+    port = Diluted(scale=2.5).eval()
+    port.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), port, dtype=torch.bfloat16)
+    by_node = {r.ref_node: r for r in report.nodes}
+    assert by_node["add"].forward.passed and not by_node["sub"].forward.passed   # the sum dilutes, the difference does not
+    assert not any(o.metrics.passed for o in report.outputs)
+    assert [r.ref_node for r in report.nodes if r.first_forward] == ["mul"]
+    # backward: the gradients before the divergent values carry its difference, not their noise
+    assert not by_node["sub"].backward.passed and report.summary()["param_grads"]["mismatched"] >= 3

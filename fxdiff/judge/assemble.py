@@ -119,6 +119,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             row.backward = _grad_metrics(ref.grads.get(row.ref_node), cand.grads.get(row.cand_node), tol, node_floor)
     rows, rejected = _verify_weak(ref.graph, rows)
     unjudged = _verify_weak_grads(ref.graph, rows)
+    if not tol.strict and (rejected or unjudged):   # what was set aside no longer counts as a divergence
+        noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
     if unjudged:
         warnings.append(f"gradients of {len(unjudged)} weak pair(s) not judged ({', '.join(unjudged[:4])}): "
                         "they differ although every gradient after them agrees, so the two ops are used "
@@ -136,6 +138,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         warnings.append(f"gradients of {len(unreached)} op(s) not judged ({', '.join(unreached[:4])}): they differ "
                         "only where they reach none of their inputs' gradients, which agree (where the derivative "
                         "of the op that made them is zero: a masked attention weight the reference zeroes)")
+        noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
         _mark_frontier(ref.graph, rows)
     for p in params:
         if p.ref in roles and p.value is not None:
@@ -310,7 +313,9 @@ def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: 
                      rows: list[NodeRow], precision: float) -> list[OutputRow]:
     """The paired outputs (``outputs.py``), judged like the nodes that made them."""
     ref_out, cand_out = dict(tree.flatten(ref.outputs)), dict(tree.flatten(cand.outputs))
-    inherited = max([r.forward.error or 0.0 for r in rows if r.forward is not None and r.forward.passed], default=0.0)
+    after = noise.after_divergence(ref.graph, rows)
+    inherited = max([r.forward.error or 0.0 for r in rows
+                     if r.forward is not None and r.forward.passed and r.ref_node not in after], default=0.0)
     # an output that is a view of a value whose difference the replays explained (codes picked by
     # argmax, flipped by rounding, stacked and transposed) is explained with it: an exact dtype
     # alone has no noise to pass within

@@ -12,7 +12,9 @@ noise level is the larger of
   inputs that passed (backward: of its consumers, and of its own and its inputs' forward values;
   a parameter's gradient: also of its consumers' gradient differences as it sums them, ``_summed``).
 
-A failing input does not raise the level of what follows it, so everything downstream of a real
+A failing input does not raise the level of what follows it, nor does a value after one that
+passes on its own rounding (``after_divergence``: a residual sum dilutes the error, which is still
+the divergence's), nor, backward, the gradient of such a value, so everything downstream of a real
 divergence still fails and the first divergence stays where the error starts. A row the isolation
 replays explain (``NodeRow.explained``: the same computation on both sides carrying passing noise
 further than ``AMPLIFY`` allows) passes, and its error counts as noise for what follows. A tail
@@ -130,6 +132,20 @@ def nearest(graph: torch.fx.Graph, compared: set[str]) -> tuple[dict[str, set[st
     return preds, succs
 
 
+def after_divergence(graph: torch.fx.Graph, rows: list[NodeRow]) -> set[str]:
+    """The reference nodes after a forward divergence: a nearest compared input failed, or is after
+    one. Such a node may pass on its own rounding (a residual add dilutes the error), but what it
+    carries is the divergence's, so it lends no noise to what follows."""
+    by_ref = rows_by_ref(rows)
+    preds, _ = nearest(graph, set(by_ref))
+    after: set[str] = set()
+    for r in sorted(rows, key=lambda r: r.depth):
+        if any(n in after or any(x.forward is not None and not x.forward.passed for x in by_ref[n])
+               for n in preds[r.ref_node]):
+            after.add(r.ref_node)
+    return after
+
+
 def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], node_floor: float,
           param_floor: float, precision: float = 0.0) -> None:
     """Noise-aware verdicts for every row and parameter: parameter values first (each at its own
@@ -143,17 +159,30 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
     preds, succs = nearest(graph, set(by_ref) | set(param_nodes))
     order = sorted(rows, key=lambda r: r.depth)
 
+    # nodes after a forward divergence (a compared input failed, or is after one; backward: the node's
+    # own value failed or is after one): one may pass on its own rounding (a residual add dilutes the
+    # error), but what it carries is the divergence's, so it lends no noise to what follows
+    after = {"forward": set(), "backward": set()}
+
     def passing(names: set[str], direction: str) -> float:
-        errors = [getattr(x, direction).error or 0.0 for n in names for x in by_ref.get(n, ())
-                  if getattr(x, direction) is not None and getattr(x, direction).passed]
+        errors = [getattr(x, direction).error or 0.0 for n in names if n not in after[direction]
+                  for x in by_ref.get(n, ()) if getattr(x, direction) is not None and getattr(x, direction).passed]
         if direction == "forward":
             errors += [value_error[param_nodes[n]] for n in names if n in param_nodes]
         return max(errors, default=0.0)
 
+    def failed(names: set[str], direction: str) -> bool:
+        return any(n in after[direction] or any(getattr(x, direction) is not None and not getattr(x, direction).passed
+                                                for x in by_ref.get(n, ())) for n in names)
+
     for r in order:
+        if failed(preds[r.ref_node], "forward"):
+            after["forward"].add(r.ref_node)
         r.forward = explained(verdict(r.forward, passing(preds[r.ref_node], "forward"), precision=precision),
                                "forward" in r.explained)
     for r in reversed(order):
+        if failed({r.ref_node}, "forward"):
+            after["backward"].add(r.ref_node)
         inherited = max(passing(succs[r.ref_node], "backward"), passing(preds[r.ref_node] | {r.ref_node}, "forward"))
         r.backward = explained(verdict(r.backward, inherited, node_floor, TAIL_BACKWARD, precision),
                                 "backward" in r.explained)
@@ -164,7 +193,7 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
         if n.op == "get_attr" and n.name not in param_nodes:
             users.setdefault(str(n.target), set()).update(x for x in succs[n.name] if x in by_ref)
     for p in params:
-        consumers = [x for n in users.get(p.ref, ()) for x in by_ref.get(n, ())]
+        consumers = [x for n in users.get(p.ref, ()) if n not in after["backward"] for x in by_ref.get(n, ())]
         inherited = max([m.error or 0.0 for x in consumers for m in (x.forward, x.backward)
                          if m is not None and m.passed], default=0.0)
         p.grad = verdict(p.grad, max(inherited, _summed(p.grad, consumers, param_floor)), param_floor,

@@ -1064,3 +1064,72 @@ def test_a_value_after_a_divergence_lends_no_noise_even_where_it_passes():
     assert [r.ref_node for r in report.nodes if r.first_forward] == ["mul"]
     # backward: the gradients before the divergent values carry its difference, not their noise
     assert not by_node["sub"].backward.passed and report.summary()["param_grads"]["mismatched"] >= 3
+
+
+class Activated(nn.Module):
+    """``F.gelu(x)`` as Hugging Face's GELUActivation calls it, or with ``approximate`` given (timm's
+    nn.GELU), and a layer norm whose eps is passed by position or by keyword."""
+
+    def __init__(self, approximate=None, eps_by_keyword=False):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+        self.approximate, self.eps_by_keyword = approximate, eps_by_keyword
+
+    def forward(self, x):
+        h = self.proj(x)
+        h = F.gelu(h) if self.approximate is None else F.gelu(h, approximate=self.approximate)
+        n = self.norm
+        if self.eps_by_keyword:
+            return F.layer_norm(h, n.normalized_shape, n.weight, n.bias, eps=1e-5)
+        return F.layer_norm(h, n.normalized_shape, n.weight, n.bias, 1e-5)
+
+
+def test_an_argument_one_side_leaves_to_its_default_is_compared_with_the_default():
+    """HF calls F.gelu(x), timm passes approximate='tanh': only keywords both sides passed were
+    compared, so the wrong GELU was 'introduced here' with no word of why; an argument passed by
+    position on one side and by keyword on the other is the same argument."""
+    torch.manual_seed(0)
+    ref, x = Activated().eval(), torch.randn(4, 8)
+    captured = fxdiff.capture(ref, (x,))
+    same = Activated(approximate="none", eps_by_keyword=True).eval()
+    same.load_state_dict(ref.state_dict())
+    assert not fxdiff.compare(captured, same).diverged
+    port = Activated(approximate="tanh", eps_by_keyword=True).eval()
+    port.load_state_dict(ref.state_dict())
+    first = next(r for r in fxdiff.compare(captured, port).nodes if r.first_forward)
+    assert first.blame[0] == "its arguments differ: approximate 'none' against 'tanh'", first.blame
+
+
+class AlwaysDropout(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.5, training=True)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dropout=False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.drop = AlwaysDropout() if dropout else nn.Identity()
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class WithMlp(nn.Module):
+    def __init__(self, dropout=False):
+        super().__init__()
+        self.mlp, self.head = Mlp(dropout), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(x + self.mlp(x))
+
+
+def test_an_op_in_a_module_that_holds_nothing_matched_is_placed_by_its_parent():
+    """A dropout left on in eval, in timm's ``mlp.drop2`` (which holds no other op): the story said
+    'in <root> (cand blocks.0.mlp.drop2)', the module with nothing matched having no counterpart."""
+    torch.manual_seed(0)
+    ref, x = WithMlp().eval(), torch.randn(4, 8)
+    port = WithMlp(dropout=True).eval()
+    port.load_state_dict(ref.state_dict())
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (x,)), port).nodes if r.first_forward)
+    assert first.blame[0].startswith("cand-only dropout") and first.blame[1:] == ["mlp", "mlp.drop"], first.blame

@@ -384,3 +384,13 @@ def test_a_parameter_trained_in_the_candidate_only_is_named():
     report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4),)), port)
     assert report.unmatched.trained_cand_params == ["key.bias"]
     assert "trained in the candidate only, no counterpart in the reference: key.bias" in show(text.render(report))
+
+
+def test_a_bit_for_bit_match_says_so_on_its_verdicts_line():
+    """A port that agrees bit for bit read 'noise-aware (float32): 0 of 45 comparisons pass within
+    their noise level, not bit for bit', as if none had passed."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)), torch.randn(3, 4)
+    report = fxdiff.compare(fxdiff.capture(model, (x,)), model)
+    line = next(line for line in show(text.render(report)).splitlines() if "verdicts:" in line)
+    assert re.search(r"noise-aware \(float32\): all \d+ comparisons bit for bit", line), line

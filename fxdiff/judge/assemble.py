@@ -582,19 +582,25 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
         if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
             continue
-        names = _parameter_names(str(rn.meta.get(TARGET)))
-        label = {i: names[i] if i < len(names) else f"argument {i}" for i in range(len(rn.args))}
-        differ = [f"{label.get(i, i)} {a!r} against {b!r}" for i, a, b in _arguments(rn, cn)
-                  if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a)
-                  and label.get(i, i) not in _NO_EFFECT]
+        differ = [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in _arguments(rn, cn)
+                  if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT]
         if differ:
             row.blame = [f"its arguments differ: {', '.join(differ)}", row.ref_module, row.cand_module]
 
 
 def _arguments(rn: torch.fx.Node, cn: torch.fx.Node) -> list[tuple[int | str, Any, Any]]:
-    """The two calls' arguments side by side: by position, then the keywords both pass."""
-    return [*((i, a, b) for i, (a, b) in enumerate(zip(rn.args, cn.args))),
-            *((k, rn.kwargs[k], cn.kwargs[k]) for k in rn.kwargs.keys() & cn.kwargs.keys())]
+    """Two calls of one function's arguments side by side, by name where torch or Python can tell
+    (a keyword on one side, a position on the other), else by position; an argument one side leaves
+    out takes the op's default (``F.gelu(x)`` against ``F.gelu(x, approximate='tanh')``)."""
+    target = str(rn.meta.get(TARGET))
+    names, defaults = _parameter_names(target), _defaults(target)
+
+    def named(node: torch.fx.Node) -> dict[int | str, Any]:
+        return {**{names[i] if i < len(names) else i: a for i, a in enumerate(node.args)}, **node.kwargs}
+
+    a, b = named(rn), named(cn)
+    return [(k, a.get(k, defaults.get(k)), b.get(k, defaults.get(k))) for k in [*a, *(k for k in b if k not in a)]
+            if (k in a or k in defaults) and (k in b or k in defaults)]
 
 
 def _spread(a: Any, b: Any) -> Any:
@@ -621,6 +627,17 @@ def _parameter_names(target: str) -> tuple[str, ...]:
         return tuple(inspect.signature(_testing_overrides().get(fn, fn)).parameters)
     except (TypeError, ValueError):
         return ()
+
+
+@functools.lru_cache(maxsize=256)
+def _defaults(target: str) -> dict[str, Any]:
+    """The default values of the keyword parameters of the op a capture names, where torch lists them."""
+    fn = Targets.default().resolve(target)
+    try:
+        parameters = inspect.signature(_testing_overrides().get(fn, fn)).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 @functools.cache
@@ -1034,13 +1051,16 @@ def _through_views(node: torch.fx.Node, compared: set[str], items: bool = False)
 
 def _counterpart_module(rows: list[NodeRow], module: str, side: str) -> str:
     """The module on the other side that corresponds to ``module``: where the matched rows of
-    ``module`` (else of its submodules) lie on the other side."""
+    ``module`` (else of its submodules, else of its nearest ancestor's) lie on the other side."""
     mine, theirs = ("ref_module", "cand_module") if side == "ref" else ("cand_module", "ref_module")
-    exact = [getattr(r, theirs) for r in rows if getattr(r, mine) == module]
-    if exact:
-        return max(set(exact), key=exact.count)
-    inner = [getattr(r, theirs).split(".") for r in rows if getattr(r, mine).startswith(module + ".")]
-    return ".".join(os.path.commonprefix(inner)) if inner else ""
+    while True:
+        exact = [getattr(r, theirs) for r in rows if getattr(r, mine) == module]
+        if exact:
+            return max(set(exact), key=exact.count)
+        inner = [getattr(r, theirs).split(".") for r in rows if getattr(r, mine).startswith(module + ".")]
+        if inner or not module:
+            return ".".join(os.path.commonprefix(inner)) if inner else ""
+        module = module.rpartition(".")[0]   # a module holding nothing matched (a dropout): its parent's
 
 
 def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow], outputs_failed: Collection[str] = ()) -> None:

@@ -80,6 +80,8 @@ def _rule(report: Report) -> str:
     metrics = [m for r in report.nodes for m in (r.forward, r.backward) if m is not None]
     noisy = [m for m in metrics if m.within_noise]
     coarsest = max((m.eps for m in metrics), default=0.0)
+    if metrics and all(m.max_abs_diff == 0 for m in metrics):
+        return f"noise-aware ({_precision(coarsest)}): all {len(metrics)} comparisons bit for bit"
     return (f"noise-aware ({_precision(coarsest)}): {len(noisy)} of {len(metrics)} comparisons pass within their "
             "noise level, not bit for bit")
 

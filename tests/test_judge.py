@@ -1133,3 +1133,73 @@ def test_an_op_in_a_module_that_holds_nothing_matched_is_placed_by_its_parent():
     port.load_state_dict(ref.state_dict())
     first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (x,)), port).nodes if r.first_forward)
     assert first.blame[0].startswith("cand-only dropout") and first.blame[1:] == ["mlp", "mlp.drop"], first.blame
+
+
+def test_a_classifier_with_its_rows_reordered_is_named_and_its_weight_differs():
+    """torchvision's ResNet against Hugging Face's with the classifier's rows (its classes) reordered
+    in the conversion: the weight paired by content as 'identical rows, permuted' and its value was
+    counted as matching, with the first divergence at the linear and no word of why."""
+    torch.manual_seed(0)
+    ref, x = WithMlp().eval(), torch.randn(4, 8)
+    port = WithMlp().eval()
+    state = ref.state_dict()
+    state["head.weight"], state["head.bias"] = state["head.weight"][[1, 0]], state["head.bias"][[1, 0]]
+    port.load_state_dict(state)
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), port)
+    first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame[0].startswith("head.weight is the candidate's head.weight with its rows in another order ([1, 0])")
+    assert not next(p for p in report.params if p.ref == "head.weight").value.passed
+    assert any(w.startswith("head.weight is the candidate's") for w in report.warnings)
+
+
+class SeparateQKV(nn.Module):
+    """Attention as Hugging Face's ViT writes it: q, k and v projections, each viewed into heads."""
+
+    def __init__(self, width=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def split(self, t):
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x):
+        y = F.scaled_dot_product_attention(self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x)))
+        return self.o(y.transpose(1, 2).reshape(x.shape))
+
+
+class FusedQKV(nn.Module):
+    """timm's Attention: one qkv projection, split into heads by reshape, permute and unbind;
+    ``order``: which of the fused blocks the port reads as q, k and v (a conversion bug)."""
+
+    def __init__(self, width=16, heads=2, order=(0, 1, 2)):
+        super().__init__()
+        self.heads, self.order = heads, order
+        self.qkv, self.o = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        parts = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (parts[i] for i in self.order)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_q_and_k_read_from_each_others_block_of_a_fused_qkv_split_by_heads_are_named():
+    """timm's ViT with q and k swapped in its fused qkv: the slices of the fused output pair with
+    HF's q and k projections, but timm's query is a head-split item of it, which pairs with nothing,
+    so the crossing was not seen; which block of the fused output each item reads is now worked out
+    by replaying its views on the output's element numbers."""
+    torch.manual_seed(0)
+    ref, x = SeparateQKV().eval(), torch.randn(2, 5, 16)
+    state = {"qkv.weight": torch.cat([ref.q.weight, ref.k.weight, ref.v.weight]),
+             "qkv.bias": torch.cat([ref.q.bias, ref.k.bias, ref.v.bias]), "o.weight": ref.o.weight, "o.bias": ref.o.bias}
+    captured = fxdiff.capture(ref, (x,))
+    for order, crossed in (((0, 1, 2), None), ((1, 0, 2), ("k", "q"))):
+        port = FusedQKV(order=order).eval()
+        port.load_state_dict(state)
+        report = fxdiff.compare(captured, port)
+        assert report.diverged == bool(crossed)
+    first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame[0] == ("another input: the candidate passes what the reference computes in k where the "
+                              "reference passes what it computes in q"), first.blame

@@ -140,6 +140,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                         "of the op that made them is zero: a masked attention weight the reference zeroes)")
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
         _mark_frontier(ref.graph, rows)
+    roles.update(_blame_reordered_rows(ref, rows, alignment))
     for p in params:
         if p.ref in roles and p.value is not None:
             p.value = dataclasses.replace(p.value, passed=False, note=roles[p.ref])
@@ -306,6 +307,29 @@ def _unfollowed(ref: Capture, alignment: Alignment) -> dict[str, str]:
             if name not in found and sizes and (rows[name],) not in sizes:
                 found[name] = (f"is the candidate's with its {rows[name]} rows in another order, which its "
                                f"{node_key(node)} op ({node.name}) does not follow: not a layout, a difference")
+    return found
+
+
+def _blame_reordered_rows(ref: Capture, rows: list[NodeRow], alignment: Alignment) -> dict[str, str]:
+    """Blame a forward first divergence introduced at an op that reads a parameter paired by content
+    with the candidate's in another row order (a classifier's classes reordered in a conversion):
+    the op's output features are those rows, and nothing after it puts them back. The parameter's
+    value is then a difference: ``{ref param: what}``."""
+    reordered = {pp.ref: pp for pp in alignment.params if pp.transform.get("kind") == "permute_rows"}
+    found: dict[str, str] = {}
+    for row in rows:
+        if not reordered or not row.first_forward or row.blame or row.cause() != "introduced":
+            continue
+        for a in ref.node(row.ref_node).all_input_nodes:
+            source = _through_views(a, set())
+            pp = reordered.get(str(source.target)) if source.op == "get_attr" else None
+            if pp is not None:
+                index = pp.transform["index"]
+                order = ", ".join(map(str, index[:8])) + (", ..." if len(index) > 8 else "")
+                found[pp.ref] = (f"is the candidate's {pp.cand[0]} with its rows in another order ([{order}]), which "
+                                 f"its {row.op} op ({row.ref_node}) does not follow: not a layout, a difference")
+                row.blame = [f"{pp.ref} {found[pp.ref]}", row.ref_module, row.cand_module]
+                break
     return found
 
 
@@ -975,6 +999,10 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
     final norm)."""
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
     pair_of = {r.cand_node: r.ref_node for r in rows}
+    sliced: dict[str, list[NodeRow]] = {}   # fused candidate node -> its slices' rows
+    for r in rows:
+        if r.cand_slice:
+            sliced.setdefault(r.cand_node, []).append(r)
     for row in rows:
         if not row.first_forward or row.blame:
             continue
@@ -985,12 +1013,44 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
         for i, b in enumerate(cn.args[:len(ref_args)]):
             if not isinstance(b, torch.fx.Node) or ref_args[i] not in compared_r:
                 continue
-            got = pair_of.get(_through_views(b, compared_c).name)
+            got = pair_of.get(_through_views(b, compared_c).name) or _slice_read(b, sliced)
             if got is not None and got != ref_args[i]:
                 module, where = (ref.node(n).meta.get(MODULE, "") or "<root>" for n in (got, ref_args[i]))
                 row.blame = [f"another input: the candidate passes what the reference computes in {module} where "
                              f"the reference passes what it computes in {where}", row.ref_module, row.cand_module]
                 break
+
+
+def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:
+    """The reference node paired with the one slice of a fused output that ``node``, a view of that
+    output split another way (timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``),
+    reads all its elements from; None when it reads from several or cannot be told. The views are
+    replayed on the fused output's element numbers."""
+    chain = [node]
+    while chain[-1].name not in sliced:
+        if len(chain) > 8 or chain[-1].op != "call_function" or not chain[-1].all_input_nodes:
+            return None
+        chain.append(chain[-1].all_input_nodes[0])
+    fused = chain.pop()
+    shape = fused.meta.get(SHAPE)
+    if not chain or not shape:
+        return None
+    value: Any = torch.arange(math.prod(shape)).reshape(shape)
+    for n in reversed(chain):
+        fn = Targets.default().resolve(str(n.meta.get(TARGET)))
+        if fn is None or not (DEFAULT_OPS.is_view(n, node_key(n)) or node_key(n) in DEFAULT_OPS.splits
+                              or n.meta.get(TARGET) in GETITEM) \
+                or any(isinstance(a, torch.fx.Node) for a in (*n.args[1:], *n.kwargs.values())):
+            return None
+        try:
+            value = fn(value, *n.args[1:], **n.kwargs)
+        except Exception:  # noqa: BLE001 -- a view that cannot be replayed here tells nothing
+            return None
+    if not isinstance(value, torch.Tensor) or not value.numel():
+        return None
+    columns = value % shape[-1]
+    owners = [r for r in sliced[fused.name] if bool(((columns >= r.cand_slice[0]) & (columns < r.cand_slice[1])).all())]
+    return owners[0].ref_node if len(owners) == 1 else None
 
 
 def _fused_source(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:

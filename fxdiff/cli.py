@@ -288,7 +288,7 @@ def _draw(report, d: dict[str, Any]) -> None:
 @click.option("--modules-depth", type=click.IntRange(min=1),
               help="Rows of the module table: the modules N levels deep (default: the repeated blocks, such as "
                    "layers.0, layers.1, ..., and the modules beside them).")
-@click.option("--ops", is_flag=True, help="Also list the ops (matched node pairs) that differ.")
+@click.option("--ops", is_flag=True, help="Also list the ops (matched node pairs) that differ, and those that pair with nothing.")
 @click.option("--all", "show_all", is_flag=True, help="Show every row of every table, ops included, not only "
                                                       "the mismatches.")
 @click.option("--no-rng-replay", is_flag=True, help="Let a live CAND draw its own random numbers (dropout masks, "

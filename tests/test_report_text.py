@@ -394,3 +394,25 @@ def test_a_bit_for_bit_match_says_so_on_its_verdicts_line():
     report = fxdiff.compare(fxdiff.capture(model, (x,)), model)
     line = next(line for line in show(text.render(report)).splitlines() if "verdicts:" in line)
     assert re.search(r"noise-aware \(float32\): all \d+ comparisons bit for bit", line), line
+
+
+def test_the_ops_that_pair_with_nothing_are_listed_with_the_ops():
+    """Only their count was printed ('8 ref, 8 cand ops unmatched'), even with --all; their names,
+    modules and why were in the JSON report alone."""
+    class Block(torch.nn.Module):
+        def __init__(self, residual=True):
+            super().__init__()
+            self.lin, self.residual = torch.nn.Linear(4, 4), residual
+
+        def forward(self, x):
+            y = torch.relu(self.lin(x))
+            return (y + x if self.residual else y).sum(-1)
+
+    torch.manual_seed(0)
+    ref, x = Block(), torch.randn(3, 4)
+    port = Block(residual=False)
+    port.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), port)
+    assert "Unmatched ops" not in show(text.render(report))
+    out = show(text.render(report, ops=True))
+    assert "Unmatched ops" in out and re.search(r"ref[│ ]+<root> add[│ ]+add[│ ]+3x4[│ ]+no counterpart found", out), out

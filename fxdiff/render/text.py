@@ -3,8 +3,9 @@
 In order: the verdict and the outputs; the first divergence, forward and backward, and why it is
 believed; one row per module (the repeated blocks, by default) that differs; the parameter
 gradients and the parameter and buffer values that differ (grouped by module when there are many);
-op-level rows on request; the summary. A table with no rows is one line instead, and names are
-never cut: a table too wide for the console is printed one block per row.
+op-level rows and the ops that pair with nothing on request; the summary. A table with no rows is
+one line instead, and names are never cut: a table too wide for the console is printed one block
+per row.
 """
 
 from __future__ import annotations
@@ -484,6 +485,15 @@ def nodes_table(report: Report, show_all: bool = False) -> RenderableType:
                 f"and {hidden} more matched pairs match (--all shows them)" if hidden else "")
 
 
+def unmatched_table(report: Report) -> RenderableType | None:
+    """The ops of each side that pair with nothing, and why (``--ops``, ``--all``)."""
+    out = [[side, f"{u.module or ROOT} {u.node}", u.op, "x".join(map(str, u.shape or [])), u.reason]
+           for side, nodes in (("ref", report.unmatched.ref), ("cand", report.unmatched.cand)) for u in nodes]
+    if not out:
+        return None
+    return Rows("Unmatched ops", ["side", "op", "kind", "shape", "why"], out, "")
+
+
 def _failing(r: NodeRow) -> bool:
     return (r.forward is not None and not r.forward.passed) or (r.backward is not None and not r.backward.passed)
 
@@ -549,7 +559,8 @@ def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:
 def render(report: Report, show_all: bool = False, ops: bool = False,
            modules_depth: int | None = None) -> RenderableType:
     """The terminal report, in order: verdict and outputs, first divergence, modules, parameter
-    gradients, parameter and buffer values, op-level rows (with ``ops`` or ``show_all``), summary.
+    gradients, parameter and buffer values, op-level rows and the ops that pair with nothing (with
+    ``ops`` or ``show_all``), summary.
     ``show_all`` shows every row of every table; ``modules_depth`` picks the module table's rows
     (see ``module_key``)."""
     key = module_key(report, modules_depth)
@@ -562,6 +573,7 @@ def render(report: Report, show_all: bool = False, ops: bool = False,
         yield params_section(report, key, "value", show_all)
         if ops or show_all:
             yield nodes_table(report, show_all)
+            yield unmatched_table(report)
         yield summary_panel(report)
     shown = [p for p in parts() if p is not None]
     return Group(*(x for p in shown for x in (p, NewLine())))

@@ -1203,3 +1203,32 @@ def test_q_and_k_read_from_each_others_block_of_a_fused_qkv_split_by_heads_are_n
     first = next(r for r in report.nodes if r.first_forward)
     assert first.blame[0] == ("another input: the candidate passes what the reference computes in k where the "
                               "reference passes what it computes in q"), first.blame
+
+
+class Positioned(nn.Module):
+    """Tokens plus a learned position table, by the table's own name on each side (``table``: the
+    name a port gives it)."""
+
+    def __init__(self, table="pos"):
+        super().__init__()
+        self.proj, self.head, self.table = nn.Linear(8, 8), nn.Linear(8, 2), table
+        self.register_parameter(table, nn.Parameter(torch.randn(1, 6, 8)))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.proj(x) + getattr(self, self.table)))
+
+
+def test_a_position_table_shifted_in_a_conversion_is_paired_by_the_add_that_reads_it_and_named():
+    """timm's pos_embed rolled by one row against HF's position_embeddings: content left both
+    unpaired ('no counterpart'), the add that reads them takes its arguments in any order so the
+    role rule skipped it, and the first divergence at the add said nothing of the table."""
+    torch.manual_seed(0)
+    ref, x = Positioned().eval(), torch.randn(3, 6, 8)
+    port = Positioned(table="pos_embed").eval()
+    state = {("pos_embed" if k == "pos" else k): v for k, v in ref.state_dict().items()}
+    state["pos_embed"] = torch.roll(state["pos_embed"], 1, dims=1)
+    port.load_state_dict(state)
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), port)
+    assert not report.unmatched.ref_params and not next(p for p in report.params if p.ref == "pos").value.passed
+    first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame[0] == "a tensor it reads differs: pos against the candidate's pos_embed", first.blame

@@ -154,6 +154,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
     _name_crossed_inputs(ref, cand, rows)
+    _blame_parameter_values(ref, rows, params)
     return Report(
         warnings=warnings,
         ref={"label": ref_label, **ref.meta},
@@ -263,7 +264,17 @@ def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignme
     for pair in alignment.pairs:
         rn, cn = ref.node(pair.ref), cand.node(pair.cand)
         key = node_key(rn)   # the same function below, whose arguments mean the same (addmm's differ from linear's)
-        if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET) or key in _SYMMETRIC:
+        if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
+            continue
+        if key in _SYMMETRIC:   # arguments in any order: the one tensor each side reads that content left unpaired
+            xs = [str(a.target) for a in rn.all_input_nodes if a.op == "get_attr" and str(a.target) in left_r]
+            ys = [str(b.target) for b in cn.all_input_nodes if b.op == "get_attr" and str(b.target) in left_c]
+            if len(xs) == len(ys) == 1 and xs[0] in ref.params and ys[0] in cand.params \
+                    and ref.params[xs[0]].shape == cand.params[ys[0]].shape:
+                found.append(ParamPair(xs[0], (ys[0],), {"kind": "identity"},
+                                       f"the one tensor left unpaired that matched {key} ops read", WEAK))
+                left_r.discard(xs[0])
+                left_c.discard(ys[0])
             continue
         for _, a, b in _arguments(rn, cn):
             if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr"):
@@ -308,6 +319,23 @@ def _unfollowed(ref: Capture, alignment: Alignment) -> dict[str, str]:
                 found[name] = (f"is the candidate's with its {rows[name]} rows in another order, which its "
                                f"{node_key(node)} op ({node.name}) does not follow: not a layout, a difference")
     return found
+
+
+def _blame_parameter_values(ref: Capture, rows: list[NodeRow], params: list[ParamRow]) -> None:
+    """Blame a forward first divergence introduced at an op that reads a parameter or buffer
+    whose value differs from its counterpart's (a patch kernel transposed in a conversion, a
+    position table shifted)."""
+    differ = {p.ref: p for p in params if p.value is not None and not p.value.passed}
+    for row in rows:
+        if not differ or not row.first_forward or row.blame or row.cause() != "introduced":
+            continue
+        for a in ref.node(row.ref_node).all_input_nodes:
+            source = _through_views(a, set())
+            p = differ.get(str(source.target)) if source.op == "get_attr" else None
+            if p is not None:
+                row.blame = [f"a tensor it reads differs: {p.ref} against the candidate's {', '.join(p.cand)}",
+                             row.ref_module, row.cand_module]
+                break
 
 
 def _blame_reordered_rows(ref: Capture, rows: list[NodeRow], alignment: Alignment) -> dict[str, str]:
@@ -1111,14 +1139,15 @@ def _through_views(node: torch.fx.Node, compared: set[str], items: bool = False)
 
 def _counterpart_module(rows: list[NodeRow], module: str, side: str) -> str:
     """The module on the other side that corresponds to ``module``: where the matched rows of
-    ``module`` (else of its submodules, else of its nearest ancestor's) lie on the other side."""
+    ``module`` (else of its submodules, else of its nearest ancestor's but the root) lie on the
+    other side."""
     mine, theirs = ("ref_module", "cand_module") if side == "ref" else ("cand_module", "ref_module")
     while True:
         exact = [getattr(r, theirs) for r in rows if getattr(r, mine) == module]
         if exact:
             return max(set(exact), key=exact.count)
         inner = [getattr(r, theirs).split(".") for r in rows if getattr(r, mine).startswith(module + ".")]
-        if inner or not module:
+        if inner or "." not in module:   # not the root's: its rows are anywhere
             return ".".join(os.path.commonprefix(inner)) if inner else ""
         module = module.rpartition(".")[0]   # a module holding nothing matched (a dropout): its parent's
 

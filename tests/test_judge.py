@@ -1232,3 +1232,35 @@ def test_a_position_table_shifted_in_a_conversion_is_paired_by_the_add_that_read
     assert not report.unmatched.ref_params and not next(p for p in report.params if p.ref == "pos").value.passed
     first = next(r for r in report.nodes if r.first_forward)
     assert first.blame[0] == "a tensor it reads differs: pos against the candidate's pos_embed", first.blame
+
+
+class SharedReLUBlock(nn.Module):
+    """torchvision's BasicBlock: one ReLU module called twice, after the first convolution and
+    after the residual add; ``separate``: Hugging Face's, an activation module for each, and
+    ``last_relu=False`` a port that dropped the one after the add."""
+
+    def __init__(self, separate=False, last_relu=True):
+        super().__init__()
+        self.conv1, self.conv2, self.head = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 2)
+        self.relu = nn.ReLU()
+        if separate:
+            self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+        self.separate, self.last_relu = separate, last_relu
+
+    def forward(self, x):
+        y = self.conv2((self.act1 if self.separate else self.relu)(self.conv1(x))) + x
+        if self.last_relu:
+            y = (self.act2 if self.separate else self.relu)(y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_one_sided_op_in_a_module_called_twice_is_placed_where_its_input_is():
+    """torchvision's ResNet against HF's with the ReLU after the residual add dropped: its
+    counterpart was named as HF's first activation, present and correct, because torchvision's
+    one ReLU module is also called after the first convolution."""
+    torch.manual_seed(0)
+    ref, x = SharedReLUBlock().eval(), torch.randn(2, 4, 6, 6)
+    port = SharedReLUBlock(separate=True, last_relu=False).eval()
+    port.load_state_dict(ref.state_dict(), strict=False)
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (x,)), port).nodes if r.first_forward)
+    assert first.blame[0].startswith("ref-only relu") and first.blame[1:] == ["relu", ""], first.blame

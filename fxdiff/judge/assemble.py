@@ -781,6 +781,16 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
         side, op = ("ref", op_r) if op_r is not None else ("cand", op_c)
         module = op.meta.get(MODULE, "")
         other = _counterpart_module(rows, module, side)
+        mine, theirs = ("ref_node", "cand_module") if side == "ref" else ("cand_node", "ref_module")
+        modules = [r.ref_module if side == "ref" else r.cand_module for r in rows]
+        kinds = {r.op for r, m in zip(rows, modules) if m == module}
+        if module and kinds == {node_key(op)} and not any(m.startswith(module + ".") for m in modules):
+            # a leaf module of this one op called twice (torchvision's one ReLU a block), one call matched:
+            # the other is where the value it takes is on the other side, not where the first call's is
+            at = {getattr(r, mine): getattr(r, theirs) for r in rows}
+            compared = compared_r if side == "ref" else compared_c
+            inputs = (_through_views(a, compared).name for a in op.all_input_nodes)
+            other = next((at[n] for n in inputs if n in at), other)
         what = f"{side}-only {node_key(op)} ({op.name})"
         # a side input (a mask) that side alone builds, where the other passes none (is_causal=True)
         masks = {"ref": _one_sided_input(block_r, compared_r, only_r, side=True),

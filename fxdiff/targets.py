@@ -32,9 +32,9 @@ def opaque(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("an opaque op cannot be replayed")
 
 
-# Earlier captures named the stand-in by the module that implemented it.
-# names older captures stored: the pooling functions torch makes with boolean_dispatch were all
-# stored under its inner function's name, which cannot tell them apart (opaque: never replayed)
+# Names earlier captures stored: the stand-in by the module that implemented it; the pooling
+# functions torch makes with boolean_dispatch, all under its inner function's name, which cannot tell
+# them apart (opaque: never replayed).
 _LEGACY = {"fxdiff.record.mutated": MUTATED, "torch.nn.functional.boolean_dispatch.<locals>.fn": OPAQUE}
 
 _OPERATOR = ("getitem", "setitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos",

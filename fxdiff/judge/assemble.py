@@ -20,7 +20,7 @@ import functools
 import inspect
 import math
 import os
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.fx
@@ -326,16 +326,9 @@ def _blame_parameter_values(ref: Capture, rows: list[NodeRow], params: list[Para
     whose value differs from its counterpart's (a patch kernel transposed in a conversion, a
     position table shifted)."""
     differ = {p.ref: p for p in params if p.value is not None and not p.value.passed}
-    for row in rows:
-        if not differ or not row.first_forward or row.blame or row.cause() != "introduced":
-            continue
-        for a in ref.node(row.ref_node).all_input_nodes:
-            source = _through_views(a, set())
-            p = differ.get(str(source.target)) if source.op == "get_attr" else None
-            if p is not None:
-                row.blame = [f"a tensor it reads differs: {p.ref} against the candidate's {', '.join(p.cand)}",
-                             row.ref_module, row.cand_module]
-                break
+    for row, name in _introduced_reading(ref, rows, differ):
+        row.blame = [f"a tensor it reads differs: {name} against the candidate's {', '.join(differ[name].cand)}",
+                     row.ref_module, row.cand_module]
 
 
 def _blame_reordered_rows(ref: Capture, rows: list[NodeRow], alignment: Alignment) -> dict[str, str]:
@@ -345,20 +338,25 @@ def _blame_reordered_rows(ref: Capture, rows: list[NodeRow], alignment: Alignmen
     value is then a difference: ``{ref param: what}``."""
     reordered = {pp.ref: pp for pp in alignment.params if pp.transform.get("kind") == "permute_rows"}
     found: dict[str, str] = {}
-    for row in rows:
-        if not reordered or not row.first_forward or row.blame or row.cause() != "introduced":
-            continue
-        for a in ref.node(row.ref_node).all_input_nodes:
-            source = _through_views(a, set())
-            pp = reordered.get(str(source.target)) if source.op == "get_attr" else None
-            if pp is not None:
-                index = pp.transform["index"]
-                order = ", ".join(map(str, index[:8])) + (", ..." if len(index) > 8 else "")
-                found[pp.ref] = (f"is the candidate's {pp.cand[0]} with its rows in another order ([{order}]), which "
-                                 f"its {row.op} op ({row.ref_node}) does not follow: not a layout, a difference")
-                row.blame = [f"{pp.ref} {found[pp.ref]}", row.ref_module, row.cand_module]
-                break
+    for row, name in _introduced_reading(ref, rows, reordered):
+        index = reordered[name].transform["index"]
+        order = ", ".join(map(str, index[:8])) + (", ..." if len(index) > 8 else "")
+        found[name] = (f"is the candidate's {reordered[name].cand[0]} with its rows in another order ([{order}]), "
+                       f"which its {row.op} op ({row.ref_node}) does not follow: not a layout, a difference")
+        row.blame = [f"{name} {found[name]}", row.ref_module, row.cand_module]
     return found
+
+
+def _introduced_reading(ref: Capture, rows: list[NodeRow], names: Collection[str]) -> Iterator[tuple[NodeRow, str]]:
+    """The forward first divergences introduced at an op, not blamed yet, that read one of the
+    parameters ``names`` (directly or through views): each with the first it reads."""
+    for row in rows:
+        if not names or not row.first_forward or row.blame or row.cause() != "introduced":
+            continue
+        read = (_through_views(a, set()) for a in ref.node(row.ref_node).all_input_nodes)
+        name = next((str(n.target) for n in read if n.op == "get_attr" and str(n.target) in names), None)
+        if name is not None:
+            yield row, name
 
 
 def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,

@@ -667,27 +667,29 @@ def _constant(x: Any) -> bool:
 _NO_EFFECT = {"inplace"}   # arguments that change where a result goes, not its value (torchvision's ReLU(inplace=True))
 
 
-@functools.lru_cache(maxsize=256)
 def _parameter_names(target: str) -> tuple[str, ...]:
     """The positional parameter names of the op a capture names (``F.layer_norm``: ``input,
-    normalized_shape, weight, bias, eps``): those torch lists for its overridable functions
-    (builtins such as ``conv2d`` included), else those Python can tell; none when neither can."""
-    fn = Targets.default().resolve(target)
-    try:
-        return tuple(inspect.signature(_testing_overrides().get(fn, fn)).parameters)
-    except (TypeError, ValueError):
-        return ()
+    normalized_shape, weight, bias, eps``); none when they cannot be told."""
+    signature = _signature(target)
+    return tuple(signature.parameters) if signature is not None else ()
+
+
+def _defaults(target: str) -> dict[str, Any]:
+    """The default values of the keyword parameters of the op a capture names, where they can be told."""
+    signature = _signature(target)
+    return {} if signature is None else {p.name: p.default for p in signature.parameters.values()
+                                         if p.default is not inspect.Parameter.empty}
 
 
 @functools.lru_cache(maxsize=256)
-def _defaults(target: str) -> dict[str, Any]:
-    """The default values of the keyword parameters of the op a capture names, where torch lists them."""
+def _signature(target: str) -> inspect.Signature | None:
+    """The signature of the op a capture names: the one torch lists for its overridable functions
+    (builtins such as ``conv2d`` included), else the one Python can tell; None when neither can."""
     fn = Targets.default().resolve(target)
     try:
-        parameters = inspect.signature(_testing_overrides().get(fn, fn)).parameters.values()
+        return inspect.signature(_testing_overrides().get(fn, fn))
     except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        return None
 
 
 @functools.cache
@@ -746,16 +748,8 @@ def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], re
 
 def _held(node: torch.fx.Node, compared: set[str]) -> list[str]:
     """The parameters and buffers read on the way from the compared values to ``node``."""
-    held, seen, stack = set(), set(), [node]
-    while stack:
-        n = stack.pop()
-        if n.name in seen or n.name in compared:
-            continue
-        seen.add(n.name)
-        if n.op == "get_attr":
-            held.add(str(n.target))
-        stack.extend(n.all_input_nodes)
-    return sorted(held)
+    up = _upstream(node, compared)
+    return sorted({str(n.target) for n in node.graph.nodes if n.op == "get_attr" and n.name in up})
 
 
 def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
@@ -779,13 +773,13 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
         side, op = ("ref", op_r) if op_r is not None else ("cand", op_c)
         module = op.meta.get(MODULE, "")
         other = _counterpart_module(rows, module, side)
-        mine, theirs = ("ref_node", "cand_module") if side == "ref" else ("cand_node", "ref_module")
         modules = [r.ref_module if side == "ref" else r.cand_module for r in rows]
         kinds = {r.op for r, m in zip(rows, modules) if m == module}
         if module and kinds == {node_key(op)} and not any(m.startswith(module + ".") for m in modules):
             # a leaf module of this one op called twice (torchvision's one ReLU a block), one call matched:
             # the other is where the value it takes is on the other side, not where the first call's is
-            at = {getattr(r, mine): getattr(r, theirs) for r in rows}
+            at = {r.ref_node: r.cand_module for r in rows} if side == "ref" else \
+                {r.cand_node: r.ref_module for r in rows}
             compared = compared_r if side == "ref" else compared_c
             inputs = (_through_views(a, compared).name for a in op.all_input_nodes)
             other = next((at[n] for n in inputs if n in at), other)
@@ -999,10 +993,7 @@ def _name_role_swaps(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
     """Name a role swap at a forward first divergence: an input of the candidate's op that is a
     slice of a fused output (q, k, v of one qkv projection; the two halves of a GLU) holding what
     the reference computes in another role than the one it is used in here."""
-    sliced: dict[str, list[NodeRow]] = {}   # fused candidate node -> its slices' rows
-    for r in rows:
-        if r.cand_slice:
-            sliced.setdefault(r.cand_node, []).append(r)
+    sliced = _sliced(rows)
     if not sliced:
         return
     for row in rows:
@@ -1035,10 +1026,7 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
     final norm)."""
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
     pair_of = {r.cand_node: r.ref_node for r in rows}
-    sliced: dict[str, list[NodeRow]] = {}   # fused candidate node -> its slices' rows
-    for r in rows:
-        if r.cand_slice:
-            sliced.setdefault(r.cand_node, []).append(r)
+    sliced = _sliced(rows)
     for row in rows:
         if not row.first_forward or row.blame:
             continue
@@ -1055,6 +1043,15 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
                 row.blame = [f"another input: the candidate passes what the reference computes in {module} where "
                              f"the reference passes what it computes in {where}", row.ref_module, row.cand_module]
                 break
+
+
+def _sliced(rows: list[NodeRow]) -> dict[str, list[NodeRow]]:
+    """The rows of each fused candidate output's slices (q, k and v of one qkv projection), by node."""
+    sliced: dict[str, list[NodeRow]] = {}
+    for r in rows:
+        if r.cand_slice:
+            sliced.setdefault(r.cand_node, []).append(r)
+    return sliced
 
 
 def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:

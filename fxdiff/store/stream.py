@@ -6,9 +6,10 @@ hands the tensor over. The stream holds a tensor only until it is copied, at mos
 of them (past that the model waits); a capture so costs the model's own memory plus that and the
 buffers (``BUFFERS`` x 8 MiB), not the sum of every value and gradient. An idle copier is woken
 once ``WAKE`` bytes wait, not for each tensor: each wake cost the model's thread more than most
-copies take. It takes up to ``BATCH`` bytes of tensors at a time, and copies without holding the
-GIL (``tensor_file._Writer.write``), so that the model's thread, which needs the GIL between ops,
-does not wait for it. The bytes must be the value as produced, whatever the model writes later:
+copies take. It takes up to ``BATCH`` bytes of tensors at a time and copies them all in one call
+that does not hold the GIL (``tensor_file._Writer.write``), so that the model's thread, which needs
+the GIL between ops, seldom waits for it (a copy per tensor, the GIL taken back after each, cost
+the ~1M-parameter GPT-2 of ``benchmarks/capture_overhead.py`` 5-8 ms a run). The bytes must be the value as produced, whatever the model writes later:
 before a write the recorder foresees (``protect``), a tensor still queued is copied aside (one
 being copied is waited for); a write it did not foresee is caught by the tensor's version counter,
 checked when the copy is made and again at the recorder's next call (``verify``), and ``settle``
@@ -52,7 +53,7 @@ import xxhash
 
 from ..errors import FxdiffError
 from ..util import dtype_name, json_bytes, libc, tensor_version
-from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _span_bytes, _Writer, byte_span, map_written
+from .tensor_file import _ALIGN, _FILE_ALIGN, FORMAT, _Writer, byte_span, map_written, padding, storage_bytes
 
 HEADER = 1 << 20          # bytes reserved for the safetensors header (some 6000 tensors; moved if more)
 BUFFERS = 8               # write buffers of 8 MiB: bursts up to 64 MiB do not wait for the disk
@@ -137,7 +138,7 @@ class TensorStream:
             if trim:
                 self._untrimmed = 0
         if now is not None:
-            self._append(now[0], _span_bytes(*now[1:]))   # copied now
+            self._append([(now[0], storage_bytes(*now[1:]))])   # copied now
         if trim and _malloc_trim() is not None:
             _malloc_trim()(0)
         if gpu is not None:   # outside the lock: it may wait for the feeder, which takes the lock
@@ -175,7 +176,7 @@ class TensorStream:
                 for (key, t, first, _), f in zip(group, found):
                     self._view(key, t, *(f or (blob, start)), first)
             if new:
-                self._append(blob, _span_bytes(storage, lo, hi))
+                self._append([(blob, storage_bytes(storage, lo, hi))])
 
     def _raise_failure(self) -> None:
         """Raise what went wrong in a copying or writing thread, if anything did."""
@@ -211,15 +212,16 @@ class TensorStream:
             pass
         return blob, lo
 
-    def _append(self, blob: int, data: memoryview) -> None:
-        """Write ``data`` as blob ``blob`` (from the copier thread, the feeder thread for GPU blobs,
-        or the caller's)."""
+    def _append(self, blobs: list[tuple[int, torch.Tensor]]) -> None:
+        """Write each ``(blob, bytes)`` (from the copier thread, the feeder thread for GPU blobs,
+        or the caller's), in one ``_Writer.write``."""
         with self._write_lock:
-            self._blobs[blob][0] = self._writer.size
-            self._writer.write(data)
-            pad = self._blobs[blob][1] - len(data)
-            if pad:
-                self._writer.write(memoryview(bytes(pad)))
+            parts, offset = [], self._writer.size
+            for blob, data in blobs:
+                self._blobs[blob][0] = offset
+                parts += [data, padding(self._blobs[blob][1] - len(data))]
+                offset += self._blobs[blob][1]
+            self._writer.write(parts)
 
     # -- deferred copies
     def _enqueue(self, item: "_Item") -> None:
@@ -247,12 +249,11 @@ class TensorStream:
                     batch.append(item)
                     size += item.end - item.lo
                 self._copying = batch
-            for item in batch:
-                try:
-                    if self.error is None:
-                        self._append(item.blob, _span_bytes(item.storage, item.lo, item.end))
-                except BaseException as e:  # noqa: BLE001 -- reported by put() and close()
-                    self.error = e
+            try:
+                if self.error is None:
+                    self._append([(item.blob, storage_bytes(item.storage, item.lo, item.end)) for item in batch])
+            except BaseException as e:  # noqa: BLE001 -- reported by put() and close()
+                self.error = e
             with self._lock:   # in recent before it leaves waiting: protect() looks at both without the lock
                 for item in batch:
                     if item.tensor._version != item.version:
@@ -490,7 +491,7 @@ class _GpuFeeder:
             try:
                 done.synchronize()
                 if self.owner.error is None:
-                    self.owner._append(blob, memoryview(host.numpy()))
+                    self.owner._append([(blob, host)])
             except BaseException as e:  # noqa: BLE001 -- reported by close()
                 self.owner.error = e
             finally:

@@ -29,7 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy
 import torch
 import xxhash
 
@@ -86,36 +85,34 @@ def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     header["__metadata__"] = {"format": FORMAT, "views": json_bytes(views).decode()}
     head = json_bytes(header)
     head += b" " * (-(8 + len(head)) % _FILE_ALIGN)   # blobs start aligned in the file
+    parts = [torch.frombuffer(bytearray(len(head).to_bytes(8, "little") + head), dtype=torch.uint8)]
+    for first, end, storage in spans.values():
+        parts += [storage_bytes(storage, first, end), padding(-(end - first) % _FILE_ALIGN)]
     with _Writer(file) as out:
-        out.write(memoryview(len(head).to_bytes(8, "little") + head))
-        for first, end, storage in spans.values():
-            out.write(_span_bytes(storage, first, end))
-            out.write(memoryview(bytes(-(end - first) % _FILE_ALIGN)))
+        out.write(parts)
     return out.size, out.digest
 
 
 _ALIGN = 16        # a view's first byte within its blob is a multiple of this
 _FILE_ALIGN = 64   # each blob's first byte in the file is a multiple of this
+_ZEROS = torch.zeros(_FILE_ALIGN, dtype=torch.uint8)
+
+
+def storage_bytes(storage: torch.UntypedStorage, first: int, end: int) -> torch.Tensor:
+    """Bytes ``first:end`` of ``storage`` as a 1-D uint8 CPU tensor: a view of a CPU storage (the
+    caller keeps the storage alive while it is read), a copy of another device's."""
+    view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, first, (end - first,), (1,))
+    return view if storage.device.type == "cpu" else view.cpu()
 
 
 def _span_bytes(storage: torch.UntypedStorage, first: int, end: int) -> memoryview:
-    """Bytes ``first:end`` of ``storage``, read in place on the CPU (copied from other devices)."""
-    if end == first:
-        return memoryview(b"")
-    if storage.device.type == "cpu":  # the capture keeps the storage alive while this is read
-        return memoryview(numpy.asarray(_Memory(storage.data_ptr() + first, end - first)))
-    span = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, first, (end - first,), (1,))
-    return memoryview(span.cpu().numpy()).cast("B")
+    """``storage_bytes`` as a memoryview, for file reads and writes."""
+    return memoryview(storage_bytes(storage, first, end).numpy())
 
 
-class _Memory:
-    """``n`` bytes of memory at ``address``, as numpy reads them (``numpy.asarray``): 1 us, where a
-    ctypes array of that length, a new type for each length, took 20."""
-
-    __slots__ = ("__array_interface__",)
-
-    def __init__(self, address: int, n: int):
-        self.__array_interface__ = {"data": (address, False), "shape": (n,), "typestr": "|u1", "version": 3}
+def padding(n: int) -> torch.Tensor:
+    """``n`` zero bytes (fewer than ``_FILE_ALIGN``), to write after a blob."""
+    return _ZEROS[:n]
 
 
 class _Writer:
@@ -152,26 +149,34 @@ class _Writer:
         self._hash = xxhash.xxh3_64()
         with _POOL_LOCK:
             self._free = [_POOL.pop() for _ in range(min(buffers, len(_POOL)))]
-        self._free += [mmap.mmap(-1, self.CHUNK) for _ in range(buffers - len(self._free))]
+        self._free += [torch.frombuffer(mmap.mmap(-1, self.CHUNK), dtype=torch.uint8) for _ in range(buffers - len(self._free))]
         self._all = list(self._free)
         self._take()
         self._writes = ThreadPoolExecutor(1)
-        self._pending: collections.deque[tuple[Future, mmap.mmap]] = collections.deque()
+        self._pending: collections.deque[tuple[Future, torch.Tensor]] = collections.deque()
 
     @property
     def digest(self) -> str:
         return self._hash.hexdigest()
 
-    def write(self, data: memoryview) -> None:
-        """Append ``data``. The copy releases the GIL (numpy's does, a memoryview's does not): the
-        model's thread, which hands tensors to the copier thread calling this, goes on meanwhile."""
-        data = numpy.frombuffer(data, numpy.uint8)
-        self.size += len(data)
-        while len(data):
-            n = min(len(data), self.CHUNK - self._fill)
-            numpy.copyto(self._array[self._fill:self._fill + n], data[:n])
+    def write(self, parts: list[torch.Tensor]) -> None:
+        """Append ``parts`` (1-D uint8 CPU tensors), in order. What goes into one buffer is copied
+        by one ``torch.cat``, which releases the GIL for the whole copy: the model's thread, which
+        hands tensors to the copier thread calling this, goes on meanwhile. (A copy per tensor,
+        the GIL taken back after each, cost the model's thread more than the copies took.)"""
+        parts = collections.deque(p for p in parts if len(p))
+        while parts:
+            room, batch, n = self.CHUNK - self._fill, [], 0
+            while parts and n < room:
+                part = parts.popleft()
+                if n + len(part) > room:   # the rest goes to the next buffer
+                    part, rest = part[:room - n], part[room - n:]
+                    parts.appendleft(rest)
+                batch.append(part)
+                n += len(part)
+            torch.cat(batch, out=self._buf[self._fill:self._fill + n])
             self._fill += n
-            data = data[n:]
+            self.size += n
             if self._fill == self.CHUNK:
                 self._flush()
 
@@ -187,10 +192,10 @@ class _Writer:
         whole = self._fill - self._fill % self.BLOCK
         if not whole:
             return
-        rest = self._array[whole:self._fill]
+        rest = self._buf[whole:self._fill].clone()
         self._fill = whole
         self._flush()
-        self._array[:len(rest)] = rest
+        self._buf[:len(rest)] = rest
         self._fill = len(rest)
 
     def _flush(self, last: bool = False) -> None:
@@ -199,9 +204,9 @@ class _Writer:
         fill = self._fill
         length = fill + -fill % self.BLOCK
         if length != fill:
-            self._buf[fill:length] = bytes(length - fill)
+            self._buf[fill:length] = 0
             self._padded = True
-        view = memoryview(self._buf)
+        view = memoryview(self._buf.numpy())
         self._pending.append((self._writes.submit(self._write_all, view[:length], view[:fill]), self._buf))
         if last:
             self._fill = 0
@@ -214,7 +219,6 @@ class _Writer:
 
     def _take(self) -> None:
         self._buf, self._fill = self._free.pop(), 0
-        self._array = numpy.frombuffer(self._buf, numpy.uint8)
 
     def _write_all(self, view: memoryview, data: memoryview) -> None:
         self._hash.update(data)
@@ -248,7 +252,7 @@ class _Writer:
                 _POOL.extend(self._all[:max(0, _POOL_KEEP - len(_POOL))])
 
 
-_POOL: list[mmap.mmap] = []   # write buffers of finished writers, already faulted in
+_POOL: list[torch.Tensor] = []   # write buffers of finished writers (page-aligned, over mmaps), already faulted in
 _POOL_LOCK = threading.Lock()
 _POOL_KEEP = 8
 

@@ -339,6 +339,7 @@ def gpt2_inputs():
 VIT_BUGS = {
     "patch_order": ("embeddings.patch_embeddings", "stem"),              # patches flattened (p, p, c)
     "cls_no_pos": ("embeddings", "stem"),                                # no position embedding on [CLS]
+    "attn_scale": ("layers.1.attention", "trunk.1"),                     # scores scaled by 1/d, not 1/sqrt(d)
 }
 
 
@@ -375,6 +376,8 @@ class Stem(nn.Module):
 
 
 class ViTBlock(nn.Module):
+    bug = None
+
     def __init__(self, d: int, heads: int, ff: int, eps: float):
         super().__init__()
         self.heads = heads
@@ -387,7 +390,7 @@ class ViTBlock(nn.Module):
     def forward(self, x):
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        att = torch.einsum("bqhd,bkhd->bhqk", q, k) * (d // self.heads) ** -0.5
+        att = torch.einsum("bqhd,bkhd->bhqk", q, k) * (d // self.heads) ** (-1 if self.bug == "attn_scale" else -0.5)
         y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(b, t, d)
         x = x + self.out(y)
         return x + self.ff(self.ln2(x))

@@ -888,6 +888,41 @@ def test_separate_projections_given_each_others_weights_are_named_where_they_cro
         first.blame
 
 
+class RelativeScores(nn.Module):
+    """NeMo's relative-position attention scores: the query plus one learned bias meets the keys,
+    plus another the positions (``torch.matmul``, or the method on the port's side)."""
+
+    def __init__(self, method: bool = False):
+        super().__init__()
+        self.q, self.k, self.pos = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4, bias=False)
+        self.pos_bias_u, self.pos_bias_v = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.method = method
+
+    def forward(self, x, p):
+        q, k, p = self.q(x), self.k(x), self.pos(p)
+        mm = torch.Tensor.matmul if self.method else torch.matmul
+        return mm(q + self.pos_bias_v, p.transpose(-1, -2)) + mm(q + self.pos_bias_u, k.transpose(-1, -2))
+
+
+def test_two_values_of_one_module_crossed_at_an_op_are_named_by_what_they_are_made_with():
+    """The port's biases loaded into each other's places (NeMo's pos_bias_u and pos_bias_v): each
+    q + bias pairs with the reference's other one by value, and they cross at the product with the
+    positions, written ``torch.matmul`` on one side and ``Tensor.matmul`` on the other. It was
+    'introduced here' (their targets differ) and, named by module, would name one module twice."""
+    torch.manual_seed(0)
+    ref, port = RelativeScores(), RelativeScores(method=True)
+    state = ref.state_dict()
+    port.load_state_dict({**state, "pos_bias_u": state["pos_bias_v"], "pos_bias_v": state["pos_bias_u"]})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4), torch.randn(3, 4))), port)
+    first = {r.ref_node: r.blame[0] for r in report.nodes if r.first_forward}   # both products
+    assert set(first) == {"matmul", "matmul_1"}, first
+    for node, (given, expected) in (("matmul", ("u", "v")), ("matmul_1", ("v", "u"))):
+        assert first[node] == (f"another input: the candidate passes the counterpart of the reference's "
+                               f"{'add_1' if given == 'u' else 'add'} (add, made with pos_bias_{given}) where the "
+                               f"reference passes {'add' if given == 'u' else 'add_1'} (add, made with "
+                               f"pos_bias_{expected})"), first[node]
+
+
 class RotaryRef(nn.Module):
     """A Llama-style attention block as Hugging Face writes it: the rotary cos and sin computed in
     the forward from ``inv_freq`` once, at the model level, and grouped-query attention left to sdpa."""

@@ -225,6 +225,32 @@ def test_vit_port_compares_clean_and_maps_its_parameters(vit_ref):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_an_attention_scale_that_differs_is_named_either_way_round(vit_ref):
+    """The port scales its scores by 1/d where HF's sdpa uses its default 1/sqrt(d): read off the
+    sdpa on one side and the port's einsum, mul and softmax on the other, and confirmed by calling
+    the sdpa again with the other side's scale, whichever side holds it."""
+    cand = record(H.make_vit_port(bug="attn_scale"), H.vit_inputs())
+    for ref, other, words in ((vit_ref, cand, "0.3536 (1/sqrt(8)) against 0.125 (1/8)"),
+                              (cand, vit_ref, "0.125 (1/8) against 0.3536 (1/sqrt(8))")):
+        first = judge(ref, other, match(ref, other)).first_divergence()["forward"]
+        assert [entry["blame"] for entry in first] == [f"the attention's scale differs: {words}"]
+
+
+def test_one_wrong_row_of_a_bfloat16_port_is_not_hidden_in_its_rms(vit_ref):
+    """The port's class token gets no position embedding: one row of 17 wrong. In a bfloat16
+    candidate the relative error over every row is within bfloat16's noise level, and the noise it
+    then lent grew layer by layer: it was 'within noise' throughout. An element off by more than
+    rounding allows is a difference at any precision; the correct port still passes."""
+    images = tuple(x.to(torch.bfloat16) for x in H.vit_inputs())
+    cand = record(H.make_vit_port(bug="cls_no_pos").to(torch.bfloat16), images)
+    report = judge(vit_ref, cand, match(vit_ref, cand))
+    first = report.first_divergence()["forward"]
+    assert report.diverged and first
+    assert all(_in(e["ref_module"], "embeddings") and _in(e["cand_module"], "stem") for e in first), first
+    clean = record(H.make_vit_port().to(torch.bfloat16), images)
+    assert not judge(vit_ref, clean, match(vit_ref, clean)).diverged
+
+
 @pytest.mark.parametrize("bug", sorted(H.VIT_BUGS))
 def test_vit_port_bug_diverges_in_its_module(vit_ref, bug):
     ref_module, cand_module = H.VIT_BUGS[bug]
@@ -234,3 +260,48 @@ def test_vit_port_bug_diverges_in_its_module(vit_ref, bug):
     assert report.diverged and first
     for entry in first:
         assert _in(entry["ref_module"], ref_module) and _in(entry["cand_module"], cand_module), (bug, entry)
+
+
+# -- a causal text tower with padding: the padded positions are computed but never read -------------
+
+class _TextFeatures(torch.nn.Module):
+    """CLIP's text features (pooled at the end-of-text token), the padding mask passed on or not."""
+
+    def __init__(self, model, use_mask: bool):
+        super().__init__()
+        self.model, self.use_mask = model, use_mask
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask if self.use_mask else None).text_embeds
+
+
+def test_values_that_differ_only_at_padded_positions_no_output_reads_are_not_a_divergence():
+    """Hugging Face's CLIP text tower masks the padded keys; a port that passes no padding mask (as
+    open_clip does) computes other values at the padded positions, which its causal attention keeps
+    from every real token and its pooling never reads. It was DIVERGED at the first attention, every
+    output and op gradient matching (their gradients are zero there on both sides)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=12, projection_dim=16,
+                         eos_token_id=99, bos_token_id=98, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPTextModelWithProjection(cfg).eval()
+    ids = torch.randint(1, 98, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, 7], ids[0, 8:], mask[0, 8:] = 99, 0, 0   # end of text, then padding
+    ids[1, 11] = 99
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    ref = record(_TextFeatures(model, use_mask=True), (), inputs)
+    cand = record(_TextFeatures(model, use_mask=False), (), inputs)
+    report = judge(ref, cand, match(ref, cand))
+    assert not report.diverged, report.first_divergence()
+    set_aside = [r for r in report.nodes if "zero gradient on both sides" in r.forward.note]
+    assert set_aside and any("differ only at elements no output depends on" in w for w in report.warnings)
+    # what the padding changes is still seen where something reads it: the real tokens' values
+    ids_read = ids.clone()
+    ids_read[0, 7], ids_read[0, 11] = 5, 99   # end of text after the padding: its attention reads the pads
+    inputs = {"input_ids": ids_read, "attention_mask": mask}
+    ref = record(_TextFeatures(model, use_mask=True), (), inputs)
+    cand = record(_TextFeatures(model, use_mask=False), (), inputs)
+    assert judge(ref, cand, match(ref, cand)).diverged

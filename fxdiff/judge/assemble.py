@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 import os
 from typing import Any, Callable, Collection, Iterator
@@ -28,7 +27,7 @@ import torch.fx
 from .. import tree
 from ..model.alignment import Alignment, ParamPair
 from ..model.capture import DTYPE, MODULE, NO_GRAD, SHAPE, TARGET, Capture
-from . import noise
+from . import arguments, attention, noise
 from .isolate import replay, replay_backward
 from ..match.confidence import CERTAIN, OTHER_USERS, WEAK
 from ..ops import DEFAULT_OPS, GETITEM, RANDOM_OPS, node_key
@@ -117,6 +116,12 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         reached = _gradient_reaches(ref if side == "ref" else cand, side, rows, params)
         for row in (r for r, s in untracked if s == side and not reached(r)):
             row.backward = _grad_metrics(ref.grads.get(row.ref_node), cand.grads.get(row.cand_node), tol, node_floor)
+    dead = [] if tol.strict else _dead_elements_aside(ref, cand, rows, tol)
+    if dead:
+        noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
+        warnings.append(f"values of {len(dead)} op(s) differ only at elements no output depends on ({', '.join(dead[:4])}): "
+                        "their gradient is zero on both sides (positions no output reads, such as padding one side "
+                        "masks and the other does not), so those elements were not compared")
     rows, rejected = _verify_weak(ref.graph, rows)
     unjudged = _verify_weak_grads(ref.graph, rows)
     if not tol.strict and (rejected or unjudged):   # what was set aside no longer counts as a divergence
@@ -149,6 +154,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
         _mark_frontier(ref.graph, rows, {o.frontier["ref_node"] for o in outputs if o.frontier})
     _blame_arguments(ref, cand, rows)
+    _blame_attention_scale(ref, cand, rows, tol)
     _blame_made_another_way(ref, cand, rows, rejected, tol)
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
@@ -175,6 +181,33 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             ref_inputs=[n for n in alignment.unmatched_ref if ref_nodes[n].op == "placeholder"]),
         graph={"ref": _structure(ref), "cand": _structure(cand)},
     )
+
+
+def _dead_elements_aside(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> list[str]:
+    """Judge each pair of values that fails again on the elements some output depends on: where the
+    gradient is zero on both sides (padded positions that no output reads, which HF's CLIP text
+    tower computes with the padded keys masked and open_clip's without), a difference cannot reach
+    the loss. A pair whose gradient is zero everywhere is left as it was: that says nothing of its
+    elements. Returns the reference nodes whose verdicts changed so."""
+    changed = []
+    for row in rows:
+        m = row.forward
+        if m is None or m.passed or row.ref_slice or row.cand_slice or row.cand_permuted:
+            continue
+        a, b = ref.values.get(row.ref_node), cand.values.get(row.cand_node)
+        ga, gb = ref.grads.get(row.ref_node), cand.grads.get(row.cand_node)
+        if any(t is None or is_summary(t) for t in (a, b, ga, gb)) or not a.shape == b.shape == ga.shape == gb.shape:
+            continue
+        dead = (ga == 0) & (gb == 0)
+        if not dead.any() or dead.all():
+            continue
+        live = compare_tensors(a, torch.where(dead, a.to(b.dtype), b), tol)
+        if live.max_abs_diff < m.max_abs_diff:
+            row.forward = dataclasses.replace(live, note=f"compared where some output depends on it: "
+                                                         f"{int(dead.sum())} of {dead.numel()} elements have a zero "
+                                                         "gradient on both sides")
+            changed.append(row.ref_node)
+    return changed
 
 
 def _nothing() -> None:
@@ -276,7 +309,7 @@ def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignme
                 left_r.discard(xs[0])
                 left_c.discard(ys[0])
             continue
-        for _, a, b in _arguments(rn, cn):
+        for _, a, b in arguments.side_by_side(rn, cn):
             if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr"):
                 continue
             x, y = str(a.target), str(b.target)
@@ -375,7 +408,8 @@ def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: 
     for p in pairs:
         metrics = compare_tensors(ref_out[p.ref], cand_out[p.cand], tol)
         if not tol.strict:
-            metrics = noise.verdict(metrics, inherited, precision=precision)
+            metrics = noise.verdict(metrics, inherited, precision=precision,
+                                    tail_max=math.inf if explained else noise.TAIL_MAX)
             seen = (_viewed(nodes[0].get(p.ref)), _viewed(nodes[1].get(p.cand)))
             metrics = noise.explained(metrics, seen in explained)
         compared.append(OutputRow(ref=p.ref, cand=p.cand, metrics=metrics))
@@ -632,25 +666,34 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
         if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
             continue
-        differ = [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in _arguments(rn, cn)
+        differ = [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in arguments.side_by_side(rn, cn)
                   if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT]
         if differ:
             row.blame = [f"its arguments differ: {', '.join(differ)}", row.ref_module, row.cand_module]
 
 
-def _arguments(rn: torch.fx.Node, cn: torch.fx.Node) -> list[tuple[int | str, Any, Any]]:
-    """Two calls of one function's arguments side by side, by name where torch or Python can tell
-    (a keyword on one side, a position on the other), else by position; an argument one side leaves
-    out takes the op's default (``F.gelu(x)`` against ``F.gelu(x, approximate='tanh')``)."""
-    target = str(rn.meta.get(TARGET))
-    names, defaults = _parameter_names(target), _defaults(target)
-
-    def named(node: torch.fx.Node) -> dict[int | str, Any]:
-        return {**{names[i] if i < len(names) else i: a for i, a in enumerate(node.args)}, **node.kwargs}
-
-    a, b = named(rn), named(cn)
-    return [(k, a.get(k, defaults.get(k)), b.get(k, defaults.get(k))) for k in [*a, *(k for k in b if k not in a)]
-            if (k in a or k in defaults) and (k in b or k in defaults)]
+def _blame_attention_scale(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> None:
+    """Blame a forward first divergence introduced at an attention's output on its scale where the
+    two sides' differ (``attention.scale_of``) and calling one side's attention again with the other
+    side's scale gives the other side's value (a scale of 1/d for 1/sqrt(d), one applied twice)."""
+    for row in rows:
+        if not row.first_forward or row.blame or row.cause() != "introduced" or row.ref_slice or row.cand_slice:
+            continue
+        r, c = attention.scale_of(ref.node(row.ref_node)), attention.scale_of(cand.node(row.cand_node))
+        if r is None or c is None or math.isclose(r.value, c.value, rel_tol=1e-6):
+            continue
+        if r.sdpa is not None:
+            out, other = attention.rescaled(ref, r, c.value / r.value), cand.values[row.cand_node]
+        elif c.sdpa is not None:
+            out, other = attention.rescaled(cand, c, r.value / c.value), ref.values[row.ref_node]
+        else:
+            continue
+        if out is None or is_summary(other) or out.numel() != other.numel():
+            continue
+        m = compare_tensors(other, out, tol)
+        if _own_verdict(m, tol, precision=machine_eps(other.dtype)).passed:
+            row.blame = [f"the attention's scale differs: {r.words()} against {c.words()}",
+                         row.ref_module, row.cand_module]
 
 
 def _spread(a: Any, b: Any) -> Any:
@@ -665,38 +708,6 @@ def _constant(x: Any) -> bool:
 
 
 _NO_EFFECT = {"inplace"}   # arguments that change where a result goes, not its value (torchvision's ReLU(inplace=True))
-
-
-def _parameter_names(target: str) -> tuple[str, ...]:
-    """The positional parameter names of the op a capture names (``F.layer_norm``: ``input,
-    normalized_shape, weight, bias, eps``); none when they cannot be told."""
-    signature = _signature(target)
-    return tuple(signature.parameters) if signature is not None else ()
-
-
-def _defaults(target: str) -> dict[str, Any]:
-    """The default values of the keyword parameters of the op a capture names, where they can be told."""
-    signature = _signature(target)
-    return {} if signature is None else {p.name: p.default for p in signature.parameters.values()
-                                         if p.default is not inspect.Parameter.empty}
-
-
-@functools.lru_cache(maxsize=256)
-def _signature(target: str) -> inspect.Signature | None:
-    """The signature of the op a capture names: the one torch lists for its overridable functions
-    (builtins such as ``conv2d`` included), else the one Python can tell; None when neither can."""
-    fn = Targets.default().resolve(target)
-    try:
-        return inspect.signature(_testing_overrides().get(fn, fn))
-    except (TypeError, ValueError):
-        return None
-
-
-@functools.cache
-def _testing_overrides() -> dict[Any, Callable]:
-    """torch's stand-in for each overridable function, with its parameters' names."""
-    from torch.overrides import get_testing_overrides
-    return get_testing_overrides()
 
 
 def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow],
@@ -938,13 +949,13 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             continue
         precision = machine_eps(cand.values[row.cand_node].dtype)
         m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
-        row.isolated_backward = _own_verdict(m, tol, node_floor, precision)
+        row.isolated_backward = _own_verdict(m, tol, node_floor, precision, backward=True)
         if not row.isolated_backward.passed:
             continue
         own = replay_backward(cand, cand, row.cand_node, {c: c for c in consumers}, own_boundary)
         if not isinstance(own, str):
             m = _grad_metrics(cand.grads.get(row.cand_node), own, tol, node_floor)
-            if _own_verdict(m, tol, node_floor, precision).passed:
+            if _own_verdict(m, tol, node_floor, precision, backward=True).passed:
                 row.explained.append("backward")
                 explained.append(row)
                 continue
@@ -955,10 +966,13 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
     return explained
 
 
-def _own_verdict(m: Metrics | None, tol: Tolerance, floor: float = 0.0, precision: float = 0.0) -> Metrics | None:
+def _own_verdict(m: Metrics | None, tol: Tolerance, floor: float = 0.0, precision: float = 0.0,
+                 backward: bool = False) -> Metrics | None:
     """A comparison judged on its own: as measured under ``--atol``/``--rtol``, else against its
     own rounding, with nothing inherited from inputs (a replay, a backward seed)."""
-    return m if tol.strict else noise.verdict(m, 0.0, floor, precision=precision)
+    if tol.strict:
+        return m
+    return noise.verdict(m, 0.0, floor, precision=precision, tail_max=math.inf if backward else noise.TAIL_MAX)
 
 
 def _not_plain(row: NodeRow) -> str:
@@ -1031,7 +1045,7 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
         if not row.first_forward or row.blame:
             continue
         rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        if rn.meta.get(TARGET) != cn.meta.get(TARGET) or node_key(rn) in _SYMMETRIC:
+        if not _same_function(rn, cn) or node_key(rn) in _SYMMETRIC:
             continue
         ref_args = [_through_views(a, compared_r).name if isinstance(a, torch.fx.Node) else None for a in rn.args]
         for i, b in enumerate(cn.args[:len(ref_args)]):
@@ -1040,9 +1054,29 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
             got = pair_of.get(_through_views(b, compared_c).name) or _slice_read(b, sliced)
             if got is not None and got != ref_args[i]:
                 module, where = (ref.node(n).meta.get(MODULE, "") or "<root>" for n in (got, ref_args[i]))
-                row.blame = [f"another input: the candidate passes what the reference computes in {module} where "
-                             f"the reference passes what it computes in {where}", row.ref_module, row.cand_module]
+                if module != where:
+                    what = f"what the reference computes in {module} where the reference passes what it computes in {where}"
+                else:   # two values of one module: named by their nodes and what they are made with
+                    what = (f"the counterpart of the reference's {_made(ref, got, compared_r)} where the reference "
+                            f"passes {_made(ref, ref_args[i], compared_r)}")
+                row.blame = [f"another input: the candidate passes {what}", row.ref_module, row.cand_module]
                 break
+
+
+def _same_function(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether two nodes call one function, spelt alike or as torch's function and its method
+    (``torch.matmul``, ``Tensor.matmul``: their arguments in one order; not ``where``, whose method
+    takes the condition second)."""
+    ta, tb = (str(n.meta.get(TARGET)) for n in (a, b))
+    name = ta.rpartition(".")[2]
+    return ta == tb or (name == tb.rpartition(".")[2] and name != "where")
+
+
+def _made(capture: Capture, name: str, compared: set[str]) -> str:
+    """``transpose_8 (transpose, made with layers.0.pos_bias_u)``: a node, its op and the parameters
+    and buffers read on the way to it from the compared values."""
+    held = _held(capture.node(name), compared)
+    return f"{name} ({node_key(capture.node(name))}{', made with ' + ', '.join(held) if held else ''})"
 
 
 def _sliced(rows: list[NodeRow]) -> dict[str, list[NodeRow]]:

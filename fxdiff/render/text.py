@@ -21,7 +21,6 @@ from rich.table import Table
 from rich.markup import escape
 from rich.text import Text
 
-from ..judge.noise import TAIL
 from ..ops import node_key
 from ..model.capture import DTYPE, GRAD, MODULE, SHAPE, Capture
 from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report
@@ -263,8 +262,8 @@ def _judged(m: Metrics) -> str:
     level = f"noise level {fmt(m.noise)} ({_precision(m.eps)})"
     if m.error > m.noise:
         return f"relative error {fmt(m.error)} is {m.error / m.noise:.3g}x its {level}; {diffs}"
-    return (f"relative error {fmt(m.error)} is within its {level}, but some element is off by more than {TAIL} "
-            f"noise levels; {diffs}")
+    return (f"relative error {fmt(m.error)} is within its {level}, but an element is off by {fmt(m.max_scaled_diff)} "
+            f"of its magnitude (or of the tensors' RMS), more than rounding allows; {diffs}")
 
 
 def _cause(r: NodeRow) -> str:

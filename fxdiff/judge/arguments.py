@@ -1,0 +1,69 @@
+"""A recorded call's arguments by name: torch's own parameter lists for its ops (``conv2d``'s
+``stride``, not "argument 3"), Python's signature for other functions, and their defaults."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import torch.fx
+
+from ..model.capture import TARGET
+from ..targets import Targets
+
+
+def named(node: torch.fx.Node) -> dict[int | str, Any]:
+    """The arguments ``node`` was called with, by parameter name where it can be told, else by
+    position; those left out take the op's default."""
+    target = str(node.meta.get(TARGET))
+    names = parameter_names(target)
+    given = {**{names[i] if i < len(names) else i: a for i, a in enumerate(node.args)}, **node.kwargs}
+    return {**{k: v for k, v in defaults(target).items() if k not in given}, **given}
+
+
+def side_by_side(rn: torch.fx.Node, cn: torch.fx.Node) -> list[tuple[int | str, Any, Any]]:
+    """Two calls of one function's arguments side by side, by name where torch or Python can tell
+    (a keyword on one side, a position on the other), else by position; an argument one side leaves
+    out takes the op's default (``F.gelu(x)`` against ``F.gelu(x, approximate='tanh')``)."""
+    target = str(rn.meta.get(TARGET))
+    names, default = parameter_names(target), defaults(target)
+
+    def given(node: torch.fx.Node) -> dict[int | str, Any]:
+        return {**{names[i] if i < len(names) else i: a for i, a in enumerate(node.args)}, **node.kwargs}
+
+    a, b = given(rn), given(cn)
+    return [(k, a.get(k, default.get(k)), b.get(k, default.get(k))) for k in [*a, *(k for k in b if k not in a)]
+            if (k in a or k in default) and (k in b or k in default)]
+
+
+def parameter_names(target: str) -> tuple[str, ...]:
+    """The positional parameter names of the op a capture names (``F.layer_norm``: ``input,
+    normalized_shape, weight, bias, eps``); none when they cannot be told."""
+    signature = _signature(target)
+    return tuple(signature.parameters) if signature is not None else ()
+
+
+def defaults(target: str) -> dict[str, Any]:
+    """The default values of the keyword parameters of the op a capture names, where they can be told."""
+    signature = _signature(target)
+    return {} if signature is None else {p.name: p.default for p in signature.parameters.values()
+                                         if p.default is not inspect.Parameter.empty}
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(target: str) -> inspect.Signature | None:
+    """The signature of the op a capture names: the one torch lists for its overridable functions
+    (builtins such as ``conv2d`` included), else the one Python can tell; None when neither can."""
+    fn = Targets.default().resolve(target)
+    try:
+        return inspect.signature(_testing_overrides().get(fn, fn))
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.cache
+def _testing_overrides() -> dict[Any, Callable]:
+    """torch's stand-in for each overridable function, with its parameters' names."""
+    from torch.overrides import get_testing_overrides
+    return get_testing_overrides()

@@ -1,0 +1,165 @@
+"""An attention's scale, read off a capture's ops: the factor on the query-key products before the
+softmax. A ``scaled_dot_product_attention`` has its own (its ``scale``, else 1/sqrt of the head
+size) times the constant factors its query and key were multiplied by on their way to it; written
+out, the scale is the product of the constant factors between the ``matmul`` of query and key and
+the ``softmax``, and on the two operands. A port whose scale differs (1/sqrt(d) forgotten or applied
+twice, 1/d for 1/sqrt(d)) is told by calling one side's attention again with the other side's
+scale (``rescaled``): it then gives the other side's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from ..model.capture import SHAPE, TARGET, Capture
+from ..ops import DEFAULT_OPS, node_key
+from ..store.summary import is_summary
+from ..targets import Targets
+from . import arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """The scale of one side's attention."""
+
+    value: float                  # the factor on the query-key products
+    head: int                     # the size of a head (the query's last dimension); 0 if not recorded
+    sdpa: torch.fx.Node | None    # the side's scaled_dot_product_attention, when it is one
+    own: float                    # that call's own scale (its argument or default); 1.0 written out
+    views: tuple[torch.fx.Node, ...] = ()   # the views from the attention's output to the node asked about
+
+    def words(self) -> str:
+        """``0.25 (1/sqrt(16))``: the value and, where it is one, the usual form it takes."""
+        if self.head and math.isclose(self.value, self.head ** -0.5, rel_tol=1e-5):
+            return f"{self.value:.4g} (1/sqrt({self.head}))"
+        if self.head and math.isclose(self.value, 1 / self.head, rel_tol=1e-5):
+            return f"{self.value:.4g} (1/{self.head})"
+        return f"{self.value:.4g}" + (" (none)" if self.value == 1 else "")
+
+
+def scale_of(node: torch.fx.Node) -> Scale | None:
+    """The scale of the attention whose output ``node`` is, or a view of (a
+    ``scaled_dot_product_attention``, or the product of a softmax and the values); None when it is
+    no attention or a factor on the way cannot be read as a constant."""
+    views = []
+    while node.op == "call_function" and DEFAULT_OPS.is_view(node, node_key(node)) and _operands(node)[:1] == [node.args[0]]:
+        views.append(node)
+        node = node.args[0]
+    scale = _scale_at(node)
+    return dataclasses.replace(scale, views=tuple(reversed(views))) if scale is not None else None
+
+
+def _scale_at(node: torch.fx.Node) -> Scale | None:
+    key = node_key(node)
+    if key == "sdpa":
+        args = arguments.named(node)
+        q, k = args.get("query"), args.get("key")
+        if not isinstance(q, torch.fx.Node) or not isinstance(k, torch.fx.Node):
+            return None
+        head = _head(q)
+        own = args.get("scale")
+        own = head ** -0.5 if own is None and head else own
+        if not _number(own):
+            return None
+        return Scale(own * _factor(q)[0] * _factor(k)[0], head, node, float(own))
+    operands = _operands(node)
+    if key != "matmul" or len(operands) != 2:
+        return None
+    probs = _through_views(operands[0])
+    if node_key(probs) != "softmax" or not isinstance(probs.args[0], torch.fx.Node):
+        return None
+    f, scores = _factor(probs.args[0], scores=True)
+    operands = _operands(scores)
+    if node_key(scores) != "matmul" or len(operands) != 2:
+        return None
+    q, k = operands
+    return Scale(f * _factor(q)[0] * _factor(k)[0], _head(q), None, 1.0)
+
+
+def rescaled(capture: Capture, scale: Scale, factor: float) -> torch.Tensor | None:
+    """``scale.sdpa`` called again on ``capture``'s values with its own scale times ``factor``; None
+    when it cannot be (a value not stored, dropout inside it, arguments this torch does not take)."""
+    args = arguments.named(scale.sdpa)
+    if args.get("dropout_p") or any(not isinstance(k, str) for k in args):
+        return None
+    values: dict[str, Any] = {}
+    for k, a in args.items():
+        if isinstance(a, torch.fx.Node):
+            a = capture.values.get(a.name)
+            if a is None or is_summary(a):
+                return None
+        values[k] = a
+    values["scale"] = scale.own * factor
+    targets = Targets.default()
+    try:
+        with torch.no_grad():
+            out = F.scaled_dot_product_attention(**values)
+            for view in scale.views:   # as recorded: arguments other than the tensor viewed are constants
+                if len(_operands(view)) != 1 or any(isinstance(v, torch.fx.Node) for v in view.kwargs.values()):
+                    return None
+                out = targets.resolve(str(view.meta.get(TARGET)))(out, *view.args[1:], **view.kwargs)
+    except (TypeError, RuntimeError, ValueError):
+        return None
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _factor(node: torch.fx.Node, scores: bool = False) -> tuple[float, torch.fx.Node]:
+    """The product of the constant factors on the way back from ``node`` through views and
+    multiplications or divisions by a number, and where that way ends. With ``scores``, also
+    through what masks attention scores: ``masked_fill``, and an ``add`` one of whose operands
+    alone comes from a ``matmul`` (an additive mask)."""
+    f = 1.0
+    while True:
+        key = node_key(node)
+        tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        numbers = [a for a in node.args if _number(a)]
+        if node.op != "call_function" or not tensors:
+            return f, node
+        if DEFAULT_OPS.is_view(node, key):
+            node = tensors[0]
+        elif key == "mul" and len(tensors) == 1 and len(numbers) == 1 and not node.kwargs:
+            f, node = f * numbers[0], tensors[0]
+        elif (key == "div" and len(node.args) == 2 and node.args[0] is tensors[0] and numbers and not node.kwargs
+              and "rtruediv" not in str(node.meta.get(TARGET))):
+            f, node = f / numbers[0], tensors[0]
+        elif scores and key == "masked_fill":
+            node = tensors[0]
+        elif scores and key == "add" and len(tensors) == 2:
+            ways = [_factor(t, scores=True) for t in tensors]
+            products = [w for w in ways if node_key(w[1]) == "matmul"]
+            if len(products) != 1:
+                return f, node
+            return f * products[0][0], products[0][1]
+        else:
+            return f, node
+
+
+def _operands(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors a product multiplies (an ``einsum``'s after its equation)."""
+    return [a for a in node.args if isinstance(a, torch.fx.Node)]
+
+
+def _through_views(node: torch.fx.Node) -> torch.fx.Node:
+    """Back from attention probabilities through views, casts and the dropout on them."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
+            and (DEFAULT_OPS.is_view(node, node_key(node)) or node_key(node) in _ON_PROBABILITIES):
+        node = node.args[0]
+    return node
+
+
+_ON_PROBABILITIES = {"type_as", "dropout"}
+
+
+def _head(q: torch.fx.Node) -> int:
+    shape = q.meta.get(SHAPE)
+    return int(shape[-1]) if shape else 0
+
+
+def _number(x: Any) -> bool:
+    return type(x) in (int, float) and x != 0

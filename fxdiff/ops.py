@@ -129,7 +129,8 @@ class OpKeys:
 
     def is_view(self, node: torch.fx.Node, key: str) -> bool:
         """Whether ``node`` (of key ``key``) only moves or relabels data: a transparent op, an item
-        of a split, or ``x[idx]`` that only adds or keeps dimensions (``x[:, None]``)."""
+        of a split, ``x[idx]`` that only adds or keeps dimensions (``x[:, None]``), or an item of its
+        first dimension (``x[0]``, as ``x.unbind()[0]``: ``nn.MultiheadAttention``'s q, k and v)."""
         item_of_split = (node.meta.get(TARGET) in GETITEM and bool(node.args)
                          and isinstance(node.args[0], torch.fx.Node) and key in self.splits)
         return key in self.transparent or item_of_split or (key == "getitem" and _view_index(node))
@@ -138,6 +139,8 @@ class OpKeys:
 def _view_index(node: torch.fx.Node) -> bool:
     if len(node.args) < 2:
         return False
+    if type(node.args[1]) is int:
+        return True
     idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
     return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx)
 

@@ -53,8 +53,8 @@ _FACTORIES = ("zeros", "ones", "full", "arange", "eye", "linspace", "logspace", 
 # (legacy and parametrized) core, in every EnCodec, HiFi-GAN or DAC port.
 _PRIVATE = ("_weight_norm",)
 # Overridable (a TorchFunctionMode sees them) but missing from torch's list: MobileNetV3's and
-# EfficientNet-lite's activations.
-_UNLISTED = ("nn.functional.hardswish", "nn.functional.hardsigmoid")
+# EfficientNet-lite's activations, and the view ``nn.MultiheadAttention`` splits q, k and v with.
+_UNLISTED = ("nn.functional.hardswish", "nn.functional.hardsigmoid", "_tensor.Tensor.unflatten")
 
 
 def target_name(func: Any) -> str:

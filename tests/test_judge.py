@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import fxdiff
 from fxdiff.judge import Tolerance, compare_tensors
+from fxdiff.ops import node_key
 
 
 def test_tolerance_is_allclose_rule():
@@ -316,7 +317,7 @@ def test_the_summary_says_when_no_gradient_was_compared():
 
 
 class MHABlock(nn.Module):
-    """A norm, self-attention through ``nn.MultiheadAttention`` (one op in the graph, with items), a head."""
+    """A norm, self-attention through ``nn.MultiheadAttention``, a head."""
 
     def __init__(self):
         super().__init__()
@@ -359,17 +360,29 @@ class WrittenAttention(nn.Module):
         return self
 
 
-def test_an_attention_bug_beside_an_opaque_attention_op_is_not_blamed_on_a_projection():
-    """The reference's attention is one op (``multi_head_attention_forward``) and its items; the
-    port's, projections and ``sdpa``: both sides compute it their own way, so no projection of the
-    port is 'the op present on one side only' (it was: the q projection, which is right)."""
+def test_nn_multihead_attention_is_recorded_op_by_op_and_a_bug_beside_it_named():
+    """``nn.MultiheadAttention`` hands its whole forward to the recorder as one op
+    (``multi_head_attention_forward``); it is recorded as the ops it runs (its packed projection, q, k
+    and v items of it, ``sdpa``, the output projection), which pair with a port's separate
+    projections. A wrong scale in the port was found at the opaque op with no story; a q and k
+    loaded into each other's rows of the packed projection, with none either."""
     torch.manual_seed(0)
     ref, x = MHABlock(), torch.randn(2, 5, 8)
     cap = fxdiff.capture(ref, (x,))
+    ops = {node_key(n) for n in cap.graph.nodes}
+    assert {"linear", "sdpa"} <= ops and "multi_head_attention_forward" not in ops
     assert not fxdiff.compare(cap, WrittenAttention().load_from(ref)).diverged
-    report = fxdiff.compare(cap, WrittenAttention(scale=1 / 4).load_from(ref))
-    entry, = report.first_divergence()["forward"]
-    assert entry["blame"] is None and entry["ref_module"] == "attn" and entry["cand_module"] == "out"
+    entry, = fxdiff.compare(cap, WrittenAttention(scale=1 / 4).load_from(ref)).first_divergence()["forward"]
+    assert entry["blame"] == "the attention's scale differs: 0.5 (1/sqrt(4)) against 0.25 (1/4)"
+    assert entry["ref_module"] == "attn"
+    swapped = MHABlock()   # the port is nn.MultiheadAttention, its q and k rows crossed
+    swapped.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for t in (swapped.attn.in_proj_weight, swapped.attn.in_proj_bias):
+            t[:8], t[8:16] = t[8:16].clone(), t[:8].clone()
+    entry, = fxdiff.compare(fxdiff.capture(WrittenAttention().load_from(ref), (x,)), swapped).first_divergence()["forward"]
+    assert entry["blame"] == ("another input: the candidate passes what the reference computes in k where the "
+                              "reference passes what it computes in q"), entry
 
 
 class Heads(nn.Module):
@@ -616,6 +629,8 @@ class Causal(nn.Module):
         q, k, v = self.qkv(x).view(1, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
         if not self.port:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.diagonal is None:   # no mask at all
+            return F.scaled_dot_product_attention(q * 0.5, k, v, scale=1.0)
         mask = torch.full((5, 5), float("-inf")).triu(self.diagonal)
         return F.scaled_dot_product_attention(q * 0.5, k, v, attn_mask=mask[None, None], scale=1.0)
 
@@ -632,6 +647,12 @@ def test_a_mask_one_side_alone_builds_is_named_beside_the_op_it_alone_runs():
     first = next(r for r in fxdiff.compare(cap, ports[1]).nodes if r.first_forward)
     assert first.op == "sdpa" and first.blame[0] == \
         "cand-only mul (mul), or the side input it alone passes, built by triu (triu)", first.blame
+    # with no mask in its place, the flag is the difference (sdpa's is_causal, which torch's own list
+    # of its parameters leaves out, read from its docstring)
+    unmasked = Causal(port=True, diagonal=None)
+    unmasked.load_state_dict(ref.state_dict())
+    first = next(r for r in fxdiff.compare(cap, unmasked).nodes if r.first_forward)
+    assert first.blame[0] == "its arguments differ: is_causal True against False", first.blame
 
 
 class TimeFirst(nn.Module):

@@ -181,6 +181,25 @@ def test_gpt2_mapping_the_other_way_round(gpt2_pair):
     assert len(got) == len(ref.params) and alignment.unmatched_cand_params == []
 
 
+def test_a_weight_reshaped_where_its_transpose_was_meant_is_named(gpt2_pair):
+    """A conversion that reshapes GPT-2's Conv1D weight (in, out) to the Linear's (out, in) instead
+    of transposing it: the two pair exactly as a reshape, so every parameter value 'matched' and the
+    divergence at the layer was 'introduced here' with no word of the weight."""
+    ref, _ = gpt2_pair
+    port = H.make_gpt2_port()
+    with torch.no_grad():
+        w = H.make_gpt2().state_dict()["h.1.mlp.c_proj.weight"]
+        port.layers[1].fc_out.weight.copy_(w.reshape(port.layers[1].fc_out.weight.shape))
+    cand = record(port, H.gpt2_inputs())
+    report = judge(ref, cand, match(ref, cand))
+    entry, = report.first_divergence()["forward"]
+    assert entry["ref_module"] == "h.1.mlp.c_proj" and entry["blame"].startswith(
+        "h.1.mlp.c_proj.weight is the candidate's layers.1.fc_out.weight reshaped to [128, 32], the shape of its "
+        "transpose, not transposed"), entry
+    value = next(p.value for p in report.params if p.ref == "h.1.mlp.c_proj.weight")
+    assert not value.passed
+
+
 def test_independent_ops_computed_in_another_order(gpt2_pair):
     """Topological order is partial: projections run v, k, q on one side and q, k, v on the other.
     Every one still pairs with its counterpart, against GPT-2's fused c_attn and against the port."""

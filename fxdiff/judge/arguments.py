@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import re
 from typing import Any, Callable
 
 import torch.fx
@@ -54,12 +56,36 @@ def defaults(target: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=256)
 def _signature(target: str) -> inspect.Signature | None:
     """The signature of the op a capture names: the one torch lists for its overridable functions
-    (builtins such as ``conv2d`` included), else the one Python can tell; None when neither can."""
+    (builtins such as ``conv2d`` included), else the one Python can tell, or the one its docstring
+    opens with where that names more parameters (torch lists ``scaled_dot_product_attention``
+    without ``is_causal`` and ``scale``); None when none can."""
     fn = Targets.default().resolve(target)
     try:
-        return inspect.signature(_testing_overrides().get(fn, fn))
+        listed = inspect.signature(_testing_overrides().get(fn, fn))
     except (TypeError, ValueError):
+        listed = None
+    documented = _documented(fn)
+    if documented is not None and (listed is None or len(documented.parameters) > len(listed.parameters)):
+        return documented
+    return listed
+
+
+def _documented(fn: Any) -> inspect.Signature | None:
+    """The signature a torch builtin's docstring opens with (``name(a, b=0.0, ...) -> Tensor``),
+    read as Python syntax and literal defaults, never run; None where there is none."""
+    match = re.match(r"\s*\w+\((.*?)\)\s*(?:->|\n|$)", getattr(fn, "__doc__", None) or "", re.S)
+    if match is None:
         return None
+    try:
+        args = ast.parse(f"def _({match.group(1)}): pass").body[0].args
+        defaults = [ast.literal_eval(d) for d in args.defaults]
+    except (SyntaxError, ValueError):
+        return None
+    positional = [*args.posonlyargs, *args.args]
+    first = len(positional) - len(defaults)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature([inspect.Parameter(a.arg, kind, default=defaults[i - first] if i >= first
+                                                else inspect.Parameter.empty) for i, a in enumerate(positional)])
 
 
 @functools.cache

@@ -145,7 +145,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                         "of the op that made them is zero: a masked attention weight the reference zeroes)")
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
         _mark_frontier(ref.graph, rows)
-    roles.update(_blame_reordered_rows(ref, rows, alignment))
+    roles.update(_blame_reordered_rows(ref, cand, rows, alignment))
     for p in params:
         if p.ref in roles and p.value is not None:
             p.value = dataclasses.replace(p.value, passed=False, note=roles[p.ref])
@@ -192,11 +192,18 @@ def _dead_elements_aside(ref: Capture, cand: Capture, rows: list[NodeRow], tol: 
     changed = []
     for row in rows:
         m = row.forward
-        if m is None or m.passed or row.ref_slice or row.cand_slice or row.cand_permuted:
+        if m is None or m.passed or row.cand_permuted:
             continue
         a, b = ref.values.get(row.ref_node), cand.values.get(row.cand_node)
         ga, gb = ref.grads.get(row.ref_node), cand.grads.get(row.cand_node)
-        if any(t is None or is_summary(t) for t in (a, b, ga, gb)) or not a.shape == b.shape == ga.shape == gb.shape:
+        if any(t is None or is_summary(t) for t in (a, b, ga, gb)):
+            continue
+        a, ga, b, gb = (_cut(t, block) for t, block in ((a, row.ref_slice), (ga, row.ref_slice),
+                                                        (b, row.cand_slice), (gb, row.cand_slice)))
+        order = layout_permutation(a, b) if a.shape != b.shape and b.shape == gb.shape else None
+        if order is not None:   # compared with its dimensions in another order (time, batch against batch, time)
+            b, gb = b.permute(order), gb.permute(order)
+        if not a.shape == b.shape == ga.shape == gb.shape:
             continue
         dead = (ga == 0) & (gb == 0)
         if not dead.any() or dead.all():
@@ -364,30 +371,50 @@ def _blame_parameter_values(ref: Capture, rows: list[NodeRow], params: list[Para
                      row.ref_module, row.cand_module]
 
 
-def _blame_reordered_rows(ref: Capture, rows: list[NodeRow], alignment: Alignment) -> dict[str, str]:
+def _blame_reordered_rows(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> dict[str, str]:
     """Blame a forward first divergence introduced at an op that reads a parameter paired by content
-    with the candidate's in another row order (a classifier's classes reordered in a conversion):
-    the op's output features are those rows, and nothing after it puts them back. The parameter's
-    value is then a difference: ``{ref param: what}``."""
-    reordered = {pp.ref: pp for pp in alignment.params if pp.transform.get("kind") == "permute_rows"}
+    with the candidate's laid out another way: its rows in another order (a classifier's classes
+    reordered in a conversion: the op's output features are those rows, and nothing after it puts
+    them back), or reshaped to its transpose's shape (``w.reshape(n, m)`` for ``w.T``). The
+    parameter's value is then a difference: ``{ref param: what}``."""
+    relaid = {pp.ref: pp for pp in alignment.params
+              if pp.transform.get("kind") == "permute_rows" or _reshaped_for_transposed(pp, ref, cand)}
     found: dict[str, str] = {}
-    for row, name in _introduced_reading(ref, rows, reordered):
-        index = reordered[name].transform["index"]
-        order = ", ".join(map(str, index[:8])) + (", ..." if len(index) > 8 else "")
-        found[name] = (f"is the candidate's {reordered[name].cand[0]} with its rows in another order ([{order}]), "
-                       f"which its {row.op} op ({row.ref_node}) does not follow: not a layout, a difference")
+    for row, name in _introduced_reading(ref, rows, relaid):
+        pp = relaid[name]
+        if pp.transform["kind"] == "permute_rows":
+            index = pp.transform["index"]
+            order = ", ".join(map(str, index[:8])) + (", ..." if len(index) > 8 else "")
+            how = f"with its rows in another order ([{order}])"
+        else:
+            how = f"reshaped to {list(ref.params[name].shape)}, the shape of its transpose, not transposed"
+        found[name] = (f"is the candidate's {pp.cand[0]} {how}, which its {row.op} op ({row.ref_node}) does not "
+                       "follow: not a layout, a difference")
         row.blame = [f"{name} {found[name]}", row.ref_module, row.cand_module]
     return found
 
 
+def _reshaped_for_transposed(pp: ParamPair, ref: Capture, cand: Capture) -> bool:
+    """Whether a parameter pairs with the candidate's as a reshape of a matrix to its transpose's
+    shape, (m, n) from (n, m): almost always a conversion that meant ``.T``."""
+    if pp.transform.get("kind") != "reshape" or len(pp.cand) != 1:
+        return False
+    a, b = ref.params.get(pp.ref), cand.params.get(pp.cand[0])
+    return a is not None and b is not None and a.dim() == b.dim() == 2 and a.shape != b.shape \
+        and tuple(a.shape) == tuple(reversed(b.shape))
+
+
 def _introduced_reading(ref: Capture, rows: list[NodeRow], names: Collection[str]) -> Iterator[tuple[NodeRow, str]]:
-    """The forward first divergences introduced at an op, not blamed yet, that read one of the
-    parameters ``names`` (directly or through views): each with the first it reads."""
+    """The forward first divergences introduced at an op, not blamed yet, whose block (the ops from
+    the compared values to it: a Conv1D's ``addmm`` and the view after it) reads one of the
+    parameters ``names``: each with the first it reads."""
+    compared = {r.ref_node for r in rows}
     for row in rows:
         if not names or not row.first_forward or row.blame or row.cause() != "introduced":
             continue
-        read = (_through_views(a, set()) for a in ref.node(row.ref_node).all_input_nodes)
-        name = next((str(n.target) for n in read if n.op == "get_attr" and str(n.target) in names), None)
+        node = ref.node(row.ref_node)
+        read = [str(n.target) for n in (_through_views(a, set()) for a in node.all_input_nodes) if n.op == "get_attr"]
+        name = next((n for n in [*read, *_held(node, compared)] if n in names), None)   # its own arguments first
         if name is not None:
             yield row, name
 
@@ -666,8 +693,15 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
         if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
             continue
-        differ = [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in arguments.side_by_side(rn, cn)
-                  if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT]
+        given = arguments.side_by_side(rn, cn)
+        # a flag one side sets where the other passes a tensor instead, or one of another shape, may say
+        # the same thing another way (sdpa's is_causal against an attn_mask; its enable_gqa against k
+        # and v with their heads repeated)
+        flags = all(isinstance(a, torch.fx.Node) == isinstance(b, torch.fx.Node)
+                    and (not isinstance(a, torch.fx.Node) or a.meta.get(SHAPE) == b.meta.get(SHAPE)) for _, a, b in given)
+        differ = [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in given
+                  if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT
+                  and (flags or type(a) is not bool)]
         if differ:
             row.blame = [f"its arguments differ: {', '.join(differ)}", row.ref_module, row.cand_module]
 
@@ -1039,7 +1073,7 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
     GLU's gate and value; or the wrong value: cross-attention fed the encoder's states before its
     final norm)."""
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    pair_of = {r.cand_node: r.ref_node for r in rows}
+    pair_of = {r.cand_node: r.ref_node for r in rows if not r.cand_slice}   # a fused output's slices: _slice_read
     sliced = _sliced(rows)
     for row in rows:
         if not row.first_forward or row.blame:
@@ -1095,7 +1129,7 @@ def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | 
     replayed on the fused output's element numbers."""
     chain = [node]
     while chain[-1].name not in sliced:
-        if len(chain) > 8 or chain[-1].op != "call_function" or not chain[-1].all_input_nodes:
+        if len(chain) > 16 or chain[-1].op != "call_function" or not chain[-1].all_input_nodes:
             return None
         chain.append(chain[-1].all_input_nodes[0])
     fused = chain.pop()

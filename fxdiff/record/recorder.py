@@ -28,6 +28,7 @@ import inspect
 import math
 import operator
 import re
+import types
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -580,6 +581,14 @@ class Recorder(TorchFunctionMode):
                 return _attention(*args, **kwargs)
             finally:
                 TorchFunctionMode.__exit__(self, None, None, None)
+        if func in _WRITTEN_OUT:
+            written = _written_out(func)
+            if written is not None:
+                TorchFunctionMode.__enter__(self)   # its ops recorded one by one, as for the attention above
+                try:
+                    return written(*args, **kwargs)
+                finally:
+                    TorchFunctionMode.__exit__(self, None, None, None)
         return self.call(func, args, kwargs)
 
     def _random_call(self, func, args: tuple, kwargs: dict) -> Any:
@@ -888,6 +897,25 @@ def _without_dropout(func, args, kwargs):
     if func is F.multi_head_attention_forward:
         return args, {**kwargs, "training": False}, False
     return args, kwargs, False
+
+
+# torch functions written in Python that hand themselves to the recorder as one op, though they are a
+# whole block of a model: ``nn.MultiheadAttention``'s (its projections, attention and output
+# projection, which another implementation writes as separate ops)
+_WRITTEN_OUT = (F.multi_head_attention_forward,)
+
+
+@functools.cache
+def _written_out(fn: Callable) -> Callable | None:
+    """``fn`` running its own body under the recorder: a copy whose check for a torch function
+    handler (``has_torch_function``, which would hand the call to the recorder again) says no, so
+    that the ops it calls are recorded instead. None where ``fn`` is not such a function."""
+    if not isinstance(fn, types.FunctionType) or "has_torch_function" not in fn.__globals__:
+        return None
+    names = {**fn.__globals__, "has_torch_function": lambda *_: False}
+    copy = types.FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def _attention_dropout(args: tuple, kwargs: dict) -> float:

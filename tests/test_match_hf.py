@@ -294,18 +294,37 @@ class _TextFeatures(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask if self.use_mask else None).text_embeds
 
 
+def _clip_text(**overrides):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=12, projection_dim=16,
+                         eos_token_id=99, bos_token_id=98, pad_token_id=0, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CLIPTextModelWithProjection(cfg).eval()
+
+
+def test_an_activation_written_with_other_ops_is_named_with_both_sides_ops():
+    """CLIP's QuickGELU (``x * sigmoid(1.702 x)``) against a port's GELU: 'introduced here' at
+    the activation, with no word of what differs; each side's few ops are now named."""
+    ref_model, port = _clip_text(hidden_act="quick_gelu"), _clip_text(hidden_act="gelu")
+    port.load_state_dict(ref_model.state_dict())
+    ids = torch.randint(1, 98, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids[:, -1] = 99
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ref = record(_TextFeatures(ref_model, use_mask=True), (), inputs)
+    cand = record(_TextFeatures(port, use_mask=True), (), inputs)
+    entry, = judge(ref, cand, match(ref, cand)).first_divergence()["forward"]
+    assert entry["blame"] == "computed with other ops: ref mul, sigmoid, mul against cand gelu", entry
+    assert entry["ref_module"].endswith("layers.0.mlp.activation_fn")
+
+
 def test_values_that_differ_only_at_padded_positions_no_output_reads_are_not_a_divergence():
     """Hugging Face's CLIP text tower masks the padded keys; a port that passes no padding mask (as
     open_clip does) computes other values at the padded positions, which its causal attention keeps
     from every real token and its pooling never reads. It was DIVERGED at the first attention, every
     output and op gradient matching (their gradients are zero there on both sides)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=12, projection_dim=16,
-                         eos_token_id=99, bos_token_id=98, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPTextModelWithProjection(cfg).eval()
+    model = _clip_text()
     ids = torch.randint(1, 98, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     ids[0, 7], ids[0, 8:], mask[0, 8:] = 99, 0, 0   # end of text, then padding

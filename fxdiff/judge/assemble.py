@@ -161,6 +161,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     _name_role_swaps(ref, cand, rows)
     _name_crossed_inputs(ref, cand, rows)
     _blame_parameter_values(ref, rows, params)
+    _name_other_ops(ref, cand, rows)
     return Report(
         warnings=warnings,
         ref={"label": ref_label, **ref.meta},
@@ -875,6 +876,40 @@ def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected
             what = f"a side input that differs: {r.op} ({r.ref_node} | {r.cand_node})" if key_r == key_c else \
                 f"ops that differ: ref {key_r} ({r.ref_node}) against cand {key_c} ({r.cand_node})"
             row.blame = [what, r.ref_module, r.cand_module]
+
+
+def _name_other_ops(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Name the ops of each side at a forward first divergence introduced there with no other story,
+    where the two sides compute it elementwise with other ops (QuickGELU's ``x * sigmoid(1.702 x)``
+    against ``gelu``; GELU written out with ``erf`` against ``gelu(approximate='tanh')``): the
+    blocks from the compared values to it, views left out, a few ops each, an op's constant keyword
+    arguments with it. Blocks of products, norms or attention are left alone: one side writing out
+    what the other fuses is how ports differ when they agree, too."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame or row.cause() != "introduced":
+            continue
+        ops = []
+        for capture, name, compared in ((ref, row.ref_node, compared_r), (cand, row.cand_node, compared_c)):
+            block = _upstream(capture.node(name), compared) | {name}
+            ops.append([n for n in capture.graph.nodes if n.name in block and n.op == "call_function"
+                        and not DEFAULT_OPS.is_view(n, node_key(n))])
+        keys = [[node_key(n) for n in side] for side in ops]
+        if keys[0] and keys[1] and sorted(keys[0]) != sorted(keys[1]) and max(map(len, keys)) <= _FEW_OPS \
+                and not _NOT_ELEMENTWISE.intersection(keys[0] + keys[1]):
+            ref_ops, cand_ops = (", ".join(map(_with_constants, side)) for side in ops)
+            row.blame = [f"computed with other ops: ref {ref_ops} against cand {cand_ops}", row.ref_module, row.cand_module]
+
+
+def _with_constants(node: torch.fx.Node) -> str:
+    """``gelu(approximate='tanh')``: an op's key and the constant keyword arguments it was given."""
+    given = [f"{k}={v!r}" for k, v in node.kwargs.items() if _constant(v)]
+    return f"{node_key(node)}({', '.join(given)})" if given else node_key(node)
+
+
+_FEW_OPS = 6   # more, and a list of each side's ops tells less than the module does
+_NOT_ELEMENTWISE = {"matmul", "linear", "conv", "sdpa", "softmax", "log_softmax", "layer_norm", "batch_norm",
+                    "group_norm", "embedding"}
 
 
 def _from_constants(node: torch.fx.Node, compared: set[str]) -> bool:

@@ -178,6 +178,24 @@ def test_custom_function_backward_is_what_eager_uses_not_the_derivative():
     assert abs(recorded - true) > 1e-2 * abs(true), "the custom backward must show in the recorded gradients"
 
 
+def test_a_custom_functions_output_made_with_autograd_off_keeps_its_gradient_and_loads(tmp_path):
+    """BLOOM's GELU is an ``autograd.Function`` whose forward's ops run with autograd off; its last
+    op's output is what ``apply`` returns, then requiring grad. The node was marked as reached by no
+    gradient and held one, so the saved capture was refused on load as inconsistent."""
+    import warnings
+    from transformers import BloomConfig, BloomModel
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = BloomModel(BloomConfig(n_layer=1, n_head=2, hidden_size=16, vocab_size=50)).eval()
+    cap = fxdiff.capture(model, (), {"input_ids": torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(1))})
+    gelu = [n for n in cap.graph.nodes if n.meta.get("fxdiff_module", "").endswith("mlp.gelu_impl")]
+    assert gelu and gelu[-1].name in cap.grads and NO_GRAD not in gelu[-1].meta
+    assert all(NO_GRAD in n.meta for n in gelu[:-1])   # the forward's own ops: no gradient reaches them
+    loaded = fxdiff.load(fxdiff.save(cap, tmp_path / "bloom.fxd"))
+    assert torch.equal(loaded.grads[gelu[-1].name], cap.grads[gelu[-1].name])
+
+
 # -- in-place ops ---------------------------------------------------------------------------------
 
 class InPlace(nn.Module):

@@ -891,11 +891,13 @@ def _name_other_ops(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
             continue
         ops = []
         for capture, name, compared in ((ref, row.ref_node, compared_r), (cand, row.cand_node, compared_c)):
+            if _from_constants(capture.node(name), compared):   # a table made another way: not an op's doing
+                break
             block = _upstream(capture.node(name), compared) | {name}
             ops.append([n for n in capture.graph.nodes if n.name in block and n.op == "call_function"
                         and not DEFAULT_OPS.is_view(n, node_key(n))])
         keys = [[node_key(n) for n in side] for side in ops]
-        if keys[0] and keys[1] and sorted(keys[0]) != sorted(keys[1]) and max(map(len, keys)) <= _FEW_OPS \
+        if len(keys) == 2 and keys[0] and keys[1] and sorted(keys[0]) != sorted(keys[1]) and max(map(len, keys)) <= _FEW_OPS \
                 and not _NOT_ELEMENTWISE.intersection(keys[0] + keys[1]):
             ref_ops, cand_ops = (", ".join(map(_with_constants, side)) for side in ops)
             row.blame = [f"computed with other ops: ref {ref_ops} against cand {cand_ops}", row.ref_module, row.cand_module]

@@ -433,6 +433,9 @@ class Recorder(TorchFunctionMode):
             except RuntimeError:   # a tensor that cannot take hooks: its gradient is not recorded
                 pass
             live.hooked = True
+            # made with autograd off, it requires grad now: the output of a custom autograd.Function's
+            # forward (BLOOM's GeLUFunction), which apply() hands on as the Function's output
+            live.node.meta.pop(NO_GRAD, None)
 
     def _watch_base(self, tensors: list[torch.Tensor]) -> None:
         """Before an in-place write to views: a view's hook never fires once it is written to (the

@@ -383,6 +383,12 @@ def test_nn_multihead_attention_is_recorded_op_by_op_and_a_bug_beside_it_named()
     entry, = fxdiff.compare(fxdiff.capture(WrittenAttention().load_from(ref), (x,)), swapped).first_divergence()["forward"]
     assert entry["blame"] == ("another input: the candidate passes what the reference computes in k where the "
                               "reference passes what it computes in q"), entry
+    # its attention dropout, drawn inside the sdpa it calls, is recorded and replayed like any dropout
+    dropping = MHABlock()
+    dropping.attn.dropout = 0.5
+    cap = fxdiff.capture(dropping, (x,), mode="train", keep_dropout=True)
+    assert "dropout" in {node_key(n) for n in cap.graph.nodes}
+    assert fxdiff.compare(cap, dropping).verdict == "match"
 
 
 class Heads(nn.Module):

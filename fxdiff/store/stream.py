@@ -219,7 +219,7 @@ class TensorStream:
             parts, offset = [], self._writer.size
             for blob, data in blobs:
                 self._blobs[blob][0] = offset
-                parts += [data, padding(self._blobs[blob][1] - len(data))]
+                parts += [data, padding(self._blobs[blob][1] - data.numel())]
                 offset += self._blobs[blob][1]
             self._writer.write(parts)
 

@@ -85,11 +85,10 @@ def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     header["__metadata__"] = {"format": FORMAT, "views": json_bytes(views).decode()}
     head = json_bytes(header)
     head += b" " * (-(8 + len(head)) % _FILE_ALIGN)   # blobs start aligned in the file
-    parts = [torch.frombuffer(bytearray(len(head).to_bytes(8, "little") + head), dtype=torch.uint8)]
-    for first, end, storage in spans.values():
-        parts += [storage_bytes(storage, first, end), padding(-(end - first) % _FILE_ALIGN)]
     with _Writer(file) as out:
-        out.write(parts)
+        out.write([torch.frombuffer(bytearray(len(head).to_bytes(8, "little") + head), dtype=torch.uint8)])
+        for first, end, storage in spans.values():
+            out.write([storage_bytes(storage, first, end), padding(-(end - first) % _FILE_ALIGN)])
     return out.size, out.digest
 
 
@@ -164,16 +163,17 @@ class _Writer:
         by one ``torch.cat``, which releases the GIL for the whole copy: the model's thread, which
         hands tensors to the copier thread calling this, goes on meanwhile. (A copy per tensor,
         the GIL taken back after each, cost the model's thread more than the copies took.)"""
-        parts = collections.deque(p for p in parts if len(p))
+        parts = collections.deque((p, p.numel()) for p in parts)
         while parts:
             room, batch, n = self.CHUNK - self._fill, [], 0
             while parts and n < room:
-                part = parts.popleft()
-                if n + len(part) > room:   # the rest goes to the next buffer
+                part, size = parts.popleft()
+                if n + size > room:   # the rest goes to the next buffer
                     part, rest = part[:room - n], part[room - n:]
-                    parts.appendleft(rest)
+                    parts.appendleft((rest, size - (room - n)))
+                    size = room - n
                 batch.append(part)
-                n += len(part)
+                n += size
             torch.cat(batch, out=self._buf[self._fill:self._fill + n])
             self._fill += n
             self.size += n

@@ -383,6 +383,15 @@ def test_nn_multihead_attention_is_recorded_op_by_op_and_a_bug_beside_it_named()
     entry, = fxdiff.compare(fxdiff.capture(WrittenAttention().load_from(ref), (x,)), swapped).first_divergence()["forward"]
     assert entry["blame"] == ("another input: the candidate passes what the reference computes in k where the "
                               "reference passes what it computes in q"), entry
+    written = WrittenAttention().load_from(ref)   # the other way round: the fused projection the reference's
+    with torch.no_grad():
+        for a, b in ((written.q.weight, written.k.weight), (written.q.bias, written.k.bias)):
+            a_, b_ = a.clone(), b.clone()
+            a.copy_(b_)
+            b.copy_(a_)
+    entry, = fxdiff.compare(cap, written).first_divergence()["forward"]
+    assert entry["blame"] == ("another input: the candidate passes what it computes in q where the reference "
+                              "passes what the candidate computes in k"), entry
     # its attention dropout, drawn inside the sdpa it calls, is recorded and replayed like any dropout
     dropping = MHABlock()
     dropping.attn.dropout = 0.5

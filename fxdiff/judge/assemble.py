@@ -1111,7 +1111,8 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
     final norm)."""
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
     pair_of = {r.cand_node: r.ref_node for r in rows if not r.cand_slice}   # a fused output's slices: _slice_read
-    sliced = _sliced(rows)
+    slice_of = {r.cand_node: r for r in rows if r.ref_slice and not r.cand_slice}   # pairs with a slice of the reference's
+    sliced, sliced_ref = _sliced(rows), _sliced(rows, "ref")
     for row in rows:
         if not row.first_forward or row.blame:
             continue
@@ -1121,6 +1122,14 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
         ref_args = [_through_views(a, compared_r).name if isinstance(a, torch.fx.Node) else None for a in rn.args]
         for i, b in enumerate(cn.args[:len(ref_args)]):
             if not isinstance(b, torch.fx.Node) or ref_args[i] not in compared_r:
+                continue
+            if ref_args[i] in sliced_ref:   # the reference reads a slice of its own fused output
+                read, got = _slice_row(rn.args[i], sliced_ref, "ref"), slice_of.get(_through_views(b, compared_c).name)
+                if read is not None and got is not None and got.ref_node == read.ref_node and got.ref_slice != read.ref_slice:
+                    module, where = (cand.node(r.cand_node).meta.get(MODULE, "") or "<root>" for r in (got, read))
+                    row.blame = [f"another input: the candidate passes what it computes in {module} where the reference "
+                                 f"passes what the candidate computes in {where}", row.ref_module, row.cand_module]
+                    break
                 continue
             got = pair_of.get(_through_views(b, compared_c).name) or _slice_read(b, sliced)
             if got is not None and got != ref_args[i]:
@@ -1150,20 +1159,28 @@ def _made(capture: Capture, name: str, compared: set[str]) -> str:
     return f"{name} ({node_key(capture.node(name))}{', made with ' + ', '.join(held) if held else ''})"
 
 
-def _sliced(rows: list[NodeRow]) -> dict[str, list[NodeRow]]:
-    """The rows of each fused candidate output's slices (q, k and v of one qkv projection), by node."""
+def _sliced(rows: list[NodeRow], side: str = "cand") -> dict[str, list[NodeRow]]:
+    """The rows of each fused output's slices (q, k and v of one qkv projection) on ``side``, by node."""
     sliced: dict[str, list[NodeRow]] = {}
     for r in rows:
-        if r.cand_slice:
-            sliced.setdefault(r.cand_node, []).append(r)
+        if r.cand_slice if side == "cand" else r.ref_slice:
+            sliced.setdefault(r.cand_node if side == "cand" else r.ref_node, []).append(r)
     return sliced
 
 
-def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:
-    """The reference node paired with the one slice of a fused output that ``node``, a view of that
-    output split another way (timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``),
-    reads all its elements from; None when it reads from several or cannot be told. The views are
-    replayed on the fused output's element numbers."""
+def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]], side: str = "cand") -> str | None:
+    """The reference node paired with the one slice of a candidate's fused output that ``node``
+    reads (``_slice_row``)."""
+    row = _slice_row(node, sliced, side)
+    return row.ref_node if row is not None else None
+
+
+def _slice_row(node: torch.fx.Node, sliced: dict[str, list[NodeRow]], side: str = "cand") -> NodeRow | None:
+    """The row of the one slice of a fused output on ``side`` that ``node``, a view of that output
+    split another way (timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``,
+    ``nn.MultiheadAttention``'s ``unflatten`` and items), reads all its elements from; None when it
+    reads from several or cannot be told. The views are replayed on the fused output's element
+    numbers."""
     chain = [node]
     while chain[-1].name not in sliced:
         if len(chain) > 16 or chain[-1].op != "call_function" or not chain[-1].all_input_nodes:
@@ -1187,8 +1204,9 @@ def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | 
     if not isinstance(value, torch.Tensor) or not value.numel():
         return None
     columns = value % shape[-1]
-    owners = [r for r in sliced[fused.name] if bool(((columns >= r.cand_slice[0]) & (columns < r.cand_slice[1])).all())]
-    return owners[0].ref_node if len(owners) == 1 else None
+    blocks = [(r, r.cand_slice if side == "cand" else r.ref_slice) for r in sliced[fused.name]]
+    owners = [r for r, (lo, hi) in blocks if bool(((columns >= lo) & (columns < hi)).all())]
+    return owners[0] if len(owners) == 1 else None
 
 
 def _fused_source(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:

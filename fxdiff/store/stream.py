@@ -8,9 +8,10 @@ buffers (``BUFFERS`` x 8 MiB), not the sum of every value and gradient. An idle 
 once ``WAKE`` bytes wait, not for each tensor: each wake cost the model's thread more than most
 copies take. It takes up to ``BATCH`` bytes of tensors at a time and copies them all in one call
 that does not hold the GIL (``tensor_file._Writer.write``), so that the model's thread, which needs
-the GIL between ops, seldom waits for it (a copy per tensor, the GIL taken back after each, cost
-the ~1M-parameter GPT-2 of ``benchmarks/capture_overhead.py`` 5-8 ms a run). The bytes must be the value as produced, whatever the model writes later:
-before a write the recorder foresees (``protect``), a tensor still queued is copied aside (one
+the GIL between ops, seldom waits for it (with the disk writes off, a copy per tensor with the GIL
+taken back after each cost the ~1M-parameter GPT-2 of ``benchmarks/capture_overhead.py`` 8-10 ms a
+run more than no copies at all; one call a batch, 1-3 ms). The bytes must be the value as
+produced, whatever the model writes later: before a write the recorder foresees (``protect``), a tensor still queued is copied aside (one
 being copied is waited for); a write it did not foresee is caught by the tensor's version counter,
 checked when the copy is made and again at the recorder's next call (``verify``), and ``settle``
 then names the tensor, so that the run is recorded again copying each tensor the moment it is

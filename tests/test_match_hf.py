@@ -200,6 +200,24 @@ def test_a_weight_reshaped_where_its_transpose_was_meant_is_named(gpt2_pair):
     assert not value.passed
 
 
+def test_two_norms_weights_swapped_in_a_conversion_are_named():
+    """A conversion that loads a layer's first norm's weights into its second and the second's into
+    the first: the weights pair by their bytes, each with the other norm's, so each norm op paired
+    with the other one and the story was 'another input' (open_clip's ln_1/ln_2 against HF CLIP)."""
+    gpt2 = H.randomize(H.make_gpt2(), seed=3)
+    state = H.convert_gpt2(gpt2.state_dict())
+    for kind in ("weight", "bias"):
+        a, b = f"layers.1.norm1.{kind}", f"layers.1.norm2.{kind}"
+        state[a], state[b] = state[b], state[a]
+    port = H.make_gpt2_port(converted=False)
+    port.load_state_dict(state)
+    ref, cand = record(gpt2, H.gpt2_inputs()), record(port, H.gpt2_inputs())
+    first = judge(ref, cand, match(ref, cand)).first_divergence()["forward"]
+    assert first and first[0]["blame"] == (
+        "parameters swapped: h.1.ln_1.weight holds what the candidate's layers.1.norm2.weight does and "
+        "h.1.ln_2.weight what its layers.1.norm1.weight does, which its ops read in the other order"), first
+
+
 def test_independent_ops_computed_in_another_order(gpt2_pair):
     """Topological order is partial: projections run v, k, q on one side and q, k, v on the other.
     Every one still pairs with its counterpart, against GPT-2's fused c_attn and against the port."""

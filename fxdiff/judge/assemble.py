@@ -159,6 +159,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
+    _name_swapped_parameters(ref, cand, rows, alignment)
     _name_crossed_inputs(ref, cand, rows)
     _blame_parameter_values(ref, rows, params)
     _name_other_ops(ref, cand, rows)
@@ -1141,6 +1142,46 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
                             f"passes {_made(ref, ref_args[i], compared_r)}")
                 row.blame = [f"another input: the candidate passes {what}", row.ref_module, row.cand_module]
                 break
+
+
+def _name_swapped_parameters(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
+    """Name two parameters swapped in a conversion (a layer's two norms' weights): at a forward first
+    divergence whose op reads a parameter paired, by its bytes, with one the candidate's ops read in
+    another order than the reference's among the parameters of the same name in that layer. The
+    pairing follows the bytes, so each op pairs with the one after or before it on the other side."""
+    pairs = {pp.ref: pp.cand[0] for pp in alignment.params if len(pp.cand) == 1 and pp.transform.get("kind") == "identity"}
+    order_r, order_c = _first_reads(ref), _first_reads(cand)
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        read = [str(n.target) for n in (_through_views(a, set()) for a in ref.node(row.ref_node).all_input_nodes)
+                if n.op == "get_attr"]
+        for p in (p for p in read if p in pairs and p in order_r and pairs[p] in order_c):
+            layer, leaf = p.rsplit(".", 2)[0], p.rpartition(".")[2]
+            for other, theirs in pairs.items():
+                if other == p or other.rsplit(".", 2)[0] != layer or other.rpartition(".")[2] != leaf \
+                        or other not in order_r or theirs not in order_c:
+                    continue
+                if (order_r[p] < order_r[other]) != (order_c[pairs[p]] < order_c[theirs]):
+                    row.blame = [f"parameters swapped: {p} holds what the candidate's {pairs[p]} does and {other} what "
+                                 f"its {theirs} does, which its ops read in the other order",
+                                 row.ref_module, row.cand_module]
+                    break
+            if row.blame:
+                break
+
+
+def _first_reads(capture: Capture) -> dict[str, int]:
+    """Where in the graph each parameter is first read by an op (through views): its position."""
+    position = {n.name: i for i, n in enumerate(capture.graph.nodes)}
+    first: dict[str, int] = {}
+    for n in capture.graph.nodes:
+        if n.op == "call_function" and not DEFAULT_OPS.is_view(n, node_key(n)):
+            for a in n.all_input_nodes:
+                a = _through_views(a, set())
+                if a.op == "get_attr":
+                    first.setdefault(str(a.target), position[n.name])
+    return first
 
 
 def _same_function(a: torch.fx.Node, b: torch.fx.Node) -> bool:

@@ -19,8 +19,7 @@ def named(node: torch.fx.Node) -> dict[int | str, Any]:
     """The arguments ``node`` was called with, by parameter name where it can be told, else by
     position; those left out take the op's default."""
     target = str(node.meta.get(TARGET))
-    names = parameter_names(target)
-    given = {**{names[i] if i < len(names) else i: a for i, a in enumerate(node.args)}, **node.kwargs}
+    given = _given(node, parameter_names(target))
     return {**{k: v for k, v in defaults(target).items() if k not in given}, **given}
 
 
@@ -30,13 +29,14 @@ def side_by_side(rn: torch.fx.Node, cn: torch.fx.Node) -> list[tuple[int | str, 
     out takes the op's default (``F.gelu(x)`` against ``F.gelu(x, approximate='tanh')``)."""
     target = str(rn.meta.get(TARGET))
     names, default = parameter_names(target), defaults(target)
-
-    def given(node: torch.fx.Node) -> dict[int | str, Any]:
-        return {**{names[i] if i < len(names) else i: a for i, a in enumerate(node.args)}, **node.kwargs}
-
-    a, b = given(rn), given(cn)
+    a, b = _given(rn, names), _given(cn, names)
     return [(k, a.get(k, default.get(k)), b.get(k, default.get(k))) for k in [*a, *(k for k in b if k not in a)]
             if (k in a or k in default) and (k in b or k in default)]
+
+
+def _given(node: torch.fx.Node, names: tuple[str, ...]) -> dict[int | str, Any]:
+    """The arguments ``node`` passes, positional ones by ``names`` where there are enough of them."""
+    return {**{names[i] if i < len(names) else i: a for i, a in enumerate(node.args)}, **node.kwargs}
 
 
 def parameter_names(target: str) -> tuple[str, ...]:

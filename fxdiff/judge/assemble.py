@@ -415,8 +415,7 @@ def _introduced_reading(ref: Capture, rows: list[NodeRow], names: Collection[str
         if not names or not row.first_forward or row.blame or row.cause() != "introduced":
             continue
         node = ref.node(row.ref_node)
-        read = [str(n.target) for n in (_through_views(a, set()) for a in node.all_input_nodes) if n.op == "get_attr"]
-        name = next((n for n in [*read, *_held(node, compared)] if n in names), None)   # its own arguments first
+        name = next((n for n in [*_params_read(node), *_held(node, compared)] if n in names), None)   # its own arguments first
         if name is not None:
             yield row, name
 
@@ -1150,13 +1149,12 @@ def _name_swapped_parameters(ref: Capture, cand: Capture, rows: list[NodeRow], a
     another order than the reference's among the parameters of the same name in that layer. The
     pairing follows the bytes, so each op pairs with the one after or before it on the other side."""
     pairs = {pp.ref: pp.cand[0] for pp in alignment.params if len(pp.cand) == 1 and pp.transform.get("kind") == "identity"}
+    unblamed = [r for r in rows if r.first_forward and not r.blame]
+    if not unblamed or not pairs:
+        return
     order_r, order_c = _first_reads(ref), _first_reads(cand)
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        read = [str(n.target) for n in (_through_views(a, set()) for a in ref.node(row.ref_node).all_input_nodes)
-                if n.op == "get_attr"]
-        for p in (p for p in read if p in pairs and p in order_r and pairs[p] in order_c):
+    for row in unblamed:
+        for p in (p for p in _params_read(ref.node(row.ref_node)) if p in pairs and p in order_r and pairs[p] in order_c):
             layer, leaf = p.rsplit(".", 2)[0], p.rpartition(".")[2]
             for other, theirs in pairs.items():
                 if other == p or other.rsplit(".", 2)[0] != layer or other.rpartition(".")[2] != leaf \
@@ -1173,15 +1171,17 @@ def _name_swapped_parameters(ref: Capture, cand: Capture, rows: list[NodeRow], a
 
 def _first_reads(capture: Capture) -> dict[str, int]:
     """Where in the graph each parameter is first read by an op (through views): its position."""
-    position = {n.name: i for i, n in enumerate(capture.graph.nodes)}
     first: dict[str, int] = {}
-    for n in capture.graph.nodes:
+    for i, n in enumerate(capture.graph.nodes):
         if n.op == "call_function" and not DEFAULT_OPS.is_view(n, node_key(n)):
-            for a in n.all_input_nodes:
-                a = _through_views(a, set())
-                if a.op == "get_attr":
-                    first.setdefault(str(a.target), position[n.name])
+            for target in _params_read(n):
+                first.setdefault(target, i)
     return first
+
+
+def _params_read(node: torch.fx.Node) -> list[str]:
+    """The parameters and buffers ``node`` takes as arguments, directly or through views."""
+    return [str(n.target) for n in (_through_views(a, set()) for a in node.all_input_nodes) if n.op == "get_attr"]
 
 
 def _same_function(a: torch.fx.Node, b: torch.fx.Node) -> bool:
@@ -1209,10 +1209,10 @@ def _sliced(rows: list[NodeRow], side: str = "cand") -> dict[str, list[NodeRow]]
     return sliced
 
 
-def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]], side: str = "cand") -> str | None:
+def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:
     """The reference node paired with the one slice of a candidate's fused output that ``node``
     reads (``_slice_row``)."""
-    row = _slice_row(node, sliced, side)
+    row = _slice_row(node, sliced)
     return row.ref_node if row is not None else None
 
 

@@ -71,7 +71,7 @@ def _scale_at(node: torch.fx.Node) -> Scale | None:
     operands = _operands(node)
     if key != "matmul" or len(operands) != 2:
         return None
-    probs = _through_views(operands[0])
+    probs = _through_casts(operands[0])
     if node_key(probs) != "softmax" or not isinstance(probs.args[0], torch.fx.Node):
         return None
     f, scores = _factor(probs.args[0], scores=True)
@@ -145,8 +145,9 @@ def _operands(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [a for a in node.args if isinstance(a, torch.fx.Node)]
 
 
-def _through_views(node: torch.fx.Node) -> torch.fx.Node:
-    """Back from attention probabilities through views, casts and the dropout on them."""
+def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
+    """Back from attention probabilities through views, casts and the dropout on them (not
+    ``assemble._through_views``: no compared values to stop at, and casts and dropout taken too)."""
     while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
             and (DEFAULT_OPS.is_view(node, node_key(node)) or node_key(node) in _ON_PROBABILITIES):
         node = node.args[0]

@@ -37,8 +37,8 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fxdiff  # noqa: E402
+from machine import disk_speed  # noqa: E402  (this folder is the script's)
 from fxdiff.store.summary import _digest, is_summary  # noqa: E402
-from fxdiff.store.tensor_file import _Writer  # noqa: E402
 
 TARGET_TIME, TARGET_MEMORY = 2.0, 1.10
 
@@ -98,20 +98,6 @@ def peak(fn):
     return torch.cuda.max_memory_allocated()
 
 
-def disk_speed(folder, size=2 << 30):
-    """Bytes a second the capture writer puts on disk (``size`` bytes from host memory)."""
-    data = memoryview(bytearray(64 << 20))
-    file = pathlib.Path(folder) / "speed"
-    start = time.perf_counter()
-    w = _Writer(file)
-    for _ in range(size // len(data)):
-        w.write(data)
-    w.__exit__(None, None, None)
-    seconds = time.perf_counter() - start
-    file.unlink()
-    return size / seconds
-
-
 def folder_bytes(path):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) if os.path.isdir(path) else 0
 
@@ -152,7 +138,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("capture_overhead_cuda.py needs a CUDA device")
     folder = tempfile.mkdtemp(prefix="fxdiff-cuda-bench-", dir=a.dir)
-    speed = disk_speed(folder)
+    speed = disk_speed(folder, 2 << 30)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {os.cpu_count()} CPU cores; disk writes "
           f"{speed / 1e9:.2f} GB/s; targets: time <= {TARGET_TIME}x eager, peak GPU memory <= {TARGET_MEMORY}x "
           "eager's", flush=True)

@@ -129,11 +129,18 @@ class OpKeys:
 
     def is_view(self, node: torch.fx.Node, key: str) -> bool:
         """Whether ``node`` (of key ``key``) only moves or relabels data: a transparent op, an item
-        of a split, ``x[idx]`` that only adds or keeps dimensions (``x[:, None]``), or an item of its
-        first dimension (``x[0]``, as ``x.unbind()[0]``: ``nn.MultiheadAttention``'s q, k and v)."""
+        of a split, ``x[idx]`` that only adds or keeps dimensions (``x[:, None]``), an item of its
+        first dimension (``x[0]``, as ``x.unbind()[0]``: ``nn.MultiheadAttention``'s q, k and v), or
+        a pad of nothing (Hugging Face's Swin pads its image to whole windows, by 0 where it fits)."""
         item_of_split = (node.meta.get(TARGET) in GETITEM and bool(node.args)
                          and isinstance(node.args[0], torch.fx.Node) and key in self.splits)
-        return key in self.transparent or item_of_split or (key == "getitem" and _view_index(node))
+        return key in self.transparent or item_of_split or (key == "getitem" and _view_index(node)) \
+            or (key == "pad" and _pads_nothing(node))
+
+
+def _pads_nothing(node: torch.fx.Node) -> bool:
+    sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    return isinstance(sizes, (list, tuple)) and all(type(n) is int and n == 0 for n in sizes)
 
 
 def _view_index(node: torch.fx.Node) -> bool:

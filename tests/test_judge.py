@@ -833,6 +833,79 @@ def test_a_constant_argument_ported_wrong_is_named():
     assert first.blame == ["its arguments differ: eps 1e-05 against 0.1", "norm", "norm"], first.blame
 
 
+class WindowNorm(nn.Module):
+    """A norm over an image's tokens: timm's Swin normalises the (batch, height, width, channels)
+    image; Hugging Face's (``flat``) the (batch, tokens, channels) sequence, then views it as the image."""
+
+    def __init__(self, flat: bool, eps=1e-5):
+        super().__init__()
+        self.flat, self.norm, self.head = flat, nn.LayerNorm(8, eps=eps), nn.Linear(8, 2)
+
+    def forward(self, x):   # x: (batch, 16 tokens, 8)
+        y = self.norm(x).view(-1, 4, 4, 8) if self.flat else self.norm(x.view(-1, 4, 4, 8))
+        return self.head(y.roll(1, dims=1))
+
+
+def test_an_argument_ported_wrong_is_named_where_a_view_of_the_op_pairs():
+    """HF's Swin norm, viewed after it, pairs as its view with timm's norm: the eps its config got
+    wrong was not looked for ('introduced here' at layer_norm against view)."""
+    torch.manual_seed(0)
+    ref, port = WindowNorm(flat=False), WindowNorm(flat=True, eps=1e-2)
+    port.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 8)
+    cand = fxdiff.capture(port, (x,))
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (x,)), cand).nodes if r.first_forward)
+    assert (first.op, node_key(cand.node(first.cand_node))) == ("layer_norm", "view"), first
+    assert first.blame == ["its arguments differ: eps 1e-05 against 0.01", "norm", "norm"], first.blame
+
+
+def test_a_square_weight_transposed_where_both_sides_read_it_alike_is_a_difference():
+    """A square projection's weight loaded transposed, both sides reading it with ``F.linear``,
+    paired as a layout ('transpose'): 'parameter values: all match', the op 'introduced here'."""
+    torch.manual_seed(0)
+    ref, port = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), nn.Sequential(nn.Linear(4, 4), nn.Tanh(),
+                                                                                         nn.Linear(4, 2))
+    port.load_state_dict({**ref.state_dict(), "0.weight": ref[0].weight.detach().t().contiguous()})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4),)), port)
+    first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame[0] == ("0.weight is the candidate's 0.weight transposed, though both sides' linear ops "
+                              "(linear, linear) read it as their weight: not a layout, a difference"), first.blame
+    assert [p.ref for p in report.params if p.value is not None and not p.value.passed] == ["0.weight"]
+
+
+class ShiftedWindows(nn.Module):
+    """Swin's shifted windows: timm rolls the image, then pads it to whole windows; Hugging Face
+    (``pad_first``) pads, then rolls. Where the image fits its windows, the pad is by 0."""
+
+    def __init__(self, pad_first: bool, shift: int = 2):
+        super().__init__()
+        self.pad_first, self.shift = pad_first, shift
+        self.norm, self.mix, self.head = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):   # x: (batch, 4, 4, 8)
+        x = self.norm(x)
+        if self.pad_first:
+            x = F.pad(x, (0, 0, 0, 0, 0, 0)).roll((-self.shift, -self.shift), dims=(1, 2))
+        else:
+            x = F.pad(x.roll((-2, -2), dims=(1, 2)), (0, 0, 0, 0, 0, 0))
+        return self.head(self.mix(x).flatten(1, 2)[:, :3])
+
+
+def test_a_roll_and_a_pad_of_nothing_in_the_other_order_pair_and_a_wrong_shift_is_named():
+    """HF's Swin pads, then rolls; timm's rolls, then pads (by 0 here). The rolls paired with
+    nothing, and a wrong shift was blamed on 'a side input that differs: pad'."""
+    torch.manual_seed(0)
+    ref, port, bug = ShiftedWindows(pad_first=False), ShiftedWindows(pad_first=True), ShiftedWindows(True, shift=1)
+    port.load_state_dict(ref.state_dict())
+    bug.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 4, 8)
+    captured = fxdiff.capture(ref, (x,))
+    report = fxdiff.compare(captured, port)
+    assert not report.diverged and "roll" not in {u.op for u in report.unmatched.ref}, report.unmatched.ref
+    first = next(r for r in fxdiff.compare(captured, bug).nodes if r.first_forward)
+    assert (first.op, first.blame[0]) == ("roll", "its arguments differ: shifts (-2, -2) against (-1, -1)"), first
+
+
 class ChannelsFirst(nn.Module):
     """An encoder returning (batch, features, time) as NeMo's does, or (``time_major``) (batch, time,
     features) as Hugging Face's Parakeet does."""

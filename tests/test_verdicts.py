@@ -354,3 +354,38 @@ def test_a_float64_candidate_summing_cancelling_terms_exactly_is_within_float32_
     bug = Mono()
     bug.load_state_dict({**ref.state_dict(), "out.bias": ref.out.bias + 1e-3})
     assert fxdiff.compare(fxdiff.capture(ref, (x,), loss=lambda y: (y * w).sum()), bug, dtype="float64").diverged
+
+
+class _MaskedAttention(nn.Module):
+    """Padded keys masked with -inf (Hugging Face's wav2vec2) or with -10000 added (torchaudio's)."""
+
+    def __init__(self, additive: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.v, self.additive = nn.Linear(8, 8), nn.Linear(8, 8), additive
+
+    def forward(self, x, pad):
+        q = self.q(x)
+        scores = q @ q.transpose(1, 2)
+        if self.additive:
+            scores = scores + pad[:, None, :] * -10000.0
+        else:
+            scores = scores.masked_fill(pad[:, None, :].bool(), float("-inf"))
+        return scores.softmax(-1) @ self.v(x)
+
+
+def test_a_mask_of_minus_infinity_against_a_large_negative_one_is_no_divergence():
+    """Both masks give the padded keys a probability of exactly 0, and their scores a zero gradient
+    on both sides; the scores differ there, infinite on one side. Those differences, which count as
+    non-finite positions and not in the largest difference, were DIVERGED (torchaudio's wav2vec2
+    against HF's in train mode); and a pair still differing where outputs read it was said to
+    differ only where none does."""
+    from fxdiff.render.text import verdict
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    pad = torch.zeros(2, 5)
+    pad[0, 3:] = 1
+    ref = fxdiff.capture(_MaskedAttention(additive=False), (x, pad))
+    report = fxdiff.compare(ref, _MaskedAttention(additive=True))
+    assert not report.diverged, report.first_divergence()
+    assert verdict(report).plain == "MATCH, bit for bit where any output depends on the values"
+    assert any("no output depends on (masked_fill)" in w for w in report.warnings)

@@ -33,7 +33,7 @@ from ..match.confidence import CERTAIN, OTHER_USERS, WEAK
 from ..ops import DEFAULT_OPS, GETITEM, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
-from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
+from ..model.report import LIVE_ELEMENTS, Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
 from ..store.summary import all_zero, is_summary
 from ..targets import Targets
 from .tensors import Tolerance, compare_many, compare_tensors, layout_permutation, machine_eps, rms_many
@@ -189,8 +189,9 @@ def _dead_elements_aside(ref: Capture, cand: Capture, rows: list[NodeRow], tol: 
     """Judge each pair of values that fails again on the elements some output depends on: where the
     gradient is zero on both sides (padded positions that no output reads, which HF's CLIP text
     tower computes with the padded keys masked and open_clip's without), a difference cannot reach
-    the loss. A pair whose gradient is zero everywhere is left as it was: that says nothing of its
-    elements. Returns the reference nodes whose verdicts changed so."""
+    the loss. A pair that passes there is set aside so; one that still fails, or whose gradient is
+    zero everywhere (that says nothing of its elements), is left as it was. Returns the reference
+    nodes set aside."""
     changed = []
     for row in rows:
         m = row.forward
@@ -211,10 +212,9 @@ def _dead_elements_aside(ref: Capture, cand: Capture, rows: list[NodeRow], tol: 
         if not dead.any() or dead.all():
             continue
         live = compare_tensors(a, torch.where(dead, a.to(b.dtype), b), tol)
-        if live.max_abs_diff < m.max_abs_diff:
-            row.forward = dataclasses.replace(live, note=f"compared where some output depends on it: "
-                                                         f"{int(dead.sum())} of {dead.numel()} elements have a zero "
-                                                         "gradient on both sides")
+        if live.passed:
+            row.forward = dataclasses.replace(live, note=f"{LIVE_ELEMENTS}: {int(dead.sum())} of {dead.numel()} "
+                                                         "elements have a zero gradient on both sides")
             changed.append(row.ref_node)
     return changed
 
@@ -377,23 +377,44 @@ def _blame_reordered_rows(ref: Capture, cand: Capture, rows: list[NodeRow], alig
     """Blame a forward first divergence introduced at an op that reads a parameter paired by content
     with the candidate's laid out another way: its rows in another order (a classifier's classes
     reordered in a conversion: the op's output features are those rows, and nothing after it puts
-    them back), or reshaped to its transpose's shape (``w.reshape(n, m)`` for ``w.T``). The
-    parameter's value is then a difference: ``{ref param: what}``."""
-    relaid = {pp.ref: pp for pp in alignment.params
-              if pp.transform.get("kind") == "permute_rows" or _reshaped_for_transposed(pp, ref, cand)}
+    them back), reshaped to its transpose's shape (``w.reshape(n, m)`` for ``w.T``), or transposed
+    where both sides' ops read it alike (a square projection's weight, at ``F.linear``'s ``weight``
+    on both sides: a transpose is a layout only between ops that read it the other way round, a
+    Conv1D against a Linear). The parameter's value is then a difference: ``{ref param: what}``."""
+    relaid = {pp.ref: pp for pp in alignment.params if pp.transform.get("kind") in ("permute_rows", "transpose")
+              or _reshaped_for_transposed(pp, ref, cand)}
     found: dict[str, str] = {}
     for row, name in _introduced_reading(ref, rows, relaid):
         pp = relaid[name]
-        if pp.transform["kind"] == "permute_rows":
+        kind = pp.transform["kind"]
+        if kind == "permute_rows":
             index = pp.transform["index"]
             order = ", ".join(map(str, index[:8])) + (", ..." if len(index) > 8 else "")
             how = f"with its rows in another order ([{order}])"
+        elif kind == "transpose":
+            argument = _read_alike(ref.node(row.ref_node), cand.node(row.cand_node), name, pp.cand[0])
+            if argument is None:
+                continue
+            how = f"transposed, though both sides' {row.op} ops ({row.ref_node}, {row.cand_node}) read it as their {argument}"
         else:
             how = f"reshaped to {list(ref.params[name].shape)}, the shape of its transpose, not transposed"
-        found[name] = (f"is the candidate's {pp.cand[0]} {how}, which its {row.op} op ({row.ref_node}) does not "
-                       "follow: not a layout, a difference")
+        if kind != "transpose":
+            how += f", which its {row.op} op ({row.ref_node}) does not follow"
+        found[name] = f"is the candidate's {pp.cand[0]} {how}: not a layout, a difference"
         row.blame = [f"{name} {found[name]}", row.ref_module, row.cand_module]
     return found
+
+
+def _read_alike(rn: torch.fx.Node, cn: torch.fx.Node, name: str, cand_name: str) -> str | None:
+    """The argument (by name where torch can tell) at which calls of one function read parameter
+    ``name`` on the reference's side and ``cand_name`` on the candidate's, or None."""
+    if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
+        return None
+    for k, a, b in arguments.side_by_side(rn, cn):
+        if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr" \
+                and (str(a.target), str(b.target)) == (name, cand_name):
+            return k if isinstance(k, str) else f"argument {k}"
+    return None
 
 
 def _reshaped_for_transposed(pp: ParamPair, ref: Capture, cand: Capture) -> bool:
@@ -687,11 +708,14 @@ def _layouts(ref: Capture, cand: Capture, rows: list[NodeRow]) -> dict[str, tupl
 def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
     """Blame a forward first divergence of one function on both sides on the constant arguments it
     was called with where they differ (a norm's ``eps``, an attention's ``scale`` or
-    ``is_causal``), by keyword or position."""
+    ``is_causal``), by keyword or position; the function's call is looked for behind the views
+    that follow it on one side (HF's Swin norm's output viewed as the image that timm's is)."""
     for row in rows:
         if not row.first_forward or row.blame:
             continue
         rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        if rn.meta.get(TARGET) != cn.meta.get(TARGET):
+            rn, cn = _through_views(rn, set()), _through_views(cn, set())
         if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
             continue
         given = arguments.side_by_side(rn, cn)
@@ -704,7 +728,8 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
                   if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT
                   and (flags or type(a) is not bool)]
         if differ:
-            row.blame = [f"its arguments differ: {', '.join(differ)}", row.ref_module, row.cand_module]
+            row.blame = [f"its arguments differ: {', '.join(differ)}", rn.meta.get(MODULE, row.ref_module),
+                         cn.meta.get(MODULE, row.cand_module)]
 
 
 def _blame_attention_scale(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> None:

@@ -52,6 +52,8 @@ class Metrics:
 _FLOAT_FIELDS = ("max_abs_diff", "max_rel_diff", "mean_abs_diff", "cosine", "ref_rms", "rms_diff", "cand_rms", "eps",
                  "error", "noise", "max_scaled_diff")
 
+LIVE_ELEMENTS = "compared where some output depends on it"   # a Metrics.note: elements no output reads set aside
+
 # Metrics.histogram[0] counts |diff| == 0; bin k >= 1 counts [HIST_EDGES[k], HIST_EDGES[k+1]), the
 # first decade also holding anything below 1e-12 and the last anything from 10 up.
 HIST_EDGES = [0.0] + [10.0 ** e for e in range(-12, 2)]

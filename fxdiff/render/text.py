@@ -23,7 +23,7 @@ from rich.text import Text
 
 from ..ops import node_key
 from ..model.capture import DTYPE, GRAD, MODULE, SHAPE, Capture
-from ..model.report import Metrics, NodeRow, OutputRow, ParamRow, Report
+from ..model.report import LIVE_ELEMENTS, Metrics, NodeRow, OutputRow, ParamRow, Report
 
 MANY = 12          # more parameter rows than this are grouped by module
 SHOWN_FIRST = 3    # first-divergence entries shown per direction
@@ -142,6 +142,8 @@ def verdict(report: Report) -> Text:
                     f"ops shows the same computation carrying that noise: {_names(explained, 3)}")
     else:
         how = "within the tolerance" if any(m.max_abs_diff > 0 for m in metrics) else "bit for bit"
+        if any(r.forward is not None and r.forward.note.startswith(LIVE_ELEMENTS) for r in report.nodes):
+            how += " where any output depends on the values"
     s = report.summary()
     if not any(s["nodes"][k] for k in ("backward_matches", "backward_mismatches")) \
             and not any(s["param_grads"][k] for k in ("matched", "mismatched")):

@@ -873,6 +873,151 @@ def test_a_square_weight_transposed_where_both_sides_read_it_alike_is_a_differen
     assert [p.ref for p in report.params if p.value is not None and not p.value.passed] == ["0.weight"]
 
 
+class FusedAttention(nn.Module):
+    """timm's attention: one qkv projection, split by reshape, permute and unbind, written out."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, 8))
+
+
+class SplitAttention(nn.Module):
+    """Hugging Face's: three projections and ``scaled_dot_product_attention``."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        heads = [p(x).view(b, n, 2, 4).transpose(1, 2) for p in (self.q, self.k, self.v)]
+        return self.proj(F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(b, n, 8))
+
+
+def test_query_and_key_swapped_out_of_a_fused_reference_projection_are_named():
+    """timm's fused qkv against HF's three projections, q and k converted into each other's
+    places: 'introduced here' at the attention (written out on one side, sdpa on the other)."""
+    torch.manual_seed(0)
+    ref = FusedAttention()
+    w, bias = ref.qkv.weight.detach(), ref.qkv.bias.detach()
+
+    def port(order):
+        cand = SplitAttention()
+        for name, i in zip("qkv", order):
+            getattr(cand, name).load_state_dict({"weight": w[8 * i:8 * i + 8], "bias": bias[8 * i:8 * i + 8]})
+        cand.proj.load_state_dict(ref.proj.state_dict())
+        return cand
+    captured = fxdiff.capture(ref, (torch.randn(2, 5, 8),))
+    assert not fxdiff.compare(captured, port((0, 1, 2))).diverged
+    first = next(r for r in fxdiff.compare(captured, port((1, 0, 2))).nodes if r.first_forward)
+    assert first.blame[0] == ("the attention's query and key swapped: the candidate passes as the query what the "
+                              "reference passes as the key, and the other way round"), first.blame
+
+
+def test_a_weight_norm_dropped_in_a_conversion_is_named():
+    """wav2vec2's positional conv under weight norm, converted by copying ``v`` as the weight:
+    'introduced here' at the conv, the ref-only weight norm, on parameters alone, unnamed."""
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 4), weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2), nn.GELU())
+    port = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 3, padding=1), nn.GELU())
+    with torch.no_grad():
+        ref[1].parametrizations.weight.original0.mul_(1.5)   # g, not the norm of v
+    port.load_state_dict({"0.weight": ref[0].weight, "0.bias": ref[0].bias, "1.bias": ref[1].bias,
+                          "1.weight": ref[1].parametrizations.weight.original1})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 4, 4),)), port)
+    first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame[0] == ("ref-only _weight_norm (weight_norm) makes a tensor it reads from "
+                              "1.parametrizations.weight.original1, 1.parametrizations.weight.original0; the candidate "
+                              "reads 1.weight, the counterpart of 1.parametrizations.weight.original1, as it is"), first.blame
+
+
+class Trimmed(nn.Module):
+    """wav2vec2's positional conv with an even kernel, one frame trimmed after it: the last
+    (``x[:, :, :-1]``, Hugging Face's) or, ported wrong, the first (``x[..., 1:]``); ``same`` trims
+    the last, written as ``x[..., :-1]``."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index, self.conv, self.head = index, nn.Conv1d(4, 4, 2, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x)[self.index].transpose(1, 2))
+
+
+def test_an_index_ported_wrong_is_named_and_one_written_another_way_is_not():
+    """The slice a port trims its conv's output with, wrong: 'introduced here' at the getitem."""
+    torch.manual_seed(0)
+    ref = Trimmed((slice(None), slice(None), slice(None, -1)))
+    same, bug = Trimmed((Ellipsis, slice(None, -1))), Trimmed((Ellipsis, slice(1, None)))
+    same.load_state_dict(ref.state_dict())
+    bug.load_state_dict(ref.state_dict())
+    captured = fxdiff.capture(ref, (torch.randn(2, 4, 6),))
+    assert not fxdiff.compare(captured, same).diverged
+    first = next(r for r in fxdiff.compare(captured, bug).nodes if r.first_forward)
+    assert first.blame[0] == "its arguments differ: index [:, :, :-1] against [..., 1:]", first.blame
+
+
+class BiasTable(nn.Module):
+    """Swin's relative position bias: a table of biases looked up by an index buffer built in
+    ``__init__`` (``wrong``: without the multiplier that makes its pairs distinct), under a name of
+    each side's."""
+
+    def __init__(self, name: str, wrong: bool = False):
+        super().__init__()
+        self.table, self.proj, self.name = nn.Parameter(torch.randn(9, 2)), nn.Linear(4, 4), name
+        pos = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")).flatten(1)
+        rel = (pos[:, :, None] - pos[:, None, :]).permute(1, 2, 0) + 1
+        self.register_buffer(name, rel[..., 0] * (1 if wrong else 3) + rel[..., 1])
+
+    def forward(self, x):   # x: (batch, heads 2, tokens 4, 4)
+        bias = self.table[getattr(self, self.name).view(-1)].view(4, 4, 2).permute(2, 0, 1)
+        return self.proj((x @ x.transpose(-1, -2) + bias).softmax(-1) @ x)
+
+
+def test_an_index_buffer_built_another_way_is_named():
+    """The buffer pairs with nothing (no content does), so no value of it differed: 'introduced
+    here' at the lookup, 'parameter values: all match'."""
+    torch.manual_seed(0)
+    ref, bug = BiasTable("relative_position_index"), BiasTable("index", wrong=True)
+    bug.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "relative_position_index"}, strict=False)
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 2, 4, 4),)), bug).nodes
+                 if r.first_forward)
+    assert first.blame[0] == ("a tensor it reads pairs with nothing: relative_position_index against the "
+                              "candidate's index, of one size, whose values differ"), first.blame
+
+
+class ConvNorm(nn.Module):
+    """wav2vec2's first conv block: a GroupNorm of one group per channel over time, or (``layer``)
+    a LayerNorm over the channels, between transposes."""
+
+    def __init__(self, layer: bool):
+        super().__init__()
+        self.layer, self.conv, self.head = layer, nn.Conv1d(1, 4, 3), nn.Linear(4, 2)
+        self.norm = nn.LayerNorm(4) if layer else nn.GroupNorm(4, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.norm(y.transpose(1, 2)).transpose(1, 2) if self.layer else self.norm(y)
+        return self.head(F.gelu(y).transpose(1, 2))
+
+
+def test_a_norm_ported_as_another_is_named_as_the_two_ops():
+    """GroupNorm ported as LayerNorm, the same weights: 'introduced here' with no word of the two norms."""
+    torch.manual_seed(0)
+    ref, bug = ConvNorm(layer=False), ConvNorm(layer=True)
+    bug.load_state_dict(ref.state_dict())
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 1, 9),)), bug).nodes if r.first_forward)
+    assert first.blame[0] == "computed with other ops: ref group_norm(eps=1e-05) against cand layer_norm(eps=1e-05)", \
+        first.blame
+
+
 class ShiftedWindows(nn.Module):
     """Swin's shifted windows: timm rolls the image, then pads it to whole windows; Hugging Face
     (``pad_first``) pads, then rolls. Where the image fits its windows, the pad is by 0."""

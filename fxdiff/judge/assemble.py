@@ -157,11 +157,14 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     _blame_attention_scale(ref, cand, rows, tol)
     _blame_made_another_way(ref, cand, rows, rejected, tol)
     _blame_one_sided(ref, cand, rows, alignment)
+    _blame_weight_made(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
     _name_swapped_parameters(ref, cand, rows, alignment)
     _name_crossed_inputs(ref, cand, rows)
+    _name_swapped_roles(ref, cand, rows)
     _blame_parameter_values(ref, rows, params)
+    _blame_unpaired_tensors(ref, cand, rows, alignment)
     _name_other_ops(ref, cand, rows)
     return Report(
         warnings=warnings,
@@ -439,6 +442,22 @@ def _introduced_reading(ref: Capture, rows: list[NodeRow], names: Collection[str
         name = next((n for n in [*_params_read(node), *_held(node, compared)] if n in names), None)   # its own arguments first
         if name is not None:
             yield row, name
+
+
+def _blame_unpaired_tensors(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
+    """Blame a forward first divergence introduced at an op, with no other story, on the one
+    parameter or buffer each side reads on the way to it that pairs with nothing, of one size (an
+    index buffer built another way: no content pairs it, so no value of it was compared)."""
+    left_r, left_c = set(alignment.unmatched_ref_params), set(alignment.unmatched_cand_params)
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame or row.cause() != "introduced":
+            continue
+        xs = [n for n in _held(ref.node(row.ref_node), compared_r) if n in left_r and n in ref.params]
+        ys = [n for n in _held(cand.node(row.cand_node), compared_c) if n in left_c and n in cand.params]
+        if len(xs) == len(ys) == 1 and ref.params[xs[0]].numel() == cand.params[ys[0]].numel():
+            row.blame = [f"a tensor it reads pairs with nothing: {xs[0]} against the candidate's {ys[0]}, of one "
+                         "size, whose values differ", row.ref_module, row.cand_module]
 
 
 def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,
@@ -724,6 +743,15 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         # and v with their heads repeated)
         flags = all(isinstance(a, torch.fx.Node) == isinstance(b, torch.fx.Node)
                     and (not isinstance(a, torch.fx.Node) or a.meta.get(SHAPE) == b.meta.get(SHAPE)) for _, a, b in given)
+        if str(rn.meta.get(TARGET)).endswith("__getitem__"):   # x[index], where both index alike-shaped tensors
+            tensors = [n.args[0] for n in (rn, cn)]
+            shape = tensors[0].meta.get(SHAPE) if isinstance(tensors[0], torch.fx.Node) else None
+            if len(rn.args) != 2 or len(cn.args) != 2 or not isinstance(tensors[1], torch.fx.Node) \
+                    or not shape or shape != tensors[1].meta.get(SHAPE):
+                continue
+            a, b = (_index_text(n.args[1], len(shape)) for n in (rn, cn))
+            given = [("index", _Written(a[0]), _Written(b[0]))] if a[0] is not None and b[0] is not None \
+                and a[1] != b[1] else []
         differ = [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in given
                   if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT
                   and (flags or type(a) is not bool)]
@@ -762,9 +790,42 @@ def _spread(a: Any, b: Any) -> Any:
     return [a] * len(b) if type(a) in (int, float) and type(b) in (list, tuple) else list(a) if type(a) is tuple else a
 
 
+class _Written(str):
+    """Text shown as it is written (an index), not quoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _index_text(index: Any, dims: int) -> tuple[str | None, list[str] | None]:
+    """``x[index]``'s index as Python writes it (``[..., :-1]``), and the same index spelt one way
+    for a tensor of ``dims`` dimensions (``...`` spelt out, trailing ``:`` left out), to compare;
+    None, twice, where it holds a tensor or adds a dimension."""
+    def one(i: Any) -> str | None:
+        if i is Ellipsis:
+            return "..."
+        if type(i) is int:
+            return str(i)
+        if isinstance(i, slice) and all(v is None or type(v) is int for v in (i.start, i.stop, i.step)):
+            text = f"{'' if i.start is None else i.start}:{'' if i.stop is None else i.stop}"
+            return text + (f":{i.step}" if i.step not in (None, 1) else "")
+        return None
+    parts = [one(i) for i in (index if isinstance(index, tuple) else (index,))]
+    if None in parts or parts.count("...") > 1:
+        return None, None
+    if "..." in parts:
+        at = parts.index("...")
+        parts_all = parts[:at] + [":"] * (dims - len(parts) + 1) + parts[at + 1:]
+    else:
+        parts_all = list(parts)
+    while parts_all and parts_all[-1] == ":":
+        parts_all.pop()
+    return f"[{', '.join(parts)}]", parts_all
+
+
 def _constant(x: Any) -> bool:
     """A number, flag or word, or a list of them (a padding, a shape)."""
-    return type(x) in (bool, int, float, str) or type(x) in (list, tuple) and all(map(_constant, x))
+    return type(x) in (bool, int, float) or isinstance(x, str) or type(x) in (list, tuple) and all(map(_constant, x))
 
 
 _NO_EFFECT = {"inplace"}   # arguments that change where a result goes, not its value (torchvision's ReLU(inplace=True))
@@ -864,6 +925,38 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
         row.blame = [what, *((module, other) if side == "ref" else (other, module))]
 
 
+def _blame_weight_made(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
+    """Blame a forward first divergence, not blamed yet, on a tensor one side's op makes from
+    parameters alone, with an op the other side does not have, where the other side's op reads its
+    parameters as they are (a weight norm ``g * v / |v|`` dropped in a conversion: the conv reads
+    ``v``)."""
+    unpaired = {"ref": _unpaired(ref, alignment, "ref"), "cand": _unpaired(cand, alignment, "cand")}
+
+    def made(node: torch.fx.Node, side: str) -> torch.fx.Node | None:
+        for a in node.all_input_nodes:
+            a = _through_views(a, set())
+            if a.op == "call_function" and a.name in unpaired[side] and a.all_input_nodes \
+                    and all(_through_views(x, set()).op == "get_attr" for x in a.all_input_nodes):
+                return a
+        return None
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        found = {"ref": made(rn, "ref"), "cand": made(cn, "cand")}
+        if (found["ref"] is None) == (found["cand"] is None):
+            continue
+        side, other = ("ref", "cand") if found["ref"] is not None else ("cand", "ref")
+        op, made_of = found[side], _params_read(found[side])
+        pairs = [(p.ref, c) for p in alignment.params for c in p.cand]
+        counterparts = [(mine, theirs) for r, c in pairs for mine, theirs in ((r, c) if side == "ref" else (c, r),)
+                        if mine in made_of and theirs in _params_read(rn if other == "ref" else cn)]
+        as_is = "".join(f"; the {'reference' if other == 'ref' else 'candidate'} reads {theirs}, the counterpart of "
+                        f"{mine}, as it is" for mine, theirs in counterparts[:1])
+        row.blame = [f"{side}-only {node_key(op)} ({op.name}) makes a tensor it reads from {', '.join(made_of)}{as_is}",
+                     row.ref_module, row.cand_module]
+
+
 def _unpaired(capture: Capture, alignment: Alignment, side: str) -> set[str]:
     """The ops of one side that pair with nothing: unmatched, or in no pair while holding no tensor
     of their own (an op of several outputs, whose items hold them)."""
@@ -908,8 +1001,9 @@ def _name_other_ops(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
     where the two sides compute it elementwise with other ops (QuickGELU's ``x * sigmoid(1.702 x)``
     against ``gelu``; GELU written out with ``erf`` against ``gelu(approximate='tanh')``): the
     blocks from the compared values to it, views left out, a few ops each, an op's constant keyword
-    arguments with it. Blocks of products, norms or attention are left alone: one side writing out
-    what the other fuses is how ports differ when they agree, too."""
+    arguments with it. Blocks of products, norms or attention are left alone, but for one op a side
+    (a GroupNorm ported as a LayerNorm): one side writing out what the other fuses is how ports
+    differ when they agree, too."""
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
     for row in rows:
         if not row.first_forward or row.blame or row.cause() != "introduced":
@@ -923,7 +1017,7 @@ def _name_other_ops(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
                         and not DEFAULT_OPS.is_view(n, node_key(n))])
         keys = [[node_key(n) for n in side] for side in ops]
         if len(keys) == 2 and keys[0] and keys[1] and sorted(keys[0]) != sorted(keys[1]) and max(map(len, keys)) <= _FEW_OPS \
-                and not _NOT_ELEMENTWISE.intersection(keys[0] + keys[1]):
+                and (not _NOT_ELEMENTWISE.intersection(keys[0] + keys[1]) or len(keys[0]) == len(keys[1]) == 1):
             ref_ops, cand_ops = (", ".join(map(_with_constants, side)) for side in ops)
             row.blame = [f"computed with other ops: ref {ref_ops} against cand {cand_ops}", row.ref_module, row.cand_module]
 
@@ -1125,6 +1219,42 @@ def _name_role_swaps(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
                              f"where the reference uses {ref.node(used_as[0]).meta.get(MODULE, '') or '<root>'}",
                              ref.node(used_as[0]).meta.get(MODULE, ""), cand_module]
                 break
+
+
+def _name_swapped_roles(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Name an attention's query, key or value passed in another role at a forward first divergence
+    at attention on both sides, written out or not (timm's fused qkv split by its views and a
+    written-out attention, against HF's three projections and ``scaled_dot_product_attention``,
+    q and k converted into each other's places): what each side passes in each role is told by the
+    compared value, or the slice of a fused output, it comes from."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    paired = {r.cand_node: (r.ref_node, r.ref_slice) for r in rows if not r.cand_slice}
+    sliced_ref = _sliced(rows, "ref")
+
+    def held_ref(n: torch.fx.Node) -> tuple | None:
+        row = _slice_row(n, sliced_ref, "ref") if _fused_source(n, sliced_ref) else None
+        if row is not None:
+            return row.ref_node, row.ref_slice
+        n = _through_views(n, compared_r)
+        return (n.name, None) if n.name in compared_r else None
+
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        mine, theirs = attention.roles(ref.node(row.ref_node)), attention.roles(cand.node(row.cand_node))
+        if mine is None or theirs is None:
+            continue
+        held = {role: held_ref(n) for role, n in mine.items()}
+        got = {role: paired.get(_through_views(n, compared_c).name) for role, n in theirs.items()}
+        crossed = [(role, other) for role in got for other in held
+                   if other != role and got[role] is not None and got[role] == held[other] and got[role] != held[role]]
+        if len(crossed) == 2 and crossed[0] == crossed[1][::-1]:
+            (a, b), _ = crossed
+            row.blame = [f"the attention's {a} and {b} swapped: the candidate passes as the {a} what the reference "
+                         f"passes as the {b}, and the other way round", row.ref_module, row.cand_module]
+        elif crossed:
+            what = "; ".join(f"as the {role} what the reference passes as the {other}" for role, other in crossed)
+            row.blame = [f"another input at the attention: the candidate passes {what}", row.ref_module, row.cand_module]
 
 
 def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:

@@ -18,7 +18,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..model.capture import SHAPE, TARGET, Capture
-from ..ops import DEFAULT_OPS, node_key
+from ..ops import DEFAULT_OPS, GETITEM, node_key
 from ..store.summary import is_summary
 from ..targets import Targets
 from . import arguments
@@ -80,6 +80,46 @@ def _scale_at(node: torch.fx.Node) -> Scale | None:
         return None
     q, k = operands
     return Scale(f * _factor(q)[0] * _factor(k)[0], _head(q), None, 1.0)
+
+
+def roles(node: torch.fx.Node) -> dict[str, torch.fx.Node] | None:
+    """The query, key and value of the attention whose output ``node`` is, or a view of, each
+    where the way back from it through views and constant factors ends (a ``scaled_dot_product_attention``'s
+    arguments; written out, the operands of the query-key product and the value the probabilities
+    multiply); None when it is no attention."""
+    while node.op == "call_function" and DEFAULT_OPS.is_view(node, node_key(node)) and _operands(node)[:1] == [node.args[0]]:
+        node = node.args[0]
+    if node_key(node) == "sdpa":
+        args = arguments.named(node)
+        found = {role: args.get(name) for role, name in (("query", "query"), ("key", "key"), ("value", "value"))}
+    else:
+        operands = _operands(node)
+        if node_key(node) != "matmul" or len(operands) != 2:
+            return None
+        probs = _through_casts(operands[0])
+        if node_key(probs) != "softmax" or not isinstance(probs.args[0], torch.fx.Node):
+            return None
+        scores = _factor(probs.args[0], scores=True)[1]
+        if node_key(scores) != "matmul" or len(_operands(scores)) != 2:
+            return None
+        found = dict(zip(("query", "key", "value"), (*_operands(scores), operands[1])))
+    if not all(isinstance(n, torch.fx.Node) for n in found.values()):
+        return None
+    return {role: _unscaled(n) for role, n in found.items()}
+
+
+def _unscaled(node: torch.fx.Node) -> torch.fx.Node:
+    """Back from ``node`` through views and constant factors, stopping at an item of a split or a
+    getitem (q, k and v unbound from one fused projection stay told apart)."""
+    while node.op == "call_function" and node.meta.get(TARGET) not in GETITEM:
+        tensors = _operands(node)
+        if len(tensors) != 1:
+            return node
+        key = node_key(node)
+        if not (DEFAULT_OPS.is_view(node, key) or key in ("mul", "div") and _factor(node)[1] is not node):
+            return node
+        node = tensors[0]
+    return node
 
 
 def rescaled(capture: Capture, scale: Scale, factor: float) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ module builds (``replay_table``: call index -> the reference's draw); the record
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .model.capture import MODULE, SHAPE, Capture
 from .model.report import Report
 from .ops import RANDOM_OPS, node_key
 from .record.recorder import RANDOM_CALL, REPLAYED, is_random, reference_draw
+from .store.summary import is_summary
 
 
 def drew(ref: Capture, cand: Capture) -> bool:
@@ -34,6 +36,10 @@ def replay_table(ref: Capture, cand: Capture, alignment: Alignment) -> dict[int,
     table = {}
     for pair in alignment.pairs:
         r, c = ref_nodes[pair.ref], cand_nodes[pair.cand]
+        translated = _mask_as_uniforms(r, c, ref) if not (pair.ref_slice or pair.cand_slice) else None
+        if translated is not None:
+            table[translated[0]] = translated[1]
+            continue
         k = c.meta.get(RANDOM_CALL)
         if k is None or not is_random(r) or pair.ref_slice or pair.cand_slice or _random_op(r) != _random_op(c) \
                 or r.meta.get(SHAPE) != c.meta.get(SHAPE):
@@ -44,6 +50,48 @@ def replay_table(ref: Capture, cand: Capture, alignment: Alignment) -> dict[int,
         if draw is not None:
             table[k] = draw
     return table
+
+
+def _mask_as_uniforms(r: torch.fx.Node, c: torch.fx.Node, ref: Capture) -> tuple[int, torch.Tensor] | None:
+    """For a reference's Bernoulli mask paired with a candidate's uniforms that it thresholds itself
+    (stochastic depth: timm's ``bernoulli_(keep)`` against Hugging Face's ``floor(keep + rand)``, or a
+    ``rand < keep``), the candidate's call and uniforms its own threshold turns into the same mask;
+    else None. Paired is the draw, or a value made of it alone (``keep + rand``, the mask, a view of it)."""
+    if _random_op(r).rstrip("_") != "bernoulli":
+        return None
+    uniform = _drawn_from(c)
+    if _random_op(uniform) != "rand" or RANDOM_CALL not in uniform.meta or len(uniform.users) != 1:
+        return None
+    use = next(iter(uniform.users))
+    numbers = [a for a in use.args if type(a) in (int, float)]
+    if len(numbers) != 1 or not 0 < numbers[0] < 1 or len(use.all_input_nodes) != 1:
+        return None
+    q, key = float(numbers[0]), node_key(use)
+    if key == "add" and any(node_key(u).rstrip("_") == "floor" for u in use.users):
+        kept, dropped = 1 - q / 2, 0.0          # floor(q + u) is 1 where u >= 1 - q
+    elif key in ("lt", "le") and use.args[0] is uniform:
+        kept, dropped = 0.0, (1 + q) / 2        # u < q
+    elif key in ("gt", "ge") and use.args[0] is uniform:
+        kept, dropped = (1 + q) / 2, 0.0        # u > q
+    else:
+        return None
+    mask, shape = ref.values.get(r.name), uniform.meta.get(SHAPE)
+    if mask is None or is_summary(mask) or shape is None or mask.numel() != math.prod(shape):
+        return None   # one mask a sample, of (batch, 1, 1, 1) on one side and (batch, 1, 1) on the other, is alike
+    return uniform.meta[RANDOM_CALL], torch.where(mask != 0, kept, dropped).reshape(shape)
+
+
+def _drawn_from(node: torch.fx.Node) -> torch.fx.Node:
+    """The draw ``node`` is made of alone (``keep + u``, its ``floor``, ``u < keep``, a cast, a view
+    of those; a few steps back), or ``node``."""
+    found = node
+    for _ in range(4):
+        if RANDOM_CALL in found.meta:
+            return found
+        if len(found.all_input_nodes) != 1:
+            break
+        found = found.all_input_nodes[0]
+    return found if RANDOM_CALL in found.meta else node
 
 
 def _random_op(node: torch.fx.Node) -> str:
@@ -72,10 +120,16 @@ def _constants(node: torch.fx.Node) -> list:
 def replayed(ref: Capture, cand: Capture, alignment: Alignment) -> list[dict[str, Any]]:
     """The pairs whose candidate random op took the reference's draw, for the report."""
     ref_nodes, cand_nodes = {n.name: n for n in ref.graph.nodes}, {n.name: n for n in cand.graph.nodes}
-    return [{"ref_node": p.ref, "cand_node": p.cand, "op": node_key(cand_nodes[p.cand]),
-             "ref_module": ref_nodes[p.ref].meta.get(MODULE, ""),
-             "cand_module": cand_nodes[p.cand].meta.get(MODULE, ""), "call": cand_nodes[p.cand].meta[RANDOM_CALL]}
-            for p in alignment.pairs if cand_nodes[p.cand].meta.get(REPLAYED)]
+    found: dict[str, dict[str, Any]] = {}
+    for p in alignment.pairs:
+        c, random = cand_nodes[p.cand], is_random(ref_nodes[p.ref])
+        if random:   # paired with a draw made into a mask: a Bernoulli's, replayed as uniforms
+            c = _drawn_from(c)
+        if c.meta.get(REPLAYED) and (random or c.name not in found):   # once a draw, by the random op it took
+            found[c.name] = {"ref_node": p.ref, "cand_node": c.name, "op": node_key(c),
+                             "ref_module": ref_nodes[p.ref].meta.get(MODULE, ""),
+                             "cand_module": c.meta.get(MODULE, ""), "call": c.meta[RANDOM_CALL]}
+    return sorted(found.values(), key=lambda e: e["call"])
 
 
 def withheld(ref: Capture, cand: Capture, alignment: Alignment) -> list[str]:

@@ -375,3 +375,40 @@ def test_two_captures_are_not_replayed_and_the_report_says_so():
     assert any("cannot be replayed" in w for w in report.warnings), report.warnings
     same = fxdiff.compare(ref, ref)
     assert not same.diverged and not any("random" in w for w in same.warnings)
+
+
+class _DropPath(nn.Module):
+    """A residual block under stochastic depth, one keep draw a sample: timm's ``bernoulli_(keep)``
+    on a (batch, 1, 1) tensor, or Hugging Face's (``floored``) ``floor(keep + rand)`` on (batch, 1),
+    or a ``rand < keep`` (``below``)."""
+
+    def __init__(self, style: str, keep: float = 0.6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.style, self.keep, self.mlp = style, keep, nn.Sequential(nn.Linear(D_IN, D_HID), nn.GELU(),
+                                                                     nn.Linear(D_HID, D_IN))
+
+    def forward(self, x):
+        y = self.mlp(x)
+        if self.style == "timm":
+            mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(self.keep)
+        elif self.style == "floored":
+            mask = (self.keep + torch.rand(x.shape[0], 1, dtype=x.dtype)).floor_()[:, :, None]
+        else:
+            mask = (torch.rand(x.shape[0], 1) < self.keep).to(x.dtype)[:, :, None]
+        return x + y * mask / self.keep
+
+
+@pytest.mark.parametrize("style", ["floored", "below"])
+def test_a_bernoulli_mask_is_replayed_into_the_uniforms_a_candidate_thresholds(style):
+    """timm's stochastic depth against Hugging Face's: the same mask a sample, drawn as a Bernoulli
+    on one side and as uniforms the other side thresholds itself. They were paired and not replayed:
+    DIVERGED at the draws in train mode with dropout kept."""
+    inputs = (torch.randn(16, T, D_IN, generator=torch.Generator().manual_seed(1)),)
+    ref = fxdiff.capture(_DropPath("timm"), inputs, mode="train", keep_dropout=True, seed=0)
+    mask = next(n.name for n in ref.nodes("call_function") if "bernoulli" in str(n.meta.get("fxdiff_target")))
+    assert 0 < int((ref.values[mask] == 0).sum()) < 16   # some samples kept, some dropped
+    report = fxdiff.compare(ref, _DropPath(style))
+    assert not report.diverged, first_forward(report)
+    assert report.replayed and report.replayed[0]["op"] == "rand", report.replayed
+    assert fxdiff.compare(ref, _DropPath(style), rng_replay=False).diverged

@@ -122,7 +122,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         warnings.append(f"values of {len(dead)} op(s) differ only at elements no output depends on ({', '.join(dead[:4])}): "
                         "their gradient is zero on both sides (positions no output reads, such as padding one side "
                         "masks and the other does not), so those elements were not compared")
-    rows, rejected = _verify_weak(ref.graph, rows)
+    rows, rejected = _verify_weak(ref.graph, rows, {n.name for n in cand.graph.nodes
+                                                    if n.op == "call_function" and node_key(n) in RANDOM_OPS})
     unjudged = _verify_weak_grads(ref.graph, rows)
     if not tol.strict and (rejected or unjudged):   # what was set aside no longer counts as a divergence
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
@@ -588,13 +589,16 @@ EXPLAIN_ROUNDS = 32   # frontiers replayed at most: each explained row may revea
 WEAK_REASON = "weak match (op order only) contradicted by values with no divergence upstream"
 
 
-def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow]) -> tuple[list[NodeRow], list[NodeRow]]:
+def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow],
+                 random_cand: Collection[str] = ()) -> tuple[list[NodeRow], list[NodeRow]]:
     """Drop weak pairs whose values differ although everything matched upstream agrees.
 
     Such a pair is more likely a mis-pairing of look-alike ops (two ``add``s of a length formula
     written differently) than a divergence; a real divergence there still shows at the next
-    strongly matched node. Random ops are kept: two runs that drew differently differ there. Returns
-    (kept, rejected).
+    strongly matched node. Random ops paired with random ops (``random_cand``: the candidate's)
+    are kept: two runs that drew differently differ there; one paired with what the other side
+    makes of its draw (timm's Bernoulli mask with HF's ``keep + rand``, before its ``floor``) is
+    not. Returns (kept, rejected).
     """
     by_ref = noise.rows_by_ref(rows)
     rejected: list[NodeRow] = []
@@ -608,7 +612,8 @@ def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow]) -> tuple[list[NodeR
             continue
         clean_upstream = all(x.forward.passed for p in acc for x in by_ref[p])
         keep = [r for r in by_ref[n.name]
-                if not (r.confidence < WEAK and not r.forward.passed and clean_upstream and r.op not in RANDOM_OPS)]
+                if not (r.confidence < WEAK and not r.forward.passed and clean_upstream
+                        and (r.op not in RANDOM_OPS or r.cand_node not in random_cand))]
         rejected += [r for r in by_ref[n.name] if r not in keep]
         if keep:
             by_ref[n.name] = keep

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch.fx
 
-from .model.capture import TARGET
+from .model.capture import SHAPE, TARGET
 
 _PREFIXES = ("torch.Tensor.", "torch._tensor.Tensor.", "torch.functional.", "torch.nn.functional.",
              "torch._C._nn.", "torch._C._linalg.", "torch.special.", "torch.linalg.", "torch.fft.", "torch.",
@@ -139,8 +139,15 @@ class OpKeys:
 
 
 def _pads_nothing(node: torch.fx.Node) -> bool:
+    """Sizes all 0; or, given as tensors (EnCodec's padding buffers, 0 here), a result of its input's
+    shape (a pad that crops as much as it adds, the one other way to keep it, is not met in models)."""
     sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-    return isinstance(sizes, (list, tuple)) and all(type(n) is int and n == 0 for n in sizes)
+    if not isinstance(sizes, (list, tuple)) or any(type(n) is int and n != 0 for n in sizes):
+        return False
+    source = node.args[0] if node.args else None
+    return all(type(n) is int for n in sizes) or (
+        isinstance(source, torch.fx.Node) and source.meta.get(SHAPE) is not None
+        and source.meta.get(SHAPE) == node.meta.get(SHAPE))
 
 
 def _view_index(node: torch.fx.Node) -> bool:

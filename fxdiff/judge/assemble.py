@@ -123,7 +123,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                         "their gradient is zero on both sides (positions no output reads, such as padding one side "
                         "masks and the other does not), so those elements were not compared")
     rows, rejected = _verify_weak(ref.graph, rows, {n.name for n in cand.graph.nodes
-                                                    if n.op == "call_function" and node_key(n) in RANDOM_OPS})
+                                                    if n.op == "call_function" and node_key(n) in RANDOM_OPS},
+                                  _on_paired_inputs(ref, cand, rows))
     unjudged = _verify_weak_grads(ref.graph, rows)
     if not tol.strict and (rejected or unjudged):   # what was set aside no longer counts as a divergence
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
@@ -589,8 +590,8 @@ EXPLAIN_ROUNDS = 32   # frontiers replayed at most: each explained row may revea
 WEAK_REASON = "weak match (op order only) contradicted by values with no divergence upstream"
 
 
-def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow],
-                 random_cand: Collection[str] = ()) -> tuple[list[NodeRow], list[NodeRow]]:
+def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow], random_cand: Collection[str] = (),
+                 anchored: Collection[int] = ()) -> tuple[list[NodeRow], list[NodeRow]]:
     """Drop weak pairs whose values differ although everything matched upstream agrees.
 
     Such a pair is more likely a mis-pairing of look-alike ops (two ``add``s of a length formula
@@ -598,7 +599,9 @@ def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow],
     strongly matched node. Random ops paired with random ops (``random_cand``: the candidate's)
     are kept: two runs that drew differently differ there; one paired with what the other side
     makes of its draw (timm's Bernoulli mask with HF's ``keep + rand``, before its ``floor``) is
-    not. Returns (kept, rejected).
+    not. So are the pairs in ``anchored`` (by ``id``): one function on both sides, called on
+    values that pair with each other (EnCodec's trim of a transposed conv's output, its slice
+    ported wrong). Returns (kept, rejected).
     """
     by_ref = noise.rows_by_ref(rows)
     rejected: list[NodeRow] = []
@@ -612,7 +615,7 @@ def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow],
             continue
         clean_upstream = all(x.forward.passed for p in acc for x in by_ref[p])
         keep = [r for r in by_ref[n.name]
-                if not (r.confidence < WEAK and not r.forward.passed and clean_upstream
+                if not (r.confidence < WEAK and not r.forward.passed and clean_upstream and id(r) not in anchored
                         and (r.op not in RANDOM_OPS or r.cand_node not in random_cand))]
         rejected += [r for r in by_ref[n.name] if r not in keep]
         if keep:
@@ -621,6 +624,21 @@ def _verify_weak(graph: torch.fx.Graph, rows: list[NodeRow],
             del by_ref[n.name]
     kept = [r for r in rows if r.ref_node in by_ref and r in by_ref[r.ref_node]]
     return kept, rejected
+
+
+def _on_paired_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> set[int]:
+    """The rows (by ``id``) whose two ops call one function on values that pair with each other
+    surely (not weakly), input by input (parameters aside)."""
+    pair_of = {r.ref_node: r.cand_node for r in rows if not (r.ref_slice or r.cand_slice) and r.confidence >= WEAK}
+    found = set()
+    for r in rows:
+        rn, cn = ref.node(r.ref_node), cand.node(r.cand_node)
+        xs = [a.name for a in rn.all_input_nodes if a.op != "get_attr"]
+        ys = [a.name for a in cn.all_input_nodes if a.op != "get_attr"]
+        if rn.op == "call_function" and xs and len(xs) == len(ys) and _same_function(rn, cn) \
+                and [pair_of.get(x) for x in xs] == ys:
+            found.add(id(r))
+    return found
 
 
 def _verify_weak_grads(graph: torch.fx.Graph, rows: list[NodeRow]) -> list[str]:
@@ -1455,11 +1473,11 @@ def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[s
 
 
 def _through_views(node: torch.fx.Node, compared: set[str], items: bool = False) -> torch.fx.Node:
-    """``node``, or the node it is a view of (through reshapes, transposes, expands, ``x[None]``...,
-    with ``items`` the items of a split too), stopping at a compared node."""
+    """``node``, or the node it is a view of (through reshapes, transposes, expands, ``x[None]``, a
+    pad of nothing..., with ``items`` the items of a split too), stopping at a compared node."""
     while node.name not in compared and node.op == "call_function" and len(node.all_input_nodes) == 1:
         key = node_key(node)   # an item of a split has its split's key
-        if not (key in DEFAULT_OPS.transparent or key == "getitem" and DEFAULT_OPS.is_view(node, key)
+        if not (key in DEFAULT_OPS.transparent or key in ("getitem", "pad") and DEFAULT_OPS.is_view(node, key)
                 or items and key in DEFAULT_OPS.splits):
             break
         node = node.all_input_nodes[0]

@@ -935,7 +935,8 @@ def test_a_weight_norm_dropped_in_a_conversion_is_named():
     first = next(r for r in report.nodes if r.first_forward)
     assert first.blame[0] == ("ref-only _weight_norm (weight_norm) makes a tensor it reads from "
                               "1.parametrizations.weight.original1, 1.parametrizations.weight.original0; the candidate "
-                              "reads 1.weight, the counterpart of 1.parametrizations.weight.original1, as it is"), first.blame
+                              "reads 1.weight, the counterpart of 1.parametrizations.weight.original1, as it is"), \
+        first.blame
 
 
 class Trimmed(nn.Module):

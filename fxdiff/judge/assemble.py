@@ -400,7 +400,8 @@ def _blame_reordered_rows(ref: Capture, cand: Capture, rows: list[NodeRow], alig
             argument = _read_alike(ref.node(row.ref_node), cand.node(row.cand_node), name, pp.cand[0])
             if argument is None:
                 continue
-            how = f"transposed, though both sides' {row.op} ops ({row.ref_node}, {row.cand_node}) read it as their {argument}"
+            how = (f"transposed, though both sides' {row.op} ops ({row.ref_node}, {row.cand_node}) read it as their "
+                   f"{argument}")
         else:
             how = f"reshaped to {list(ref.params[name].shape)}, the shape of its transpose, not transposed"
         if kind != "transpose":
@@ -971,11 +972,12 @@ def _blame_weight_made(ref: Capture, cand: Capture, rows: list[NodeRow], alignme
             continue
         side, other = ("ref", "cand") if found["ref"] is not None else ("cand", "ref")
         op, made_of = found[side], _params_read(found[side])
-        pairs = [(p.ref, c) for p in alignment.params for c in p.cand]
-        counterparts = [(mine, theirs) for r, c in pairs for mine, theirs in ((r, c) if side == "ref" else (c, r),)
-                        if mine in made_of and theirs in _params_read(rn if other == "ref" else cn)]
-        as_is = "".join(f"; the {'reference' if other == 'ref' else 'candidate'} reads {theirs}, the counterpart of "
-                        f"{mine}, as it is" for mine, theirs in counterparts[:1])
+        reads = set(_params_read(rn if other == "ref" else cn))
+        pairs = [(p.ref, c) if side == "ref" else (c, p.ref) for p in alignment.params for c in p.cand]
+        counterpart = next(((mine, theirs) for mine, theirs in pairs if mine in made_of and theirs in reads), None)
+        as_is = "" if counterpart is None else \
+            f"; the {'reference' if other == 'ref' else 'candidate'} reads {counterpart[1]}, the counterpart of " \
+            f"{counterpart[0]}, as it is"
         row.blame = [f"{side}-only {node_key(op)} ({op.name}) makes a tensor it reads from {', '.join(made_of)}{as_is}",
                      row.ref_module, row.cand_module]
 

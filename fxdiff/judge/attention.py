@@ -84,10 +84,11 @@ def _scale_at(node: torch.fx.Node) -> Scale | None:
 
 def roles(node: torch.fx.Node) -> dict[str, torch.fx.Node] | None:
     """The query, key and value of the attention whose output ``node`` is, or a view of, each
-    where the way back from it through views and constant factors ends (a ``scaled_dot_product_attention``'s
-    arguments; written out, the operands of the query-key product and the value the probabilities
-    multiply); None when it is no attention."""
-    while node.op == "call_function" and DEFAULT_OPS.is_view(node, node_key(node)) and _operands(node)[:1] == [node.args[0]]:
+    where the way back from it through views and constant factors ends (an sdpa's arguments;
+    written out, the operands of the query-key product and the value the probabilities multiply);
+    None when it is no attention."""
+    while node.op == "call_function" and DEFAULT_OPS.is_view(node, node_key(node)) \
+            and _operands(node)[:1] == [node.args[0]]:
         node = node.args[0]
     if node_key(node) == "sdpa":
         args = arguments.named(node)

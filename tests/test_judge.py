@@ -1051,6 +1051,43 @@ def test_a_trim_ported_wrong_is_placed_at_the_slice_its_pair_of_paired_inputs():
                                                                "[..., 2:22]")], first
 
 
+class MaskedWindows(nn.Module):
+    """Attention over shifted windows with the mask that keeps windows apart: a buffer built in
+    ``__init__`` and added to the scores of an attention written out, as timm's Swin does; ``masked``
+    False: a port that left it out, calling ``scaled_dot_product_attention`` where ``sdpa``."""
+
+    def __init__(self, masked: bool, sdpa: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.masked, self.sdpa, self.qkv, self.proj = masked, sdpa, nn.Linear(8, 24), nn.Linear(8, 8)
+        if masked:
+            self.register_buffer("attn_mask", torch.tensor([0.0, -100.0]).repeat_interleave(2).expand(4, 4).clone())
+
+    def forward(self, x):   # x: (batch, 4 tokens, 8)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.sdpa:
+            return self.proj(F.scaled_dot_product_attention(q, k, v))
+        scores = q @ k.transpose(-1, -2) * 8 ** -0.5
+        if self.masked:
+            scores = scores + self.attn_mask
+        return self.proj(scores.softmax(-1) @ v)
+
+
+def test_a_mask_buffer_left_out_of_a_port_is_named():
+    """timm's shifted-window mask is a buffer; HF's port builds its own, and one that built none
+    was 'introduced here' at the attention, the buffer listed among the unpaired."""
+    ref = MaskedWindows(masked=True)
+    captured = fxdiff.capture(ref, (torch.randn(2, 4, 8),))
+    stories = []
+    for sdpa in (True, False):
+        bug = MaskedWindows(masked=False, sdpa=sdpa)
+        bug.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "attn_mask"})
+        stories.append(next(r for r in fxdiff.compare(captured, bug).nodes if r.first_forward).blame[0])
+    assert stories == ["a tensor it reads pairs with nothing: attn_mask, where the candidate reads or builds nothing "
+                       "in its place",   # the add folded into the attention the candidate fuses
+                       "ref-only add (add), reading attn_mask, which pairs with nothing"], stories
+
+
 class ShiftedWindows(nn.Module):
     """Swin's shifted windows: timm rolls the image, then pads it to whole windows; Hugging Face
     (``pad_first``) pads, then rolls. Where the image fits its windows, the pad is by 0. ``shift``

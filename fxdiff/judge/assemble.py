@@ -450,17 +450,32 @@ def _introduced_reading(ref: Capture, rows: list[NodeRow], names: Collection[str
 def _blame_unpaired_tensors(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
     """Blame a forward first divergence introduced at an op, with no other story, on the one
     parameter or buffer each side reads on the way to it that pairs with nothing, of one size (an
-    index buffer built another way: no content pairs it, so no value of it was compared)."""
+    index buffer built another way: no content pairs it, so no value of it was compared); or on
+    the one such tensor one side reads where the other reads none and builds nothing from
+    constants in its place (Swin's shifted-window mask, a buffer in timm, left out of a port)."""
     left_r, left_c = set(alignment.unmatched_ref_params), set(alignment.unmatched_cand_params)
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
     for row in rows:
         if not row.first_forward or row.blame or row.cause() != "introduced":
             continue
-        xs = [n for n in _held(ref.node(row.ref_node), compared_r) if n in left_r and n in ref.params]
-        ys = [n for n in _held(cand.node(row.cand_node), compared_c) if n in left_c and n in cand.params]
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        xs = [n for n in _held(rn, compared_r) if n in left_r and n in ref.params]
+        ys = [n for n in _held(cn, compared_c) if n in left_c and n in cand.params]
         if len(xs) == len(ys) == 1 and ref.params[xs[0]].numel() == cand.params[ys[0]].numel():
             row.blame = [f"a tensor it reads pairs with nothing: {xs[0]} against the candidate's {ys[0]}, of one "
                          "size, whose values differ", row.ref_module, row.cand_module]
+        elif len(xs) + len(ys) == 1 and not _builds_side_input(cn if xs else rn, compared_c if xs else compared_r):
+            name, other = (xs[0], "candidate") if xs else (ys[0], "reference")
+            row.blame = [f"a tensor it reads pairs with nothing: {name}, where the {other} reads or builds nothing "
+                         "in its place", row.ref_module, row.cand_module]
+
+
+def _builds_side_input(node: torch.fx.Node, compared: set[str]) -> bool:
+    """Whether an op on the way from the compared values to ``node`` computes from constants alone
+    (a mask built in the forward pass) or reads a parameter or buffer."""
+    up = _upstream(node, compared)
+    return any(n.op == "get_attr" or n.op == "call_function" and _from_constants(n, compared)
+               for n in node.graph.nodes if n.name in up)
 
 
 def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,
@@ -940,6 +955,10 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
             inputs = (_through_views(a, compared).name for a in op.all_input_nodes)
             other = next((at[n] for n in inputs if n in at), other)
         what = f"{side}-only {node_key(op)} ({op.name})"
+        unpaired = set(alignment.unmatched_ref_params if side == "ref" else alignment.unmatched_cand_params)
+        alone = [n for n in _params_read(op) if n in unpaired]
+        if alone:   # a tensor only it reads (timm's attention mask, a buffer)
+            what += f", reading {', '.join(alone)}, which {'pairs' if len(alone) == 1 else 'pair'} with nothing"
         # a side input (a mask) that side alone builds, where the other passes none (is_causal=True)
         masks = {"ref": _one_sided_input(block_r, compared_r, only_r, side=True),
                  "cand": _one_sided_input(block_c, compared_c, only_c, side=True)}

@@ -4,6 +4,7 @@ import io
 import json
 import math
 
+import numpy
 import pytest
 import torch
 import torch.nn as nn
@@ -1086,6 +1087,34 @@ def test_a_mask_buffer_left_out_of_a_port_is_named():
     assert stories == ["a tensor it reads pairs with nothing: attn_mask, where the candidate reads or builds nothing "
                        "in its place",   # the add folded into the attention the candidate fuses
                        "ref-only add (add), reading attn_mask, which pairs with nothing"], stories
+
+
+class SpecAugmented(nn.Module):
+    """HF's wav2vec2 in train mode: frames picked by a mask made with numpy overwritten in place by a
+    learned embedding (SpecAugment) before the positional conv; ``augment`` False: torchaudio's,
+    which has none."""
+
+    def __init__(self, augment: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.augment, self.proj, self.conv = augment, nn.Linear(4, 4), nn.Conv1d(4, 4, 3, padding=1)
+        if augment:
+            self.masked_spec_embed = nn.Parameter(torch.rand(4))
+
+    def forward(self, x):   # x: (batch, 6 frames, 4)
+        h = self.proj(x)
+        if self.augment:
+            h[torch.tensor(numpy.arange(6) % 3 == 0).expand(len(h), 6)] = self.masked_spec_embed
+        return self.conv(h.transpose(1, 2))
+
+
+def test_a_one_sided_write_of_a_mask_made_from_constants_is_named():
+    """The in-place write reads the activations, a parameter and a mask made from constants: it
+    was not taken for an op added to the computation, and the conv after it was 'introduced here'."""
+    ref, port = SpecAugmented(augment=True), SpecAugmented(augment=False)
+    port.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "masked_spec_embed"})
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 6, 4),)), port).nodes if r.first_forward)
+    assert first.blame[0] == "ref-only setitem (setitem), reading masked_spec_embed, which pairs with nothing", first.blame
 
 
 class ShiftedWindows(nn.Module):

@@ -1471,7 +1471,8 @@ def _relative_distance(a: torch.Tensor | None, b: torch.Tensor) -> float:
 def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[str],
                      side: bool = False) -> torch.fx.Node | None:
     """An input of the ``block`` (a node and the ops folded into its match; through views) that is
-    an op in ``only`` whose tensor inputs are compared nodes and parameters, one compared at least:
+    an op in ``only`` whose tensor inputs are compared nodes, parameters and values made from
+    constants (HF's SpecAugment mask, from numpy), one compared at least:
     an op added to (or left out of) a matched computation, such as a residual add, and not a side
     computation of its own, such as a mask or a slice of a table; with ``side``, an op computed
     from no compared value at all (a mask built from constants) instead."""
@@ -1488,7 +1489,8 @@ def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[s
                 return op
             continue
         sources = [_through_views(x, compared, items=True) for x in op.all_input_nodes]
-        if any(x.name in compared for x in sources) and all(x.name in compared or x.op == "get_attr" for x in sources):
+        if any(x.name in compared for x in sources) and all(x.name in compared or x.op == "get_attr"
+                                                            or _from_constants(x, compared) for x in sources):
             return op
     return None
 

@@ -956,8 +956,9 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
             other = next((at[n] for n in inputs if n in at), other)
         what = f"{side}-only {node_key(op)} ({op.name})"
         unpaired = set(alignment.unmatched_ref_params if side == "ref" else alignment.unmatched_cand_params)
-        alone = [n for n in _params_read(op) if n in unpaired]
-        if alone:   # a tensor only it reads (timm's attention mask, a buffer)
+        trained = (ref if side == "ref" else cand).param_grads
+        alone = [n for n in _params_read(op) if n in unpaired and n not in trained]
+        if alone:   # a buffer only it reads (timm's attention mask); a norm's own weights would say no more
             what += f", reading {', '.join(alone)}, which {'pairs' if len(alone) == 1 else 'pair'} with nothing"
         # a side input (a mask) that side alone builds, where the other passes none (is_causal=True)
         masks = {"ref": _one_sided_input(block_r, compared_r, only_r, side=True),

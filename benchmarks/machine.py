@@ -18,7 +18,7 @@ def cpu_name() -> str:
 def disk_speed(folder: str | None = None, size: int = 1 << 30) -> float:
     """Bytes a second the capture writer (``O_DIRECT`` where allowed) puts on disk in ``folder``
     (default: the temp dir), from ``size`` bytes of host memory: a capture that writes ``B`` bytes
-    takes at least ``B`` / this, whatever the recorder does."""
+    spends about ``B`` / this on it, whatever the recorder does (a virtual machine's disk varies)."""
     import torch
     from fxdiff.store.tensor_file import _Writer
     data = torch.ones(64 << 20, dtype=torch.uint8)

@@ -35,14 +35,15 @@ def replay_table(ref: Capture, cand: Capture, alignment: Alignment) -> dict[int,
     ref_nodes, cand_nodes = {n.name: n for n in ref.graph.nodes}, {n.name: n for n in cand.graph.nodes}
     table = {}
     for pair in alignment.pairs:
+        if pair.ref_slice or pair.cand_slice:
+            continue
         r, c = ref_nodes[pair.ref], cand_nodes[pair.cand]
-        translated = _mask_as_uniforms(r, c, ref) if not (pair.ref_slice or pair.cand_slice) else None
+        translated = _mask_as_uniforms(r, c, ref)
         if translated is not None:
             table[translated[0]] = translated[1]
             continue
         k = c.meta.get(RANDOM_CALL)
-        if k is None or not is_random(r) or pair.ref_slice or pair.cand_slice or _random_op(r) != _random_op(c) \
-                or r.meta.get(SHAPE) != c.meta.get(SHAPE):
+        if k is None or not is_random(r) or _random_op(r) != _random_op(c) or r.meta.get(SHAPE) != c.meta.get(SHAPE):
             continue
         if "dropout" not in _random_op(c) and _constants(r) != _constants(c):
             continue

@@ -47,17 +47,22 @@ def scale_of(node: torch.fx.Node) -> Scale | None:
     """The scale of the attention whose output ``node`` is, or a view of (a
     ``scaled_dot_product_attention``, or the product of a softmax and the values); None when it is
     no attention or a factor on the way cannot be read as a constant."""
+    node, views = _under_views(node)
+    scale = _scale_at(node)
+    return dataclasses.replace(scale, views=views) if scale is not None else None
+
+
+def _under_views(node: torch.fx.Node) -> tuple[torch.fx.Node, tuple[torch.fx.Node, ...]]:
+    """The node ``node`` is a view of (through views of one tensor), and those views, in order."""
     views = []
     while node.op == "call_function" and DEFAULT_OPS.is_view(node, node_key(node)) and _operands(node)[:1] == [node.args[0]]:
         views.append(node)
         node = node.args[0]
-    scale = _scale_at(node)
-    return dataclasses.replace(scale, views=tuple(reversed(views))) if scale is not None else None
+    return node, tuple(reversed(views))
 
 
 def _scale_at(node: torch.fx.Node) -> Scale | None:
-    key = node_key(node)
-    if key == "sdpa":
+    if node_key(node) == "sdpa":
         args = arguments.named(node)
         q, k = args.get("query"), args.get("key")
         if not isinstance(q, torch.fx.Node) or not isinstance(k, torch.fx.Node):
@@ -68,18 +73,27 @@ def _scale_at(node: torch.fx.Node) -> Scale | None:
         if not _number(own):
             return None
         return Scale(own * _factor(q)[0] * _factor(k)[0], head, node, float(own))
+    written = _written_out(node)
+    if written is None:
+        return None
+    f, q, k, _ = written
+    return Scale(f * _factor(q)[0] * _factor(k)[0], _head(q), None, 1.0)
+
+
+def _written_out(node: torch.fx.Node) -> tuple[float, torch.fx.Node, torch.fx.Node, torch.fx.Node] | None:
+    """An attention written out whose output ``node`` is, the product of a softmax and the values:
+    the constant factor between the query-key product and the softmax, and the product's two
+    operands and the values; None when it is none."""
     operands = _operands(node)
-    if key != "matmul" or len(operands) != 2:
+    if node_key(node) != "matmul" or len(operands) != 2:
         return None
     probs = _through_casts(operands[0])
     if node_key(probs) != "softmax" or not isinstance(probs.args[0], torch.fx.Node):
         return None
     f, scores = _factor(probs.args[0], scores=True)
-    operands = _operands(scores)
-    if node_key(scores) != "matmul" or len(operands) != 2:
+    if node_key(scores) != "matmul" or len(_operands(scores)) != 2:
         return None
-    q, k = operands
-    return Scale(f * _factor(q)[0] * _factor(k)[0], _head(q), None, 1.0)
+    return (f, *_operands(scores), operands[1])
 
 
 def roles(node: torch.fx.Node) -> dict[str, torch.fx.Node] | None:
@@ -87,23 +101,15 @@ def roles(node: torch.fx.Node) -> dict[str, torch.fx.Node] | None:
     where the way back from it through views and constant factors ends (an sdpa's arguments;
     written out, the operands of the query-key product and the value the probabilities multiply);
     None when it is no attention."""
-    while node.op == "call_function" and DEFAULT_OPS.is_view(node, node_key(node)) \
-            and _operands(node)[:1] == [node.args[0]]:
-        node = node.args[0]
+    node = _under_views(node)[0]
     if node_key(node) == "sdpa":
         args = arguments.named(node)
-        found = {role: args.get(name) for role, name in (("query", "query"), ("key", "key"), ("value", "value"))}
+        found = {role: args.get(role) for role in ("query", "key", "value")}
     else:
-        operands = _operands(node)
-        if node_key(node) != "matmul" or len(operands) != 2:
+        written = _written_out(node)
+        if written is None:
             return None
-        probs = _through_casts(operands[0])
-        if node_key(probs) != "softmax" or not isinstance(probs.args[0], torch.fx.Node):
-            return None
-        scores = _factor(probs.args[0], scores=True)[1]
-        if node_key(scores) != "matmul" or len(_operands(scores)) != 2:
-            return None
-        found = dict(zip(("query", "key", "value"), (*_operands(scores), operands[1])))
+        found = dict(zip(("query", "key", "value"), written[1:]))
     if not all(isinstance(n, torch.fx.Node) for n in found.values()):
         return None
     return {role: _unscaled(n) for role, n in found.items()}

@@ -579,20 +579,21 @@ class Recorder(TorchFunctionMode):
         if func is F.scaled_dot_product_attention and _attention_dropout(args, kwargs) and not _runs_again():
             # its dropout draws inside the kernel, where they can be neither recorded nor replayed: the
             # same attention written out, recorded op by op, its dropout an F.dropout
-            TorchFunctionMode.__enter__(self)   # the mode alone: the module hooks are in place already
-            try:
-                return _attention(*args, **kwargs)
-            finally:
-                TorchFunctionMode.__exit__(self, None, None, None)
+            return self._op_by_op(_attention, args, kwargs)
         if func in _WRITTEN_OUT:
             written = _written_out(func)
             if written is not None:
-                TorchFunctionMode.__enter__(self)   # its ops recorded one by one, as for the attention above
-                try:
-                    return written(*args, **kwargs)
-                finally:
-                    TorchFunctionMode.__exit__(self, None, None, None)
+                return self._op_by_op(written, args, kwargs)
         return self.call(func, args, kwargs)
+
+    def _op_by_op(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run ``fn`` (plain Python over torch functions) with its ops recorded one by one: the
+        mode alone entered again, the module hooks being in place already."""
+        TorchFunctionMode.__enter__(self)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TorchFunctionMode.__exit__(self, None, None, None)
 
     def _random_call(self, func, args: tuple, kwargs: dict) -> Any:
         """Run and record the run's next random call, with the reference's draw when ``replay`` has it."""

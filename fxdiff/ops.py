@@ -8,7 +8,7 @@ and what the matcher and the judge need to know about ops; ``DEFAULT_OPS`` is th
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch.fx
 
@@ -156,7 +156,24 @@ def _view_index(node: torch.fx.Node) -> bool:
     if type(node.args[1]) is int:
         return True
     idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx)
+    if not all(i is None or i is Ellipsis or isinstance(i, slice) for i in idx):
+        return False
+    taken = [i for i in idx if i is not None]   # one per dimension of the source, ``...`` for the rest
+    shape = node.args[0].meta.get(SHAPE) if isinstance(node.args[0], torch.fx.Node) else None
+    sizes: list[int | None] = [None] * len(taken)
+    if shape is not None and taken.count(Ellipsis) <= 1:
+        at = taken.index(Ellipsis) if Ellipsis in taken else len(taken)
+        after = len(taken) - at - 1
+        sizes = [*shape[:at], None, *(shape[len(shape) - after:] if after > 0 else [])][:len(taken)]
+    return all(i is Ellipsis or _whole(i, n) for i, n in zip(taken, sizes))
+
+
+def _whole(i: Any, size: int | None) -> bool:
+    """Whether index ``i`` keeps the whole of a dimension of ``size``: ``:``, ``0:``, ``:n`` past its end
+    (Hugging Face's ``hidden_states[:, -0:]``, its ``logits_to_keep`` of 0)."""
+    if not isinstance(i, slice) or i.start not in (None, 0) or i.step not in (None, 1):
+        return False
+    return i.stop is None or (type(i.stop) is int and size is not None and i.stop >= size)
 
 
 DEFAULT_OPS = OpKeys.default()

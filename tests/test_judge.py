@@ -314,7 +314,7 @@ def test_the_summary_says_when_no_gradient_was_compared():
     ref, port = _towers()
     kept_values = fxdiff.capture(ref, _tower_inputs(), keep="values")
     text = _text(fxdiff.compare(kept_values, port))
-    assert "op gradients:        none compared" in text and "op values:           13 match, 0 differ" in text
+    assert "op gradients:        none compared" in text and "op values:           13 match (100.0%), 0 differ" in text
 
 
 class MHABlock(nn.Module):
@@ -651,8 +651,10 @@ class Causal(nn.Module):
         return F.scaled_dot_product_attention(q * 0.5, k, v, attn_mask=mask[None, None], scale=1.0)
 
 
-def test_a_mask_one_side_alone_builds_is_named_beside_the_op_it_alone_runs():
-    """The divergence was blamed on the port's query scale alone, which the correct port runs too."""
+def test_a_causal_mask_off_by_one_is_named_as_the_positions_it_masks():
+    """The divergence was blamed on the port's query scale alone, which the correct port runs too;
+    then on that scale 'or the side input it alone passes, built by triu'; now on what each side
+    masks, is_causal against the mask built and passed."""
     torch.manual_seed(0)
     ref, x = Causal(), torch.randn(1, 5, 8)
     ports = [Causal(port=True, diagonal=d) for d in (1, 2)]
@@ -661,8 +663,9 @@ def test_a_mask_one_side_alone_builds_is_named_beside_the_op_it_alone_runs():
     cap = fxdiff.capture(ref, (x,))
     assert not fxdiff.compare(cap, ports[0]).diverged
     first = next(r for r in fxdiff.compare(cap, ports[1]).nodes if r.first_forward)
-    assert first.op == "sdpa" and first.blame[0] == \
-        "cand-only mul (mul), or the side input it alone passes, built by triu (triu)", first.blame
+    assert first.op == "sdpa" and first.blame[0] == (
+        "the attention's mask differs: the reference masks 8 positions the candidate does not (the first [0, 0, 0, 1]), "
+        "the candidate 0 the reference does not"), first.blame
     # with no mask in its place, the flag is the difference (sdpa's is_causal, which torch's own list
     # of its parameters leaves out, read from its docstring)
     unmasked = Causal(port=True, diagonal=None)
@@ -940,6 +943,27 @@ def test_a_weight_norm_dropped_in_a_conversion_is_named():
         first.blame
 
 
+def test_a_weight_norm_over_another_dim_is_named_on_its_parameters():
+    """The port re-applies weight norm over the output channels (dim 0), not the kernel (dim 2): the
+    weight agrees, so nothing in the forward pass differs; the direction parameter and its gradient
+    did, with nothing said about why."""
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 4), weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2), nn.GELU())
+    port = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 3, padding=1), nn.GELU())
+    with torch.no_grad():
+        ref[1].parametrizations.weight.original0.mul_(1.5)
+    port.load_state_dict({"0.weight": ref[0].weight, "0.bias": ref[0].bias, "1.bias": ref[1].bias,
+                          "1.weight": ref[1].weight.detach()})
+    port[1] = weight_norm(port[1], dim=0)
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 4, 4),)), port)
+    assert report.diverged and not any(r.first_forward for r in report.nodes)
+    direction = next(p for p in report.params if p.ref == "1.parametrizations.weight.original1")
+    assert direction.grad.note == direction.value.note == "read by _weight_norm with dim 2 against 0", direction
+    assert "1.parametrizations.weight.original1 is read by _weight_norm with dim 2 against 0 (the candidate's " \
+        "1.parametrizations.weight.original1)" in report.warnings, report.warnings
+
+
 class Trimmed(nn.Module):
     """wav2vec2's positional conv with an even kernel, one frame trimmed after it: the last
     (``x[:, :, :-1]``, Hugging Face's) or, ported wrong, the first (``x[..., 1:]``); ``same`` trims
@@ -985,14 +1009,15 @@ class BiasTable(nn.Module):
 
 def test_an_index_buffer_built_another_way_is_named():
     """The buffer pairs with nothing (no content does), so no value of it differed: 'introduced
-    here' at the lookup, 'parameter values: all match'."""
+    here' at the lookup, 'parameter values: all match'; then named as a tensor that pairs with
+    nothing, now with where the two indices differ."""
     torch.manual_seed(0)
     ref, bug = BiasTable("relative_position_index"), BiasTable("index", wrong=True)
     bug.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "relative_position_index"}, strict=False)
     first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 2, 4, 4),)), bug).nodes
                  if r.first_forward)
-    assert first.blame[0] == ("a tensor it reads pairs with nothing: relative_position_index against the "
-                              "candidate's index, of one size, whose values differ"), first.blame
+    assert first.blame[0] == ("its index differs at 12 of 16 elements (the first [0]: 4 against 2): the reference's "
+                              "read from relative_position_index, the candidate's read from index"), first.blame
 
 
 class ConvNorm(nn.Module):
@@ -1076,7 +1101,8 @@ class MaskedWindows(nn.Module):
 
 def test_a_mask_buffer_left_out_of_a_port_is_named():
     """timm's shifted-window mask is a buffer; HF's port builds its own, and one that built none
-    was 'introduced here' at the attention, the buffer listed among the unpaired."""
+    was 'introduced here' at the attention, the buffer listed among the unpaired; then named as a
+    tensor that pairs with nothing; now as what the reference alone adds to the scores."""
     ref = MaskedWindows(masked=True)
     captured = fxdiff.capture(ref, (torch.randn(2, 4, 8),))
     stories = []
@@ -1084,8 +1110,8 @@ def test_a_mask_buffer_left_out_of_a_port_is_named():
         bug = MaskedWindows(masked=False, sdpa=sdpa)
         bug.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "attn_mask"})
         stories.append(next(r for r in fxdiff.compare(captured, bug).nodes if r.first_forward).blame[0])
-    assert stories == ["a tensor it reads pairs with nothing: attn_mask, where the candidate reads or builds nothing "
-                       "in its place",   # the add folded into the attention the candidate fuses
+    assert stories == ["the reference adds attn_mask to the attention's scores, the candidate nothing (max abs diff "
+                       "100)",   # the add folded into the attention the candidate fuses
                        "ref-only add (add), reading attn_mask, which pairs with nothing"], stories
 
 
@@ -1350,7 +1376,8 @@ def test_a_wrong_rotary_base_is_blamed_on_the_tables_not_on_an_op_one_side_adds(
     """litgpt against Hugging Face Llama with the wrong RoPE base: the divergence at the rotated q
     and k (or at sdpa) was blamed on an op the port alone has and that is correct (the slice of
     the features to rotate here; litgpt's key/value head expansion, which the reference leaves to
-    sdpa), and the rotary tables, which pair only weakly, were not named."""
+    sdpa), and the rotary tables, which pair only weakly, were not named; then named as a value
+    made another way at the rotation."""
     torch.manual_seed(0)
     ref, ids = RotaryRef().eval(), torch.randint(0, 50, (2, 12))
     captured = fxdiff.capture(ref, (ids,))
@@ -1361,9 +1388,13 @@ def test_a_wrong_rotary_base_is_blamed_on_the_tables_not_on_an_op_one_side_adds(
         assert report.diverged == diverged
     firsts = [r for r in report.nodes if r.first_forward]
     blamed = [r.blame for r in firsts if r.blame]
-    assert blamed and all(b[0].startswith("a value made another way on each side differs: ref ")
-                          and b[0].endswith(", the candidate's made with cos") for b in blamed), blamed
-    assert all(r.blame or r.op in ("cos", "sin", "mul") and r.ref_module == "" for r in firsts)
+    # the tables themselves differ first (a slice of all the features a view, the rotation pairs for
+    # certain): each side's way of making them is named
+    assert firsts and all(r.blame for r in firsts), firsts
+    assert {b[0] for b in blamed} == {
+        f"a value each side computes from its parameters, buffers and constants alone differs: the reference's made "
+        f"with arange, mul, cat, {f}, mul from inv_freq, the candidate's made with getitem from {f}" for f in ("cos", "sin")}, \
+        blamed
 
 
 class PooledStem(nn.Module):
@@ -1659,3 +1690,283 @@ def test_a_one_sided_op_in_a_module_called_twice_is_placed_where_its_input_is():
     port.load_state_dict(ref.state_dict(), strict=False)
     first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (x,)), port).nodes if r.first_forward)
     assert first.blame[0].startswith("ref-only relu") and first.blame[1:] == ["relu", ""], first.blame
+
+
+class PaddedFrames(nn.Module):
+    """wav2vec2's padded frames zeroed before the encoder: Hugging Face builds the mask from the
+    attention mask's lengths (``hf``), torchaudio from the lengths with ``arange >= lengths``;
+    ``strict`` True: a port that wrote ``>`` and leaves the first padded frame."""
+
+    def __init__(self, hf: bool, strict: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hf, self.strict, self.proj, self.head = hf, strict, nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, attention_mask):   # x: (batch, 6 frames, 4)
+        h = self.proj(x)
+        lengths = attention_mask.sum(-1)
+        if self.hf:
+            keep = torch.zeros(h.shape[:2], dtype=torch.long)
+            keep[torch.arange(len(h)), lengths - 1] = 1
+            keep = keep.flip(-1).cumsum(-1).flip(-1).bool()
+            h[~keep.unsqueeze(-1).repeat(1, 1, h.shape[-1])] = 0
+        else:
+            frames = torch.arange(h.shape[1]).expand(len(h), -1)
+            h[frames > lengths[:, None] if self.strict else frames >= lengths[:, None]] = 0
+        return self.head(h).mean(1)
+
+
+def test_a_padding_mask_built_another_way_that_differs_is_named_where_it_is_written():
+    """A mask built from lengths with ``>`` for ``>=`` had no story; the reference's zeroed element
+    read "max rel diff 2.4e+38", a zero clamped to float32's tiny, which reads as a measurement."""
+    x, mask = torch.randn(2, 6, 4), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    captured = fxdiff.capture(PaddedFrames(hf=True), (x, mask))
+    assert not fxdiff.compare(captured, PaddedFrames(hf=False)).diverged
+    first = next(r for r in fxdiff.compare(captured, PaddedFrames(hf=False, strict=True)).nodes if r.first_forward)
+    assert first.op == "setitem" and first.blame[0].startswith(
+        "the mask it writes through differs at 1 of 2x6 positions ([1, 4]; ref's picks 2, the candidate's 1): "
+        "ref's made with "), first.blame
+    assert first.blame[0].endswith("the candidate's made with arange, gt from sum_1"), first.blame
+    assert first.forward.max_rel_diff == math.inf
+
+
+class PatchMerging(nn.Module):
+    """Swin's patch merging: timm reshapes and permutes each 2x2 neighbourhood into the features
+    (``hf`` False), Hugging Face concatenates its four strided slices; ``order``: the slices'
+    order, (0, 1, 2, 3) the one that agrees."""
+
+    def __init__(self, hf: bool, order: tuple[int, ...] = (0, 1, 2, 3)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hf, self.order = hf, order
+        self.mix, self.norm, self.reduction = nn.Linear(4, 4), nn.LayerNorm(16), nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):   # x: (batch, 4, 4, 4 features)
+        x = self.mix(x)
+        b, h, w, c = x.shape
+        if self.hf:
+            parts = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]
+            x = torch.cat([parts[i] for i in self.order], -1).view(b, -1, 4 * c)
+        else:
+            x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3).view(b, -1, 4 * c)
+        return self.reduction(self.norm(x))
+
+
+def test_features_concatenated_in_another_order_are_named_at_the_op_that_reads_them():
+    """Swin's 2x2 patches merged as x0, x2, x1, x3: both sides rearrange with ops that pair with
+    nothing, and the norm reading them was 'introduced here' with no story."""
+    x = torch.randn(2, 4, 4, 4)
+    captured = fxdiff.capture(PatchMerging(hf=False), (x,))
+    assert not fxdiff.compare(captured, PatchMerging(hf=True)).diverged
+    first = next(r for r in fxdiff.compare(captured, PatchMerging(hf=True, order=(0, 2, 1, 3))).nodes
+                 if r.first_forward)
+    assert (first.op, first.blame[0]) == ("layer_norm", (
+        "its input holds the same features along its last dimension in another order: the candidate's [4:8] is "
+        "the reference's [8:12], the candidate's [8:12] is the reference's [4:8] (ref's view, the candidate's "
+        "view)")), first.blame
+
+
+class RelativeBias(nn.Module):
+    """Swin's relative position bias: a table of one column per head, looked up by an index buffer
+    and added to the attention scores."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qk, self.table = nn.Linear(4, 8), nn.Parameter(torch.randn(7, 2))
+        self.register_buffer("index", (torch.arange(4)[:, None] - torch.arange(4)[None] + 3).flatten(), persistent=False)
+
+    def forward(self, x):   # x: (batch, 4 tokens, 4)
+        q, k = self.qk(x).view(len(x), 4, 2, 4).transpose(1, 2).chunk(2, -1)
+        bias = self.table[self.index].view(4, 4, 2).permute(2, 0, 1)
+        return (q @ k.transpose(-1, -2) + bias).softmax(-1)
+
+
+def test_a_table_with_its_heads_in_another_order_is_named_on_the_table_and_where_it_is_read():
+    """The port's relative position table with its head columns swapped in a conversion: the
+    table and the op reading it were named, not how the table differs."""
+    ref, port = RelativeBias(), RelativeBias()
+    port.load_state_dict({**ref.state_dict(), "table": ref.table.detach()[:, [1, 0]]})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, 4, 4),)), port)
+    table = next(p for p in report.params if p.ref == "table")
+    assert table.value.note == "the candidate's columns in another order: the reference's [1, 0]", table.value
+    first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame[0] == ("a tensor it reads differs: table against the candidate's table: the candidate's "
+                              "columns in another order: the reference's [1, 0]"), first.blame
+
+
+
+class TinyLM(nn.Module):
+    """An embedding, a norm and an output projection; ``keep_slice``: Hugging Face's
+    ``hidden_states[:, -0:]`` before it (``logits_to_keep`` 0, a slice of everything)."""
+
+    def __init__(self, keep_slice: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.keep_slice = keep_slice
+        self.embed, self.norm, self.head = nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 10, bias=False)
+
+    def forward(self, ids):
+        h = self.norm(self.embed(ids))
+        return self.head(h[:, -0:] if self.keep_slice else h)
+
+
+def test_an_output_projection_loaded_from_the_embedding_is_named_not_a_slice_of_everything():
+    """torchtune's output loaded from the embedding: blamed on 'ref-only getitem', HF's slice that
+    keeps every position, though the projection's weight was seen to differ."""
+    ids = torch.randint(0, 10, (2, 5))
+    ref, port = TinyLM(keep_slice=True), TinyLM(keep_slice=False)
+    port.load_state_dict({**ref.state_dict(), "head.weight": ref.embed.weight.detach()})
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (ids,)), port).nodes if r.first_forward)
+    assert first.blame[0] == ("a tensor it reads differs: head.weight against the candidate's head.weight: the "
+                              "candidate's holds the values of embed.weight"), first.blame
+
+
+class RotatedAttention(Attention):
+    """The query and key rotated by a table of their positions before the attention (as RoPE
+    does), the value not."""
+
+    def forward(self, x):
+        table = torch.linspace(0.5, 1.5, 5)[None, None, :, None]
+        q, k, v = (proj(x).view(1, 5, 2, 2).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q * table + q.flip(-1), k * table + k.flip(-1), v)
+        return out.transpose(1, 2).reshape(1, 5, 4)
+
+
+def test_two_projections_whose_names_cross_their_values_are_named():
+    """A conversion that loads k_proj's weights into v_proj and v_proj's into k_proj: each pairs, by
+    its values, with the other's namesake, the values "all match", and the attention was
+    'introduced here' with nothing said (the key is rotated, the value not: no input crosses as is)."""
+    torch.manual_seed(0)
+    ref, port = RotatedAttention(), RotatedAttention()
+    state = ref.state_dict()
+    port.load_state_dict({**state, **{f"k.{w}": state[f"v.{w}"] for w in ("weight", "bias")},
+                          **{f"v.{w}": state[f"k.{w}"] for w in ("weight", "bias")}})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(1, 5, 4),)), port)
+    first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame is not None and first.blame[0].startswith("parameters crossed: "), first.blame
+    notes = {p.ref: p.value.note for p in report.params}
+    assert notes["k.weight"] == ("holds the values of the candidate's v.weight, and the candidate's k.weight those of "
+                                 "v.weight: names crossed"), notes
+
+
+class RMSNormed(nn.Module):
+    """A projection and a norm: Hugging Face's RMSNorm written out (``how`` "hf"), torchtune's
+    ``F.rms_norm``, a ``layer_norm`` (a port that subtracts the mean), or eps added outside the root."""
+
+    def __init__(self, how: str, eps: float = 1e-5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.eps, self.proj, self.weight = how, eps, nn.Linear(8, 8), nn.Parameter(1 + torch.rand(8))
+
+    def forward(self, x):
+        h = self.proj(x)
+        if self.how == "hf":
+            h32 = h.to(torch.float32)
+            return self.weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
+        if self.how == "outside":
+            return self.weight * (h / (h.pow(2).mean(-1, keepdim=True).sqrt() + self.eps))
+        norm = F.rms_norm if self.how == "rms_norm" else F.layer_norm
+        return norm(h.float(), (8,), eps=self.eps).to(h.dtype) * self.weight
+
+
+@pytest.mark.parametrize("port,story", [
+    (RMSNormed("rms_norm", eps=1e-3), "its eps differs: 1e-05 against 0.001 (the reference's RMS norm (written out, eps "
+                                   "1e-05), the candidate's RMS norm (eps 0.001))"),
+    (RMSNormed("layer_norm"), "a norm of another kind: the reference's RMS norm (written out, eps 1e-05) against the "
+                           "candidate's layer norm (eps 1e-05)"),
+    (RMSNormed("outside"), "its eps added elsewhere: the reference's RMS norm (written out, eps 1e-05) against the "
+                        "candidate's RMS norm (written out, eps 1e-05 outside the root)")], ids=["eps", "kind", "outside"])
+def test_a_norm_written_out_on_one_side_is_compared_with_the_others_by_kind_and_eps(port, story):
+    """Hugging Face's RMSNorm written out against torchtune's rms_norm: another eps was 'computed with
+    other ops' naming the candidate's eps alone (the same ops as a correct port's); a layer_norm, and
+    eps outside the root, had no story, or 'a side input that differs: add'."""
+    x = torch.randn(4, 8) * 0.01   # small: eps counts
+    captured = fxdiff.capture(RMSNormed("hf"), (x,))
+    assert not fxdiff.compare(captured, RMSNormed("rms_norm")).diverged
+    port.load_state_dict(RMSNormed("hf").state_dict())
+    first = next(r for r in fxdiff.compare(captured, port).nodes if r.first_forward)
+    assert first.blame is not None and first.blame[0] == story, first.blame
+
+
+def test_an_input_the_candidate_never_reads_is_said():
+    """A port that ignores the padding mask it is given: nothing said of the input itself."""
+    x, mask = torch.randn(2, 6, 4), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+
+    class Unmasked(PaddedFrames):
+        def forward(self, x, attention_mask):
+            return self.head(self.proj(x)).mean(1)
+
+    report = fxdiff.compare(fxdiff.capture(PaddedFrames(hf=True), (x, mask)), Unmasked(hf=True))
+    assert any(w.startswith("the candidate never reads its input ") and w.endswith(", which the reference reads")
+               for w in report.warnings), report.warnings
+
+
+class BiasedAttention(nn.Module):
+    """Causal attention with a learned bias a head on its scores: written out, the mask filled in
+    (``sdpa`` False), or an ``sdpa`` given bias and mask as one ``attn_mask``; ``bug``: the port's
+    bias transposed, or its heads in another order."""
+
+    def __init__(self, sdpa: bool, bug: str | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.sdpa, self.bug = sdpa, bug
+        self.qkv, self.out, self.bias = nn.Linear(8, 24), nn.Linear(8, 8), nn.Parameter(torch.randn(2, 5, 5))
+
+    def forward(self, x):   # x: (1, 5 tokens, 8)
+        return self.out(self.attend(x).transpose(1, 2).reshape(1, 5, 8))
+
+    def attend(self, x):
+        q, k, v = self.qkv(x).view(1, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        bias = self.bias.transpose(-1, -2) if self.bug == "transposed" else self.bias[[1, 0]] if self.bug else self.bias
+        causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+        if self.sdpa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(causal, float("-inf")))
+        scores = (q @ k.transpose(-1, -2)) * 0.5 + self.bias
+        return scores.masked_fill(causal, torch.finfo(scores.dtype).min).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("bug,story", [
+    ("transposed", ": the candidate's is the reference's transposed, query and key positions swapped"),
+    ("heads", ": the candidate's heads in another order, the reference's [1, 0]")])
+def test_a_bias_on_attention_scores_built_another_way_is_compared_whole(bug, story):
+    """The bias a port adds to its scores, with the mask, through sdpa's attn_mask, against one added
+    and masked in the reference's written-out attention: the bias pairs with nothing there (T5's
+    relative position bias, Swin's table), and stories were 'ops that differ: ref where against cand
+    softmax', or none."""
+    x = torch.randn(1, 5, 8)
+    captured = fxdiff.capture(BiasedAttention(sdpa=False), (x,))
+    assert not fxdiff.compare(captured, BiasedAttention(sdpa=True)).diverged
+    first = next(r for r in fxdiff.compare(captured, BiasedAttention(sdpa=True, bug=bug)).nodes if r.first_forward)
+    assert first.blame[0].startswith("the bias added to the attention's scores differs where neither side masks (max "
+                                     "abs diff ") and first.blame[0].endswith(story), first.blame
+
+
+class GatedGelu(nn.Module):
+    """T5's gated-GELU feed-forward: Hugging Face's GELU written out (``gelu_new``), or (``port``)
+    ``F.gelu(approximate='tanh')``; ``swapped``: the activation on the value's projection."""
+
+    def __init__(self, port: bool = False, swapped: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.port, self.swapped = port, swapped
+        self.wi_0, self.wi_1, self.wo = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        gate, value = (self.wi_1(x), self.wi_0(x)) if self.swapped else (self.wi_0(x), self.wi_1(x))
+        if self.port:
+            act = F.gelu(gate, approximate="tanh")
+        else:
+            act = 0.5 * gate * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (gate + 0.044715 * torch.pow(gate, 3.0))))
+        return self.wo(act * value)
+
+
+def test_a_gated_units_gate_and_value_swapped_are_named_at_their_product():
+    """'ops that differ: ref mul against cand gelu' (the GELU the same on both sides), then nothing."""
+    x = torch.randn(4, 8)
+    captured = fxdiff.capture(GatedGelu(), (x,))
+    assert not fxdiff.compare(captured, GatedGelu(port=True)).diverged
+    first = next(r for r in fxdiff.compare(captured, GatedGelu(port=True, swapped=True)).nodes if r.first_forward)
+    assert first.blame[0] == ("the gate and the value swapped: the candidate applies gelu to the counterpart of what "
+                              "the reference computes in wi_1 and multiplies by that of wi_0; the reference applies its "
+                              "activation to wi_0"), first.blame

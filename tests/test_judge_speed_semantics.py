@@ -74,7 +74,7 @@ def reference(ref, cand, tol, scale_by=None):
                     ref_rms=0.0, cand_rms=0.0, rms_diff=0.0, mismatched=0, numel=0, eps=0.0, histogram=[])
     max_abs = float(diff.max())
     tiny = torch.finfo(dtype).tiny
-    rel = float((diff / a.abs().to(diff.dtype).clamp_min(tiny)).max()) if max_abs > 0 else 0.0
+    rel = float((diff / a.abs().to(diff.dtype)).nan_to_num(nan=0.0, posinf=math.inf).max()) if max_abs > 0 else 0.0
     scaled = float((diff / a.abs().to(diff.dtype).clamp_min(max(ref_rms, cand_rms, tiny))).max())
     return dict(passed=bad == 0, max_abs_diff=max_abs, max_rel_diff=rel, max_scaled_diff=scaled,
                 mean_abs_diff=float(diff.sum(dtype=torch.float64)) / max(diff.numel(), 1),

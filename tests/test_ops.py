@@ -27,3 +27,23 @@ def test_map_file_errors_name_the_file_not_a_flag(tmp_path):
     (tmp_path / "bad.json").write_text('{"modules": [["a"]]}')
     with pytest.raises(FxdiffError, match=r"^map file .*bad\.json: each 'modules' entry"):
         UserMap.load(str(tmp_path / "bad.json"))
+
+
+def test_a_slice_that_keeps_a_whole_dimension_is_a_view():
+    """``h[:, -0:]`` (Hugging Face's logits_to_keep of 0) and ``h[:, :n]`` past the end keep everything."""
+    import torch.fx
+    from fxdiff.model.capture import SHAPE, TARGET
+    from fxdiff.ops import DEFAULT_OPS, node_key
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta[SHAPE] = [2, 5, 8]
+    def index(idx):
+        n = g.call_function(torch.Tensor.__getitem__, (x, idx))
+        n.meta[TARGET] = "torch.Tensor.__getitem__"
+        return DEFAULT_OPS.is_view(n, node_key(n))
+    assert index((slice(None), slice(0, None)))
+    assert index((slice(None), slice(None, 5), slice(0, 99)))
+    assert index((Ellipsis, slice(0, 8)))
+    assert not index((slice(None), slice(None, 4)))
+    assert not index((Ellipsis, slice(1, None)))
+    assert not index((slice(None), slice(None, None, 2)))

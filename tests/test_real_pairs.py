@@ -20,6 +20,7 @@ PAIR_NAMES = list(PAIRS)
 BUG_CASES = [(p, b.name) for p in PAIR_NAMES for b in PAIRS[p].bugs]
 _REF_CAPTURES: dict[str, object] = {}
 _FP32: dict[tuple[str, str], object] = {}
+_BF16: dict[tuple[str, str], object] = {}
 
 
 def _run(pair_name, variant=None, dtype=torch.float32):
@@ -32,8 +33,8 @@ def _run(pair_name, variant=None, dtype=torch.float32):
     report, verdict_ok, loc, details = run_pair(pair, variant, dtype, ref_capture=_REF_CAPTURES[pair_name])
     assert report is not None, f"{pair_name}/{variant or 'clean'}/{dtype}: {details['stage']} failed: " \
                                f"{details['error']} at {details['where']}"
-    if dtype == torch.float32 and variant:
-        _FP32[(pair_name, variant)] = report
+    if variant:
+        (_FP32 if dtype == torch.float32 else _BF16)[(pair_name, variant)] = report
     return report, verdict_ok, loc, details
 
 
@@ -107,6 +108,15 @@ def test_first_divergence_is_isolated_or_says_why(pair, bug):
         (e,) = fd["forward"]
         assert e["not_isolated"] == (f"more than 64 of the candidate's ops lie between {e['cand_node']} and values "
                                      "that match the reference")
+
+
+@pytest.mark.parametrize("pair,bug", BUG_CASES, ids=[f"{p}-{b}" for p, b in BUG_CASES])
+def test_a_bfloat16_candidates_first_divergence_is_replayed_despite_its_own_casts(pair, bug):
+    """Seven of these replays failed: the candidate's ops cast to bfloat16 on their own (torchtune's
+    norm, x-transformers' attention) and met the float32 parameters the replay gave them."""
+    report = _BF16.get((pair, bug)) or _run(pair, bug, BF16)[0]
+    for e in report.first_divergence()["forward"]:
+        assert not e["not_isolated"] or "dtype" not in e["not_isolated"] and "scalar type" not in e["not_isolated"], e
 
 
 def test_a_custom_backward_behind_a_fused_weight_says_why_it_is_not_isolated(tmp_path):

@@ -389,3 +389,29 @@ def test_a_mask_of_minus_infinity_against_a_large_negative_one_is_no_divergence(
     assert not report.diverged, report.first_divergence()
     assert verdict(report).plain == "MATCH, bit for bit where any output depends on the values"
     assert any("no output depends on (masked_fill)" in w for w in report.warnings)
+
+
+class HalfTanhBlock(Block):
+    """A block that computes its tanh in bfloat16 and casts back."""
+
+    def forward(self, x):
+        h = self.fc1(self.norm(x))
+        return x + self.fc2(torch.tanh(h.to(torch.bfloat16)).to(h.dtype)) * self.scale
+
+
+def test_a_float32_port_that_computes_an_op_in_bfloat16_on_its_own_diverges_there():
+    """The port's block 1 computes its tanh in bfloat16: every pair of two dtypes is judged at the
+    coarser one's noise, so this one passed as bfloat16 rounding, and everything after it: 'MATCH,
+    within bfloat16 noise', exit 0, for a float32 model. A candidate run in bfloat16 (its
+    parameters in it) is still within noise."""
+    ref = fxdiff.capture(Net(), (X,))
+    port = Net()
+    half = HalfTanhBlock()
+    half.load_state_dict(port.blocks[1].state_dict())
+    port.blocks[1] = half
+    report = fxdiff.compare(ref, port)
+    assert report.diverged
+    first = report.first_divergence()["forward"]
+    assert [(e["ref_module"], e["blame"]) for e in first] == [
+        ("blocks.1", "the candidate computes it in bfloat16 (its parameters are float32), the reference in float32")], first
+    assert fxdiff.compare(ref, Net(), dtype="bfloat16").verdict == "within noise"

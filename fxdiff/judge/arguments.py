@@ -67,7 +67,26 @@ def _signature(target: str) -> inspect.Signature | None:
     documented = _documented(fn)
     if documented is not None and (listed is None or len(documented.parameters) > len(listed.parameters)):
         return documented
-    return listed
+    return listed if listed is not None else _aten(fn)
+
+
+def _aten(fn: Any) -> inspect.Signature | None:
+    """The signature of the aten operator a torch builtin of no listed signature calls by its name
+    (``torch._weight_norm``: ``v, g, dim=0``), from its first schema; None where there is none."""
+    name = getattr(fn, "__name__", None)
+    try:
+        schemas = torch._C._jit_get_schemas_for_operator(f"aten::{name}") if name else []
+    except RuntimeError:
+        return None
+    if not schemas:
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    try:
+        return inspect.Signature([inspect.Parameter(a.name, kinds[a.kwarg_only], default=a.default_value
+                                                    if a.has_default_value() else inspect.Parameter.empty)
+                                  for a in schemas[0].arguments])
+    except ValueError:   # a name Python cannot take, or an order it does not allow
+        return None
 
 
 def _documented(fn: Any) -> inspect.Signature | None:

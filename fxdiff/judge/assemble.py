@@ -27,7 +27,7 @@ import torch.fx
 from .. import tree
 from ..model.alignment import Alignment, ParamPair
 from ..model.capture import DTYPE, MODULE, NO_GRAD, SHAPE, TARGET, Capture
-from . import arguments, attention, noise
+from . import arguments, attention, masks, noise, norms
 from .isolate import replay, replay_backward
 from ..match.confidence import CERTAIN, OTHER_USERS, WEAK
 from ..ops import DEFAULT_OPS, GETITEM, RANDOM_OPS, node_key
@@ -35,6 +35,7 @@ from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import LIVE_ELEMENTS, Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
 from ..store.summary import all_zero, is_summary
+from ..util import named_dtype
 from ..targets import Targets
 from .tensors import Tolerance, compare_many, compare_tensors, layout_permutation, machine_eps, rms_many
 from .tensors import grad_metrics as _grad_metrics
@@ -110,6 +111,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         node_floor = grad_floor(ref.grads, {r.ref_node: r.backward for r in rows if r.ref_slice is None})
         param_floor = grad_floor(ref.param_grads, {p.ref: p.grad for p in params})
     precision = noise.run_precision(ref.info, cand.info)
+    lowered = [] if tol.strict else _lowered(ref, cand, rows)
     if not tol.strict:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
     for side in ("ref", "cand"):   # on the verdicts within noise: a gradient that differs only by rounding reaches
@@ -120,8 +122,9 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     if dead:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
         warnings.append(f"values of {len(dead)} op(s) differ only at elements no output depends on ({', '.join(dead[:4])}): "
-                        "their gradient is zero on both sides (positions no output reads, such as padding one side "
-                        "masks and the other does not), so those elements were not compared")
+                        "their gradient is zero on both sides (positions no output reads: padding one side masks and "
+                        "the other does not, attention scores a mask removes, -inf on one side and the dtype's lowest "
+                        "number on the other), so those elements were not compared")
     rows, rejected = _verify_weak(ref.graph, rows, {n.name for n in cand.graph.nodes
                                                     if n.op == "call_function" and node_key(n) in RANDOM_OPS},
                                   _on_paired_inputs(ref, cand, rows))
@@ -152,21 +155,35 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         if p.ref in roles and p.value is not None:
             p.value = dataclasses.replace(p.value, passed=False, note=roles[p.ref])
             warnings.append(f"{p.ref} {roles[p.ref]}")
+    read = _name_reading_arguments(ref, cand, params)
+    if not any(r.first_forward for r in rows):   # else the forward story says it at the op
+        warnings += read
+    _name_reordered_parameters(ref, cand, params)
+    warnings += _unread_inputs(ref, cand, rows)
     outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
     if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
         _mark_frontier(ref.graph, rows, {o.frontier["ref_node"] for o in outputs if o.frontier})
     _blame_arguments(ref, cand, rows)
+    _blame_lowered(ref, cand, rows, lowered)
+    _blame_norm(ref, cand, rows)
+    _blame_mask(ref, cand, rows)
+    _blame_index(ref, cand, rows)
     _blame_attention_scale(ref, cand, rows, tol)
-    _blame_made_another_way(ref, cand, rows, rejected, tol)
+    _blame_attention_bias(ref, cand, rows)
+    _blame_made_another_way(ref, cand, rows, rejected, params, tol)
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_weight_made(ref, cand, rows, alignment)
     _blame_side_input(ref, cand, rows, rejected)
     _name_role_swaps(ref, cand, rows)
     _name_swapped_parameters(ref, cand, rows, alignment)
     _name_crossed_inputs(ref, cand, rows)
+    _name_gate_swap(ref, cand, rows)
     _name_swapped_roles(ref, cand, rows)
+    _name_crossed_names(ref, cand, rows, params)
     _blame_parameter_values(ref, rows, params)
     _blame_unpaired_tensors(ref, cand, rows, alignment)
+    _blame_made_from_constants(ref, cand, rows)
+    _name_rearranged(ref, cand, rows)
     _name_other_ops(ref, cand, rows)
     return Report(
         warnings=warnings,
@@ -188,6 +205,55 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
             ref_inputs=[n for n in alignment.unmatched_ref if ref_nodes[n].op == "placeholder"]),
         graph={"ref": _structure(ref), "cand": _structure(cand)},
     )
+
+
+def _unread_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> list[str]:
+    """A line for each paired input that one side reads and the other does not (a port that ignores
+    the attention mask it is given)."""
+    said = []
+    for row in rows:
+        if row.op != "input":
+            continue
+        used = [bool(c.node(n).users) for c, n in ((ref, row.ref_node), (cand, row.cand_node))]
+        if used[0] != used[1]:
+            said.append(f"the {'candidate' if used[0] else 'reference'} never reads its input "
+                        f"{row.cand_node if used[0] else row.ref_node}, which the "
+                        f"{'reference' if used[0] else 'candidate'} reads")
+    return said
+
+
+def _lowered(ref: Capture, cand: Capture, rows: list[NodeRow]) -> list[NodeRow]:
+    """The rows whose candidate value is of a coarser floating dtype than the reference's and than
+    the candidate's own parameters (a norm whose statistics a port computes in bfloat16 inside a
+    float32 model): judged at the reference's precision, not the coarser one a comparison of two
+    dtypes takes, which passed them, and everything after them, as bfloat16 rounding. A candidate
+    run in that dtype (its parameters in it, ``--dtype``, autocast) lowers it on purpose."""
+    if cand.info.autocast:
+        return []
+    own = [t.dtype for t in cand.params.values() if not is_summary(t) and t.is_floating_point()]
+    working = max(map(machine_eps, own), default=0.0) if own else math.inf
+    found = []
+    for row in rows:
+        a, b = (named_dtype(str(c.node(n).meta.get(DTYPE))) for c, n in ((ref, row.ref_node), (cand, row.cand_node)))
+        if a is None or b is None or not (a.is_floating_point and b.is_floating_point):
+            continue
+        if machine_eps(b) > max(machine_eps(a), working):
+            row.forward = dataclasses.replace(row.forward, eps=machine_eps(a)) if row.forward is not None else None
+            row.backward = dataclasses.replace(row.backward, eps=machine_eps(a)) if row.backward is not None else None
+            found.append(row)
+    return found
+
+
+def _blame_lowered(ref: Capture, cand: Capture, rows: list[NodeRow], lowered: list[NodeRow]) -> None:
+    """Blame a forward first divergence that the candidate computes at a coarser dtype than the
+    reference and its own parameters (``_lowered``) on that."""
+    own = sorted({str(t.dtype).removeprefix("torch.") for t in cand.params.values()
+                  if not is_summary(t) and t.is_floating_point()})
+    for row in rows:
+        if row.first_forward and not row.blame and any(row is x for x in lowered):
+            a, b = (c.node(n).meta.get(DTYPE) for c, n in ((ref, row.ref_node), (cand, row.cand_node)))
+            row.blame = [f"the candidate computes it in {b} (its parameters are {', '.join(own)}), the reference in {a}",
+                         row.ref_module, row.cand_module]
 
 
 def _dead_elements_aside(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> list[str]:
@@ -374,8 +440,9 @@ def _blame_parameter_values(ref: Capture, rows: list[NodeRow], params: list[Para
     position table shifted)."""
     differ = {p.ref: p for p in params if p.value is not None and not p.value.passed}
     for row, name in _introduced_reading(ref, rows, differ):
-        row.blame = [f"a tensor it reads differs: {name} against the candidate's {', '.join(differ[name].cand)}",
-                     row.ref_module, row.cand_module]
+        note = differ[name].value.note
+        row.blame = [f"a tensor it reads differs: {name} against the candidate's {', '.join(differ[name].cand)}"
+                     + (f": {note}" if note else ""), row.ref_module, row.cand_module]
 
 
 def _blame_reordered_rows(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> dict[str, str]:
@@ -722,7 +789,9 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             continue
         # a slice of a fused output: the replay makes the whole output, compared on the same columns
         m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
-        precision = machine_eps(cand.values[row.cand_node].dtype)
+        precision = _coarser(ref.values[row.ref_node], cand.values[row.cand_node])
+        if row.forward.eps and m.eps > row.forward.eps:   # a candidate's own coarser dtype (``_lowered``) is no excuse
+            m, precision = dataclasses.replace(m, eps=row.forward.eps), row.forward.eps
         row.isolated = _own_verdict(m, tol, precision=precision)
         if not row.isolated.passed:
             continue
@@ -791,12 +860,251 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
             a, b = (_index_text(n.args[1], len(shape)) for n in (rn, cn))
             given = [("index", _Written(a[0]), _Written(b[0]))] if a[0] is not None and b[0] is not None \
                 and a[1] != b[1] else []
-        differ = [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in given
-                  if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT
-                  and (flags or type(a) is not bool)]
+        differ = _differing(given, flags)
         if differ:
             row.blame = [f"its arguments differ: {', '.join(differ)}", rn.meta.get(MODULE, row.ref_module),
                          cn.meta.get(MODULE, row.cand_module)]
+
+
+def _blame_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence at a normalisation's output on the two sides' norms where
+    one writes it out and the other calls it (``norms.norm_of``): of another kind (an RMS norm
+    ported as a ``layer_norm``, which subtracts the mean), or with another eps."""
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        a, b = norms.norm_of(ref.node(row.ref_node)), norms.norm_of(cand.node(row.cand_node))
+        if a is None or b is None or not (a.written or b.written):
+            continue
+        if a.kind != b.kind or a.outside != b.outside:
+            what = "a norm of another kind" if a.kind != b.kind else "its eps added elsewhere"
+            row.blame = [f"{what}: the reference's {a.words()} against the candidate's {b.words()}",
+                         row.ref_module, row.cand_module]
+        elif a.eps is not None and b.eps is not None and not math.isclose(a.eps, b.eps, rel_tol=1e-6):
+            row.blame = [f"its eps differs: {a.eps:g} against {b.eps:g} (the reference's {a.words()}, the "
+                         f"candidate's {b.words()})", row.ref_module, row.cand_module]
+
+
+def _blame_mask(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence at a masked write or selection on both sides (``x[mask] =
+    0``, ``masked_fill``, ``where``) on its mask where the elements the two masks pick differ: a
+    padding mask built from lengths with ``>`` for ``>=``. The masks pair with nothing (each side
+    builds its own, from values that pair), so no comparison saw them; the ops each side builds
+    its mask with are named."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        if masks.use(rn) is None or masks.use(rn) != masks.use(cn):
+            continue
+        a, b = masks.picked(ref, rn), masks.picked(cand, cn)
+        if a is None or b is None or a.shape != b.shape or torch.equal(a, b):
+            continue
+        while a.dim() > 1 and torch.equal(a, a[..., :1].expand_as(a)) and torch.equal(b, b[..., :1].expand_as(b)):
+            a, b = a[..., 0], b[..., 0]   # a mask of rows, repeated over their features: told by rows
+        differ = a != b
+        where = ", ".join(str(list(i)) for i in differ.nonzero()[:3].tolist())
+        built = [_built_with(capture, masks.mask_of(n), compared)
+                 for capture, n, compared in ((ref, rn, compared_r), (cand, cn, compared_c))]
+        row.blame = [f"the mask it {masks.use(rn)} through differs at {int(differ.sum())} of "
+                     f"{'x'.join(map(str, differ.shape))} positions ({where}{', ...' if differ.sum() > 3 else ''}; "
+                     f"ref's picks {int(a.sum())}, the candidate's {int(b.sum())}): ref's {built[0]}, "
+                     f"the candidate's {built[1]}", row.ref_module, row.cand_module]
+
+
+def _blame_index(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence of one function on both sides on an integer argument that
+    each side builds its own way, where the two differ: T5's relative position buckets, computed
+    per call in Hugging Face's and read from a buffer in torchtune's, at the embedding that looks
+    them up. No comparison saw them: they pair with nothing."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        if rn.op != "call_function" or not _same_function(rn, cn):
+            continue
+        for k, a, b in arguments.side_by_side(rn, cn):
+            if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)) \
+                    or a.name in compared_r or b.name in compared_c:
+                continue
+            x, y = ref.values.get(a.name), cand.values.get(b.name)
+            if x is None and a.op == "get_attr":
+                x = ref.params.get(str(a.target))
+            if y is None and b.op == "get_attr":
+                y = cand.params.get(str(b.target))
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or is_summary(x) or is_summary(y) \
+                    or x.is_floating_point() or y.is_floating_point() or x.shape != y.shape or torch.equal(x, y):
+                continue
+            differ = x != y
+            at = differ.nonzero()[0].tolist()
+            name = "index" if k in ("idx", "indices") else k if isinstance(k, str) else f"argument {k}"
+            built = [_built_with(capture, n, compared)
+                     for capture, n, compared in ((ref, a, compared_r), (cand, b, compared_c))]
+            row.blame = [f"its {name} differs at {int(differ.sum())} of {differ.numel()} elements (the first {at}: "
+                         f"{x[tuple(at)].item()} against {y[tuple(at)].item()}): the reference's {built[0]}, "
+                         f"the candidate's {built[1]}", row.ref_module, row.cand_module]
+            break
+
+
+def _blame_made_from_constants(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Name how each side makes a forward first divergence computed from no compared value (a
+    rotary table from ``inv_freq`` against one read from a buffer of cosines, with another base):
+    what differs is in the constants, buffers or ops each side makes it from."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        if _from_constants(rn, compared_r) and _from_constants(cn, compared_c):
+            row.blame = [f"a value each side computes from its parameters, buffers and constants alone differs: the "
+                         f"reference's "
+                         f"{_built_with(ref, rn, compared_r)}, the candidate's {_built_with(cand, cn, compared_c)}",
+                         row.ref_module, row.cand_module]
+
+
+def _built_with(capture: Capture, node: torch.fx.Node, compared: set[str]) -> str:
+    """``made with gt from add_3``: the ops that make ``node`` from compared values, views left out,
+    and the compared values, inputs, parameters and buffers they start from; ``read from
+    NAME`` where it is a parameter or buffer (or a view of one)."""
+    source = _through_views(node, compared)
+    if source.op == "get_attr":
+        return f"read from {source.target}"
+    up = _upstream(node, compared) | {node.name}
+    ops = [node_key(n) for n in capture.graph.nodes if n.name in up and n.op == "call_function"
+           and not DEFAULT_OPS.is_view(n, node_key(n))]
+    starts = sorted({a.name if a.op != "get_attr" else str(a.target) for n in capture.graph.nodes if n.name in up
+                     for a in n.all_input_nodes if a.name in compared or a.op in ("placeholder", "get_attr")})
+    text = "made with " + ", ".join(ops[:_FEW_OPS]) + (", ..." if len(ops) > _FEW_OPS else "")
+    return f"{text} from {', '.join(starts)}" if starts else f"{text} from constants"
+
+
+def _blame_attention_bias(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence at an attention's output on what the two sides add to its
+    scores (``attention.bias``) where that differs: the positions one side masks and the other does
+    not (a padding mask ignored or inverted, a causal mask off by one), or, where neither masks,
+    the bias (T5's relative position bias transposed, its heads mixed up, left out of a layer).
+    Each side builds it its own way (a mask's ``where`` against an ``add`` into the scores), so its
+    parts pair with nothing and no comparison saw them."""
+    for row in rows:
+        if not row.first_forward or row.blame or row.ref_slice or row.cand_slice:
+            continue
+        a, b = attention.bias(ref, ref.node(row.ref_node)), attention.bias(cand, cand.node(row.cand_node))
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        # where each side builds it (a causal mask at the model's root); where one side passes none (a
+        # layer that ignores the mask), the attentions
+        sources = [attention.bias_source(ref.node(row.ref_node)), attention.bias_source(cand.node(row.cand_node))]
+        built = [row.ref_module, row.cand_module] if None in sources else [n.meta.get(MODULE, "") for n in sources]
+        ma, mb = torch.isneginf(a), torch.isneginf(b)
+        if not torch.equal(ma, mb):
+            only = [(ma & ~mb), (mb & ~ma)]
+            first = [f" (the first {o.nonzero()[0].tolist()})" if o.any() else "" for o in only]
+            row.blame = [f"the attention's mask differs: the reference masks {int(only[0].sum())} positions the "
+                         f"candidate does not{first[0]}, the candidate {int(only[1].sum())} the reference does not"
+                         f"{first[1]}", *built]
+            continue
+        x, y = a.masked_fill(ma, 0), b.masked_fill(mb, 0)
+        peak = float((x - y).abs().max()) if x.numel() else 0.0
+        if peak <= 1e-3 * max(float(x.abs().max()), float(y.abs().max()), 1e-30):
+            continue
+        how, flipped = "", b.transpose(-1, -2)
+        both = ~ma & ~torch.isneginf(flipped)
+        heads = _order(x.movedim(-3, 0).reshape(x.shape[-3], -1), y.movedim(-3, 0).reshape(y.shape[-3], -1)) \
+            if x.dim() >= 3 else None
+        if both.any() and torch.allclose(a[both], flipped[both], rtol=1e-4, atol=1e-4 * peak):
+            how = ": the candidate's is the reference's transposed, query and key positions swapped"
+        elif heads:   # one bias a head, in another order (a relative position table's columns)
+            how = f": the candidate's heads in another order, {heads}"
+        if sources.count(None) == 1:   # one side adds nothing: what the other adds, by name
+            source = next(n for n in sources if n is not None)
+            side, other = ("reference", "candidate") if sources[0] is not None else ("candidate", "reference")
+            what = str(source.target) if source.op == "get_attr" else f"{source.name} ({node_key(source)})"
+            row.blame = [f"the {side} adds {what} to the attention's scores, the {other} nothing (max abs diff "
+                         f"{peak:.3g})", *built]
+            continue
+        row.blame = [f"the bias added to the attention's scores differs where neither side masks (max abs diff "
+                     f"{peak:.3g}){how}", *built]
+
+
+def _differing(given: list[tuple[int | str, Any, Any]], flags: bool = True) -> list[str]:
+    """``eps 1e-05 against 1e-06``: the constant arguments of two calls (``arguments.side_by_side``)
+    that differ; with ``flags`` False, bool flags left out."""
+    return [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in given
+            if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT
+            and (flags or type(a) is not bool)]
+
+
+def _name_reading_arguments(ref: Capture, cand: Capture, params: list[ParamRow]) -> list[str]:
+    """Name, on a parameter whose value or gradient differs, the constant arguments that the op
+    reading it is called with where they differ from those of its counterpart's reader: a weight
+    norm over another dim (wav2vec2's positional conv normed over its output channels, not its
+    kernel: the weight it makes agrees, its two parameters and their gradients do not, and
+    nothing in the forward pass differs). Returns the lines that say so."""
+    said = []
+    for p in params:
+        if len(p.cand) != 1 or all(m is None or m.passed for m in (p.value, p.grad)):
+            continue
+        a, b = _reader(ref, p.ref), _reader(cand, p.cand[0])
+        differ = _differing(arguments.side_by_side(a, b)) if a is not None and b is not None \
+            and _same_function(a, b) else []
+        if differ:
+            note = f"read by {node_key(a)} with {', '.join(differ)}"
+            p.value, p.grad = (m if m is None or m.passed else dataclasses.replace(m, note=note) for m in (p.value, p.grad))
+            said.append(f"{p.ref} is {note} (the candidate's {p.cand[0]})")
+    return said
+
+
+def _name_reordered_parameters(ref: Capture, cand: Capture, params: list[ParamRow]) -> None:
+    """Name, on a parameter whose value differs from its counterpart's of its shape, the other
+    parameter of the reference's whose values the candidate's holds (an output projection loaded
+    from the embedding), or the rows or columns the candidate holds in another order (Swin's
+    relative position table with its heads, its columns, in another order): not a layout the
+    matcher follows, whose pair is transformed before it is compared."""
+    failing = [p for p in params if len(p.cand) == 1 and p.value is not None and not p.value.passed and not p.value.note]
+    by_start: dict[tuple, list[str]] = {}   # each tensor told by its first elements first: a whole comparison each is slow
+    for name, t in ref.params.items():
+        if not is_summary(t) and t.dim():
+            by_start.setdefault(_start(t), []).append(name)
+    for p in failing[:_MOST_NOTED]:
+        a, b = ref.params.get(p.ref), cand.params.get(p.cand[0])
+        if a is None or b is None or is_summary(a) or is_summary(b) or a.shape != b.shape or a.dim() == 0:
+            continue
+        other = next((name for name in by_start.get(_start(b), ()) if name != p.ref and torch.equal(ref.params[name], b)),
+                     None)
+        if other is not None:   # a tied weight loaded where it is not tied
+            p.value = dataclasses.replace(p.value, note=f"the candidate's holds the values of {other}")
+            continue
+        for what, dim in (("rows", 0), ("columns", a.dim() - 1))[:a.dim()]:
+            moved = _order(a.movedim(dim, 0).reshape(a.shape[dim], -1), b.movedim(dim, 0).reshape(b.shape[dim], -1))
+            if moved:
+                p.value = dataclasses.replace(p.value, note=f"the candidate's {what} in another order: {moved}")
+                break
+
+
+_MOST_NOTED = 64   # parameters whose values differ, told how: past this many, the story is the conversion's
+
+
+def _start(t: torch.Tensor) -> tuple:
+    """A tensor's shape, dtype and first few elements' bytes."""
+    return tuple(t.shape), t.dtype, t.reshape(-1)[:16].contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _reader(capture: Capture, name: str) -> torch.fx.Node | None:
+    """The one op that reads parameter ``name`` (through views), or None where none or several do."""
+    readers = {u for n in capture.graph.nodes if n.op == "get_attr" and str(n.target) == name
+               for u in _after_views(n)}
+    return readers.pop() if len(readers) == 1 else None
+
+
+def _after_views(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+    """The ops that read ``node``, through the views of it."""
+    for u in node.users:
+        if u.op == "call_function" and DEFAULT_OPS.is_view(u, node_key(u)):
+            yield from _after_views(u)
+        elif u.op == "call_function":
+            yield u
 
 
 def _blame_attention_scale(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> None:
@@ -818,7 +1126,7 @@ def _blame_attention_scale(ref: Capture, cand: Capture, rows: list[NodeRow], tol
         if out is None or is_summary(other) or out.numel() != other.numel():
             continue
         m = compare_tensors(other, out, tol)
-        if _own_verdict(m, tol, precision=machine_eps(other.dtype)).passed:
+        if _own_verdict(m, tol, precision=_coarser(other, out)).passed:
             row.blame = [f"the attention's scale differs: {r.words()} against {c.words()}",
                          row.ref_module, row.cand_module]
 
@@ -871,7 +1179,7 @@ _NO_EFFECT = {"inplace"}   # arguments that change where a result goes, not its 
 
 
 def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow],
-                            tol: Tolerance) -> None:
+                            params: list[ParamRow], tol: Tolerance) -> None:
     """Blame a forward first divergence introduced in the candidate's block on values both sides
     make, each its own way, before it (a rotary embedding's cos and sin from a buffer against ones
     computed from ``inv_freq``; q and k rotated by them) when the block, replayed with those values
@@ -881,6 +1189,7 @@ def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], re
     they are what differs. The first of them that does is named, with the parameters and buffers
     of the candidate's it is made from."""
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    notes = {p.cand[0]: p.value.note for p in params if len(p.cand) == 1 and p.value is not None and p.value.note}
     weak = [r for r in rejected if r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice or r.cand_permuted)
             and r.ref_node in ref.values and r.cand_node in cand.values
             and not is_summary(ref.values[r.ref_node]) and not is_summary(cand.values[r.cand_node])]
@@ -903,7 +1212,7 @@ def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], re
             if isinstance(out, str):
                 continue
             m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
-            if not _own_verdict(m, tol, precision=machine_eps(cand.values[row.cand_node].dtype)).passed:
+            if not _own_verdict(m, tol, precision=_coarser(ref.values[row.ref_node], cand.values[row.cand_node])).passed:
                 continue
             used = taken if taken is first else [r for r in taken if not any(r.cand_node in feeding[o.cand_node]
                                                                              for o in taken)]
@@ -913,6 +1222,7 @@ def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], re
             held = _held(cand.node(r.cand_node), compared_c)
             if held:
                 what += f", the candidate's made with {', '.join(held)}"
+            what += "".join(f"; {name} differs: {notes[name]}" for name in held if name in notes)
             row.blame = [what, r.ref_module, r.cand_module]
             break
 
@@ -1022,8 +1332,14 @@ def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected
     failing_r = {r.ref_node for r in rows if not r.forward.passed}
     failing_c = {r.cand_node for r in rows if not r.forward.passed}
     keys = {r.ref_node: (node_key(ref.node(r.ref_node)), node_key(cand.node(r.cand_node))) for r in rejected}
-    # aligned by order, or two different ops in each other's place (SiLU against Hardswish)
-    differing = [r for r in rejected if (r.confidence >= OTHER_USERS or len(set(keys[r.ref_node])) == 2)
+    # aligned by order, called alike; or two different elementwise ops in each other's place (SiLU
+    # against Hardswish). Either of one shape: ops paired by their place alone (an attention mask's
+    # `where` against a softmax; a rotated key against half a rotated query) tell nothing
+    differing = [r for r in rejected if r.ref_shape == r.cand_shape
+                 and (r.confidence >= OTHER_USERS and keys[r.ref_node][0] == keys[r.ref_node][1]
+                      and _called_alike(ref.node(r.ref_node), cand.node(r.cand_node))
+                      or len(set(keys[r.ref_node])) == 2 and not _NOT_ELEMENTWISE.intersection(keys[r.ref_node])
+                      and _elementwise(ref.node(r.ref_node)) and _elementwise(cand.node(r.cand_node)))
                  and not r.forward.passed
                  and set(_block_after(ref.node(r.ref_node), compared_r)[1]) <= failing_r
                  and set(_block_after(cand.node(r.cand_node), compared_c)[1]) <= failing_c]
@@ -1039,6 +1355,19 @@ def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected
             what = f"a side input that differs: {r.op} ({r.ref_node} | {r.cand_node})" if key_r == key_c else \
                 f"ops that differ: ref {key_r} ({r.ref_node}) against cand {key_c} ({r.cand_node})"
             row.blame = [what, r.ref_module, r.cand_module]
+
+
+def _elementwise(node: torch.fx.Node) -> bool:
+    """Whether ``node`` computes from one tensor a value of its shape, and moves no data (an activation)."""
+    inputs = node.all_input_nodes
+    return len(inputs) == 1 and inputs[0].meta.get(SHAPE) == node.meta.get(SHAPE) is not None \
+        and not DEFAULT_OPS.is_view(node, node_key(node))
+
+
+def _called_alike(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether two calls pass tensors at the same places (``x * y`` against ``x * 8.0`` are not)."""
+    return len(a.args) == len(b.args) and all(isinstance(x, torch.fx.Node) == isinstance(y, torch.fx.Node)
+                                              for x, y in zip(a.args, b.args))
 
 
 def _name_other_ops(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
@@ -1065,6 +1394,74 @@ def _name_other_ops(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
                 and (not _NOT_ELEMENTWISE.intersection(keys[0] + keys[1]) or len(keys[0]) == len(keys[1]) == 1):
             ref_ops, cand_ops = (", ".join(map(_with_constants, side)) for side in ops)
             row.blame = [f"computed with other ops: ref {ref_ops} against cand {cand_ops}", row.ref_module, row.cand_module]
+
+
+def _name_rearranged(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Name a forward first divergence introduced at an op whose input holds, on the two sides, the
+    same features in another order along its last dimension (Swin's 2x2 patches merged as x0, x2,
+    x1, x3 against x0, x1, x2, x3), or the same rows in another order: each side arranges its input
+    with ops of its own (views, slices, a concatenation), which pair with nothing, so no
+    comparison saw the difference before the op that reads it."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame or row.cause() != "introduced":
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        if not (rn.args and cn.args and isinstance(rn.args[0], torch.fx.Node) and isinstance(cn.args[0], torch.fx.Node)):
+            continue
+        rx, cx = rn.args[0], cn.args[0]
+        if rx.name in compared_r or cx.name in compared_c or rx.name not in ref.values or cx.name not in cand.values:
+            continue
+        a, b = ref.values[rx.name], cand.values[cx.name]
+        if is_summary(a) or is_summary(b) or a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-1] \
+                or a.numel() != b.numel() or a.dtype != b.dtype:
+            continue
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        for what, x, y in (("features along its last dimension", a.T, b.T), ("rows", a, b)):
+            moved = _order(x, y)
+            if moved:
+                row.blame = [f"its input holds the same {what} in another order: {moved} (ref's {rx.name}, the "
+                             f"candidate's {cx.name})", row.ref_module, row.cand_module]
+                break
+
+
+def _order(x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """``the candidate's [32:64] is the reference's [64:96], ...`` (or a few rows shuffled one by one:
+    ``the reference's [1, 0, 3, 2]``): where each row of ``y`` is a row of ``x`` and they are not in
+    the same order, the blocks that moved; else None."""
+    if torch.equal(x, y) or len(x) > _MOST_ROWS:
+        return None
+    rows: dict[bytes, list[int]] = {}
+    for i, r in enumerate(_row_bytes(x)):
+        rows.setdefault(r, []).append(i)
+    taken = []
+    for r in _row_bytes(y):
+        found = rows.get(r)
+        if not found:
+            return None
+        taken.append(found.pop(0) if len(found) > 1 else found[0])
+    runs: list[list[int]] = []   # [start in y, start in x, length]
+    for j, i in enumerate(taken):
+        if runs and i == runs[-1][1] + runs[-1][2] and j == runs[-1][0] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([j, i, 1])
+    if len(taken) <= _LISTED and all(n == 1 for j, i, n in runs if i != j):
+        return f"the reference's {taken}"
+    moved = [f"the candidate's [{j}:{j + n}] is the reference's [{i}:{i + n}]" for j, i, n in runs if i != j]
+    return ", ".join(moved[:4]) + (f" and {len(moved) - 4} more" if len(moved) > 4 else "")
+
+
+_LISTED = 16   # a shuffle of at most this many is told as the order itself
+
+
+def _row_bytes(x: torch.Tensor) -> list[bytes]:
+    """Each row of a matrix as its bytes (numpy holds no bfloat16)."""
+    raw = x.contiguous().view(torch.uint8).numpy()
+    return [r.tobytes() for r in raw]
+
+
+_MOST_ROWS = 1 << 16   # past this many, a search row by row costs more than its story is worth
 
 
 def _with_constants(node: torch.fx.Node) -> str:
@@ -1182,7 +1579,7 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         if isinstance(grad, str):
             row.isolated_backward_why = grad
             continue
-        precision = machine_eps(cand.values[row.cand_node].dtype)
+        precision = _coarser(ref.values[row.ref_node], cand.values[row.cand_node])
         m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
         row.isolated_backward = _own_verdict(m, tol, node_floor, precision, backward=True)
         if not row.isolated_backward.passed:
@@ -1199,6 +1596,12 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
                      "of its forward ops (a custom autograd.Function or a gradient hook)",
                      _counterpart_module(rows, module, "cand") or row.ref_module, module]
     return explained
+
+
+def _coarser(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The machine epsilon of the coarser of two values' dtypes: a replay at one side's precision
+    compared with the other side's value carries the rounding of both."""
+    return max(machine_eps(a.dtype), machine_eps(b.dtype))
 
 
 def _own_verdict(m: Metrics | None, tol: Tolerance, floor: float = 0.0, precision: float = 0.0,
@@ -1346,8 +1749,9 @@ def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> No
 def _name_swapped_parameters(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
     """Name two parameters swapped in a conversion (a layer's two norms' weights): at a forward first
     divergence whose op reads a parameter paired, by its bytes, with one the candidate's ops read in
-    another order than the reference's among the parameters of the same name in that layer. The
-    pairing follows the bytes, so each op pairs with the one after or before it on the other side."""
+    another order than the reference's among the parameters of the same name and shape in that
+    layer. The pairing follows the bytes, so each op pairs with the one after or before it on the
+    other side."""
     pairs = {pp.ref: pp.cand[0] for pp in alignment.params if len(pp.cand) == 1 and pp.transform.get("kind") == "identity"}
     unblamed = [r for r in rows if r.first_forward and not r.blame]
     if not unblamed or not pairs:
@@ -1358,7 +1762,8 @@ def _name_swapped_parameters(ref: Capture, cand: Capture, rows: list[NodeRow], a
             layer, leaf = p.rsplit(".", 2)[0], p.rpartition(".")[2]
             for other, theirs in pairs.items():
                 if other == p or other.rsplit(".", 2)[0] != layer or other.rpartition(".")[2] != leaf \
-                        or other not in order_r or theirs not in order_c:
+                        or other not in order_r or theirs not in order_c \
+                        or ref.params[other].shape != ref.params[p].shape:   # only what fits the other's place
                     continue
                 if (order_r[p] < order_r[other]) != (order_c[pairs[p]] < order_c[theirs]):
                     row.blame = [f"parameters swapped: {p} holds what the candidate's {pairs[p]} does and {other} what "
@@ -1367,6 +1772,95 @@ def _name_swapped_parameters(ref: Capture, cand: Capture, rows: list[NodeRow], a
                     break
             if row.blame:
                 break
+
+
+def _name_gate_swap(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Name a gated unit's gate and value swapped at a forward first divergence at their product:
+    each side multiplies an activation of one compared value by another, and the candidate applies
+    its activation to the counterpart of the value the reference multiplies by as it is (T5's
+    ``gelu(wi_0 x) * wi_1 x`` against ``gelu(w3 x) * w1 x``, ``w1`` holding ``wi_0``)."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    pair_of = {r.cand_node: r.ref_node for r in rows if not r.cand_slice}
+
+    def factors(node: torch.fx.Node, compared: set[str]) -> list[tuple[str | None, str]] | None:
+        """(activation or None, compared value) for each operand of a product of two."""
+        if node_key(node) != "mul" or len(node.all_input_nodes) != 2:
+            return None
+        out = []
+        for a in node.all_input_nodes:
+            a = _through_views(a, compared)
+            if a.name in compared:
+                out.append((None, a.name))
+                continue
+            # an activation: ops of one compared value alone (a GELU written out takes several)
+            inside = _upstream(a, compared) | {a.name}
+            sources = {x.name for n in a.graph.nodes if n.name in inside for x in n.all_input_nodes if x.name in compared}
+            if len(sources) != 1 or any(n.op == "get_attr" for n in a.graph.nodes if n.name in inside):
+                return None
+            ops = [n for n in a.graph.nodes if n.name in inside and n.op == "call_function"]
+            out.append((node_key(a) if len(ops) == 1 else "its activation", sources.pop()))
+        return out if sum(act is not None for act, _ in out) == 1 else None
+    def product(capture: Capture, name: str, compared: set[str]) -> list[tuple[str | None, str]] | None:
+        """The factors of the one such product the node is, or reads through values not compared."""
+        node = capture.node(name)
+        found = [f for f in (factors(n, compared) for n in (node, *(capture.node(x) for x in _upstream(node, compared))))
+                 if f is not None]
+        return found[0] if len(found) == 1 else None
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        a, b = product(ref, row.ref_node, compared_r), product(cand, row.cand_node, compared_c)
+        if a is None or b is None:
+            continue
+        b = [(act, pair_of.get(name)) for act, name in b]
+        gated_r, gated_c = (next(name for act, name in side if act) for side in (a, b))
+        if {n for _, n in a} == {n for _, n in b} and gated_r != gated_c:
+            act_r, act_c = (next(act for act, _ in side if act) for side in (a, b))
+            where = {n: ref.node(n).meta.get(MODULE, "") or "<root>" for _, n in a}
+            plain = next(n for act, n in a if act is None)
+            row.blame = [f"the gate and the value swapped: the candidate applies {act_c} to the counterpart of what the "
+                         f"reference computes in {where[plain]} and multiplies by that of {where[gated_r]}; the reference "
+                         f"applies {act_r} to {where[gated_r]}", row.ref_module, row.cand_module]
+
+
+def _name_crossed_names(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow]) -> None:
+    """Name two parameters of a layer each paired, by its values, with the candidate's namesake of
+    the other (the reference's ``k_proj.weight`` with the candidate's ``v_proj.weight``, and
+    ``v_proj`` with ``k_proj``: swapped in a conversion), on both rows and at a forward first
+    divergence not blamed yet whose op reads one of them. The values agree, so no comparison of
+    them fails; their names say the candidate uses each in the other's place."""
+    def split(name: str) -> tuple[str, str]:   # ("layers.0.attn", "k_proj.weight")
+        parts = name.rsplit(".", 2)
+        return (parts[0], ".".join(parts[1:])) if len(parts) == 3 else ("", name)
+    single = [p for p in params if len(p.cand) == 1]
+    by_layer: dict[str, list[ParamRow]] = {}
+    for p in single:
+        by_layer.setdefault(split(p.ref)[0], []).append(p)
+    crossed: dict[str, str] = {}
+    for members in by_layer.values():
+        for i, p in enumerate(members):
+            for q in members[i + 1:]:
+                (_, a), (lb, b), (_, c), (ld, d) = split(p.ref), split(p.cand[0]), split(q.ref), split(q.cand[0])
+                if a != c and a == d and c == b and lb == ld:
+                    for x, y in ((p, q), (q, p)):
+                        crossed[x.ref] = (f"holds the values of the candidate's {x.cand[0]}, and the candidate's "
+                                          f"{y.cand[0]} those of {y.ref}: names crossed")
+    for p in single:
+        if p.ref in crossed and p.value is not None and not p.value.note:
+            p.value = dataclasses.replace(p.value, note=crossed[p.ref])
+    if not crossed:
+        return
+    compared = {r.ref_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame or row.cause() != "introduced":
+            continue
+        node = ref.node(row.ref_node)
+        inside = [node, *(ref.node(n) for n in _upstream(node, compared))]
+        # read by the op itself, on its way from the compared values, or by the compared ops it starts from
+        edge = [a for n in inside for a in n.all_input_nodes if a.name in compared]
+        name = next((n for x in (*inside, *edge) for n in _params_read(x) if n in crossed), None)
+        if name is not None:
+            row.blame = [f"parameters crossed: {name} {crossed[name]}", row.ref_module, row.cand_module]
 
 
 def _first_reads(capture: Capture) -> dict[str, int]:
@@ -1490,10 +1984,17 @@ def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[s
                 return op
             continue
         sources = [_through_views(x, compared, items=True) for x in op.all_input_nodes]
-        if any(x.name in compared for x in sources) and all(x.name in compared or x.op == "get_attr"
-                                                            or _from_constants(x, compared) for x in sources):
+        # activations among them: a mask made from a compared mask (GPT-2's additive causal mask from
+        # the attention mask) is a side computation too
+        if any(x.name in compared and _floating(x) for x in sources) \
+                and all(x.name in compared or x.op == "get_attr" or _from_constants(x, compared) for x in sources):
             return op
     return None
+
+
+def _floating(node: torch.fx.Node) -> bool:
+    """Whether ``node`` holds floating-point (or complex) values, as recorded."""
+    return str(node.meta.get(DTYPE)).startswith(("float", "bfloat", "complex"))
 
 
 def _through_views(node: torch.fx.Node, compared: set[str], items: bool = False) -> torch.fx.Node:

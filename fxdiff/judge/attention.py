@@ -211,3 +211,113 @@ def _head(q: torch.fx.Node) -> int:
 
 def _number(x: Any) -> bool:
     return type(x) in (int, float) and x != 0
+
+
+def bias_source(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node that brings ``bias``'s mask or bias into the attention whose output ``node`` is (an
+    sdpa's ``attn_mask``, the first tensor added to the scores or mask filled in): where it is built."""
+    node = _under_views(node)[0]
+    if node_key(node) == "sdpa":
+        mask = arguments.named(node).get("attn_mask")
+        return _under_views(mask)[0] if isinstance(mask, torch.fx.Node) else None
+    if _written_out(node) is None:
+        return None
+    terms = _score_terms(_through_casts(_operands(node)[0]).args[0])
+    if not terms or not (terms[0] or terms[1]):
+        return None
+    source = terms[0][0][1] if terms[0] else terms[1][0][0]
+    return _under_views(source)[0] if isinstance(source, torch.fx.Node) else None
+
+
+def bias(capture: Capture, node: torch.fx.Node) -> torch.Tensor | None:
+    """What the attention whose output ``node`` is (or a view of) adds to its scores before the
+    softmax, over the scores' shape, its masked positions -inf whatever number each side masks with
+    (-inf, the dtype's lowest, -10000): a ``scaled_dot_product_attention``'s ``attn_mask`` (a bool
+    one as 0 and -inf) or ``is_causal``; written out, the tensors added to the query-key product and
+    the positions a ``masked_fill`` masks. None when it is no attention or a value was not kept."""
+    node = _under_views(node)[0]
+    if node_key(node) == "sdpa":
+        args = arguments.named(node)
+        q, k, mask = args.get("query"), args.get("key"), args.get("attn_mask")
+        if not isinstance(q, torch.fx.Node) or not isinstance(k, torch.fx.Node) \
+                or not q.meta.get(SHAPE) or not k.meta.get(SHAPE):
+            return None
+        shape = [*q.meta[SHAPE][:-1], k.meta[SHAPE][-2]]
+        out = torch.zeros(shape[-2:])
+        if mask is not None:
+            value = _kept(capture, mask)
+            if value is None:
+                return None
+            out = torch.zeros(()).masked_fill(~value, -math.inf) if value.dtype == torch.bool else value.double()
+        if args.get("is_causal") is True:
+            out = out + torch.zeros(shape[-2:]).masked_fill(torch.ones(shape[-2:], dtype=torch.bool).triu(1), -math.inf)
+        return _masked(out, shape)
+    written = _written_out(node)
+    if written is None:
+        return None
+    scores = _through_casts(_operands(node)[0]).args[0]
+    terms = _score_terms(scores)
+    shape = scores.meta.get(SHAPE)
+    if terms is None or not shape:
+        return None
+    out: torch.Tensor = torch.zeros(())
+    for factor, term in terms[0]:
+        value = _kept(capture, term)
+        if value is None:
+            return None
+        out = out + factor * value.double()
+    for mask, fill in terms[1]:
+        value = _kept(capture, mask)
+        if value is None or not _number(fill) or fill > _MASKED:
+            return None
+        out = out.masked_fill(value, -math.inf)
+    return _masked(out, shape)
+
+
+_MASKED = -9999.0   # a bias this low masks its position: -10000 (torchaudio), the dtype's lowest, -inf
+
+
+def _masked(bias: torch.Tensor, shape: list[int]) -> torch.Tensor | None:
+    try:
+        bias = torch.broadcast_to(bias.double(), shape)
+    except RuntimeError:
+        return None
+    return bias.masked_fill(bias <= _MASKED, -math.inf)
+
+
+def _kept(capture: Capture, node: Any) -> torch.Tensor | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = capture.params.get(str(node.target)) if node.op == "get_attr" else capture.values.get(node.name)
+    return value if isinstance(value, torch.Tensor) and not is_summary(value) else None
+
+
+def _score_terms(node: torch.fx.Node) -> tuple[list[tuple[float, torch.fx.Node]],
+                                               list[tuple[torch.fx.Node, Any]]] | None:
+    """Back from the softmax's input to the query-key product: the tensors added on the way, each
+    with the constant factor applied after it, and the masks and values ``masked_fill`` writes;
+    None where the way holds anything else."""
+    f, terms, fills = 1.0, [], []
+    while True:
+        key = node_key(node)
+        tensors = _operands(node)
+        if node.op != "call_function" or not tensors:
+            return None
+        if key == "matmul":
+            return terms, fills
+        if DEFAULT_OPS.is_view(node, key) or key in _ON_PROBABILITIES:
+            node = tensors[0]
+        elif key in ("mul", "div") and _factor(node)[1] is not node:
+            g, node = _factor(node)
+            f *= g
+        elif key == "masked_fill" and len(node.args) >= 3 and node.args[0] is tensors[0]:
+            fills.append((node.args[1], node.args[2]))
+            node = tensors[0]
+        elif key == "add" and len(tensors) == 2:
+            ways = [node_key(_factor(t, scores=True)[1]) == "matmul" for t in tensors]
+            if ways.count(True) != 1:
+                return None
+            terms.append((f, tensors[ways.index(False)]))
+            node = tensors[ways.index(True)]
+        else:
+            return None

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..model.capture import TARGET, VMAP_DIMS, Capture
+from ..model.capture import DTYPE, TARGET, VMAP_DIMS, Capture
 from ..ops import RANDOM_OPS, node_key
 from ..store.summary import is_summary
 from ..targets import Targets
@@ -34,7 +34,8 @@ def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]
     reference's value permuted so, a (time, batch) layout for a (batch, time) one). The
     candidate's parameters are moved to the device of ``like`` (the reference's value of the
     node) and, floating, cast to its dtype: the replay asks whether the candidate computes the
-    reference's function, at the reference's precision. Only ops on the allowlist (``targets``)
+    reference's function, at the reference's precision; where its ops cannot (they cast to the
+    candidate's own dtype), at the candidate's. Only ops on the allowlist (``targets``)
     are called. When the block cannot be replayed, returns why instead, naming the node: too many
     ops, an op off the allowlist or drawing random numbers, an unmatched input, a value not
     stored, arguments not recorded in a replayable form, or an op that fails on the reference's
@@ -43,7 +44,15 @@ def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]
     nodes = {n.name: n for n in cand.graph.nodes}
     try:
         with torch.no_grad():
-            out = _Block(ref, cand, boundary, {}, targets, cand_node, like, layouts).value(nodes[cand_node], root=True)
+            try:
+                out = _Block(ref, cand, boundary, {}, targets, cand_node, like, layouts).value(nodes[cand_node], root=True)
+            except _NotReplayable:
+                if not _precisions_differ(ref, cand, boundary):
+                    raise
+                # ops of the candidate's that cast to its own dtype (a norm's `.to(x.dtype)`) meet the
+                # reference's: replayed at the candidate's precision instead
+                out = _Block(ref, cand, boundary, {}, targets, cand_node, like, layouts,
+                             own_precision=True).value(nodes[cand_node], root=True)
     except _NotReplayable as e:
         return str(e)
     if not isinstance(out, torch.Tensor):
@@ -75,11 +84,19 @@ def replay_backward(ref: Capture, cand: Capture, cand_node: str, consumers: dict
         return f"the reference's value of {source} is summarised (capture --keep), not stored"
     if not _differentiable(ref.values[source]):
         return f"{cand_node} holds {str(ref.values[source].dtype).removeprefix('torch.')} values: no gradient"
+    own = _dtype(cand, nodes[cand_node])
     x = ref.values[source].detach().clone().requires_grad_()
     block = _Block(ref, cand, boundary, {cand_node: x}, targets, cand_node, x)
     try:
         with torch.enable_grad():
-            outs = [block.value(nodes[c], root=True) for c in consumers]
+            try:
+                outs = [block.value(nodes[c], root=True) for c in consumers]
+            except _NotReplayable:   # at the candidate's precision, as `replay` does
+                if own is None or not own.is_floating_point or own == x.dtype:
+                    raise
+                x = ref.values[source].detach().to(own, copy=True).requires_grad_()
+                block = _Block(ref, cand, boundary, {cand_node: x}, targets, cand_node, x, own_precision=True)
+                outs = [block.value(nodes[c], root=True) for c in consumers]
             seeds = []
             for c, o, r in zip(consumers, outs, consumers.values()):
                 if not isinstance(o, torch.Tensor) or o.shape != ref.grads[r].shape:
@@ -97,6 +114,26 @@ def replay_backward(ref: Capture, cand: Capture, cand_node: str, consumers: dict
     if grad is None:
         return f"the replayed consumers do not depend on {cand_node}"
     return grad
+
+
+def _precisions_differ(ref: Capture, cand: Capture, boundary: dict[str, str]) -> bool:
+    """Whether a value at the boundary has another floating dtype on the candidate's side."""
+    nodes = {n.name: n for n in cand.graph.nodes}
+    for c, r in boundary.items():
+        a, own = ref.values.get(r), _dtype(cand, nodes[c]) if c in nodes else None
+        if isinstance(a, torch.Tensor) and own is not None and a.is_floating_point() and own.is_floating_point \
+                and a.dtype != own:
+            return True
+    return False
+
+
+def _dtype(capture: Capture, node: torch.fx.Node) -> torch.dtype | None:
+    """The dtype of ``node``'s value in ``capture``, where it holds a tensor."""
+    value = capture.values.get(node.name)
+    if isinstance(value, torch.Tensor) and not is_summary(value):
+        return value.dtype
+    dtype = getattr(torch, str(node.meta.get(DTYPE)), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _differentiable(t: torch.Tensor) -> bool:
@@ -119,8 +156,9 @@ class _Block:
 
     def __init__(self, ref: Capture, cand: Capture, boundary: dict[str, str], memo: dict[str, Any],
                  targets: Targets | None, subject: str, like: torch.Tensor,
-                 layouts: dict[str, tuple[int, ...]] | None = None):
+                 layouts: dict[str, tuple[int, ...]] | None = None, own_precision: bool = False):
         self.ref, self.cand, self.boundary, self.memo = ref, cand, boundary, memo
+        self.own_precision = own_precision   # values taken at the candidate's dtypes, its parameters as they are
         self.targets = targets or Targets.default()
         self.subject = subject
         self.like = like   # the candidate's parameters take its device and (floating) dtype
@@ -138,7 +176,9 @@ class _Block:
             out = ref.values[boundary[node.name]]
             if node.name in self.layouts:
                 out = out.permute(self.layouts[node.name])
-            out = out.clone()   # the block may write in place
+            own = _dtype(cand, node) if self.own_precision else None
+            out = out.to(own, copy=True) if own is not None and out.is_floating_point() and own.is_floating_point \
+                else out.clone()   # the block may write in place
         elif node.op == "placeholder":
             raise _NotReplayable(f"{node.name} is an input of the candidate with no counterpart of its shape "
                                  "in the reference")
@@ -150,7 +190,8 @@ class _Block:
             if is_summary(out):
                 raise _NotReplayable(f"the candidate's {node.target} ({node.name}) is summarised (capture --keep), "
                                      "not stored")
-            dtype = self.like.dtype if out.is_floating_point() and self.like.is_floating_point() else out.dtype
+            dtype = self.like.dtype if out.is_floating_point() and self.like.is_floating_point() \
+                and not self.own_precision else out.dtype
             out = out.to(self.like.device, dtype, copy=True)
         elif node.op == "call_function":
             self.ops += 1

@@ -460,6 +460,12 @@ class _Acc:
         self.peaks += o.peaks
 
 
+def _max_ratio(d: torch.Tensor, ax: torch.Tensor, out: torch.Tensor) -> float:
+    """max |d| / |ref|: infinite where a zero reference differs (as torch.testing says it), where
+    clamping the zero to a tiny number printed 2.4e+38, a figure that reads as a measurement."""
+    return float(torch.div(d, ax, out=out).nan_to_num_(nan=0.0, posinf=math.inf).max())
+
+
 def _nanmax(a: float, b: float) -> float:
     if a != a or b != b:
         return math.nan
@@ -525,7 +531,6 @@ class _Pair:
         # an attention mask's -inf) are compared as the narrower side would hold them
         self.range = None if self.exact or _max(a.dtype) == _max(b.dtype) else min(_max(a.dtype), _max(b.dtype))
         self.stand_ins = self.range is None and not self.exact and _max(a.dtype) <= _max(torch.float32)
-        # a zero reference is clamped to this in max |d| / |ref|: the tiny of the pair's common dtype
         self.tiny = torch.finfo(torch.float64 if self.exact else torch.promote_types(a.dtype, b.dtype)).tiny
         self.tol = tol
         self.grad_floor = grad_floor
@@ -675,7 +680,7 @@ class _Pair:
         acc.sum_abs += total if math.isfinite(total) or not math.isfinite(peak) else float(d.sum(dtype=torch.float64))
         ax = torch.abs(x, out=_scratch(n, dt, "ax"))
         q = _scratch(n, dt, "q")
-        acc.max_rel = _nanmax(acc.max_rel, float(torch.div(d, torch.clamp(ax, min=self.tiny, out=q), out=q).max()))
+        acc.max_rel = _nanmax(acc.max_rel, _max_ratio(d, ax, q))
         if peak > self.bound.atol:
             limit = torch.mul(ax, self.bound.rtol, out=q).add_(self.bound.atol) if self.bound.rtol else self.bound.atol
             acc.bad += _count_above(d, limit, _scratch(n, dt, "c"))
@@ -693,7 +698,7 @@ class _Pair:
         acc.sum_abs += float(d.sum())
         if not peak == 0:
             ax = x.abs()
-            acc.max_rel = _nanmax(acc.max_rel, float((d / ax.clamp_min(self.tiny)).max()))
+            acc.max_rel = _nanmax(acc.max_rel, _max_ratio(d, ax, torch.empty_like(d)))
             acc.max_scaled = _nanmax(acc.max_scaled, float((d / ax.clamp_min_(self.scale)).max()))
         acc.bad += int(torch.count_nonzero(d != 0))
         if self.histograms:

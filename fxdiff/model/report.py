@@ -226,11 +226,15 @@ class Report:
         return "within noise" if any(m is not None and m.within_noise for m in metrics) else "match"
 
     def first_divergence(self) -> dict[str, list[dict[str, Any]]]:
-        """The earliest mismatching nodes, forward and backward, whose matched inputs all match."""
+        """The earliest mismatching nodes, forward and backward, whose matched inputs all match.
+        ``ref_module`` and ``cand_module`` say where the divergence starts: the modules its story
+        blames (an op one side alone has, in a module before the node), else the node's own, which
+        ``ref_node_module`` and ``cand_node_module`` always give."""
         def entry(row: NodeRow, m: Metrics) -> dict[str, Any]:
             return {"ref_node": row.ref_node, "cand_node": row.cand_node,
                     "ref_module": row.blame[1] if row.blame else row.ref_module,
-                    "cand_module": row.blame[2] if row.blame else row.cand_module, "op": row.op,
+                    "cand_module": row.blame[2] if row.blame else row.cand_module,
+                    "ref_node_module": row.ref_module, "cand_node_module": row.cand_module, "op": row.op,
                     "max_abs_diff": m.max_abs_diff, "max_rel_diff": m.max_rel_diff, "cosine": m.cosine,
                     "error": m.error, "noise": m.noise, "isolated": row.cause(), "not_isolated": row.isolated_why,
                     "blame": row.blame[0] if row.blame else None}

@@ -448,8 +448,9 @@ def _param_rows(title: str, params: list[ParamRow], what: str, caption: str) -> 
     for p in params:
         m = getattr(p, what)
         kind = [p.transform.get("kind", "identity")] if transforms else []
-        rows.append([_pair_name(p.ref, ", ".join(p.cand)), *kind, _verdict(m), fmt(m.max_abs_diff),
-                     fmt(m.max_rel_diff)])
+        one_sided = m.note in _ONE_SIDED   # nothing to subtract: no figures
+        rows.append([_pair_name(p.ref, ", ".join(p.cand)), *kind, _verdict(m), fmt(None if one_sided else m.max_abs_diff),
+                     fmt(None if one_sided else m.max_rel_diff)])
     return Rows(title, columns, rows, caption)
 
 
@@ -462,9 +463,11 @@ def _param_groups(title: str, params: list[ParamRow], what: str, key: Callable[[
         bad = [p for p in members if not getattr(p, what).passed]
         if not bad:
             continue
-        worst = max(bad, key=lambda p: getattr(p, what).max_abs_diff)
+        # a gradient on one side only has no figure: the worst measured one, else that note
+        worst = max(bad, key=lambda p: (getattr(p, what).note not in _ONE_SIDED, getattr(p, what).max_abs_diff))
+        m = getattr(worst, what)
         rows.append([name or ROOT, Text(f"{len(bad)} of {len(members)}", style="bold red"),
-                     fmt(getattr(worst, what).max_abs_diff), worst.ref[len(name) + 1:] if name else worst.ref])
+                     m.note if m.note in _ONE_SIDED else fmt(m.max_abs_diff), worst.ref[len(name) + 1:] if name else worst.ref])
     return Rows(f"{title}, by module", ["module", "differ", "worst max abs diff", "worst of them"], rows, caption)
 
 
@@ -532,7 +535,7 @@ def _counted(n: dict[str, Any], direction: str) -> str:
     matches, mismatches = n[f"{direction}_matches"], n[f"{direction}_mismatches"]
     if not matches + mismatches:
         return "none compared"
-    return f"{matches} match, {mismatches} differ ({n[f'{direction}_match_rate']:.1%})"
+    return f"{matches} match ({n[f'{direction}_match_rate']:.1%}), {mismatches} differ"
 
 
 def capture_summary(cap: Capture, label: str, top: int = 10) -> RenderableType:

@@ -1,0 +1,106 @@
+"""A normalisation read off a capture's ops: which kind it is and its eps, whether one op computes it
+(``layer_norm``, ``rms_norm``, ``group_norm``) or it is written out (``x * rsqrt(mean(x**2) + eps)``,
+Hugging Face's RMSNorm; ``(x - mean) / sqrt(var + eps)``). Two sides that normalise another way,
+or with another eps, are told so where one side writes the norm out and the other calls it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx
+
+from ..ops import DEFAULT_OPS, node_key
+from . import arguments
+
+_KINDS = {"layer_norm": "layer norm", "rms_norm": "RMS norm", "group_norm": "group norm", "batch_norm": "batch norm"}
+_CASTS = {"to", "float", "type_as", "type", "half", "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """One side's normalisation."""
+
+    kind: str             # "RMS norm", "layer norm" (the mean subtracted), ...
+    eps: float | None     # None: the op's default, which depends on the dtype (rms_norm)
+    written: bool         # written out in elementwise ops, not one call
+    outside: bool = False   # eps added to the root, not under it: x / (sqrt(s) + eps)
+
+    def words(self) -> str:
+        """``RMS norm (written out, eps 1e-05)``."""
+        eps = "eps the dtype's" if self.eps is None else f"eps {self.eps:g}"
+        return f"{self.kind} ({'written out, ' if self.written else ''}{eps}{' outside the root' if self.outside else ''})"
+
+
+def norm_of(node: torch.fx.Node) -> Norm | None:
+    """The normalisation whose output ``node`` is, or that it scales by a weight, casts or views;
+    None when it is none."""
+    node = _core(node)
+    key = node_key(node)
+    if key in _KINDS:
+        eps = arguments.named(node).get("eps")
+        return Norm(_KINDS[key], float(eps) if type(eps) in (int, float) else None, False)
+    return _written(node)
+
+
+def _core(node: torch.fx.Node) -> torch.fx.Node:
+    """Back from ``node`` through views, casts and a product with a parameter (the norm's weight)."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node):
+        key = node_key(node)
+        tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if DEFAULT_OPS.is_view(node, key) or key in _CASTS:
+            node = tensors[0]
+        elif key == "mul" and len(tensors) == 2 and sum(_parameter(t) for t in tensors) == 1:
+            node = next(t for t in tensors if not _parameter(t))
+        elif key == "add" and len(tensors) == 2 and sum(_parameter(t) for t in tensors) == 1 \
+                and node_key(next(t for t in tensors if not _parameter(t))) in ("mul", "div"):
+            node = next(t for t in tensors if not _parameter(t))   # the norm's bias
+        else:
+            break
+    return node
+
+
+def _parameter(node: torch.fx.Node) -> bool:
+    while node.op == "call_function" and len(node.all_input_nodes) == 1 and DEFAULT_OPS.is_view(node, node_key(node)):
+        node = node.all_input_nodes[0]
+    return node.op == "get_attr"
+
+
+def _written(node: torch.fx.Node) -> Norm | None:
+    """``x * rsqrt(s + eps)`` or ``x / sqrt(s + eps)``, ``s`` the mean of ``x``'s squares (an RMS
+    norm) or its variance (``x`` less its mean: a layer norm)."""
+    key = node_key(node)
+    tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if key not in ("mul", "div") or len(tensors) != 2:
+        return None
+    x, root = tensors if key == "div" or node_key(tensors[1]) == "rsqrt" else tensors[::-1]
+    want = "sqrt" if key == "div" else "rsqrt"
+    root = _through_casts(root)
+    outside = _plus_number(root) if key == "div" else None
+    if outside is not None:   # x / (sqrt(s) + eps)
+        root = _through_casts(outside[0])
+        if node_key(root) != "sqrt" or not isinstance(root.args[0], torch.fx.Node):
+            return None
+        return Norm("layer norm" if node_key(_through_casts(x)) == "sub" else "RMS norm", outside[1], True, True)
+    if node_key(root) != want or not isinstance(root.args[0], torch.fx.Node):
+        return None
+    added = _plus_number(_through_casts(root.args[0]))
+    if added is None:
+        return None
+    return Norm("layer norm" if node_key(_through_casts(x)) == "sub" else "RMS norm", added[1], True)
+
+
+def _plus_number(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
+    """``(t, c)`` where ``node`` is ``t + c``, ``c`` a number."""
+    if node_key(node) != "add":
+        return None
+    numbers = [a for a in node.args if type(a) in (int, float)]
+    inner = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    return (inner[0], float(numbers[0])) if len(numbers) == 1 and len(inner) == 1 else None
+
+
+def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
+            and (node_key(node) in _CASTS or DEFAULT_OPS.is_view(node, node_key(node))):
+        node = node.args[0]
+    return node

@@ -112,3 +112,15 @@ def _testing_overrides() -> dict[Any, Callable]:
     """torch's stand-in for each overridable function, with its parameters' names."""
     from torch.overrides import get_testing_overrides
     return get_testing_overrides()
+
+
+SYMMETRIC = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne"})   # arguments that may come in any order
+
+
+def same_function(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether two nodes call one function, spelt alike or as torch's function and its method
+    (``torch.matmul``, ``Tensor.matmul``: their arguments in one order; not ``where``, whose method
+    takes the condition second)."""
+    ta, tb = (str(n.meta.get(TARGET)) for n in (a, b))
+    name = ta.rpartition(".")[2]
+    return ta == tb or (name == tb.rpartition(".")[2] and name != "where")

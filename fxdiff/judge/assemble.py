@@ -10,7 +10,8 @@ Weak pairs (matched on op order alone) whose values differ while everything matc
 agrees are dropped as likely mis-pairings. The first divergence is then the frontier of the failing
 set: forward, the failing pairs whose nearest matched ancestors all pass; backward, the failing
 gradient pairs whose nearest matched descendants all pass. Parallel branches can each have one, so
-every frontier pair is reported.
+every frontier pair is reported, each replayed in isolation (``isolate.py``) and told, where the ops
+say it, what starts it (``stories.py``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Collection
 
 import torch
 import torch.fx
@@ -27,16 +27,16 @@ import torch.fx
 from .. import tree
 from ..model.alignment import Alignment, ParamPair
 from ..model.capture import DTYPE, MODULE, NO_GRAD, SHAPE, TARGET, Capture
-from . import arguments, attention, masks, noise, norms
+from . import arguments, noise, stories
 from .isolate import replay, replay_backward
-from ..match.confidence import CERTAIN, OTHER_USERS, WEAK
-from ..ops import DEFAULT_OPS, GETITEM, RANDOM_OPS, node_key
+from .rows import block_after, coarser, counterpart_module, cut, own_verdict, replay_boundary
+from ..match.confidence import CERTAIN, WEAK
+from ..ops import DEFAULT_OPS, RANDOM_OPS, node_key
 from ..outputs import OutputPair, pair_outputs
 from ..params import apply_transform
 from ..model.report import LIVE_ELEMENTS, Metrics, NodeRow, OutputRow, ParamRow, Report, Unmatched, UnmatchedNode
 from ..store.summary import all_zero, is_summary
 from ..util import named_dtype
-from ..targets import Targets
 from .tensors import Tolerance, compare_many, compare_tensors, layout_permutation, machine_eps, rms_many
 from .tensors import grad_metrics as _grad_metrics
 
@@ -150,41 +150,19 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
                         "of the op that made them is zero: a masked attention weight the reference zeroes)")
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
         _mark_frontier(ref.graph, rows)
-    roles.update(_blame_reordered_rows(ref, cand, rows, alignment))
+    roles.update(stories.reordered_rows(ref, cand, rows, alignment))
     for p in params:
         if p.ref in roles and p.value is not None:
             p.value = dataclasses.replace(p.value, passed=False, note=roles[p.ref])
             warnings.append(f"{p.ref} {roles[p.ref]}")
-    read = _name_reading_arguments(ref, cand, params)
+    read = stories.name_parameters(ref, cand, params)
     if not any(r.first_forward for r in rows):   # else the forward story says it at the op
         warnings += read
-    _name_reordered_parameters(ref, cand, params)
     warnings += _unread_inputs(ref, cand, rows)
     outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
     if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
         _mark_frontier(ref.graph, rows, {o.frontier["ref_node"] for o in outputs if o.frontier})
-    _blame_arguments(ref, cand, rows)
-    _blame_lowered(ref, cand, rows, lowered)
-    _blame_norm(ref, cand, rows)
-    _blame_mask(ref, cand, rows)
-    _blame_index(ref, cand, rows)
-    _blame_attention_scale(ref, cand, rows, tol)
-    _blame_attention_bias(ref, cand, rows)
-    _blame_made_another_way(ref, cand, rows, rejected, params, tol)
-    _blame_one_sided(ref, cand, rows, alignment)
-    _blame_weight_made(ref, cand, rows, alignment)
-    _blame_side_input(ref, cand, rows, rejected)
-    _name_role_swaps(ref, cand, rows)
-    _name_swapped_parameters(ref, cand, rows, alignment)
-    _name_crossed_inputs(ref, cand, rows)
-    _name_gate_swap(ref, cand, rows)
-    _name_swapped_roles(ref, cand, rows)
-    _name_crossed_names(ref, cand, rows, params)
-    _blame_parameter_values(ref, rows, params)
-    _blame_unpaired_tensors(ref, cand, rows, alignment)
-    _blame_made_from_constants(ref, cand, rows)
-    _name_rearranged(ref, cand, rows)
-    _name_other_ops(ref, cand, rows)
+    stories.tell(ref, cand, rows, params, alignment, rejected, lowered, tol)
     return Report(
         warnings=warnings,
         ref={"label": ref_label, **ref.meta},
@@ -244,18 +222,6 @@ def _lowered(ref: Capture, cand: Capture, rows: list[NodeRow]) -> list[NodeRow]:
     return found
 
 
-def _blame_lowered(ref: Capture, cand: Capture, rows: list[NodeRow], lowered: list[NodeRow]) -> None:
-    """Blame a forward first divergence that the candidate computes at a coarser dtype than the
-    reference and its own parameters (``_lowered``) on that."""
-    own = sorted({str(t.dtype).removeprefix("torch.") for t in cand.params.values()
-                  if not is_summary(t) and t.is_floating_point()})
-    for row in rows:
-        if row.first_forward and not row.blame and any(row is x for x in lowered):
-            a, b = (c.node(n).meta.get(DTYPE) for c, n in ((ref, row.ref_node), (cand, row.cand_node)))
-            row.blame = [f"the candidate computes it in {b} (its parameters are {', '.join(own)}), the reference in {a}",
-                         row.ref_module, row.cand_module]
-
-
 def _dead_elements_aside(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> list[str]:
     """Judge each pair of values that fails again on the elements some output depends on: where the
     gradient is zero on both sides (padded positions that no output reads, which HF's CLIP text
@@ -272,7 +238,7 @@ def _dead_elements_aside(ref: Capture, cand: Capture, rows: list[NodeRow], tol: 
         ga, gb = ref.grads.get(row.ref_node), cand.grads.get(row.cand_node)
         if any(t is None or is_summary(t) for t in (a, b, ga, gb)):
             continue
-        a, ga, b, gb = (_cut(t, block) for t, block in ((a, row.ref_slice), (ga, row.ref_slice),
+        a, ga, b, gb = (cut(t, block) for t, block in ((a, row.ref_slice), (ga, row.ref_slice),
                                                         (b, row.cand_slice), (gb, row.cand_slice)))
         order = layout_permutation(a, b) if a.shape != b.shape and b.shape == gb.shape else None
         if order is not None:   # compared with its dimensions in another order (time, batch against batch, time)
@@ -297,8 +263,8 @@ def _nothing() -> None:
 def _node_pair(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor], pair, tol: Tolerance,
                floor: float | None = None) -> Metrics | None:
     """A pair's values (``floor`` None) or gradients (judged relative to their scale, at least ``floor``)."""
-    a = _cut(ref.get(pair.ref), pair.ref_slice)
-    b = _cut(cand.get(pair.cand), pair.cand_slice, pair.cand_index)
+    a = cut(ref.get(pair.ref), pair.ref_slice)
+    b = cut(cand.get(pair.cand), pair.cand_slice, pair.cand_index)
     return compare_tensors(a, b, tol) if floor is None else _grad_metrics(a, b, tol, floor)
 
 
@@ -309,17 +275,6 @@ def _param_pair(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor], pp,
         b = _transformed(cand, pp)
         return compare_tensors(ref[pp.ref], b, tol) if b is not None else None
     return _grad_metrics(ref.get(pp.ref), _transformed(cand, pp, gradient=True), tol, floor)
-
-
-def _cut(t: torch.Tensor | None, block: tuple[int, int] | list[int] | None,
-         index: tuple[int, ...] | None = None) -> torch.Tensor | None:
-    """The ``start:stop`` block of the last dimension (the part of a fused output that pairs), or
-    the last dimension reordered by ``index`` (features permuted like the weight that made them)."""
-    if t is None:
-        return None
-    if index is not None and t.shape[-1] == len(index):
-        return t[..., torch.as_tensor(index)]
-    return t if block is None else t[..., block[0]:block[1]]
 
 
 def _transformed(table: dict[str, torch.Tensor], pp, gradient: bool = False) -> torch.Tensor | None:
@@ -333,9 +288,6 @@ def _transformed(table: dict[str, torch.Tensor], pp, gradient: bool = False) -> 
             return None   # the transform needs the elements
         return parts[0] if kind != "rows" else apply_transform(parts, pp.transform, gradient)
     return apply_transform(parts, pp.transform, gradient)
-
-
-_SYMMETRIC = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne"})   # arguments that may come in any order
 
 
 def _by_name(ref: Capture, cand: Capture, alignment: Alignment) -> Alignment:
@@ -379,7 +331,7 @@ def _by_role(ref: Capture, cand: Capture, alignment: Alignment) -> tuple[Alignme
         key = node_key(rn)   # the same function below, whose arguments mean the same (addmm's differ from linear's)
         if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
             continue
-        if key in _SYMMETRIC:   # arguments in any order: the one tensor each side reads that content left unpaired
+        if key in arguments.SYMMETRIC:   # arguments in any order: the one tensor each side reads that content left unpaired
             xs = [str(a.target) for a in rn.all_input_nodes if a.op == "get_attr" and str(a.target) in left_r]
             ys = [str(b.target) for b in cn.all_input_nodes if b.op == "get_attr" and str(b.target) in left_c]
             if len(xs) == len(ys) == 1 and xs[0] in ref.params and ys[0] in cand.params \
@@ -432,117 +384,6 @@ def _unfollowed(ref: Capture, alignment: Alignment) -> dict[str, str]:
                 found[name] = (f"is the candidate's with its {rows[name]} rows in another order, which its "
                                f"{node_key(node)} op ({node.name}) does not follow: not a layout, a difference")
     return found
-
-
-def _blame_parameter_values(ref: Capture, rows: list[NodeRow], params: list[ParamRow]) -> None:
-    """Blame a forward first divergence introduced at an op that reads a parameter or buffer
-    whose value differs from its counterpart's (a patch kernel transposed in a conversion, a
-    position table shifted)."""
-    differ = {p.ref: p for p in params if p.value is not None and not p.value.passed}
-    for row, name in _introduced_reading(ref, rows, differ):
-        note = differ[name].value.note
-        row.blame = [f"a tensor it reads differs: {name} against the candidate's {', '.join(differ[name].cand)}"
-                     + (f": {note}" if note else ""), row.ref_module, row.cand_module]
-
-
-def _blame_reordered_rows(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> dict[str, str]:
-    """Blame a forward first divergence introduced at an op that reads a parameter paired by content
-    with the candidate's laid out another way: its rows in another order (a classifier's classes
-    reordered in a conversion: the op's output features are those rows, and nothing after it puts
-    them back), reshaped to its transpose's shape (``w.reshape(n, m)`` for ``w.T``), or transposed
-    where both sides' ops read it alike (a square projection's weight, at ``F.linear``'s ``weight``
-    on both sides: a transpose is a layout only between ops that read it the other way round, a
-    Conv1D against a Linear). The parameter's value is then a difference: ``{ref param: what}``."""
-    relaid = {pp.ref: pp for pp in alignment.params if pp.transform.get("kind") in ("permute_rows", "transpose")
-              or _reshaped_for_transposed(pp, ref, cand)}
-    found: dict[str, str] = {}
-    for row, name in _introduced_reading(ref, rows, relaid):
-        pp = relaid[name]
-        kind = pp.transform["kind"]
-        if kind == "permute_rows":
-            index = pp.transform["index"]
-            order = ", ".join(map(str, index[:8])) + (", ..." if len(index) > 8 else "")
-            how = f"with its rows in another order ([{order}])"
-        elif kind == "transpose":
-            argument = _read_alike(ref.node(row.ref_node), cand.node(row.cand_node), name, pp.cand[0])
-            if argument is None:
-                continue
-            how = (f"transposed, though both sides' {row.op} ops ({row.ref_node}, {row.cand_node}) read it as their "
-                   f"{argument}")
-        else:
-            how = f"reshaped to {list(ref.params[name].shape)}, the shape of its transpose, not transposed"
-        if kind != "transpose":
-            how += f", which its {row.op} op ({row.ref_node}) does not follow"
-        found[name] = f"is the candidate's {pp.cand[0]} {how}: not a layout, a difference"
-        row.blame = [f"{name} {found[name]}", row.ref_module, row.cand_module]
-    return found
-
-
-def _read_alike(rn: torch.fx.Node, cn: torch.fx.Node, name: str, cand_name: str) -> str | None:
-    """The argument (by name where torch can tell) at which calls of one function read parameter
-    ``name`` on the reference's side and ``cand_name`` on the candidate's, or None."""
-    if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
-        return None
-    for k, a, b in arguments.side_by_side(rn, cn):
-        if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr" \
-                and (str(a.target), str(b.target)) == (name, cand_name):
-            return k if isinstance(k, str) else f"argument {k}"
-    return None
-
-
-def _reshaped_for_transposed(pp: ParamPair, ref: Capture, cand: Capture) -> bool:
-    """Whether a parameter pairs with the candidate's as a reshape of a matrix to its transpose's
-    shape, (m, n) from (n, m): almost always a conversion that meant ``.T``."""
-    if pp.transform.get("kind") != "reshape" or len(pp.cand) != 1:
-        return False
-    a, b = ref.params.get(pp.ref), cand.params.get(pp.cand[0])
-    return a is not None and b is not None and a.dim() == b.dim() == 2 and a.shape != b.shape \
-        and tuple(a.shape) == tuple(reversed(b.shape))
-
-
-def _introduced_reading(ref: Capture, rows: list[NodeRow], names: Collection[str]) -> Iterator[tuple[NodeRow, str]]:
-    """The forward first divergences introduced at an op, not blamed yet, whose block (the ops from
-    the compared values to it: a Conv1D's ``addmm`` and the view after it) reads one of the
-    parameters ``names``: each with the first it reads."""
-    compared = {r.ref_node for r in rows}
-    for row in rows:
-        if not names or not row.first_forward or row.blame or row.cause() != "introduced":
-            continue
-        node = ref.node(row.ref_node)
-        name = next((n for n in [*_params_read(node), *_held(node, compared)] if n in names), None)   # its own arguments first
-        if name is not None:
-            yield row, name
-
-
-def _blame_unpaired_tensors(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
-    """Blame a forward first divergence introduced at an op, with no other story, on the one
-    parameter or buffer each side reads on the way to it that pairs with nothing, of one size (an
-    index buffer built another way: no content pairs it, so no value of it was compared); or on
-    the one such tensor one side reads where the other reads none and builds nothing from
-    constants in its place (Swin's shifted-window mask, a buffer in timm, left out of a port)."""
-    left_r, left_c = set(alignment.unmatched_ref_params), set(alignment.unmatched_cand_params)
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    for row in rows:
-        if not row.first_forward or row.blame or row.cause() != "introduced":
-            continue
-        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        xs = [n for n in _held(rn, compared_r) if n in left_r and n in ref.params]
-        ys = [n for n in _held(cn, compared_c) if n in left_c and n in cand.params]
-        if len(xs) == len(ys) == 1 and ref.params[xs[0]].numel() == cand.params[ys[0]].numel():
-            row.blame = [f"a tensor it reads pairs with nothing: {xs[0]} against the candidate's {ys[0]}, of one "
-                         "size, whose values differ", row.ref_module, row.cand_module]
-        elif len(xs) + len(ys) == 1 and not _builds_side_input(cn if xs else rn, compared_c if xs else compared_r):
-            name, other = (xs[0], "candidate") if xs else (ys[0], "reference")
-            row.blame = [f"a tensor it reads pairs with nothing: {name}, where the {other} reads or builds nothing "
-                         "in its place", row.ref_module, row.cand_module]
-
-
-def _builds_side_input(node: torch.fx.Node, compared: set[str]) -> bool:
-    """Whether an op on the way from the compared values to ``node`` computes from constants alone
-    (a mask built in the forward pass) or reads a parameter or buffer."""
-    up = _upstream(node, compared)
-    return any(n.op == "get_attr" or n.op == "call_function" and _from_constants(n, compared)
-               for n in node.graph.nodes if n.name in up)
 
 
 def _compare_outputs(ref: Capture, cand: Capture, pairs: list[OutputPair], tol: Tolerance,
@@ -633,7 +474,7 @@ def _seeded_elsewhere(ref: Capture, cand: Capture, pairs: list[OutputPair], ref_
         if a is None or b is None:
             continue
         m = compare_tensors(a, b, tol)
-        if not _own_verdict(m, tol).passed:
+        if not own_verdict(m, tol).passed:
             every = ({n.name for n in ref.graph.nodes} | set(ref.params),
                      {n.name for n in cand.graph.nodes} | set(cand.params))
             return (*every, [f"the two runs started backward from different gradients of output {p.ref} "
@@ -718,7 +559,7 @@ def _on_paired_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> set[i
         rn, cn = ref.node(r.ref_node), cand.node(r.cand_node)
         xs = [a.name for a in rn.all_input_nodes if a.op != "get_attr"]
         ys = [a.name for a in cn.all_input_nodes if a.op != "get_attr"]
-        if rn.op == "call_function" and xs and len(xs) == len(ys) and _same_function(rn, cn) \
+        if rn.op == "call_function" and xs and len(xs) == len(ys) and arguments.same_function(rn, cn) \
                 and [pair_of.get(x) for x in xs] == ys:
             found.add(id(r))
     return found
@@ -774,7 +615,7 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
     the replays explain: the candidate's block computes the reference's function, and its own
     value from its own inputs, so its difference is its inputs' (which passed) carried through
     that function, plus its own rounding."""
-    boundary, layouts = _boundary(ref, cand, rows)
+    boundary, layouts = replay_boundary(ref, cand, rows)
     own_boundary = {c: c for c in boundary if c not in layouts}
     explained = []
     for row in rows:
@@ -788,717 +629,22 @@ def _isolate_frontier(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             row.isolated_why = out
             continue
         # a slice of a fused output: the replay makes the whole output, compared on the same columns
-        m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
-        precision = _coarser(ref.values[row.ref_node], cand.values[row.cand_node])
+        m = compare_tensors(cut(ref.values[row.ref_node], row.ref_slice), cut(out, row.cand_slice), tol)
+        precision = coarser(ref.values[row.ref_node], cand.values[row.cand_node])
         if row.forward.eps and m.eps > row.forward.eps:   # a candidate's own coarser dtype (``_lowered``) is no excuse
             m, precision = dataclasses.replace(m, eps=row.forward.eps), row.forward.eps
-        row.isolated = _own_verdict(m, tol, precision=precision)
+        row.isolated = own_verdict(m, tol, precision=precision)
         if not row.isolated.passed:
             continue
         # and its own value is what its block computes from its own inputs (so, in a capture edited
         # after the run, a changed value is not taken for one its inputs carried)
         own = replay(cand, cand, row.cand_node, own_boundary, cand.values[row.cand_node])
         if not isinstance(own, str):
-            m = compare_tensors(_cut(cand.values[row.cand_node], row.cand_slice), _cut(own, row.cand_slice), tol)
-            if _own_verdict(m, tol, precision=precision).passed:
+            m = compare_tensors(cut(cand.values[row.cand_node], row.cand_slice), cut(own, row.cand_slice), tol)
+            if own_verdict(m, tol, precision=precision).passed:
                 row.explained.append("forward")
                 explained.append(row)
     return explained
-
-
-def _boundary(ref: Capture, cand: Capture, rows: list[NodeRow]) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """Where a replay of the candidate's ops takes the reference's values: the passing pairs
-    compared whole (candidate node -> reference node), and the layouts of those compared with
-    their dimensions in another order (see ``_layouts``)."""
-    whole = [r for r in rows if r.forward.passed and not (r.ref_slice or r.cand_slice or r.cand_permuted)]
-    boundary = {r.cand_node: r.ref_node for r in whole if r.ref_shape == r.cand_shape}
-    layouts = _layouts(ref, cand, [r for r in whole if r.ref_shape != r.cand_shape])
-    boundary.update({r.cand_node: r.ref_node for r in whole if r.cand_node in layouts})
-    return boundary, layouts
-
-
-def _layouts(ref: Capture, cand: Capture, rows: list[NodeRow]) -> dict[str, tuple[int, ...]]:
-    """For pairs compared with the candidate's dimensions in another order (fairseq's (time, batch,
-    features) against (batch, time, features)): the permutation that lays the reference's value
-    out like the candidate's, by candidate node."""
-    found = {}
-    for r in rows:
-        a, b = ref.values.get(r.ref_node), cand.values.get(r.cand_node)
-        if a is None or b is None or is_summary(a) or is_summary(b):
-            continue
-        p = layout_permutation(a, b)   # b.permute(p) is laid out like a
-        if p is not None:
-            found[r.cand_node] = tuple(sorted(range(len(p)), key=p.__getitem__))
-    return found
-
-
-def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Blame a forward first divergence of one function on both sides on the constant arguments it
-    was called with where they differ (a norm's ``eps``, an attention's ``scale`` or
-    ``is_causal``), by keyword or position; the function's call is looked for behind the views
-    that follow it on one side (HF's Swin norm's output viewed as the image that timm's is)."""
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        if rn.meta.get(TARGET) != cn.meta.get(TARGET):
-            rn, cn = _through_views(rn, set()), _through_views(cn, set())
-        if rn.op != "call_function" or rn.meta.get(TARGET) != cn.meta.get(TARGET):
-            continue
-        given = arguments.side_by_side(rn, cn)
-        # a flag one side sets where the other passes a tensor instead, or one of another shape, may say
-        # the same thing another way (sdpa's is_causal against an attn_mask; its enable_gqa against k
-        # and v with their heads repeated)
-        flags = all(isinstance(a, torch.fx.Node) == isinstance(b, torch.fx.Node)
-                    and (not isinstance(a, torch.fx.Node) or a.meta.get(SHAPE) == b.meta.get(SHAPE)) for _, a, b in given)
-        if str(rn.meta.get(TARGET)).endswith("__getitem__"):   # x[index], where both index alike-shaped tensors
-            tensors = [n.args[0] for n in (rn, cn)]
-            shape = tensors[0].meta.get(SHAPE) if isinstance(tensors[0], torch.fx.Node) else None
-            if len(rn.args) != 2 or len(cn.args) != 2 or not isinstance(tensors[1], torch.fx.Node) \
-                    or not shape or shape != tensors[1].meta.get(SHAPE):
-                continue
-            a, b = (_index_text(n.args[1], len(shape)) for n in (rn, cn))
-            given = [("index", _Written(a[0]), _Written(b[0]))] if a[0] is not None and b[0] is not None \
-                and a[1] != b[1] else []
-        differ = _differing(given, flags)
-        if differ:
-            row.blame = [f"its arguments differ: {', '.join(differ)}", rn.meta.get(MODULE, row.ref_module),
-                         cn.meta.get(MODULE, row.cand_module)]
-
-
-def _blame_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Blame a forward first divergence at a normalisation's output on the two sides' norms where
-    one writes it out and the other calls it (``norms.norm_of``): of another kind (an RMS norm
-    ported as a ``layer_norm``, which subtracts the mean), or with another eps."""
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        a, b = norms.norm_of(ref.node(row.ref_node)), norms.norm_of(cand.node(row.cand_node))
-        if a is None or b is None or not (a.written or b.written):
-            continue
-        if a.kind != b.kind or a.outside != b.outside:
-            what = "a norm of another kind" if a.kind != b.kind else "its eps added elsewhere"
-            row.blame = [f"{what}: the reference's {a.words()} against the candidate's {b.words()}",
-                         row.ref_module, row.cand_module]
-        elif a.eps is not None and b.eps is not None and not math.isclose(a.eps, b.eps, rel_tol=1e-6):
-            row.blame = [f"its eps differs: {a.eps:g} against {b.eps:g} (the reference's {a.words()}, the "
-                         f"candidate's {b.words()})", row.ref_module, row.cand_module]
-
-
-def _blame_mask(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Blame a forward first divergence at a masked write or selection on both sides (``x[mask] =
-    0``, ``masked_fill``, ``where``) on its mask where the elements the two masks pick differ: a
-    padding mask built from lengths with ``>`` for ``>=``. The masks pair with nothing (each side
-    builds its own, from values that pair), so no comparison saw them; the ops each side builds
-    its mask with are named."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        if masks.use(rn) is None or masks.use(rn) != masks.use(cn):
-            continue
-        a, b = masks.picked(ref, rn), masks.picked(cand, cn)
-        if a is None or b is None or a.shape != b.shape or torch.equal(a, b):
-            continue
-        while a.dim() > 1 and torch.equal(a, a[..., :1].expand_as(a)) and torch.equal(b, b[..., :1].expand_as(b)):
-            a, b = a[..., 0], b[..., 0]   # a mask of rows, repeated over their features: told by rows
-        differ = a != b
-        where = ", ".join(str(list(i)) for i in differ.nonzero()[:3].tolist())
-        built = [_built_with(capture, masks.mask_of(n), compared)
-                 for capture, n, compared in ((ref, rn, compared_r), (cand, cn, compared_c))]
-        row.blame = [f"the mask it {masks.use(rn)} through differs at {int(differ.sum())} of "
-                     f"{'x'.join(map(str, differ.shape))} positions ({where}{', ...' if differ.sum() > 3 else ''}; "
-                     f"ref's picks {int(a.sum())}, the candidate's {int(b.sum())}): ref's {built[0]}, "
-                     f"the candidate's {built[1]}", row.ref_module, row.cand_module]
-
-
-def _blame_index(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Blame a forward first divergence of one function on both sides on an integer argument that
-    each side builds its own way, where the two differ: T5's relative position buckets, computed
-    per call in Hugging Face's and read from a buffer in torchtune's, at the embedding that looks
-    them up. No comparison saw them: they pair with nothing."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        if rn.op != "call_function" or not _same_function(rn, cn):
-            continue
-        for k, a, b in arguments.side_by_side(rn, cn):
-            if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)) \
-                    or a.name in compared_r or b.name in compared_c:
-                continue
-            x, y = ref.values.get(a.name), cand.values.get(b.name)
-            if x is None and a.op == "get_attr":
-                x = ref.params.get(str(a.target))
-            if y is None and b.op == "get_attr":
-                y = cand.params.get(str(b.target))
-            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or is_summary(x) or is_summary(y) \
-                    or x.is_floating_point() or y.is_floating_point() or x.shape != y.shape or torch.equal(x, y):
-                continue
-            differ = x != y
-            at = differ.nonzero()[0].tolist()
-            name = "index" if k in ("idx", "indices") else k if isinstance(k, str) else f"argument {k}"
-            built = [_built_with(capture, n, compared)
-                     for capture, n, compared in ((ref, a, compared_r), (cand, b, compared_c))]
-            row.blame = [f"its {name} differs at {int(differ.sum())} of {differ.numel()} elements (the first {at}: "
-                         f"{x[tuple(at)].item()} against {y[tuple(at)].item()}): the reference's {built[0]}, "
-                         f"the candidate's {built[1]}", row.ref_module, row.cand_module]
-            break
-
-
-def _blame_made_from_constants(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Name how each side makes a forward first divergence computed from no compared value (a
-    rotary table from ``inv_freq`` against one read from a buffer of cosines, with another base):
-    what differs is in the constants, buffers or ops each side makes it from."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        if _from_constants(rn, compared_r) and _from_constants(cn, compared_c):
-            row.blame = [f"a value each side computes from its parameters, buffers and constants alone differs: the "
-                         f"reference's "
-                         f"{_built_with(ref, rn, compared_r)}, the candidate's {_built_with(cand, cn, compared_c)}",
-                         row.ref_module, row.cand_module]
-
-
-def _built_with(capture: Capture, node: torch.fx.Node, compared: set[str]) -> str:
-    """``made with gt from add_3``: the ops that make ``node`` from compared values, views left out,
-    and the compared values, inputs, parameters and buffers they start from; ``read from
-    NAME`` where it is a parameter or buffer (or a view of one)."""
-    source = _through_views(node, compared)
-    if source.op == "get_attr":
-        return f"read from {source.target}"
-    up = _upstream(node, compared) | {node.name}
-    ops = [node_key(n) for n in capture.graph.nodes if n.name in up and n.op == "call_function"
-           and not DEFAULT_OPS.is_view(n, node_key(n))]
-    starts = sorted({a.name if a.op != "get_attr" else str(a.target) for n in capture.graph.nodes if n.name in up
-                     for a in n.all_input_nodes if a.name in compared or a.op in ("placeholder", "get_attr")})
-    text = "made with " + ", ".join(ops[:_FEW_OPS]) + (", ..." if len(ops) > _FEW_OPS else "")
-    return f"{text} from {', '.join(starts)}" if starts else f"{text} from constants"
-
-
-def _blame_attention_bias(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Blame a forward first divergence at an attention's output on what the two sides add to its
-    scores (``attention.bias``) where that differs: the positions one side masks and the other does
-    not (a padding mask ignored or inverted, a causal mask off by one), or, where neither masks,
-    the bias (T5's relative position bias transposed, its heads mixed up, left out of a layer).
-    Each side builds it its own way (a mask's ``where`` against an ``add`` into the scores), so its
-    parts pair with nothing and no comparison saw them."""
-    for row in rows:
-        if not row.first_forward or row.blame or row.ref_slice or row.cand_slice:
-            continue
-        a, b = attention.bias(ref, ref.node(row.ref_node)), attention.bias(cand, cand.node(row.cand_node))
-        if a is None or b is None or a.shape != b.shape:
-            continue
-        # where each side builds it (a causal mask at the model's root); where one side passes none (a
-        # layer that ignores the mask), the attentions
-        sources = [attention.bias_source(ref.node(row.ref_node)), attention.bias_source(cand.node(row.cand_node))]
-        built = [row.ref_module, row.cand_module] if None in sources else [n.meta.get(MODULE, "") for n in sources]
-        ma, mb = torch.isneginf(a), torch.isneginf(b)
-        if not torch.equal(ma, mb):
-            only = [(ma & ~mb), (mb & ~ma)]
-            first = [f" (the first {o.nonzero()[0].tolist()})" if o.any() else "" for o in only]
-            row.blame = [f"the attention's mask differs: the reference masks {int(only[0].sum())} positions the "
-                         f"candidate does not{first[0]}, the candidate {int(only[1].sum())} the reference does not"
-                         f"{first[1]}", *built]
-            continue
-        x, y = a.masked_fill(ma, 0), b.masked_fill(mb, 0)
-        peak = float((x - y).abs().max()) if x.numel() else 0.0
-        if peak <= 1e-3 * max(float(x.abs().max()), float(y.abs().max()), 1e-30):
-            continue
-        how, flipped = "", b.transpose(-1, -2)
-        both = ~ma & ~torch.isneginf(flipped)
-        heads = _order(x.movedim(-3, 0).reshape(x.shape[-3], -1), y.movedim(-3, 0).reshape(y.shape[-3], -1)) \
-            if x.dim() >= 3 else None
-        if both.any() and torch.allclose(a[both], flipped[both], rtol=1e-4, atol=1e-4 * peak):
-            how = ": the candidate's is the reference's transposed, query and key positions swapped"
-        elif heads:   # one bias a head, in another order (a relative position table's columns)
-            how = f": the candidate's heads in another order, {heads}"
-        if sources.count(None) == 1:   # one side adds nothing: what the other adds, by name
-            source = next(n for n in sources if n is not None)
-            side, other = ("reference", "candidate") if sources[0] is not None else ("candidate", "reference")
-            what = str(source.target) if source.op == "get_attr" else f"{source.name} ({node_key(source)})"
-            row.blame = [f"the {side} adds {what} to the attention's scores, the {other} nothing (max abs diff "
-                         f"{peak:.3g})", *built]
-            continue
-        row.blame = [f"the bias added to the attention's scores differs where neither side masks (max abs diff "
-                     f"{peak:.3g}){how}", *built]
-
-
-def _differing(given: list[tuple[int | str, Any, Any]], flags: bool = True) -> list[str]:
-    """``eps 1e-05 against 1e-06``: the constant arguments of two calls (``arguments.side_by_side``)
-    that differ; with ``flags`` False, bool flags left out."""
-    return [f"{k if isinstance(k, str) else f'argument {k}'} {a!r} against {b!r}" for k, a, b in given
-            if _constant(a) and _constant(b) and _spread(a, b) != _spread(b, a) and k not in _NO_EFFECT
-            and (flags or type(a) is not bool)]
-
-
-def _name_reading_arguments(ref: Capture, cand: Capture, params: list[ParamRow]) -> list[str]:
-    """Name, on a parameter whose value or gradient differs, the constant arguments that the op
-    reading it is called with where they differ from those of its counterpart's reader: a weight
-    norm over another dim (wav2vec2's positional conv normed over its output channels, not its
-    kernel: the weight it makes agrees, its two parameters and their gradients do not, and
-    nothing in the forward pass differs). Returns the lines that say so."""
-    said = []
-    for p in params:
-        if len(p.cand) != 1 or all(m is None or m.passed for m in (p.value, p.grad)):
-            continue
-        a, b = _reader(ref, p.ref), _reader(cand, p.cand[0])
-        differ = _differing(arguments.side_by_side(a, b)) if a is not None and b is not None \
-            and _same_function(a, b) else []
-        if differ:
-            note = f"read by {node_key(a)} with {', '.join(differ)}"
-            p.value, p.grad = (m if m is None or m.passed else dataclasses.replace(m, note=note) for m in (p.value, p.grad))
-            said.append(f"{p.ref} is {note} (the candidate's {p.cand[0]})")
-    return said
-
-
-def _name_reordered_parameters(ref: Capture, cand: Capture, params: list[ParamRow]) -> None:
-    """Name, on a parameter whose value differs from its counterpart's of its shape, the other
-    parameter of the reference's whose values the candidate's holds (an output projection loaded
-    from the embedding), or the rows or columns the candidate holds in another order (Swin's
-    relative position table with its heads, its columns, in another order): not a layout the
-    matcher follows, whose pair is transformed before it is compared."""
-    failing = [p for p in params if len(p.cand) == 1 and p.value is not None and not p.value.passed and not p.value.note]
-    by_start: dict[tuple, list[str]] = {}   # each tensor told by its first elements first: a whole comparison each is slow
-    for name, t in ref.params.items():
-        if not is_summary(t) and t.dim():
-            by_start.setdefault(_start(t), []).append(name)
-    for p in failing[:_MOST_NOTED]:
-        a, b = ref.params.get(p.ref), cand.params.get(p.cand[0])
-        if a is None or b is None or is_summary(a) or is_summary(b) or a.shape != b.shape or a.dim() == 0:
-            continue
-        other = next((name for name in by_start.get(_start(b), ()) if name != p.ref and torch.equal(ref.params[name], b)),
-                     None)
-        if other is not None:   # a tied weight loaded where it is not tied
-            p.value = dataclasses.replace(p.value, note=f"the candidate's holds the values of {other}")
-            continue
-        for what, dim in (("rows", 0), ("columns", a.dim() - 1))[:a.dim()]:
-            moved = _order(a.movedim(dim, 0).reshape(a.shape[dim], -1), b.movedim(dim, 0).reshape(b.shape[dim], -1))
-            if moved:
-                p.value = dataclasses.replace(p.value, note=f"the candidate's {what} in another order: {moved}")
-                break
-
-
-_MOST_NOTED = 64   # parameters whose values differ, told how: past this many, the story is the conversion's
-
-
-def _start(t: torch.Tensor) -> tuple:
-    """A tensor's shape, dtype and first few elements' bytes."""
-    return tuple(t.shape), t.dtype, t.reshape(-1)[:16].contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _reader(capture: Capture, name: str) -> torch.fx.Node | None:
-    """The one op that reads parameter ``name`` (through views), or None where none or several do."""
-    readers = {u for n in capture.graph.nodes if n.op == "get_attr" and str(n.target) == name
-               for u in _after_views(n)}
-    return readers.pop() if len(readers) == 1 else None
-
-
-def _after_views(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
-    """The ops that read ``node``, through the views of it."""
-    for u in node.users:
-        if u.op == "call_function" and DEFAULT_OPS.is_view(u, node_key(u)):
-            yield from _after_views(u)
-        elif u.op == "call_function":
-            yield u
-
-
-def _blame_attention_scale(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tolerance) -> None:
-    """Blame a forward first divergence introduced at an attention's output on its scale where the
-    two sides' differ (``attention.scale_of``) and calling one side's attention again with the other
-    side's scale gives the other side's value (a scale of 1/d for 1/sqrt(d), one applied twice)."""
-    for row in rows:
-        if not row.first_forward or row.blame or row.cause() != "introduced" or row.ref_slice or row.cand_slice:
-            continue
-        r, c = attention.scale_of(ref.node(row.ref_node)), attention.scale_of(cand.node(row.cand_node))
-        if r is None or c is None or math.isclose(r.value, c.value, rel_tol=1e-6):
-            continue
-        if r.sdpa is not None:
-            out, other = attention.rescaled(ref, r, c.value / r.value), cand.values[row.cand_node]
-        elif c.sdpa is not None:
-            out, other = attention.rescaled(cand, c, r.value / c.value), ref.values[row.ref_node]
-        else:
-            continue
-        if out is None or is_summary(other) or out.numel() != other.numel():
-            continue
-        m = compare_tensors(other, out, tol)
-        if _own_verdict(m, tol, precision=_coarser(other, out)).passed:
-            row.blame = [f"the attention's scale differs: {r.words()} against {c.words()}",
-                         row.ref_module, row.cand_module]
-
-
-def _spread(a: Any, b: Any) -> Any:
-    """``a`` as a list the length of ``b`` where ``a`` is one number and ``b`` a list (a conv's
-    ``stride=1`` against ``stride=(1,)``: the same)."""
-    return [a] * len(b) if type(a) in (int, float) and type(b) in (list, tuple) else list(a) if type(a) is tuple else a
-
-
-class _Written(str):
-    """Text shown as it is written (an index), not quoted."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _index_text(index: Any, dims: int) -> tuple[str | None, list[str] | None]:
-    """``x[index]``'s index as Python writes it (``[..., :-1]``), and the same index spelt one way
-    for a tensor of ``dims`` dimensions (``...`` spelt out, trailing ``:`` left out), to compare;
-    None, twice, where it holds a tensor or adds a dimension."""
-    def one(i: Any) -> str | None:
-        if i is Ellipsis:
-            return "..."
-        if type(i) is int:
-            return str(i)
-        if isinstance(i, slice) and all(v is None or type(v) is int for v in (i.start, i.stop, i.step)):
-            text = f"{'' if i.start is None else i.start}:{'' if i.stop is None else i.stop}"
-            return text + (f":{i.step}" if i.step not in (None, 1) else "")
-        return None
-    parts = [one(i) for i in (index if isinstance(index, tuple) else (index,))]
-    if None in parts or parts.count("...") > 1:
-        return None, None
-    if "..." in parts:
-        at = parts.index("...")
-        parts_all = parts[:at] + [":"] * (dims - len(parts) + 1) + parts[at + 1:]
-    else:
-        parts_all = list(parts)
-    while parts_all and parts_all[-1] == ":":
-        parts_all.pop()
-    return f"[{', '.join(parts)}]", parts_all
-
-
-def _constant(x: Any) -> bool:
-    """A number, flag or word, or a list of them (a padding, a shape)."""
-    return type(x) in (bool, int, float) or isinstance(x, str) or type(x) in (list, tuple) and all(map(_constant, x))
-
-
-_NO_EFFECT = {"inplace"}   # arguments that change where a result goes, not its value (torchvision's ReLU(inplace=True))
-
-
-def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow],
-                            params: list[ParamRow], tol: Tolerance) -> None:
-    """Blame a forward first divergence introduced in the candidate's block on values both sides
-    make, each its own way, before it (a rotary embedding's cos and sin from a buffer against ones
-    computed from ``inv_freq``; q and k rotated by them) when the block, replayed with those values
-    taken from the reference too, computes the reference's value: the difference came in with them,
-    not with the block's own ops (a head expansion one side alone writes out). Such values pair
-    only weakly and were set aside when they differ (``_verify_weak``); the replay is the evidence
-    they are what differs. The first of them that does is named, with the parameters and buffers
-    of the candidate's it is made from."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    notes = {p.cand[0]: p.value.note for p in params if len(p.cand) == 1 and p.value is not None and p.value.note}
-    weak = [r for r in rejected if r.ref_shape == r.cand_shape and not (r.ref_slice or r.cand_slice or r.cand_permuted)
-            and r.ref_node in ref.values and r.cand_node in cand.values
-            and not is_summary(ref.values[r.ref_node]) and not is_summary(cand.values[r.cand_node])]
-    if not weak:
-        return
-    boundary, layouts = _boundary(ref, cand, rows)
-    for row in rows:
-        if not row.first_forward or row.blame or row.cause() != "introduced":
-            continue
-        up_r = _upstream(ref.node(row.ref_node), compared_r)
-        up_c = _upstream(cand.node(row.cand_node), compared_c)
-        before = [r for r in weak if r.ref_node in up_r and r.cand_node in up_c]
-        feeding = {r.cand_node: _upstream(cand.node(r.cand_node), compared_c) for r in before}
-        first = [r for r in before if not any(o.cand_node in feeding[r.cand_node] for o in before)]
-        for taken in (first, before):   # where they start, else all of them
-            if not taken:
-                continue
-            out = replay(ref, cand, row.cand_node, {**boundary, **{r.cand_node: r.ref_node for r in taken}},
-                         ref.values[row.ref_node], layouts=layouts)
-            if isinstance(out, str):
-                continue
-            m = compare_tensors(_cut(ref.values[row.ref_node], row.ref_slice), _cut(out, row.cand_slice), tol)
-            if not _own_verdict(m, tol, precision=_coarser(ref.values[row.ref_node], cand.values[row.cand_node])).passed:
-                continue
-            used = taken if taken is first else [r for r in taken if not any(r.cand_node in feeding[o.cand_node]
-                                                                             for o in taken)]
-            r = min(used, key=lambda r: r.depth)
-            what = (f"a value made another way on each side differs: ref {node_key(ref.node(r.ref_node))} "
-                    f"({r.ref_node}) against cand {node_key(cand.node(r.cand_node))} ({r.cand_node})")
-            held = _held(cand.node(r.cand_node), compared_c)
-            if held:
-                what += f", the candidate's made with {', '.join(held)}"
-            what += "".join(f"; {name} differs: {notes[name]}" for name in held if name in notes)
-            row.blame = [what, r.ref_module, r.cand_module]
-            break
-
-
-def _held(node: torch.fx.Node, compared: set[str]) -> list[str]:
-    """The parameters and buffers read on the way from the compared values to ``node``."""
-    up = _upstream(node, compared)
-    return sorted({str(n.target) for n in node.graph.nodes if n.op == "get_attr" and n.name in up})
-
-
-def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
-    """Blame a forward first divergence on an op present on one side only (a forgotten residual
-    add, an extra scale) when such an op lies between the divergent node and its compared inputs on
-    one side, and none on the other (where both sides have some, they compute the same thing in
-    different ways): the divergence starts at that op's module, not at the first matched op
-    downstream."""
-    # an op fed by compared activations (not only by the model's inputs, as a mask is)
-    compared_r = {r.ref_node for r in rows if r.op != "input"}
-    compared_c = {r.cand_node for r in rows if r.op != "input"}
-    only_r, only_c = _unpaired(ref, alignment, "ref"), _unpaired(cand, alignment, "cand")
-    for row in rows:
-        if not row.first_forward or row.blame:   # its arguments, already named
-            continue
-        block_r = [ref.node(n) for n in (row.ref_node, *row.ref_block)]
-        block_c = [cand.node(n) for n in (row.cand_node, *row.cand_block)]
-        op_r, op_c = _one_sided_input(block_r, compared_r, only_r), _one_sided_input(block_c, compared_c, only_c)
-        if (op_r is None) == (op_c is None):
-            continue
-        side, op = ("ref", op_r) if op_r is not None else ("cand", op_c)
-        module = op.meta.get(MODULE, "")
-        other = _counterpart_module(rows, module, side)
-        modules = [r.ref_module if side == "ref" else r.cand_module for r in rows]
-        kinds = {r.op for r, m in zip(rows, modules) if m == module}
-        if module and kinds == {node_key(op)} and not any(m.startswith(module + ".") for m in modules):
-            # a leaf module of this one op called twice (torchvision's one ReLU a block), one call matched:
-            # the other is where the value it takes is on the other side, not where the first call's is
-            at = {r.ref_node: r.cand_module for r in rows} if side == "ref" else \
-                {r.cand_node: r.ref_module for r in rows}
-            compared = compared_r if side == "ref" else compared_c
-            inputs = (_through_views(a, compared).name for a in op.all_input_nodes)
-            other = next((at[n] for n in inputs if n in at), other)
-        what = f"{side}-only {node_key(op)} ({op.name})"
-        unpaired = set(alignment.unmatched_ref_params if side == "ref" else alignment.unmatched_cand_params)
-        trained = (ref if side == "ref" else cand).param_grads
-        alone = [n for n in _params_read(op) if n in unpaired and n not in trained]
-        if alone:   # a buffer only it reads (timm's attention mask); a norm's own weights would say no more
-            what += f", reading {', '.join(alone)}, which {'pairs' if len(alone) == 1 else 'pair'} with nothing"
-        # a side input (a mask) that side alone builds, where the other passes none (is_causal=True)
-        masks = {"ref": _one_sided_input(block_r, compared_r, only_r, side=True),
-                 "cand": _one_sided_input(block_c, compared_c, only_c, side=True)}
-        also = masks.pop(side)
-        if also is not None and None in masks.values():
-            what += f", or the side input it alone passes, built by {node_key(also)} ({also.name})"
-        row.blame = [what, *((module, other) if side == "ref" else (other, module))]
-
-
-def _blame_weight_made(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
-    """Blame a forward first divergence, not blamed yet, on a tensor one side's op makes from
-    parameters alone, with an op the other side does not have, where the other side's op reads its
-    parameters as they are (a weight norm ``g * v / |v|`` dropped in a conversion: the conv reads
-    ``v``)."""
-    unpaired = {"ref": _unpaired(ref, alignment, "ref"), "cand": _unpaired(cand, alignment, "cand")}
-
-    def made(node: torch.fx.Node, side: str) -> torch.fx.Node | None:
-        for a in node.all_input_nodes:
-            a = _through_views(a, set())
-            if a.op == "call_function" and a.name in unpaired[side] and a.all_input_nodes \
-                    and all(_through_views(x, set()).op == "get_attr" for x in a.all_input_nodes):
-                return a
-        return None
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        found = {"ref": made(rn, "ref"), "cand": made(cn, "cand")}
-        if (found["ref"] is None) == (found["cand"] is None):
-            continue
-        side, other = ("ref", "cand") if found["ref"] is not None else ("cand", "ref")
-        op, made_of = found[side], _params_read(found[side])
-        reads = set(_params_read(rn if other == "ref" else cn))
-        pairs = [(p.ref, c) if side == "ref" else (c, p.ref) for p in alignment.params for c in p.cand]
-        counterpart = next(((mine, theirs) for mine, theirs in pairs if mine in made_of and theirs in reads), None)
-        as_is = "" if counterpart is None else \
-            f"; the {'reference' if other == 'ref' else 'candidate'} reads {counterpart[1]}, the counterpart of " \
-            f"{counterpart[0]}, as it is"
-        row.blame = [f"{side}-only {node_key(op)} ({op.name}) makes a tensor it reads from {', '.join(made_of)}{as_is}",
-                     row.ref_module, row.cand_module]
-
-
-def _unpaired(capture: Capture, alignment: Alignment, side: str) -> set[str]:
-    """The ops of one side that pair with nothing: unmatched, or in no pair while holding no tensor
-    of their own (an op of several outputs, whose items hold them)."""
-    paired = {n for p in alignment.pairs for n in (getattr(p, side), *getattr(p, f"{side}_block"))}
-    return set(getattr(alignment, f"unmatched_{side}")) | {
-        n.name for n in capture.graph.nodes
-        if n.op == "call_function" and n.name not in paired and n.name not in capture.values}
-
-
-def _blame_side_input(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow]) -> None:
-    """Blame a forward first divergence on a differing side input (a mask built in the model's
-    forward) when the input was built differently on the two sides: among the ops that feed the
-    divergent pair through uncompared nodes only, a pair aligned by op order (not by size alone)
-    that was dropped as weak because its values differ with nothing upstream to explain it is,
-    here, the explanation, unless some compared value it feeds agrees (then the two ops were
-    look-alikes paired wrongly). The latest such pair is blamed."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    failing_r = {r.ref_node for r in rows if not r.forward.passed}
-    failing_c = {r.cand_node for r in rows if not r.forward.passed}
-    keys = {r.ref_node: (node_key(ref.node(r.ref_node)), node_key(cand.node(r.cand_node))) for r in rejected}
-    # aligned by order, called alike; or two different elementwise ops in each other's place (SiLU
-    # against Hardswish). Either of one shape: ops paired by their place alone (an attention mask's
-    # `where` against a softmax; a rotated key against half a rotated query) tell nothing
-    differing = [r for r in rejected if r.ref_shape == r.cand_shape
-                 and (r.confidence >= OTHER_USERS and keys[r.ref_node][0] == keys[r.ref_node][1]
-                      and _called_alike(ref.node(r.ref_node), cand.node(r.cand_node))
-                      or len(set(keys[r.ref_node])) == 2 and not _NOT_ELEMENTWISE.intersection(keys[r.ref_node])
-                      and _elementwise(ref.node(r.ref_node)) and _elementwise(cand.node(r.cand_node)))
-                 and not r.forward.passed
-                 and set(_block_after(ref.node(r.ref_node), compared_r)[1]) <= failing_r
-                 and set(_block_after(cand.node(r.cand_node), compared_c)[1]) <= failing_c]
-    for row in rows:
-        if not row.first_forward or row.blame or not differing:
-            continue
-        up_r = _upstream(ref.node(row.ref_node), compared_r)
-        up_c = _upstream(cand.node(row.cand_node), compared_c)
-        found = [r for r in differing if r.ref_node in up_r and r.cand_node in up_c]
-        if found:   # a side input aligned by order first, else two different ops
-            r = max(found, key=lambda r: (r.confidence >= OTHER_USERS, r.depth))
-            key_r, key_c = keys[r.ref_node]
-            what = f"a side input that differs: {r.op} ({r.ref_node} | {r.cand_node})" if key_r == key_c else \
-                f"ops that differ: ref {key_r} ({r.ref_node}) against cand {key_c} ({r.cand_node})"
-            row.blame = [what, r.ref_module, r.cand_module]
-
-
-def _elementwise(node: torch.fx.Node) -> bool:
-    """Whether ``node`` computes from one tensor a value of its shape, and moves no data (an activation)."""
-    inputs = node.all_input_nodes
-    return len(inputs) == 1 and inputs[0].meta.get(SHAPE) == node.meta.get(SHAPE) is not None \
-        and not DEFAULT_OPS.is_view(node, node_key(node))
-
-
-def _called_alike(a: torch.fx.Node, b: torch.fx.Node) -> bool:
-    """Whether two calls pass tensors at the same places (``x * y`` against ``x * 8.0`` are not)."""
-    return len(a.args) == len(b.args) and all(isinstance(x, torch.fx.Node) == isinstance(y, torch.fx.Node)
-                                              for x, y in zip(a.args, b.args))
-
-
-def _name_other_ops(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Name the ops of each side at a forward first divergence introduced there with no other story,
-    where the two sides compute it elementwise with other ops (QuickGELU's ``x * sigmoid(1.702 x)``
-    against ``gelu``; GELU written out with ``erf`` against ``gelu(approximate='tanh')``): the
-    blocks from the compared values to it, views left out, a few ops each, an op's constant keyword
-    arguments with it. Blocks of products, norms or attention are left alone, but for one op a side
-    (a GroupNorm ported as a LayerNorm): one side writing out what the other fuses is how ports
-    differ when they agree, too."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    for row in rows:
-        if not row.first_forward or row.blame or row.cause() != "introduced":
-            continue
-        ops = []
-        for capture, name, compared in ((ref, row.ref_node, compared_r), (cand, row.cand_node, compared_c)):
-            if _from_constants(capture.node(name), compared):   # a table made another way: not an op's doing
-                break
-            block = _upstream(capture.node(name), compared) | {name}
-            ops.append([n for n in capture.graph.nodes if n.name in block and n.op == "call_function"
-                        and not DEFAULT_OPS.is_view(n, node_key(n))])
-        keys = [[node_key(n) for n in side] for side in ops]
-        if len(keys) == 2 and keys[0] and keys[1] and sorted(keys[0]) != sorted(keys[1]) and max(map(len, keys)) <= _FEW_OPS \
-                and (not _NOT_ELEMENTWISE.intersection(keys[0] + keys[1]) or len(keys[0]) == len(keys[1]) == 1):
-            ref_ops, cand_ops = (", ".join(map(_with_constants, side)) for side in ops)
-            row.blame = [f"computed with other ops: ref {ref_ops} against cand {cand_ops}", row.ref_module, row.cand_module]
-
-
-def _name_rearranged(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Name a forward first divergence introduced at an op whose input holds, on the two sides, the
-    same features in another order along its last dimension (Swin's 2x2 patches merged as x0, x2,
-    x1, x3 against x0, x1, x2, x3), or the same rows in another order: each side arranges its input
-    with ops of its own (views, slices, a concatenation), which pair with nothing, so no
-    comparison saw the difference before the op that reads it."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    for row in rows:
-        if not row.first_forward or row.blame or row.cause() != "introduced":
-            continue
-        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        if not (rn.args and cn.args and isinstance(rn.args[0], torch.fx.Node) and isinstance(cn.args[0], torch.fx.Node)):
-            continue
-        rx, cx = rn.args[0], cn.args[0]
-        if rx.name in compared_r or cx.name in compared_c or rx.name not in ref.values or cx.name not in cand.values:
-            continue
-        a, b = ref.values[rx.name], cand.values[cx.name]
-        if is_summary(a) or is_summary(b) or a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-1] \
-                or a.numel() != b.numel() or a.dtype != b.dtype:
-            continue
-        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        for what, x, y in (("features along its last dimension", a.T, b.T), ("rows", a, b)):
-            moved = _order(x, y)
-            if moved:
-                row.blame = [f"its input holds the same {what} in another order: {moved} (ref's {rx.name}, the "
-                             f"candidate's {cx.name})", row.ref_module, row.cand_module]
-                break
-
-
-def _order(x: torch.Tensor, y: torch.Tensor) -> str | None:
-    """``the candidate's [32:64] is the reference's [64:96], ...`` (or a few rows shuffled one by one:
-    ``the reference's [1, 0, 3, 2]``): where each row of ``y`` is a row of ``x`` and they are not in
-    the same order, the blocks that moved; else None."""
-    if torch.equal(x, y) or len(x) > _MOST_ROWS:
-        return None
-    rows: dict[bytes, list[int]] = {}
-    for i, r in enumerate(_row_bytes(x)):
-        rows.setdefault(r, []).append(i)
-    taken = []
-    for r in _row_bytes(y):
-        found = rows.get(r)
-        if not found:
-            return None
-        taken.append(found.pop(0) if len(found) > 1 else found[0])
-    runs: list[list[int]] = []   # [start in y, start in x, length]
-    for j, i in enumerate(taken):
-        if runs and i == runs[-1][1] + runs[-1][2] and j == runs[-1][0] + runs[-1][2]:
-            runs[-1][2] += 1
-        else:
-            runs.append([j, i, 1])
-    if len(taken) <= _LISTED and all(n == 1 for j, i, n in runs if i != j):
-        return f"the reference's {taken}"
-    moved = [f"the candidate's [{j}:{j + n}] is the reference's [{i}:{i + n}]" for j, i, n in runs if i != j]
-    return ", ".join(moved[:4]) + (f" and {len(moved) - 4} more" if len(moved) > 4 else "")
-
-
-_LISTED = 16   # a shuffle of at most this many is told as the order itself
-
-
-def _row_bytes(x: torch.Tensor) -> list[bytes]:
-    """Each row of a matrix as its bytes (numpy holds no bfloat16)."""
-    raw = x.contiguous().view(torch.uint8).numpy()
-    return [r.tobytes() for r in raw]
-
-
-_MOST_ROWS = 1 << 16   # past this many, a search row by row costs more than its story is worth
-
-
-def _with_constants(node: torch.fx.Node) -> str:
-    """``gelu(approximate='tanh')``: an op's key and the constant keyword arguments it was given."""
-    given = [f"{k}={v!r}" for k, v in node.kwargs.items() if _constant(v)]
-    return f"{node_key(node)}({', '.join(given)})" if given else node_key(node)
-
-
-_FEW_OPS = 6   # more, and a list of each side's ops tells less than the module does
-_NOT_ELEMENTWISE = {"matmul", "linear", "conv", "sdpa", "softmax", "log_softmax", "layer_norm", "batch_norm",
-                    "group_norm", "embedding"}
-
-
-def _from_constants(node: torch.fx.Node, compared: set[str]) -> bool:
-    """Whether ``node`` is computed from no compared value (a mask built from its sizes alone)."""
-    seen, stack = set(), list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n.name in compared:
-            return False
-        if n.name not in seen:
-            seen.add(n.name)
-            stack.extend(n.all_input_nodes)
-    return True
-
-
-def _upstream(start: torch.fx.Node, compared: set[str]) -> set[str]:
-    """The nodes that feed ``start`` through nodes that are not compared."""
-    seen: set[str] = set()
-    stack = list(start.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n.name in seen or n.name in compared:
-            continue
-        seen.add(n.name)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _gradient_reaches(capture: Capture, side: str, rows: list[NodeRow],
@@ -1558,7 +704,7 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         if row.cand_node not in plain:
             row.isolated_backward_why = _not_plain(row)
             continue
-        block, consumers = _block_after(cand.node(row.cand_node), plain)
+        block, consumers = block_after(cand.node(row.cand_node), plain)
         if not consumers:
             row.isolated_backward_why = (f"no op of the candidate that uses {row.cand_node} is compared: there is no "
                                          "reference gradient to start from")
@@ -1579,38 +725,23 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
         if isinstance(grad, str):
             row.isolated_backward_why = grad
             continue
-        precision = _coarser(ref.values[row.ref_node], cand.values[row.cand_node])
+        precision = coarser(ref.values[row.ref_node], cand.values[row.cand_node])
         m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
-        row.isolated_backward = _own_verdict(m, tol, node_floor, precision, backward=True)
+        row.isolated_backward = own_verdict(m, tol, node_floor, precision, backward=True)
         if not row.isolated_backward.passed:
             continue
         own = replay_backward(cand, cand, row.cand_node, {c: c for c in consumers}, own_boundary)
         if not isinstance(own, str):
             m = _grad_metrics(cand.grads.get(row.cand_node), own, tol, node_floor)
-            if _own_verdict(m, tol, node_floor, precision, backward=True).passed:
+            if own_verdict(m, tol, node_floor, precision, backward=True).passed:
                 row.explained.append("backward")
                 explained.append(row)
                 continue
         module = (block[0] if block else cand.node(consumers[0])).meta.get(MODULE, "")
         row.blame = [f"backward only: the candidate's backward through {module or '<root>'} is not the derivative "
                      "of its forward ops (a custom autograd.Function or a gradient hook)",
-                     _counterpart_module(rows, module, "cand") or row.ref_module, module]
+                     counterpart_module(rows, module, "cand") or row.ref_module, module]
     return explained
-
-
-def _coarser(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The machine epsilon of the coarser of two values' dtypes: a replay at one side's precision
-    compared with the other side's value carries the rounding of both."""
-    return max(machine_eps(a.dtype), machine_eps(b.dtype))
-
-
-def _own_verdict(m: Metrics | None, tol: Tolerance, floor: float = 0.0, precision: float = 0.0,
-                 backward: bool = False) -> Metrics | None:
-    """A comparison judged on its own: as measured under ``--atol``/``--rtol``, else against its
-    own rounding, with nothing inherited from inputs (a replay, a backward seed)."""
-    if tol.strict:
-        return m
-    return noise.verdict(m, 0.0, floor, precision=precision, tail_max=math.inf if backward else noise.TAIL_MAX)
 
 
 def _not_plain(row: NodeRow) -> str:
@@ -1623,405 +754,6 @@ def _not_plain(row: NodeRow) -> str:
         return f"{row.cand_node} is compared as a slice of a fused output, which the replay does not split"
     return (f"{row.cand_node} has shape {row.cand_shape} and the reference's {row.ref_node} {row.ref_shape}: "
             "one cannot stand in for the other")
-
-
-def _block_after(node: torch.fx.Node, compared: Collection[str]) -> tuple[list[torch.fx.Node], list[str]]:
-    """The ops between ``node`` and its nearest ``compared`` users, and those users."""
-    block, consumers, queue, seen = [], [], list(node.users), set()
-    while queue:
-        n = queue.pop(0)
-        if n.name in seen or n.op != "call_function":
-            continue
-        seen.add(n.name)
-        if n.name in compared:
-            consumers.append(n.name)
-        else:
-            block.append(n)
-            queue.extend(n.users)
-    return block, consumers
-
-
-def _name_role_swaps(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Name a role swap at a forward first divergence: an input of the candidate's op that is a
-    slice of a fused output (q, k, v of one qkv projection; the two halves of a GLU) holding what
-    the reference computes in another role than the one it is used in here."""
-    sliced = _sliced(rows)
-    if not sliced:
-        return
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        ref_inputs = {_through_views(a, set()).name for a in ref.node(row.ref_node).all_input_nodes}
-        for a in cand.node(row.cand_node).all_input_nodes:
-            fused = _fused_source(a, sliced)
-            value = cand.values.get(a.name)
-            if fused is None or value is None:
-                continue
-            distance = {r.ref_node: _relative_distance(ref.values.get(r.ref_node), value) for r in sliced[fused]}
-            holds = min(distance, key=distance.get)
-            used_as = [r.ref_node for r in sliced[fused] if r.ref_node in ref_inputs and r.ref_node != holds]
-            if distance[holds] < 0.1 and holds not in ref_inputs and used_as:
-                cand_module = cand.node(fused).meta.get(MODULE, "")
-                row.blame = [f"role swap: a slice of the candidate's {cand_module or '<root>'} output holds what the "
-                             f"reference computes in {ref.node(holds).meta.get(MODULE, '') or '<root>'}, and is used "
-                             f"where the reference uses {ref.node(used_as[0]).meta.get(MODULE, '') or '<root>'}",
-                             ref.node(used_as[0]).meta.get(MODULE, ""), cand_module]
-                break
-
-
-def _name_swapped_roles(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Name an attention's query, key or value passed in another role at a forward first divergence
-    at attention on both sides, written out or not (timm's fused qkv split by its views and a
-    written-out attention, against HF's three projections and ``scaled_dot_product_attention``,
-    q and k converted into each other's places): what each side passes in each role is told by the
-    compared value, or the slice of a fused output, it comes from."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    paired = {r.cand_node: (r.ref_node, r.ref_slice) for r in rows if not r.cand_slice}
-    sliced_ref = _sliced(rows, "ref")
-
-    def held_ref(n: torch.fx.Node) -> tuple | None:
-        row = _slice_row(n, sliced_ref, "ref") if _fused_source(n, sliced_ref) else None
-        if row is not None:
-            return row.ref_node, row.ref_slice
-        n = _through_views(n, compared_r)
-        return (n.name, None) if n.name in compared_r else None
-
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        mine, theirs = attention.roles(ref.node(row.ref_node)), attention.roles(cand.node(row.cand_node))
-        if mine is None or theirs is None:
-            continue
-        held = {role: held_ref(n) for role, n in mine.items()}
-        got = {role: paired.get(_through_views(n, compared_c).name) for role, n in theirs.items()}
-        crossed = [(role, other) for role in got for other in held
-                   if other != role and got[role] is not None and got[role] == held[other] and got[role] != held[role]]
-        if len(crossed) == 2 and crossed[0] == crossed[1][::-1]:
-            (a, b), _ = crossed
-            row.blame = [f"the attention's {a} and {b} swapped: the candidate passes as the {a} what the reference "
-                         f"passes as the {b}, and the other way round", row.ref_module, row.cand_module]
-        elif crossed:
-            what = "; ".join(f"as the {role} what the reference passes as the {other}" for role, other in crossed)
-            row.blame = [f"another input at the attention: the candidate passes {what}", row.ref_module, row.cand_module]
-
-
-def _name_crossed_inputs(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Name another input at a forward first divergence of one function on both sides (not one
-    whose arguments may come in any order): the candidate passes, at one argument, what pairs with
-    another value of the reference's than the one it passes there (roles swapped: a query
-    projection given the key's weights, q and k each matching and crossing at the attention, a
-    GLU's gate and value; or the wrong value: cross-attention fed the encoder's states before its
-    final norm)."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    pair_of = {r.cand_node: r.ref_node for r in rows if not r.cand_slice}   # a fused output's slices: _slice_read
-    slice_of = {r.cand_node: r for r in rows if r.ref_slice and not r.cand_slice}   # pairs with a slice of the reference's
-    sliced, sliced_ref = _sliced(rows), _sliced(rows, "ref")
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        if not _same_function(rn, cn) or node_key(rn) in _SYMMETRIC:
-            continue
-        ref_args = [_through_views(a, compared_r).name if isinstance(a, torch.fx.Node) else None for a in rn.args]
-        for i, b in enumerate(cn.args[:len(ref_args)]):
-            if not isinstance(b, torch.fx.Node) or ref_args[i] not in compared_r:
-                continue
-            if ref_args[i] in sliced_ref:   # the reference reads a slice of its own fused output
-                read, got = _slice_row(rn.args[i], sliced_ref, "ref"), slice_of.get(_through_views(b, compared_c).name)
-                if read is not None and got is not None and got.ref_node == read.ref_node and got.ref_slice != read.ref_slice:
-                    module, where = (cand.node(r.cand_node).meta.get(MODULE, "") or "<root>" for r in (got, read))
-                    row.blame = [f"another input: the candidate passes what it computes in {module} where the reference "
-                                 f"passes what the candidate computes in {where}", row.ref_module, row.cand_module]
-                    break
-                continue
-            got = pair_of.get(_through_views(b, compared_c).name) or _slice_read(b, sliced)
-            if got is not None and got != ref_args[i]:
-                module, where = (ref.node(n).meta.get(MODULE, "") or "<root>" for n in (got, ref_args[i]))
-                if module != where:
-                    what = f"what the reference computes in {module} where the reference passes what it computes in {where}"
-                else:   # two values of one module: named by their nodes and what they are made with
-                    what = (f"the counterpart of the reference's {_made(ref, got, compared_r)} where the reference "
-                            f"passes {_made(ref, ref_args[i], compared_r)}")
-                row.blame = [f"another input: the candidate passes {what}", row.ref_module, row.cand_module]
-                break
-
-
-def _name_swapped_parameters(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
-    """Name two parameters swapped in a conversion (a layer's two norms' weights): at a forward first
-    divergence whose op reads a parameter paired, by its bytes, with one the candidate's ops read in
-    another order than the reference's among the parameters of the same name and shape in that
-    layer. The pairing follows the bytes, so each op pairs with the one after or before it on the
-    other side."""
-    pairs = {pp.ref: pp.cand[0] for pp in alignment.params if len(pp.cand) == 1 and pp.transform.get("kind") == "identity"}
-    unblamed = [r for r in rows if r.first_forward and not r.blame]
-    if not unblamed or not pairs:
-        return
-    order_r, order_c = _first_reads(ref), _first_reads(cand)
-    for row in unblamed:
-        for p in (p for p in _params_read(ref.node(row.ref_node)) if p in pairs and p in order_r and pairs[p] in order_c):
-            layer, leaf = p.rsplit(".", 2)[0], p.rpartition(".")[2]
-            for other, theirs in pairs.items():
-                if other == p or other.rsplit(".", 2)[0] != layer or other.rpartition(".")[2] != leaf \
-                        or other not in order_r or theirs not in order_c \
-                        or ref.params[other].shape != ref.params[p].shape:   # only what fits the other's place
-                    continue
-                if (order_r[p] < order_r[other]) != (order_c[pairs[p]] < order_c[theirs]):
-                    row.blame = [f"parameters swapped: {p} holds what the candidate's {pairs[p]} does and {other} what "
-                                 f"its {theirs} does, which its ops read in the other order",
-                                 row.ref_module, row.cand_module]
-                    break
-            if row.blame:
-                break
-
-
-def _name_gate_swap(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
-    """Name a gated unit's gate and value swapped at a forward first divergence at their product:
-    each side multiplies an activation of one compared value by another, and the candidate applies
-    its activation to the counterpart of the value the reference multiplies by as it is (T5's
-    ``gelu(wi_0 x) * wi_1 x`` against ``gelu(w3 x) * w1 x``, ``w1`` holding ``wi_0``)."""
-    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
-    pair_of = {r.cand_node: r.ref_node for r in rows if not r.cand_slice}
-
-    def factors(node: torch.fx.Node, compared: set[str]) -> list[tuple[str | None, str]] | None:
-        """(activation or None, compared value) for each operand of a product of two."""
-        if node_key(node) != "mul" or len(node.all_input_nodes) != 2:
-            return None
-        out = []
-        for a in node.all_input_nodes:
-            a = _through_views(a, compared)
-            if a.name in compared:
-                out.append((None, a.name))
-                continue
-            # an activation: ops of one compared value alone (a GELU written out takes several)
-            inside = _upstream(a, compared) | {a.name}
-            sources = {x.name for n in a.graph.nodes if n.name in inside for x in n.all_input_nodes if x.name in compared}
-            if len(sources) != 1 or any(n.op == "get_attr" for n in a.graph.nodes if n.name in inside):
-                return None
-            ops = [n for n in a.graph.nodes if n.name in inside and n.op == "call_function"]
-            out.append((node_key(a) if len(ops) == 1 else "its activation", sources.pop()))
-        return out if sum(act is not None for act, _ in out) == 1 else None
-    def product(capture: Capture, name: str, compared: set[str]) -> list[tuple[str | None, str]] | None:
-        """The factors of the one such product the node is, or reads through values not compared."""
-        node = capture.node(name)
-        found = [f for f in (factors(n, compared) for n in (node, *(capture.node(x) for x in _upstream(node, compared))))
-                 if f is not None]
-        return found[0] if len(found) == 1 else None
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
-        a, b = product(ref, row.ref_node, compared_r), product(cand, row.cand_node, compared_c)
-        if a is None or b is None:
-            continue
-        b = [(act, pair_of.get(name)) for act, name in b]
-        gated_r, gated_c = (next(name for act, name in side if act) for side in (a, b))
-        if {n for _, n in a} == {n for _, n in b} and gated_r != gated_c:
-            act_r, act_c = (next(act for act, _ in side if act) for side in (a, b))
-            where = {n: ref.node(n).meta.get(MODULE, "") or "<root>" for _, n in a}
-            plain = next(n for act, n in a if act is None)
-            row.blame = [f"the gate and the value swapped: the candidate applies {act_c} to the counterpart of what the "
-                         f"reference computes in {where[plain]} and multiplies by that of {where[gated_r]}; the reference "
-                         f"applies {act_r} to {where[gated_r]}", row.ref_module, row.cand_module]
-
-
-def _name_crossed_names(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow]) -> None:
-    """Name two parameters of a layer each paired, by its values, with the candidate's namesake of
-    the other (the reference's ``k_proj.weight`` with the candidate's ``v_proj.weight``, and
-    ``v_proj`` with ``k_proj``: swapped in a conversion), on both rows and at a forward first
-    divergence not blamed yet whose op reads one of them. The values agree, so no comparison of
-    them fails; their names say the candidate uses each in the other's place."""
-    def split(name: str) -> tuple[str, str]:   # ("layers.0.attn", "k_proj.weight")
-        parts = name.rsplit(".", 2)
-        return (parts[0], ".".join(parts[1:])) if len(parts) == 3 else ("", name)
-    single = [p for p in params if len(p.cand) == 1]
-    by_layer: dict[str, list[ParamRow]] = {}
-    for p in single:
-        by_layer.setdefault(split(p.ref)[0], []).append(p)
-    crossed: dict[str, str] = {}
-    for members in by_layer.values():
-        for i, p in enumerate(members):
-            for q in members[i + 1:]:
-                (_, a), (lb, b), (_, c), (ld, d) = split(p.ref), split(p.cand[0]), split(q.ref), split(q.cand[0])
-                if a != c and a == d and c == b and lb == ld:
-                    for x, y in ((p, q), (q, p)):
-                        crossed[x.ref] = (f"holds the values of the candidate's {x.cand[0]}, and the candidate's "
-                                          f"{y.cand[0]} those of {y.ref}: names crossed")
-    for p in single:
-        if p.ref in crossed and p.value is not None and not p.value.note:
-            p.value = dataclasses.replace(p.value, note=crossed[p.ref])
-    if not crossed:
-        return
-    compared = {r.ref_node for r in rows}
-    for row in rows:
-        if not row.first_forward or row.blame or row.cause() != "introduced":
-            continue
-        node = ref.node(row.ref_node)
-        inside = [node, *(ref.node(n) for n in _upstream(node, compared))]
-        # read by the op itself, on its way from the compared values, or by the compared ops it starts from
-        edge = [a for n in inside for a in n.all_input_nodes if a.name in compared]
-        name = next((n for x in (*inside, *edge) for n in _params_read(x) if n in crossed), None)
-        if name is not None:
-            row.blame = [f"parameters crossed: {name} {crossed[name]}", row.ref_module, row.cand_module]
-
-
-def _first_reads(capture: Capture) -> dict[str, int]:
-    """Where in the graph each parameter is first read by an op (through views): its position."""
-    first: dict[str, int] = {}
-    for i, n in enumerate(capture.graph.nodes):
-        if n.op == "call_function" and not DEFAULT_OPS.is_view(n, node_key(n)):
-            for target in _params_read(n):
-                first.setdefault(target, i)
-    return first
-
-
-def _params_read(node: torch.fx.Node) -> list[str]:
-    """The parameters and buffers ``node`` takes as arguments, directly or through views."""
-    return [str(n.target) for n in (_through_views(a, set()) for a in node.all_input_nodes) if n.op == "get_attr"]
-
-
-def _same_function(a: torch.fx.Node, b: torch.fx.Node) -> bool:
-    """Whether two nodes call one function, spelt alike or as torch's function and its method
-    (``torch.matmul``, ``Tensor.matmul``: their arguments in one order; not ``where``, whose method
-    takes the condition second)."""
-    ta, tb = (str(n.meta.get(TARGET)) for n in (a, b))
-    name = ta.rpartition(".")[2]
-    return ta == tb or (name == tb.rpartition(".")[2] and name != "where")
-
-
-def _made(capture: Capture, name: str, compared: set[str]) -> str:
-    """``transpose_8 (transpose, made with layers.0.pos_bias_u)``: a node, its op and the parameters
-    and buffers read on the way to it from the compared values."""
-    held = _held(capture.node(name), compared)
-    return f"{name} ({node_key(capture.node(name))}{', made with ' + ', '.join(held) if held else ''})"
-
-
-def _sliced(rows: list[NodeRow], side: str = "cand") -> dict[str, list[NodeRow]]:
-    """The rows of each fused output's slices (q, k and v of one qkv projection) on ``side``, by node."""
-    sliced: dict[str, list[NodeRow]] = {}
-    for r in rows:
-        if r.cand_slice if side == "cand" else r.ref_slice:
-            sliced.setdefault(r.cand_node if side == "cand" else r.ref_node, []).append(r)
-    return sliced
-
-
-def _slice_read(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:
-    """The reference node paired with the one slice of a candidate's fused output that ``node``
-    reads (``_slice_row``)."""
-    row = _slice_row(node, sliced)
-    return row.ref_node if row is not None else None
-
-
-def _slice_row(node: torch.fx.Node, sliced: dict[str, list[NodeRow]], side: str = "cand") -> NodeRow | None:
-    """The row of the one slice of a fused output on ``side`` that ``node``, a view of that output
-    split another way (timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``,
-    ``nn.MultiheadAttention``'s ``unflatten`` and items), reads all its elements from; None when it
-    reads from several or cannot be told. The views are replayed on the fused output's element
-    numbers."""
-    chain = [node]
-    while chain[-1].name not in sliced:
-        if len(chain) > 16 or chain[-1].op != "call_function" or not chain[-1].all_input_nodes:
-            return None
-        chain.append(chain[-1].all_input_nodes[0])
-    fused = chain.pop()
-    shape = fused.meta.get(SHAPE)
-    if not chain or not shape:
-        return None
-    value: Any = torch.arange(math.prod(shape)).reshape(shape)
-    for n in reversed(chain):
-        fn = Targets.default().resolve(str(n.meta.get(TARGET)))
-        if fn is None or not (DEFAULT_OPS.is_view(n, node_key(n)) or node_key(n) in DEFAULT_OPS.splits
-                              or n.meta.get(TARGET) in GETITEM) \
-                or any(isinstance(a, torch.fx.Node) for a in (*n.args[1:], *n.kwargs.values())):
-            return None
-        try:
-            value = fn(value, *n.args[1:], **n.kwargs)
-        except Exception:  # noqa: BLE001 -- a view that cannot be replayed here tells nothing
-            return None
-    if not isinstance(value, torch.Tensor) or not value.numel():
-        return None
-    columns = value % shape[-1]
-    blocks = [(r, r.cand_slice if side == "cand" else r.ref_slice) for r in sliced[fused.name]]
-    owners = [r for r, (lo, hi) in blocks if bool(((columns >= lo) & (columns < hi)).all())]
-    return owners[0] if len(owners) == 1 else None
-
-
-def _fused_source(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:
-    """The fused node that ``node`` is a slice or view of (through getitem, chunk items and views)."""
-    for _ in range(8):
-        if node.name in sliced:
-            return node.name
-        if node.op != "call_function" or not node.all_input_nodes:
-            return None
-        node = node.all_input_nodes[0]
-    return None
-
-
-def _relative_distance(a: torch.Tensor | None, b: torch.Tensor) -> float:
-    """RMS of ``a - b`` over the RMS of ``a`` (inf when the shapes differ), as the judge measures them."""
-    if a is None or a.shape != b.shape:
-        return math.inf
-    m = compare_tensors(a, b, Tolerance())
-    return m.rms_diff / m.ref_rms if m.ref_rms > 0 else math.inf
-
-
-def _one_sided_input(block: list[torch.fx.Node], compared: set[str], only: set[str],
-                     side: bool = False) -> torch.fx.Node | None:
-    """An input of the ``block`` (a node and the ops folded into its match; through views) that is
-    an op in ``only`` whose tensor inputs are compared nodes, parameters and values made from
-    constants (HF's SpecAugment mask, from numpy), one compared at least:
-    an op added to (or left out of) a matched computation, such as a residual add, and not a side
-    computation of its own, such as a mask or a slice of a table; with ``side``, an op computed
-    from no compared value at all (a mask built from constants) instead."""
-    inner = {n.name for n in block}
-    for a in (a for n in block for a in n.all_input_nodes if a.name not in inner):
-        op = _through_views(a, compared)
-        if op.name not in compared and op.meta.get(TARGET) in GETITEM and isinstance(op.args[0], torch.fx.Node) \
-                and not DEFAULT_OPS.is_view(op, node_key(op)):
-            op = op.args[0]   # an output of an op of several (nn.MultiheadAttention's), not a split's: that op
-        if op.name not in only:
-            continue
-        if side:
-            if _from_constants(op, compared):
-                return op
-            continue
-        sources = [_through_views(x, compared, items=True) for x in op.all_input_nodes]
-        # activations among them: a mask made from a compared mask (GPT-2's additive causal mask from
-        # the attention mask) is a side computation too
-        if any(x.name in compared and _floating(x) for x in sources) \
-                and all(x.name in compared or x.op == "get_attr" or _from_constants(x, compared) for x in sources):
-            return op
-    return None
-
-
-def _floating(node: torch.fx.Node) -> bool:
-    """Whether ``node`` holds floating-point (or complex) values, as recorded."""
-    return str(node.meta.get(DTYPE)).startswith(("float", "bfloat", "complex"))
-
-
-def _through_views(node: torch.fx.Node, compared: set[str], items: bool = False) -> torch.fx.Node:
-    """``node``, or the node it is a view of (through reshapes, transposes, expands, ``x[None]``, a
-    pad of nothing..., with ``items`` the items of a split too), stopping at a compared node."""
-    while node.name not in compared and node.op == "call_function" and len(node.all_input_nodes) == 1:
-        key = node_key(node)   # an item of a split has its split's key
-        if not (key in DEFAULT_OPS.transparent or key in ("getitem", "pad") and DEFAULT_OPS.is_view(node, key)
-                or items and key in DEFAULT_OPS.splits):
-            break
-        node = node.all_input_nodes[0]
-    return node
-
-
-def _counterpart_module(rows: list[NodeRow], module: str, side: str) -> str:
-    """The module on the other side that corresponds to ``module``: where the matched rows of
-    ``module`` (else of its submodules, else of its nearest ancestor's but the root) lie on the
-    other side."""
-    mine, theirs = ("ref_module", "cand_module") if side == "ref" else ("cand_module", "ref_module")
-    while True:
-        exact = [getattr(r, theirs) for r in rows if getattr(r, mine) == module]
-        if exact:
-            return max(set(exact), key=exact.count)
-        inner = [getattr(r, theirs).split(".") for r in rows if getattr(r, mine).startswith(module + ".")]
-        if inner or "." not in module:   # not the root's: its rows are anywhere
-            return ".".join(os.path.commonprefix(inner)) if inner else ""
-        module = module.rpartition(".")[0]   # a module holding nothing matched (a dropout): its parent's
 
 
 def _mark_frontier(graph: torch.fx.Graph, rows: list[NodeRow], outputs_failed: Collection[str] = ()) -> None:

@@ -194,7 +194,7 @@ def _operands(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
     """Back from attention probabilities through views, casts and the dropout on them (not
-    ``assemble._through_views``: no compared values to stop at, and casts and dropout taken too)."""
+    ``stories._through_views``: no compared values to stop at, and casts and dropout taken too)."""
     while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
             and (DEFAULT_OPS.is_view(node, node_key(node)) or node_key(node) in _ON_PROBABILITIES):
         node = node.args[0]

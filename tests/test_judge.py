@@ -1970,3 +1970,30 @@ def test_a_gated_units_gate_and_value_swapped_are_named_at_their_product():
     assert first.blame[0] == ("the gate and the value swapped: the candidate applies gelu to the counterpart of what "
                               "the reference computes in wi_1 and multiplies by that of wi_0; the reference applies its "
                               "activation to wi_0"), first.blame
+
+
+class FlatTimeFirst(TimeFirst):
+    """``TimeFirst`` whose last layer reads its input flattened with ``view`` (valid on the tensor it
+    made itself, not on the reference's value permuted into its layout)."""
+
+    def forward(self, x):
+        h = x if self.batch_first else x.transpose(0, 1).contiguous()
+        for layer in self.layers[:-1]:
+            h = h + torch.tanh(layer(h))
+        flat = h.contiguous().view(-1, 4) if self.batch_first else h.view(-1, 4)
+        return self.layers[-1](flat)
+
+
+def test_a_view_of_a_value_taken_in_another_layout_is_replayed_as_the_reshape_it_stands_for():
+    """The candidate views what the replay gives it, the reference's value permuted into the
+    candidate's layout: 'not replayed in isolation: view_5 (view) fails on the reference's values:
+    view size is not compatible with input tensor's size and stride' (torchtune against an eager
+    Hugging Face Llama, a transposed output projection then without its story)."""
+    torch.manual_seed(0)
+    ref, port = FlatTimeFirst(batch_first=True), FlatTimeFirst()
+    port.load_state_dict({**ref.state_dict(), "layers.39.bias": torch.zeros(4)})
+    x = torch.randn(2, 5, 4)
+    captured = fxdiff.capture(ref, (x,))
+    report = fxdiff.compare(captured, port)
+    entry, = report.first_divergence()["forward"]
+    assert (entry["op"], entry["isolated"], entry["not_isolated"]) == ("linear", "introduced", None), entry

@@ -116,6 +116,17 @@ def replay_backward(ref: Capture, cand: Capture, cand_node: str, consumers: dict
     return grad
 
 
+def _call(fn: Any, args: Any, kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; a ``view`` of a value the reference holds in another memory layout
+    (its dimensions permuted into the candidate's) as the ``reshape`` it stands for."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError:
+        if fn is not torch.Tensor.view:
+            raise
+        return torch.Tensor.reshape(*args, **kwargs)
+
+
 def _precisions_differ(ref: Capture, cand: Capture, boundary: dict[str, str]) -> bool:
     """Whether a value at the boundary has another floating dtype on the candidate's side."""
     nodes = {n.name: n for n in cand.graph.nodes}
@@ -208,7 +219,7 @@ class _Block:
             if fn is None:
                 raise _NotReplayable(f"{_named(node)}: {node.meta.get(TARGET)} is not on the replay allowlist")
             try:
-                out = fn(*args, **kwargs)
+                out = _call(fn, args, kwargs)
             except Exception as e:  # noqa: BLE001 -- any failure means this op cannot be replayed here
                 raise _NotReplayable(f"{_named(node)} fails on the reference's values: {_first_line(e)}") from None
             if out is None and args and isinstance(args[0], torch.Tensor):

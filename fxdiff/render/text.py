@@ -215,7 +215,7 @@ def first_divergence(report: Report) -> RenderableType | None:
                 where += f", cand {r.cand_module or ROOT} {r.cand_node}"
             why = _cause(r) if d == "forward" else _consequence(r, downstream)
             lines.append(Text.assemble((f"{d}: ", "bold"), where))
-            if d == "forward" and r.blame:
+            if r.blame and (d == "forward" or not r.first_forward):   # a backward-only story: its module
                 what, ref_module, cand_module = r.blame
                 lines.append(_indent(Text.assemble(("starts at: ", "bold"), f"{what} in {ref_module or ROOT}"
                                                    + (f" (cand {cand_module or ROOT})" if cand_module != ref_module

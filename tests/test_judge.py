@@ -1997,3 +1997,42 @@ def test_a_view_of_a_value_taken_in_another_layout_is_replayed_as_the_reshape_it
     report = fxdiff.compare(captured, port)
     entry, = report.first_divergence()["forward"]
     assert (entry["op"], entry["isolated"], entry["not_isolated"]) == ("linear", "introduced", None), entry
+
+
+class SplitHeads(nn.Module):
+    """A projection split into two heads, then merged back by a linear over both; ``swapped``: the
+    port's heads put back in the other order with slices and a stack (litgpt's key groups ordered
+    wrongly)."""
+
+    def __init__(self, swapped: bool = False, scores: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.swapped, self.scores, self.proj, self.out = swapped, scores, nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):   # x: (1, 5 tokens, 8)
+        h = self.proj(x).view(1, 5, 2, 4).transpose(1, 2)
+        if self.swapped:
+            h = torch.stack([h[:, 1], h[:, 0]], 1)
+        if self.scores:   # read by head: (1, 2, 5, 5)
+            return torch.matmul(h, torch.ones(4, 5))
+        return self.out(h.transpose(1, 2).reshape(1, 5, 8))
+
+
+def test_heads_put_back_in_another_order_are_named_where_they_are_read():
+    """Both sides' heads are views and slices that pair with nothing: 'introduced here' at the
+    projection that reads them (litgpt's key groups in another order, a dimension before the last,
+    were 'ref-only linear in k_proj'; now 'along dimension 1 of [2, 2, 16, 16]: the reference's [1, 0]')."""
+    captured = fxdiff.capture(SplitHeads(), (torch.randn(1, 5, 8),))
+    port = SplitHeads(swapped=True)
+    port.load_state_dict(SplitHeads().state_dict())
+    first = next(r for r in fxdiff.compare(captured, port).nodes if r.first_forward)
+    assert first.blame[0] == ("its input holds the same features along its last dimension in another order: the "
+                              "candidate's [0:4] is the reference's [4:8], the candidate's [4:8] is the reference's "
+                              "[0:4] (ref's reshape, the candidate's reshape)"), first.blame
+    captured = fxdiff.capture(SplitHeads(scores=True), (torch.randn(1, 5, 8),))
+    port = SplitHeads(swapped=True, scores=True)
+    port.load_state_dict(SplitHeads().state_dict())
+    first = next(r for r in fxdiff.compare(captured, port).nodes if r.first_forward)
+    assert first.blame[0] == ("its input holds its values in another order along dimension 1 of [1, 2, 5, 4]: the "
+                              "reference's [1, 0] (ref's transpose, the candidate's stack)"), first.blame
+

@@ -608,6 +608,8 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
     compared_r = {r.ref_node for r in rows if r.op != "input"}
     compared_c = {r.cand_node for r in rows if r.op != "input"}
     only_r, only_c = _unpaired(ref, alignment, "ref"), _unpaired(cand, alignment, "cand")
+    left = {"ref": set(alignment.unmatched_ref_params) & ref.param_grads.keys(),
+            "cand": set(alignment.unmatched_cand_params) & cand.param_grads.keys()}
     for row in rows:
         if not row.first_forward or row.blame:   # its arguments, already named
             continue
@@ -617,6 +619,11 @@ def _blame_one_sided(ref: Capture, cand: Capture, rows: list[NodeRow], alignment
         if (op_r is None) == (op_c is None):
             continue
         side, op = ("ref", op_r) if op_r is not None else ("cand", op_c)
+        # a product whose weights pair with nothing where the other side's trained ones pair with nothing
+        # too: it computes there as well, another way (a fused qkv, its rows scrambled)
+        if node_key(op) in _NOT_ELEMENTWISE and left["cand" if side == "ref" else "ref"] \
+                and any(p in left[side] for p in _params_read(op)):
+            continue
         module = op.meta.get(MODULE, "")
         other = counterpart_module(rows, module, side)
         modules = [r.ref_module if side == "ref" else r.cand_module for r in rows]
@@ -764,7 +771,8 @@ def _name_other_ops(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
 def _name_rearranged(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
     """Name a forward first divergence introduced at an op whose input holds, on the two sides, the
     same features in another order along its last dimension (Swin's 2x2 patches merged as x0, x2,
-    x1, x3 against x0, x1, x2, x3), or the same rows in another order: each side arranges its input
+    x1, x3 against x0, x1, x2, x3), or along another (litgpt's key heads, its query groups in
+    another order): each side arranges its input
     with ops of its own (views, slices, a concatenation), which pair with nothing, so no
     comparison saw the difference before the op that reads it."""
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
@@ -778,15 +786,19 @@ def _name_rearranged(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         if rx.name in compared_r or cx.name in compared_c or rx.name not in ref.values or cx.name not in cand.values:
             continue
         a, b = ref.values[rx.name], cand.values[cx.name]
-        if is_summary(a) or is_summary(b) or a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-1] \
+        if is_summary(a) or is_summary(b) or a.dim() == 0 or a.shape[-1:] != b.shape[-1:] \
                 or a.numel() != b.numel() or a.dtype != b.dtype:
             continue
-        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        for what, x, y in (("features along its last dimension", a.T, b.T), ("rows", a, b)):
-            moved = _order(x, y)
+        if a.shape != b.shape:   # one layout flattened: told by rows of the last dimension
+            a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        # the last dimension first (features), then each other one (heads, positions)
+        for dim in (a.dim() - 1, *range(a.dim() - 1)):
+            moved = _order(a.movedim(dim, 0).reshape(a.shape[dim], -1), b.movedim(dim, 0).reshape(b.shape[dim], -1))
             if moved:
-                row.blame = [f"its input holds the same {what} in another order: {moved} (ref's {rx.name}, the "
-                             f"candidate's {cx.name})", row.ref_module, row.cand_module]
+                what = "the same features along its last dimension in another order" if dim == a.dim() - 1 \
+                    else f"its values in another order along dimension {dim} of {list(a.shape)}"
+                row.blame = [f"its input holds {what}: {moved} (ref's {rx.name}, the candidate's {cx.name})",
+                             row.ref_module, row.cand_module]
                 break
 
 

@@ -1944,18 +1944,18 @@ def test_a_bias_on_attention_scores_built_another_way_is_compared_whole(bug, sto
 
 class GatedGelu(nn.Module):
     """T5's gated-GELU feed-forward: Hugging Face's GELU written out (``gelu_new``), or (``port``)
-    ``F.gelu(approximate='tanh')``; ``swapped``: the activation on the value's projection."""
+    ``F.gelu(approximate=approximate)``; ``swapped``: the activation on the value's projection."""
 
-    def __init__(self, port: bool = False, swapped: bool = False):
+    def __init__(self, port: bool = False, swapped: bool = False, approximate: str = "tanh"):
         super().__init__()
         torch.manual_seed(0)
-        self.port, self.swapped = port, swapped
+        self.port, self.swapped, self.approximate = port, swapped, approximate
         self.wi_0, self.wi_1, self.wo = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
 
     def forward(self, x):
         gate, value = (self.wi_1(x), self.wi_0(x)) if self.swapped else (self.wi_0(x), self.wi_1(x))
         if self.port:
-            act = F.gelu(gate, approximate="tanh")
+            act = F.gelu(gate, approximate=self.approximate)
         else:
             act = 0.5 * gate * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (gate + 0.044715 * torch.pow(gate, 3.0))))
         return self.wo(act * value)
@@ -2036,3 +2036,40 @@ def test_heads_put_back_in_another_order_are_named_where_they_are_read():
     assert first.blame[0] == ("its input holds its values in another order along dimension 1 of [1, 2, 5, 4]: the "
                               "reference's [1, 0] (ref's transpose, the candidate's stack)"), first.blame
 
+
+
+def test_a_gelu_written_out_against_another_gelu_is_named_as_the_two_kinds():
+    """torchtune's exact GELU against Hugging Face's gated-gelu written out with tanh: 'a value made
+    another way on each side differs: ref mul against cand gelu'; the same GELU written another way
+    is no story of its own (it compares clean)."""
+    captured = fxdiff.capture(GatedGelu(), (torch.randn(4, 8),))
+    first = next(r for r in fxdiff.compare(captured, GatedGelu(port=True, approximate="none")).nodes if r.first_forward)
+    assert first.blame[0] == ("an activation of another kind: the reference's GELU, tanh approximation (written out) "
+                              "against the candidate's GELU, exact"), first.blame
+
+
+class FinalNorm(nn.Module):
+    """Two layers, a final RMS norm written out as Hugging Face's Llama does, and a head; ``norm``
+    False: a port whose final norm is an ``Identity``."""
+
+    def __init__(self, norm: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.has_norm, self.body, self.head = norm, nn.Linear(8, 8), nn.Linear(8, 4)
+        self.norm_weight = nn.Parameter(1 + torch.rand(8))
+
+    def forward(self, x):
+        h = x + self.body(x)
+        if self.has_norm:
+            h = self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return self.head(h)
+
+
+def test_a_norm_one_side_alone_runs_before_an_op_is_named_there():
+    """A final norm ported as an Identity was 'introduced here' at the head, no story."""
+    x = torch.randn(3, 8)
+    port = FinalNorm(norm=False)
+    port.load_state_dict({k: v for k, v in FinalNorm().state_dict().items() if k != "norm_weight"}, strict=False)
+    first = next(r for r in fxdiff.compare(fxdiff.capture(FinalNorm(), (x,)), port).nodes if r.first_forward)
+    assert first.blame[0] == "ref-only RMS norm (written out, eps 1e-06): the candidate passes its input as it is", \
+        first.blame

@@ -23,7 +23,7 @@ from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from ..model.report import NodeRow, ParamRow
 from ..ops import DEFAULT_OPS, GETITEM, node_key
 from ..store.summary import is_summary
-from . import arguments, attention, masks, norms
+from . import activations, arguments, attention, masks, norms
 from .isolate import replay
 from .rows import block_after, coarser, counterpart_module, cut, own_verdict, replay_boundary
 from ..match.confidence import OTHER_USERS
@@ -38,10 +38,12 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     _blame_arguments(ref, cand, rows)
     _blame_lowered(ref, cand, rows, lowered)
     _blame_norm(ref, cand, rows)
+    _blame_one_sided_norm(ref, cand, rows)
     _blame_mask(ref, cand, rows)
     _blame_index(ref, cand, rows)
     _blame_attention_scale(ref, cand, rows, tol)
     _blame_attention_bias(ref, cand, rows)
+    _blame_activation(ref, cand, rows)
     _blame_made_another_way(ref, cand, rows, rejected, params, tol)
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_weight_made(ref, cand, rows, alignment)
@@ -248,6 +250,30 @@ def _blame_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         elif a.eps is not None and b.eps is not None and not math.isclose(a.eps, b.eps, rel_tol=1e-6):
             row.blame = [f"its eps differs: {a.eps:g} against {b.eps:g} (the reference's {a.words()}, the "
                          f"candidate's {b.words()})", row.ref_module, row.cand_module]
+
+
+def _blame_one_sided_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence of one function on both sides whose input one side
+    normalises first, in ops that pair with nothing, and the other passes as it is (a final norm
+    ported as an ``Identity``): the norm, by kind and module."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        if not arguments.same_function(rn, cn) or not (rn.args and cn.args) \
+                or not isinstance(rn.args[0], torch.fx.Node) or not isinstance(cn.args[0], torch.fx.Node):
+            continue
+        x, y = _through_views(rn.args[0], compared_r), _through_views(cn.args[0], compared_c)
+        for side, (a, b), (mine, theirs) in (("ref", (x, y), (compared_r, compared_c)),
+                                            ("cand", (y, x), (compared_c, compared_r))):
+            norm = norms.norm_of(a) if a.name not in mine and b.name in theirs else None
+            if norm is not None:
+                module = a.meta.get(MODULE, "")
+                other = counterpart_module(rows, module, side)
+                row.blame = [f"{side}-only {norm.words()}: the {'candidate' if side == 'ref' else 'reference'} "
+                             f"passes its input as it is", *((module, other) if side == "ref" else (other, module))]
+                break
 
 
 def _blame_mask(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
@@ -541,6 +567,28 @@ def _constant(x: Any) -> bool:
 
 
 _NO_EFFECT = {"inplace"}   # arguments that change where a result goes, not its value (torchvision's ReLU(inplace=True))
+
+
+def _blame_activation(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence on an activation of another kind on the two sides, the
+    row's op or the one on its way from the compared values (``activations.activation_of``):
+    Hugging Face's ``gelu_new`` written out against torchtune's exact ``F.gelu``."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+
+    def kinds(capture: Capture, name: str, compared: set[str]) -> set[str]:
+        """The activations the node is or computes with, each told at its output only."""
+        node = capture.node(name)
+        nodes = [node, *(capture.node(x) for x in _upstream(node, compared))]
+        found = {n.name: activations.activation_of(n) for n in nodes}
+        return {kind for n in nodes if (kind := found[n.name]) is not None
+                and not any(found.get(u.name) for u in n.users)}
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        a, b = kinds(ref, row.ref_node, compared_r), kinds(cand, row.cand_node, compared_c)
+        if len(a) == len(b) == 1 and {activations.kind(x) for x in a} != {activations.kind(x) for x in b}:
+            row.blame = [f"an activation of another kind: the reference's {a.pop()} against the candidate's {b.pop()}",
+                         row.ref_module, row.cand_module]
 
 
 def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], rejected: list[NodeRow],

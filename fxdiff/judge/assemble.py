@@ -121,7 +121,8 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     dead = [] if tol.strict else _dead_elements_aside(ref, cand, rows, tol)
     if dead:
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
-        warnings.append(f"values of {len(dead)} op(s) differ only at elements no output depends on ({', '.join(dead[:4])}): "
+        warnings.append(f"values of {len(dead)} op(s) differ only at elements no output depends on "
+                        f"({', '.join(dead[:4])}): "
                         "their gradient is zero on both sides (positions no output reads: padding one side masks and "
                         "the other does not, attention scores a mask removes, -inf on one side and the dtype's lowest "
                         "number on the other), so those elements were not compared")

@@ -45,7 +45,8 @@ def replay(ref: Capture, cand: Capture, cand_node: str, boundary: dict[str, str]
     try:
         with torch.no_grad():
             try:
-                out = _Block(ref, cand, boundary, {}, targets, cand_node, like, layouts).value(nodes[cand_node], root=True)
+                out = _Block(ref, cand, boundary, {}, targets, cand_node, like, layouts).value(nodes[cand_node],
+                                                                                               root=True)
             except _NotReplayable:
                 if not _precisions_differ(ref, cand, boundary):
                     raise

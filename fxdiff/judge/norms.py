@@ -29,7 +29,8 @@ class Norm:
     def words(self) -> str:
         """``RMS norm (written out, eps 1e-05)``."""
         eps = "eps the dtype's" if self.eps is None else f"eps {self.eps:g}"
-        return f"{self.kind} ({'written out, ' if self.written else ''}{eps}{' outside the root' if self.outside else ''})"
+        written, outside = "written out, " if self.written else "", " outside the root" if self.outside else ""
+        return f"{self.kind} ({written}{eps}{outside})"
 
 
 def norm_of(node: torch.fx.Node) -> Norm | None:

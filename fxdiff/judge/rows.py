@@ -29,7 +29,8 @@ def cut(t: torch.Tensor | None, block: tuple[int, int] | list[int] | None,
     return t if block is None else t[..., block[0]:block[1]]
 
 
-def replay_boundary(ref: Capture, cand: Capture, rows: list[NodeRow]) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+def replay_boundary(ref: Capture, cand: Capture,
+                    rows: list[NodeRow]) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """Where a replay of the candidate's ops takes the reference's values: the passing pairs
     compared whole (candidate node -> reference node), and the layouts of those compared with
     their dimensions in another order (see ``_layouts``)."""

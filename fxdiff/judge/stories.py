@@ -84,7 +84,8 @@ def _blame_lowered(ref: Capture, cand: Capture, rows: list[NodeRow], lowered: li
     for row in rows:
         if row.first_forward and not row.blame and any(row is x for x in lowered):
             a, b = (c.node(n).meta.get(DTYPE) for c, n in ((ref, row.ref_node), (cand, row.cand_node)))
-            row.blame = [f"the candidate computes it in {b} (its parameters are {', '.join(own)}), the reference in {a}",
+            row.blame = [f"the candidate computes it in {b} (its parameters are {', '.join(own)}), the reference "
+                         f"in {a}",
                          row.ref_module, row.cand_module]
 
 
@@ -442,7 +443,8 @@ def _name_reading_arguments(ref: Capture, cand: Capture, params: list[ParamRow])
             and arguments.same_function(a, b) else []
         if differ:
             note = f"read by {node_key(a)} with {', '.join(differ)}"
-            p.value, p.grad = (m if m is None or m.passed else dataclasses.replace(m, note=note) for m in (p.value, p.grad))
+            p.value, p.grad = (m if m is None or m.passed else dataclasses.replace(m, note=note)
+                               for m in (p.value, p.grad))
             said.append(f"{p.ref} is {note} (the candidate's {p.cand[0]})")
     return said
 
@@ -453,8 +455,9 @@ def _name_reordered_parameters(ref: Capture, cand: Capture, params: list[ParamRo
     from the embedding), or the rows or columns the candidate holds in another order (Swin's
     relative position table with its heads, its columns, in another order): not a layout the
     matcher follows, whose pair is transformed before it is compared."""
-    failing = [p for p in params if len(p.cand) == 1 and p.value is not None and not p.value.passed and not p.value.note]
-    by_start: dict[tuple, list[str]] = {}   # each tensor told by its first elements first: a whole comparison each is slow
+    failing = [p for p in params
+               if len(p.cand) == 1 and p.value is not None and not p.value.passed and not p.value.note]
+    by_start: dict[tuple, list[str]] = {}   # told by their first elements first: comparing each whole is slow
     for name, t in ref.params.items():
         if not is_summary(t) and t.dim():
             by_start.setdefault(_start(t), []).append(name)
@@ -462,8 +465,8 @@ def _name_reordered_parameters(ref: Capture, cand: Capture, params: list[ParamRo
         a, b = ref.params.get(p.ref), cand.params.get(p.cand[0])
         if a is None or b is None or is_summary(a) or is_summary(b) or a.shape != b.shape or a.dim() == 0:
             continue
-        other = next((name for name in by_start.get(_start(b), ()) if name != p.ref and torch.equal(ref.params[name], b)),
-                     None)
+        other = next((name for name in by_start.get(_start(b), ())
+                      if name != p.ref and torch.equal(ref.params[name], b)), None)
         if other is not None:   # a tied weight loaded where it is not tied
             p.value = dataclasses.replace(p.value, note=f"the candidate's holds the values of {other}")
             continue
@@ -828,7 +831,8 @@ def _name_rearranged(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         if not row.first_forward or row.blame or row.cause() != "introduced":
             continue
         rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        if not (rn.args and cn.args and isinstance(rn.args[0], torch.fx.Node) and isinstance(cn.args[0], torch.fx.Node)):
+        if not (rn.args and cn.args and isinstance(rn.args[0], torch.fx.Node)
+                and isinstance(cn.args[0], torch.fx.Node)):
             continue
         rx, cx = rn.args[0], cn.args[0]
         if rx.name in compared_r or cx.name in compared_c or rx.name not in ref.values or cx.name not in cand.values:

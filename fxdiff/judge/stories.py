@@ -78,7 +78,7 @@ def name_parameters(ref: Capture, cand: Capture, params: list[ParamRow]) -> list
 
 def _blame_lowered(ref: Capture, cand: Capture, rows: list[NodeRow], lowered: list[NodeRow]) -> None:
     """Blame a forward first divergence that the candidate computes at a coarser dtype than the
-    reference and its own parameters (``_lowered``) on that."""
+    reference and its own parameters (``assemble._lowered``) on that."""
     own = sorted({str(t.dtype).removeprefix("torch.") for t in cand.params.values()
                   if not is_summary(t) and t.is_floating_point()})
     for row in rows:
@@ -601,7 +601,7 @@ def _blame_made_another_way(ref: Capture, cand: Capture, rows: list[NodeRow], re
     computed from ``inv_freq``; q and k rotated by them) when the block, replayed with those values
     taken from the reference too, computes the reference's value: the difference came in with them,
     not with the block's own ops (a head expansion one side alone writes out). Such values pair
-    only weakly and were set aside when they differ (``_verify_weak``); the replay is the evidence
+    only weakly and were set aside when they differ (``assemble._verify_weak``); the replay is the evidence
     they are what differs. The first of them that does is named, with the parameters and buffers
     of the candidate's it is made from."""
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}

@@ -22,6 +22,7 @@ from ..ops import DEFAULT_OPS, GETITEM, node_key
 from ..store.summary import is_summary
 from ..targets import Targets
 from . import arguments
+from .rows import stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,7 @@ def _written_out(node: torch.fx.Node) -> tuple[float, torch.fx.Node, torch.fx.No
     operands = _operands(node)
     if node_key(node) != "matmul" or len(operands) != 2:
         return None
-    probs = _through_casts(operands[0])
+    probs = through_casts(operands[0])
     if node_key(probs) != "softmax" or not isinstance(probs.args[0], torch.fx.Node):
         return None
     f, scores = _factor(probs.args[0], scores=True)
@@ -192,9 +193,10 @@ def _operands(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [a for a in node.args if isinstance(a, torch.fx.Node)]
 
 
-def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
-    """Back from attention probabilities through views, casts and the dropout on them (not
-    ``stories._through_views``: no compared values to stop at, and casts and dropout taken too)."""
+def through_casts(node: torch.fx.Node) -> torch.fx.Node:
+    """Back from ``node`` through views, casts and a dropout (on attention probabilities; a norm's
+    statistics read through its casts too, ``norms``). Not ``stories._through_views``: no compared
+    values to stop at, and ``type_as`` and dropout taken too."""
     while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
             and (DEFAULT_OPS.is_view(node, node_key(node)) or node_key(node) in _ON_PROBABILITIES):
         node = node.args[0]
@@ -222,7 +224,7 @@ def bias_source(node: torch.fx.Node) -> torch.fx.Node | None:
         return _under_views(mask)[0] if isinstance(mask, torch.fx.Node) else None
     if _written_out(node) is None:
         return None
-    terms = _score_terms(_through_casts(_operands(node)[0]).args[0])
+    terms = _score_terms(through_casts(_operands(node)[0]).args[0])
     if not terms or not (terms[0] or terms[1]):
         return None
     source = terms[0][0][1] if terms[0] else terms[1][0][0]
@@ -245,7 +247,7 @@ def bias(capture: Capture, node: torch.fx.Node) -> torch.Tensor | None:
         shape = [*q.meta[SHAPE][:-1], k.meta[SHAPE][-2]]
         out = torch.zeros(shape[-2:])
         if mask is not None:
-            value = _kept(capture, mask)
+            value = stored(capture, mask)
             if value is None:
                 return None
             out = torch.zeros(()).masked_fill(~value, -math.inf) if value.dtype == torch.bool else value.double()
@@ -255,19 +257,19 @@ def bias(capture: Capture, node: torch.fx.Node) -> torch.Tensor | None:
     written = _written_out(node)
     if written is None:
         return None
-    scores = _through_casts(_operands(node)[0]).args[0]
+    scores = through_casts(_operands(node)[0]).args[0]
     terms = _score_terms(scores)
     shape = scores.meta.get(SHAPE)
     if terms is None or not shape:
         return None
     out: torch.Tensor = torch.zeros(())
     for factor, term in terms[0]:
-        value = _kept(capture, term)
+        value = stored(capture, term)
         if value is None:
             return None
         out = out + factor * value.double()
     for mask, fill in terms[1]:
-        value = _kept(capture, mask)
+        value = stored(capture, mask)
         if value is None or not _number(fill) or fill > _MASKED:
             return None
         out = out.masked_fill(value, -math.inf)
@@ -283,13 +285,6 @@ def _masked(bias: torch.Tensor, shape: list[int]) -> torch.Tensor | None:
     except RuntimeError:
         return None
     return bias.masked_fill(bias <= _MASKED, -math.inf)
-
-
-def _kept(capture: Capture, node: Any) -> torch.Tensor | None:
-    if not isinstance(node, torch.fx.Node):
-        return None
-    value = capture.params.get(str(node.target)) if node.op == "get_attr" else capture.values.get(node.name)
-    return value if isinstance(value, torch.Tensor) and not is_summary(value) else None
 
 
 def _score_terms(node: torch.fx.Node) -> tuple[list[tuple[float, torch.fx.Node]],

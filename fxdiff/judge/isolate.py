@@ -17,6 +17,7 @@ from ..model.capture import DTYPE, TARGET, VMAP_DIMS, Capture
 from ..ops import RANDOM_OPS, node_key
 from ..store.summary import is_summary
 from ..targets import Targets
+from ..util import named_dtype
 
 MAX_BLOCK = 64   # ops replayed at most for one node
 
@@ -130,9 +131,8 @@ def _call(fn: Any, args: Any, kwargs: Any) -> Any:
 
 def _precisions_differ(ref: Capture, cand: Capture, boundary: dict[str, str]) -> bool:
     """Whether a value at the boundary has another floating dtype on the candidate's side."""
-    nodes = {n.name: n for n in cand.graph.nodes}
     for c, r in boundary.items():
-        a, own = ref.values.get(r), _dtype(cand, nodes[c]) if c in nodes else None
+        a, own = ref.values.get(r), _dtype(cand, cand.node(c))
         if isinstance(a, torch.Tensor) and own is not None and a.is_floating_point() and own.is_floating_point \
                 and a.dtype != own:
             return True
@@ -144,8 +144,7 @@ def _dtype(capture: Capture, node: torch.fx.Node) -> torch.dtype | None:
     value = capture.values.get(node.name)
     if isinstance(value, torch.Tensor) and not is_summary(value):
         return value.dtype
-    dtype = getattr(torch, str(node.meta.get(DTYPE)), None)
-    return dtype if isinstance(dtype, torch.dtype) else None
+    return named_dtype(str(node.meta.get(DTYPE)))
 
 
 def _differentiable(t: torch.Tensor) -> bool:

@@ -12,9 +12,9 @@ import torch.fx
 
 from ..ops import DEFAULT_OPS, node_key
 from . import arguments
+from .attention import through_casts
 
 _KINDS = {"layer_norm": "layer norm", "rms_norm": "RMS norm", "group_norm": "group norm", "batch_norm": "batch norm"}
-_CASTS = {"to", "float", "type_as", "type", "half", "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _core(node: torch.fx.Node) -> torch.fx.Node:
     while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node):
         key = node_key(node)
         tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if DEFAULT_OPS.is_view(node, key) or key in _CASTS:
+        if DEFAULT_OPS.is_view(node, key) or key == "type_as":   # casts to a dtype are views
             node = tensors[0]
         elif key == "mul" and len(tensors) == 2 and sum(_parameter(t) for t in tensors) == 1:
             node = next(t for t in tensors if not _parameter(t))
@@ -76,19 +76,19 @@ def _written(node: torch.fx.Node) -> Norm | None:
         return None
     x, root = tensors if key == "div" or node_key(tensors[1]) == "rsqrt" else tensors[::-1]
     want = "sqrt" if key == "div" else "rsqrt"
-    root = _through_casts(root)
+    root = through_casts(root)
     outside = _plus_number(root) if key == "div" else None
     if outside is not None:   # x / (sqrt(s) + eps)
-        root = _through_casts(outside[0])
+        root = through_casts(outside[0])
         if node_key(root) != "sqrt" or not isinstance(root.args[0], torch.fx.Node):
             return None
-        return Norm("layer norm" if node_key(_through_casts(x)) == "sub" else "RMS norm", outside[1], True, True)
+        return Norm("layer norm" if node_key(through_casts(x)) == "sub" else "RMS norm", outside[1], True, True)
     if node_key(root) != want or not isinstance(root.args[0], torch.fx.Node):
         return None
-    added = _plus_number(_through_casts(root.args[0]))
+    added = _plus_number(through_casts(root.args[0]))
     if added is None:
         return None
-    return Norm("layer norm" if node_key(_through_casts(x)) == "sub" else "RMS norm", added[1], True)
+    return Norm("layer norm" if node_key(through_casts(x)) == "sub" else "RMS norm", added[1], True)
 
 
 def _plus_number(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
@@ -98,10 +98,3 @@ def _plus_number(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
     numbers = [a for a in node.args if type(a) in (int, float)]
     inner = [a for a in node.args if isinstance(a, torch.fx.Node)]
     return (inner[0], float(numbers[0])) if len(numbers) == 1 and len(inner) == 1 else None
-
-
-def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
-    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
-            and (node_key(node) in _CASTS or DEFAULT_OPS.is_view(node, node_key(node))):
-        node = node.args[0]
-    return node

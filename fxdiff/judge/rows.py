@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Collection
+from typing import Any, Collection
 
 import torch
 import torch.fx
@@ -27,6 +27,16 @@ def cut(t: torch.Tensor | None, block: tuple[int, int] | list[int] | None,
     if index is not None and t.shape[-1] == len(index):
         return t[..., torch.as_tensor(index)]
     return t if block is None else t[..., block[0]:block[1]]
+
+
+def stored(capture: Capture, node: Any) -> torch.Tensor | None:
+    """The value ``capture`` keeps for ``node`` (a parameter's or buffer's for one read by name), or
+    None where it keeps none, or only a summary."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = capture.params.get(str(node.target)) if node.op == "get_attr" else None
+    value = capture.values.get(node.name) if value is None else value
+    return value if isinstance(value, torch.Tensor) and not is_summary(value) else None
 
 
 def replay_boundary(ref: Capture, cand: Capture,

@@ -25,7 +25,7 @@ from ..ops import DEFAULT_OPS, GETITEM, node_key
 from ..store.summary import is_summary
 from . import activations, arguments, attention, masks, norms
 from .isolate import replay
-from .rows import block_after, coarser, counterpart_module, cut, own_verdict, replay_boundary
+from .rows import block_after, coarser, counterpart_module, cut, own_verdict, replay_boundary, stored
 from ..match.confidence import OTHER_USERS
 from ..targets import Targets
 from .tensors import Tolerance, compare_tensors
@@ -321,13 +321,9 @@ def _blame_index(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
             if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)) \
                     or a.name in compared_r or b.name in compared_c:
                 continue
-            x, y = ref.values.get(a.name), cand.values.get(b.name)
-            if x is None and a.op == "get_attr":
-                x = ref.params.get(str(a.target))
-            if y is None and b.op == "get_attr":
-                y = cand.params.get(str(b.target))
-            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or is_summary(x) or is_summary(y) \
-                    or x.is_floating_point() or y.is_floating_point() or x.shape != y.shape or torch.equal(x, y):
+            x, y = stored(ref, a), stored(cand, b)
+            if x is None or y is None or x.is_floating_point() or y.is_floating_point() or x.shape != y.shape \
+                    or torch.equal(x, y):
                 continue
             differ = x != y
             at = differ.nonzero()[0].tolist()
@@ -401,14 +397,6 @@ def _blame_attention_bias(ref: Capture, cand: Capture, rows: list[NodeRow]) -> N
         peak = float((x - y).abs().max()) if x.numel() else 0.0
         if peak <= 1e-3 * max(float(x.abs().max()), float(y.abs().max()), 1e-30):
             continue
-        how, flipped = "", b.transpose(-1, -2)
-        both = ~ma & ~torch.isneginf(flipped)
-        heads = _order(x.movedim(-3, 0).reshape(x.shape[-3], -1), y.movedim(-3, 0).reshape(y.shape[-3], -1)) \
-            if x.dim() >= 3 else None
-        if both.any() and torch.allclose(a[both], flipped[both], rtol=1e-4, atol=1e-4 * peak):
-            how = ": the candidate's is the reference's transposed, query and key positions swapped"
-        elif heads:   # one bias a head, in another order (a relative position table's columns)
-            how = f": the candidate's heads in another order, {heads}"
         if sources.count(None) == 1:   # one side adds nothing: what the other adds, by name
             source = next(n for n in sources if n is not None)
             side, other = ("reference", "candidate") if sources[0] is not None else ("candidate", "reference")
@@ -416,6 +404,13 @@ def _blame_attention_bias(ref: Capture, cand: Capture, rows: list[NodeRow]) -> N
             row.blame = [f"the {side} adds {what} to the attention's scores, the {other} nothing (max abs diff "
                          f"{peak:.3g})", *built]
             continue
+        how, flipped = "", b.transpose(-1, -2)
+        both = ~ma & ~torch.isneginf(flipped)
+        if both.any() and torch.allclose(a[both], flipped[both], rtol=1e-4, atol=1e-4 * peak):
+            how = ": the candidate's is the reference's transposed, query and key positions swapped"
+        elif x.dim() >= 3 and (heads := _order(x.movedim(-3, 0).reshape(x.shape[-3], -1),
+                                               y.movedim(-3, 0).reshape(y.shape[-3], -1))):
+            how = f": the candidate's heads in another order, {heads}"   # one bias a head (a table's columns)
         row.blame = [f"the bias added to the attention's scores differs where neither side masks (max abs diff "
                      f"{peak:.3g}){how}", *built]
 
@@ -434,11 +429,12 @@ def _name_reading_arguments(ref: Capture, cand: Capture, params: list[ParamRow])
     norm over another dim (wav2vec2's positional conv normed over its output channels, not its
     kernel: the weight it makes agrees, its two parameters and their gradients do not, and
     nothing in the forward pass differs). Returns the lines that say so."""
-    said = []
+    said, readers = [], {}
     for p in params:
         if len(p.cand) != 1 or all(m is None or m.passed for m in (p.value, p.grad)):
             continue
-        a, b = _reader(ref, p.ref), _reader(cand, p.cand[0])
+        readers = readers or {"ref": _sole_readers(ref), "cand": _sole_readers(cand)}
+        a, b = readers["ref"].get(p.ref), readers["cand"].get(p.cand[0])
         differ = _differing(arguments.side_by_side(a, b)) if a is not None and b is not None \
             and arguments.same_function(a, b) else []
         if differ:
@@ -485,11 +481,13 @@ def _start(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.dtype, t.reshape(-1)[:16].contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def _reader(capture: Capture, name: str) -> torch.fx.Node | None:
-    """The one op that reads parameter ``name`` (through views), or None where none or several do."""
-    readers = {u for n in capture.graph.nodes if n.op == "get_attr" and str(n.target) == name
-               for u in _after_views(n)}
-    return readers.pop() if len(readers) == 1 else None
+def _sole_readers(capture: Capture) -> dict[str, torch.fx.Node]:
+    """Each parameter or buffer read by one op (through views): that op."""
+    readers: dict[str, set[torch.fx.Node]] = {}
+    for n in capture.graph.nodes:
+        if n.op == "get_attr":
+            readers.setdefault(str(n.target), set()).update(_after_views(n))
+    return {name: ops.pop() for name, ops in readers.items() if len(ops) == 1}
 
 
 def _after_views(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
@@ -1071,7 +1069,7 @@ def _name_gate_swap(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
     compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
     pair_of = {r.cand_node: r.ref_node for r in rows if not r.cand_slice}
 
-    def factors(node: torch.fx.Node, compared: set[str]) -> list[tuple[str | None, str]] | None:
+    def factors(capture: Capture, node: torch.fx.Node, compared: set[str]) -> list[tuple[str | None, str]] | None:
         """(activation or None, compared value) for each operand of a product of two."""
         if node_key(node) != "mul" or len(node.all_input_nodes) != 2:
             return None
@@ -1082,17 +1080,19 @@ def _name_gate_swap(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
                 out.append((None, a.name))
                 continue
             # an activation: ops of one compared value alone (a GELU written out takes several)
-            inside = _upstream(a, compared) | {a.name}
-            sources = {x.name for n in a.graph.nodes if n.name in inside for x in n.all_input_nodes if x.name in compared}
-            if len(sources) != 1 or any(n.op == "get_attr" for n in a.graph.nodes if n.name in inside):
+            inside = [capture.node(x) for x in _upstream(a, compared) | {a.name}]
+            sources = {x.name for n in inside for x in n.all_input_nodes if x.name in compared}
+            if len(sources) != 1 or any(n.op == "get_attr" for n in inside):
                 return None
-            ops = [n for n in a.graph.nodes if n.name in inside and n.op == "call_function"]
+            ops = [n for n in inside if n.op == "call_function"]
             out.append((node_key(a) if len(ops) == 1 else "its activation", sources.pop()))
         return out if sum(act is not None for act, _ in out) == 1 else None
+
     def product(capture: Capture, name: str, compared: set[str]) -> list[tuple[str | None, str]] | None:
         """The factors of the one such product the node is, or reads through values not compared."""
         node = capture.node(name)
-        found = [f for f in (factors(n, compared) for n in (node, *(capture.node(x) for x in _upstream(node, compared))))
+        found = [f for f in (factors(capture, n, compared)
+                             for n in (node, *(capture.node(x) for x in _upstream(node, compared))))
                  if f is not None]
         return found[0] if len(found) == 1 else None
     for row in rows:
@@ -1144,7 +1144,8 @@ def _name_crossed_names(ref: Capture, cand: Capture, rows: list[NodeRow], params
         if not row.first_forward or row.blame or row.cause() != "introduced":
             continue
         node = ref.node(row.ref_node)
-        inside = [node, *(ref.node(n) for n in _upstream(node, compared))]
+        up = _upstream(node, compared)
+        inside = [node, *(n for n in ref.graph.nodes if n.name in up)]   # in graph order: one story each run
         # read by the op itself, on its way from the compared values, or by the compared ops it starts from
         edge = [a for n in inside for a in n.all_input_nodes if a.name in compared]
         name = next((n for x in (*inside, *edge) for n in _params_read(x) if n in crossed), None)

@@ -8,6 +8,7 @@ input (``placeholder``), a parameter or buffer (``get_attr``) or the output. Per
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -73,6 +74,11 @@ class CaptureInfo:
         return cls(**found)
 
 
+# each graph's nodes by name, built on first use and again when a name is missing or stale (the stories
+# look nodes up by name in loops: a scan of the graph each time was quadratic)
+_BY_NAME: weakref.WeakKeyDictionary[torch.fx.Graph, dict[str, torch.fx.Node]] = weakref.WeakKeyDictionary()
+
+
 @dataclasses.dataclass
 class Capture:
     """One recorded run of a model: graph, per-node values and gradients, parameters, I/O, metadata.
@@ -107,10 +113,14 @@ class Capture:
 
     def node(self, name: str) -> torch.fx.Node:
         """The node called ``name``."""
-        for n in self.graph.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
+        by_name = _BY_NAME.get(self.graph)
+        found = by_name.get(name) if by_name is not None else None
+        if found is None or found.graph is not self.graph or found.name != name or getattr(found, "_erased", False):
+            by_name = _BY_NAME[self.graph] = {n.name: n for n in self.graph.nodes}
+            found = by_name.get(name)
+            if found is None:
+                raise KeyError(name)
+        return found
 
     def output_nodes(self) -> list[torch.fx.Node]:
         """The nodes feeding the graph's output, in output-leaf order."""

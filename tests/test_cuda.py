@@ -82,14 +82,20 @@ def test_summaries_made_on_the_gpu_agree_with_the_cpu():
     large[17], large[4_000_000] = float("nan"), float("inf")
     tensors += [large, large.double()[:3_000_001], torch.randint(-5, 5, (3_000_000,), generator=g, dtype=torch.int8)]
     device = DeviceSummaries()
-    made = [device.add(t.cuda(), content=True) for t in tensors]
+    on_gpu = [t.cuda() for t in tensors]
+    on_gpu.append(on_gpu[-3][1:4_000_000])   # a pointer that is not 16-byte aligned
+    tensors.append(tensors[-3][1:4_000_000])
+    # twice: a kind's first launch goes through Triton's JIT, later ones straight to the compiled kernel
+    made = [device.add(t, content=True) for t in on_gpu + on_gpu]
     device.finish()
-    for t, s in zip(tensors, made):
+    for t, s in zip(tensors + tensors, made):
         cpu = summarise(t, content=True)
         assert torch.equal(s.sample.view(torch.uint8), cpu.sample.view(torch.uint8)), t.dtype
         spread = 1e-6 * math.sqrt(cpu.stats["sumsq"])   # the CPU sums float32 chunks in float32
         assert s.stats == pytest.approx(cpu.stats, rel=1e-5, abs=spread), t.dtype
         assert s.digest == unit_digest(t) and s.content == cpu.content == content_digest(t), t.dtype
+    from fxdiff.store.device_summary import _kernel
+    assert _kernel().constants_too is not None, "every launch went through Triton's JIT"
 
 
 def test_summary_capture_on_gpu_summarises_parameters_and_pairs_them_with_a_cpu_capture():

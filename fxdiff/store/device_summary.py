@@ -181,7 +181,8 @@ _KERNEL: Any = None
 
 
 def _kernel():
-    """The Triton kernel (compiled on first use), or None where Triton is not installed."""
+    """The Triton kernel's launcher (the kernel compiled on first use), or None where Triton is not
+    installed."""
     global _KERNEL
     if _KERNEL is not None:
         return _KERNEL or None
@@ -286,8 +287,62 @@ def _kernel():
             where = tl.load(positions_ptr + j, mask=wanted, other=0)
             tl.store(sample_ptr + at + j, tl.load(x_ptr + where, mask=wanted), mask=wanted)
 
-    _KERNEL = parts_kernel
+    _KERNEL = _Launcher(parts_kernel)
     return _KERNEL
+
+
+class _Launcher:
+    """Launches the kernel through its compiled form once one exists for the arguments' kind.
+
+    Triton's JIT binds and specialises every argument again on each launch: ~60 us of Python, more
+    than the kernel itself takes on most tensors, thousands of times a run. The first launch of each
+    kind (the tensor's device, dtype and 16-byte alignment, which is what Triton specialises a pointer
+    on, and whether it is sampled; the integers are not specialised) goes through the JIT, which
+    compiles; later ones call the compiled kernel. Whether a compiled kernel takes the compile-time
+    constants among its arguments changed between Triton versions, so it is found once, by launching
+    both ways on a test tensor and comparing with the JIT's row; where neither agrees, every launch
+    goes through the JIT."""
+
+    def __init__(self, jit):
+        self.jit = jit
+        self.compiled: dict[tuple, Any] = {}
+        self.constants_too: bool | None = None   # None: launch through the JIT
+        self.tested = False
+
+    def __call__(self, programs: int, args: tuple, constants: dict[str, Any]) -> None:
+        x, k = args[0], args[7]   # the other pointers are to blocks this module allocates: aligned
+        key = (x.device, x.dtype, x.data_ptr() % 16 == 0, k > 0)
+        compiled = self.compiled.get(key)
+        if compiled is None or self.constants_too is None:
+            self.compiled[key] = self.jit[(programs,)](*args, **constants, num_warps=_WARPS)
+            if not self.tested:
+                self.tested = True
+                self.constants_too = self._test(args[0].device)
+        elif self.constants_too:
+            compiled[(programs, 1, 1)](*args, *constants.values())
+        else:
+            compiled[(programs, 1, 1)](*args)
+
+    def _test(self, device: torch.device) -> bool | None:
+        """How compiled kernels take their arguments here (see the class docstring)."""
+        x = torch.linspace(-3, 5, 5000, device=device)
+        rows = []
+        for way in ("jit", True, False):
+            slab = _empty_rows(1, device)
+            sample = torch.empty(SAMPLE, device=device)
+            programs, args, constants = _arguments(x, slab, slab.view(torch.float64), 0, sample, 0)
+            if way == "jit":
+                compiled = self.jit[(programs,)](*args, **constants, num_warps=_WARPS)
+            else:
+                try:
+                    compiled[(programs, 1, 1)](*args, *(constants.values() if way else ()))
+                except Exception:  # noqa: BLE001 -- any failure rules this way out
+                    continue
+            torch.cuda.synchronize(device)
+            if way != "jit" and torch.equal(slab, rows[0][0]) and torch.equal(sample, rows[0][1]):
+                return way
+            rows.append((slab, sample))
+        return None
 
 
 @functools.cache
@@ -312,6 +367,29 @@ def _positions_on(numel: int, device: torch.device) -> torch.Tensor:
     return found
 
 
+def _empty_rows(n: int, device: torch.device) -> torch.Tensor:
+    """``n`` empty rows, flat (made on ``device``: a copy from the host would wait for the GPU)."""
+    rows = torch.zeros(n, _COLUMNS, dtype=torch.int64, device=device)
+    rows[:, 2], rows[:, 3] = _INT64.max, _INT64.min
+    return rows.view(-1)
+
+
+def _arguments(flat: torch.Tensor, rows: torch.Tensor, floats: torch.Tensor, row: int, out: torch.Tensor | None,
+               at: int) -> tuple[int, tuple, dict[str, Any]]:
+    """(programs, arguments, constants) of the kernel that adds non-empty ``flat``'s statistics and
+    hashes to row ``row`` of ``rows`` (``floats`` the same memory as float64) and, with ``out``,
+    writes its sample at element ``at`` of ``out``."""
+    n, size, device = flat.numel(), flat.element_size(), flat.device
+    k = min(n, SAMPLE) if out is not None else 0
+    blocks = -(-n // BLOCK)
+    programs = min(blocks, _programs(device))
+    args = (flat, n, floats, rows, row, _positions_on(n, device) if k else rows, out if k else flat, k, at, blocks,
+            programs)
+    constants = {"BITS": 8 * size, "IS_BOOL": flat.dtype == torch.bool,
+                 "NARROW": flat.is_floating_point() and size <= 4, "BLOCK": BLOCK, "SAMPLE_BLOCK": _SAMPLE_BLOCK}
+    return programs + -(-k // _SAMPLE_BLOCK), args, constants
+
+
 class _Slabs:
     """Device memory handed out in slices of large blocks (one allocation a block, not a tensor):
     rows of ``_COLUMNS`` int64 (the blocks start filled with empty rows), or 8-byte aligned bytes."""
@@ -322,16 +400,16 @@ class _Slabs:
     def __init__(self, device: torch.device, rows: bool):
         self.device, self.rows = device, rows
         self.blocks: list[torch.Tensor] = []
+        self.floats: list[torch.Tensor] = []   # a block of rows as float64
         self.used = self.SIZE
 
     def take(self, n: int) -> tuple[int, int]:
         """(block, offset) of ``n`` rows, or of ``n`` bytes (offset in bytes)."""
         n = n * _COLUMNS if self.rows else -(-n // 8) * 8
         if not self.blocks or self.used + n > self.blocks[-1].numel():
-            if self.rows:   # no copy from the host: it would wait for the GPU
-                block = torch.zeros(self.ROWS, _COLUMNS, dtype=torch.int64, device=self.device)
-                block[:, 2], block[:, 3] = _INT64.max, _INT64.min
-                block = block.view(-1)
+            if self.rows:
+                block = _empty_rows(self.ROWS, self.device)
+                self.floats.append(block.view(torch.float64))
             else:
                 block = torch.empty(max(self.SIZE, n), dtype=torch.uint8, device=self.device)
             self.blocks.append(block)
@@ -365,6 +443,7 @@ class DeviceSummaries:
         slab = rows.blocks[rblock]
         k = min(n, SAMPLE) if sample else 0
         sblock = sat = 0
+        out = None
         if k:
             samples = self._samples.get(device) or self._samples.setdefault(device, _Slabs(device, rows=False))
             sblock, sat = samples.take(k * size)
@@ -372,15 +451,9 @@ class DeviceSummaries:
             out = self._views.get(key)
             if out is None:
                 out = self._views[key] = samples.blocks[sblock].view(flat.dtype)
-        kernel = _kernel() if device.type == "cuda" and flat.dtype != torch.uint64 and n < 2**31 - BLOCK else None
-        if kernel is not None:
-            blocks = -(-n // BLOCK)
-            programs = min(blocks, _programs(device))
-            kernel[(programs + -(-k // _SAMPLE_BLOCK),)](
-                flat, n, slab.view(torch.float64), slab, at // _COLUMNS, _positions_on(n, device) if k else slab,
-                out if k else flat, k, sat // size, blocks, programs, BITS=8 * size, IS_BOOL=flat.dtype == torch.bool,
-                NARROW=flat.is_floating_point() and size <= 4, BLOCK=BLOCK, SAMPLE_BLOCK=_SAMPLE_BLOCK,
-                num_warps=_WARPS)
+        launch = _kernel() if device.type == "cuda" and flat.dtype != torch.uint64 and n < 2**31 - BLOCK else None
+        if launch is not None:
+            launch(*_arguments(flat, slab, rows.floats[rblock], at // _COLUMNS, out, sat // size))
         else:
             slab[at:at + _COLUMNS].copy_(_torch_parts(flat))
             if k:

@@ -382,8 +382,8 @@ def test_nn_multihead_attention_is_recorded_op_by_op_and_a_bug_beside_it_named()
         for t in (swapped.attn.in_proj_weight, swapped.attn.in_proj_bias):
             t[:8], t[8:16] = t[8:16].clone(), t[:8].clone()
     entry, = fxdiff.compare(fxdiff.capture(WrittenAttention().load_from(ref), (x,)), swapped).first_divergence()["forward"]
-    assert entry["blame"] == ("another input: the candidate passes what the reference computes in k where the "
-                              "reference passes what it computes in q"), entry
+    assert entry["blame"] == ("the attention's query and key swapped: the candidate passes as the query what the "
+                              "reference passes as the key, and the other way round"), entry
     written = WrittenAttention().load_from(ref)   # the other way round: the fused projection the reference's
     with torch.no_grad():
         for a, b in ((written.q.weight, written.k.weight), (written.q.bias, written.k.bias)):
@@ -391,8 +391,9 @@ def test_nn_multihead_attention_is_recorded_op_by_op_and_a_bug_beside_it_named()
             a.copy_(b_)
             b.copy_(a_)
     entry, = fxdiff.compare(cap, written).first_divergence()["forward"]
-    assert entry["blame"] == ("another input: the candidate passes what it computes in q where the reference "
-                              "passes what the candidate computes in k"), entry
+    assert entry["blame"] == ("the parts of a fused projection in each other's places: here the reference reads "
+                              "[0:8] of attn's output, which the candidate computes in k; the candidate reads q's, "
+                              "which pairs with [8:16]"), entry
     # its attention dropout, drawn inside the sdpa it calls, is recorded and replayed like any dropout
     dropping = MHABlock()
     dropping.attn.dropout = 0.5
@@ -1261,7 +1262,8 @@ class Attention(nn.Module):
 
 def test_separate_projections_given_each_others_weights_are_named_where_they_cross():
     """q and k each match the reference's k and q (their weights pair them so) and cross at the
-    attention: it was 'introduced here' at the attention, with no word of a swap."""
+    attention: it was 'introduced here' at the attention, with no word of a swap; then 'another
+    input' there; now the weights loaded under each other's names."""
     torch.manual_seed(0)
     ref, port = Attention(), Attention()
     state = ref.state_dict()
@@ -1269,36 +1271,36 @@ def test_separate_projections_given_each_others_weights_are_named_where_they_cro
                           **{f"k.{w}": state[f"q.{w}"] for w in ("weight", "bias")}})
     first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (torch.randn(1, 5, 4),)), port).nodes
                  if r.first_forward)
-    assert first.op == "sdpa" and first.blame[0] == ("another input: the candidate passes what the reference "
-                                                     "computes in k where the reference passes what it computes in q"), \
-        first.blame
+    assert first.op == "sdpa" and first.blame[0] == ("parameters crossed: q.weight holds the values of the candidate's "
+                                                     "k.weight, and the candidate's q.weight those of k.weight: names "
+                                                     "crossed"), first.blame
 
 
 class RelativeScores(nn.Module):
     """NeMo's relative-position attention scores: the query plus one learned bias meets the keys,
     plus another the positions (``torch.matmul``, or the method on the port's side)."""
 
-    def __init__(self, method: bool = False):
+    def __init__(self, method: bool = False, crossed: bool = False):
         super().__init__()
         self.q, self.k, self.pos = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4, bias=False)
         self.pos_bias_u, self.pos_bias_v = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
-        self.method = method
+        self.method, self.crossed = method, crossed
 
     def forward(self, x, p):
         q, k, p = self.q(x), self.k(x), self.pos(p)
         mm = torch.Tensor.matmul if self.method else torch.matmul
-        return mm(q + self.pos_bias_v, p.transpose(-1, -2)) + mm(q + self.pos_bias_u, k.transpose(-1, -2))
+        u, v = (self.pos_bias_v, self.pos_bias_u) if self.crossed else (self.pos_bias_u, self.pos_bias_v)
+        return mm(q + v, p.transpose(-1, -2)) + mm(q + u, k.transpose(-1, -2))
 
 
 def test_two_values_of_one_module_crossed_at_an_op_are_named_by_what_they_are_made_with():
-    """The port's biases loaded into each other's places (NeMo's pos_bias_u and pos_bias_v): each
+    """The port's biases used in each other's places (NeMo's pos_bias_u and pos_bias_v): each
     q + bias pairs with the reference's other one by value, and they cross at the product with the
     positions, written ``torch.matmul`` on one side and ``Tensor.matmul`` on the other. It was
     'introduced here' (their targets differ) and, named by module, would name one module twice."""
     torch.manual_seed(0)
-    ref, port = RelativeScores(), RelativeScores(method=True)
-    state = ref.state_dict()
-    port.load_state_dict({**state, "pos_bias_u": state["pos_bias_v"], "pos_bias_v": state["pos_bias_u"]})
+    ref, port = RelativeScores(), RelativeScores(method=True, crossed=True)
+    port.load_state_dict(ref.state_dict())
     report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(3, 4), torch.randn(3, 4))), port)
     first = {r.ref_node: r.blame[0] for r in report.nodes if r.first_forward}   # both products
     assert set(first) == {"matmul", "matmul_1"}, first
@@ -1627,6 +1629,10 @@ def test_q_and_k_read_from_each_others_block_of_a_fused_qkv_split_by_heads_are_n
         report = fxdiff.compare(captured, port)
         assert report.diverged == bool(crossed)
     first = next(r for r in report.nodes if r.first_forward)
+    assert first.blame[0] == ("the attention's query and key swapped: the candidate passes as the query what the "
+                              "reference passes as the key, and the other way round"), first.blame
+    # told by the values each side passes; a summary capture keeps none, and the pairs tell it
+    first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (x,), keep="summary"), port).nodes if r.first_forward)
     assert first.blame[0] == ("another input: the candidate passes what the reference computes in k where the "
                               "reference passes what it computes in q"), first.blame
 
@@ -2073,3 +2079,154 @@ def test_a_norm_one_side_alone_runs_before_an_op_is_named_there():
     first = next(r for r in fxdiff.compare(fxdiff.capture(FinalNorm(), (x,)), port).nodes if r.first_forward)
     assert first.blame[0] == "ref-only RMS norm (written out, eps 1e-06): the candidate passes its input as it is", \
         first.blame
+
+
+class PhiBlock(nn.Module):
+    """Phi-3's fused projections, written out: ``qkv`` sliced into q, k and v, ``gate_up`` halved by
+    ``chunk``; the port (``port``) has a projection a part, as torchtune's."""
+
+    def __init__(self, port=False):
+        super().__init__()
+        self.port = port
+        if port:
+            self.q, self.k, self.v = (nn.Linear(8, 8, bias=False) for _ in range(3))
+            self.w1, self.w3 = nn.Linear(8, 12, bias=False), nn.Linear(8, 12, bias=False)
+        else:
+            self.qkv, self.gate_up = nn.Linear(8, 24, bias=False), nn.Linear(8, 24, bias=False)
+        self.o, self.down = nn.Linear(8, 8, bias=False), nn.Linear(12, 8, bias=False)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        if self.port:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        else:
+            qkv = self.qkv(x)
+            q, k, v = qkv[..., :8], qkv[..., 8:16], qkv[..., 16:]
+        heads = [t.view(1, 5, 2, 4).transpose(1, 2) for t in (q, k, v)]
+        x = x + self.o(F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(1, 5, 8))
+        gate, up = (self.w1(x), self.w3(x)) if self.port else self.gate_up(x).chunk(2, dim=-1)
+        return x + self.down(self.act(gate) * up)
+
+
+def _phi_port(ref, qkv=(0, 1, 2), gate_up=(0, 1)):
+    """A ``PhiBlock`` port loaded with ``ref``'s weights split into parts, taken in the given order."""
+    port = PhiBlock(port=True)
+    parts, halves = ref.qkv.weight.detach().split(8), ref.gate_up.weight.detach().split(12)
+    port.load_state_dict({"q.weight": parts[qkv[0]], "k.weight": parts[qkv[1]], "v.weight": parts[qkv[2]],
+                          "w1.weight": halves[gate_up[0]], "w3.weight": halves[gate_up[1]],
+                          "o.weight": ref.o.weight, "down.weight": ref.down.weight})
+    return port
+
+
+def test_the_parts_of_a_fused_projection_taken_in_another_order_are_named():
+    """Phi-3's fused qkv and gate_up against torchtune's projections, split in another order by a
+    conversion: each part pairs with a block of the fused weight by its values, in any order, so
+    'parameter values: all match' and the stories were wrong ('ref-only getitem', a slice the port
+    has as its k projection; 'computed with other ops: ref chunk, silu against cand silu')."""
+    torch.manual_seed(0)
+    ref = PhiBlock()
+    captured = fxdiff.capture(ref, (torch.randn(1, 5, 8),))
+    assert not fxdiff.compare(captured, _phi_port(ref)).diverged
+    first = next(r for r in fxdiff.compare(captured, _phi_port(ref, qkv=(0, 2, 1))).nodes if r.first_forward)
+    assert first.blame == ["the parts of a fused projection in each other's places: here the reference reads [8:16] "
+                           "of qkv's output, which the candidate computes in v; the candidate reads k's, which pairs "
+                           "with [16:24]", "qkv", "k"], first.blame
+    first = next(r for r in fxdiff.compare(captured, _phi_port(ref, gate_up=(1, 0))).nodes if r.first_forward)
+    assert first.blame == ["the parts of a fused projection in each other's places: here the reference reads [0:12] "
+                           "of gate_up's output, which the candidate computes in w3; the candidate reads w1's, which "
+                           "pairs with [12:24]", "gate_up", "w1"], first.blame
+
+
+class TiedLM(nn.Module):
+    """An embedding, a layer and an output projection; ``tied``: the projection reads the
+    embedding's weight (Gemma's, GPT-2's), else its own."""
+
+    def __init__(self, tied=True):
+        super().__init__()
+        self.embed, self.mid = nn.Embedding(12, 6), nn.Linear(6, 6)
+        self.head = None if tied else nn.Linear(6, 12, bias=False)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mid(self.embed(ids)))
+        return F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+
+
+def _untied(ref, weight):
+    port = TiedLM(tied=False)
+    port.load_state_dict({**ref.state_dict(), "head.weight": weight})
+    return port
+
+
+def test_a_tied_weight_ported_as_an_untied_copy_is_named_on_its_gradient():
+    """The forward pass agrees and the embedding's gradient differs (the tied one sums both uses):
+    'DIVERGED' with a parameter gradient row and 'trained in the candidate only: head.weight'."""
+    torch.manual_seed(0)
+    ref, ids = TiedLM(), torch.randint(0, 12, (2, 5))
+    report = fxdiff.compare(fxdiff.capture(ref, (ids,)), _untied(ref, ref.embed.weight.detach().clone()))
+    assert report.diverged and not any(r.first_forward for r in report.nodes)
+    row = next(p for p in report.params if p.ref == "embed.weight")
+    assert row.grad.note == "tied in the reference, also read in <root>; the candidate's head.weight there is a copy, untied"
+    assert any(w.startswith("embed.weight is tied in the reference") for w in report.warnings), report.warnings
+
+
+def test_a_tied_weight_ported_as_another_tensor_is_named_where_it_is_read():
+    """No story: the candidate's head pairs with nothing, the reference reads a weight that pairs."""
+    torch.manual_seed(0)
+    ref, ids = TiedLM(), torch.randint(0, 12, (2, 5))
+    report = fxdiff.compare(fxdiff.capture(ref, (ids,)), _untied(ref, torch.randn(12, 6)))
+    entry, = report.first_divergence()["forward"]
+    assert entry["blame"] == ("the candidate reads head.weight here, which pairs with nothing; the reference reads "
+                              "embed.weight, tied (read in embed too)"), entry
+
+
+def test_the_parts_of_a_fused_weight_taken_at_other_rows_are_placed_in_it():
+    """k taken at rows 4:12 of a fused qkv (8:16 where it is), gate and up split into even and odd
+    rows: no concatenation of the parts is the fused weight, so nothing paired ('not compared, no
+    counterpart'), with no word of where each part came from."""
+    torch.manual_seed(0)
+    ref = PhiBlock()
+    w, g = ref.qkv.weight.detach(), ref.gate_up.weight.detach()
+    port = PhiBlock(port=True)
+    port.load_state_dict({"q.weight": w[:8], "k.weight": w[4:12], "v.weight": w[16:], "w1.weight": g[0::2],
+                          "w3.weight": g[1::2], "o.weight": ref.o.weight, "down.weight": ref.down.weight})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(1, 5, 8),)), port)
+    for line in ("q.weight pairs with nothing: its rows are qkv.weight's rows [0:8]",
+                 "k.weight pairs with nothing: its rows are qkv.weight's rows [4:12]",
+                 "qkv.weight: rows [4:8] are in two of them", "qkv.weight: rows [12:16] are in none of them",
+                 "w1.weight pairs with nothing: its rows are gate_up.weight's rows [0:23:2]",
+                 "w3.weight pairs with nothing: its rows are gate_up.weight's rows [1:24:2]"):
+        assert line in report.warnings, report.warnings
+
+
+class _SiluWrongBackward(torch.autograd.Function):
+    """SiLU whose backward leaves out the derivative of its sigmoid."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.silu(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        return g * torch.sigmoid(x)
+
+
+class WrongSilu(nn.Module):
+    def forward(self, x):
+        return _SiluWrongBackward.apply(x)
+
+
+def test_a_wrong_backward_after_a_slice_of_a_fused_output_is_named():
+    """Its forward value a slice of the reference's fused gate_up: 'not replayed in isolation: ...
+    compared as a slice of a fused output, which the replay does not split', and no story. The
+    candidate's backward is checked against the derivative of its own forward ops instead."""
+    torch.manual_seed(0)
+    ref = PhiBlock()
+    port = _phi_port(ref)
+    port.act = WrongSilu()
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(1, 5, 8),)), port)
+    assert not report.first_divergence()["forward"]
+    entry, = report.first_divergence()["backward"]
+    assert entry["blame"] == ("backward only: the candidate's backward through act is not the derivative of its "
+                              "forward ops (a custom autograd.Function or a gradient hook)"), entry

@@ -119,10 +119,12 @@ def test_a_bfloat16_candidates_first_divergence_is_replayed_despite_its_own_cast
         assert not e["not_isolated"] or "dtype" not in e["not_isolated"] and "scalar type" not in e["not_isolated"], e
 
 
-def test_a_custom_backward_behind_a_fused_weight_says_why_it_is_not_isolated(tmp_path):
+def test_a_custom_backward_behind_a_fused_weight_is_named(tmp_path):
     """Phi-3 computes gate and value in one fused projection; a SiLU with a wrong hand-written
     backward makes the first backward divergence the gate's slice of that output, which the
-    backward replay cannot start from: the report, its text and its saved JSON say so."""
+    backward replay cannot start from ('not replayed in isolation: ... a slice of a fused output,
+    which the replay does not split', and no story). The candidate's backward is checked against
+    the derivative of its own forward ops instead: the report, its text and its saved JSON name it."""
     import fxdiff
     from fxdiff.model.report import load_report
     from fxdiff.render import text
@@ -139,10 +141,11 @@ def test_a_custom_backward_behind_a_fused_weight_says_why_it_is_not_isolated(tmp
     report = fxdiff.compare(fxdiff.capture(ref, args=args, kwargs=kwargs, mode="eval", seed=0), cand)
     assert not report.first_divergence()["forward"]
     (e,) = report.first_divergence()["backward"]
-    why = f"{e['cand_node']} is compared as a slice of a fused output, which the replay does not split"
-    assert (e["ref_module"], e["cand_module"]) == ("layers.1.mlp.gate_proj", "layers.1.mlp.gate_up_proj")
-    assert e["isolated"] is None and not e["consequence_of_forward"] and e["not_isolated"] == why
-    assert f"not replayed in isolation: {why}" in " ".join(show(text.render(report), width=300).split())
+    blame = ("backward only: the candidate's backward through layers.1.mlp.activation_fn is not the derivative of "
+             "its forward ops (a custom autograd.Function or a gradient hook)")
+    assert (e["ref_node_module"], e["cand_node_module"]) == ("layers.1.mlp.gate_proj", "layers.1.mlp.gate_up_proj")
+    assert e["blame"] == blame and e["cand_module"] == "layers.1.mlp.activation_fn" and not e["consequence_of_forward"]
+    assert blame in " ".join(show(text.render(report), width=300).split())
     report.save(tmp_path / "report.json")
     (row,) = [r for r in load_report(tmp_path / "report.json").nodes if r.first_backward]
-    assert row.isolated_backward_why == why and row.isolated_backward is None
+    assert row.blame[0] == blame and row.isolated_backward is None

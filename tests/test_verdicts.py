@@ -144,10 +144,12 @@ class Rotary(nn.Module):
 
 def test_look_alike_slices_used_differently_are_not_judged_backward():
     """The halves of rotate-half q/k pair by value with the interleaved pairs, but their gradients
-    differ (the rotate-half side also uses q and k whole): not a divergence, and said so."""
+    differ (the rotate-half side also uses q and k whole): not a divergence, and said on their rows
+    (a warning on every such comparison was noise)."""
     report = fxdiff.compare(fxdiff.capture(Rotary(interleaved=False), (X,)), Rotary(interleaved=True))
     assert not report.diverged, report.first_divergence()
-    assert any(w.startswith("gradients of 4 weak pair(s) not judged") for w in report.warnings), report.warnings
+    assert sum("gradient not judged" in r.rationale and r.backward is None for r in report.nodes) == 4
+    assert not any("not judged" in w for w in report.warnings), report.warnings
     assert all(r.backward is not None and r.backward.passed for r in report.nodes if r.op == "linear")
 
 

@@ -132,11 +132,6 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     unjudged = _verify_weak_grads(ref.graph, rows)
     if not tol.strict and (rejected or unjudged):   # what was set aside no longer counts as a divergence
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
-    if unjudged:
-        warnings.append(f"gradients of {len(unjudged)} weak pair(s) not judged ({', '.join(unjudged[:4])}): "
-                        "they differ although every gradient after them agrees, so the two ops are used "
-                        "differently (paired by their place, not their role: a slice of a value that also "
-                        "reaches the output another way, an op written in place on one side)")
     _mark_frontier(ref.graph, rows)
     for _ in range(EXPLAIN_ROUNDS):
         explained = _isolate_frontier(ref, cand, rows, tol) + _isolate_backward(ref, cand, rows, tol, node_floor)
@@ -156,9 +151,10 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
         if p.ref in roles and p.value is not None:
             p.value = dataclasses.replace(p.value, passed=False, note=roles[p.ref])
             warnings.append(f"{p.ref} {roles[p.ref]}")
-    read = stories.name_parameters(ref, cand, params)
+    read = stories.name_parameters(ref, cand, params, rows)
     if not any(r.first_forward for r in rows):   # else the forward story says it at the op
         warnings += read
+    warnings += stories.place_unpaired(ref, cand, alignment)
     warnings += _unread_inputs(ref, cand, rows)
     outputs = _compare_outputs(ref, cand, out_pairs, tol, rows, precision)
     if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
@@ -571,7 +567,8 @@ def _verify_weak_grads(graph: torch.fx.Graph, rows: list[NodeRow]) -> list[str]:
     although every compared gradient after them agrees: the gradient of a node depends on how its
     value is used, and look-alike ops paired by value can be used differently (one side slices a
     value that also feeds the output directly, the other routes all of it through slices). A wrong
-    backward there still shows at the strongly matched ops before them. Returns the reference nodes."""
+    backward there still shows at the strongly matched ops before them. Said on each row (on every
+    comparison of two implementations a few are: not a warning). Returns the reference nodes."""
     by_ref = noise.rows_by_ref(rows)
     _, succs = noise.nearest(graph, set(by_ref))
     dropped = []
@@ -580,6 +577,8 @@ def _verify_weak_grads(graph: torch.fx.Graph, rows: list[NodeRow]) -> list[str]:
         if (r.confidence < WEAK and r.backward is not None and not r.backward.passed and r.forward.passed
                 and after and all(x.backward is not None and x.backward.passed for x in after)):
             r.backward = None
+            r.rationale += ("; gradient not judged: it differs although every gradient after it agrees, so the two "
+                            "ops are used differently (paired by their place, not their role)")
             dropped.append(r.ref_node)
     return dropped
 
@@ -702,7 +701,10 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
             row.isolated_backward_why = (f"the {cut[0]} made it with autograd off (torch.no_grad), which cuts the "
                                          "gradient there")
             continue
-        if row.cand_node not in plain:
+        # a slice of a fused output: no reference value or gradient of its own to replay from, but the
+        # candidate's backward can still be checked against the derivative of its own forward ops
+        sliced = row.cand_node not in plain and bool(row.ref_slice or row.cand_slice) and row.forward.passed
+        if row.cand_node not in plain and not sliced:
             row.isolated_backward_why = _not_plain(row)
             continue
         block, consumers = block_after(cand.node(row.cand_node), plain)
@@ -722,23 +724,33 @@ def _isolate_backward(ref: Capture, cand: Capture, rows: list[NodeRow], tol: Tol
                                              f"{'was not compared' if c.backward is None else 'differs too'}: "
                                              "no agreeing reference gradient to start from")
             continue
-        grad = replay_backward(ref, cand, row.cand_node, {c: boundary[c] for c in consumers}, boundary)
-        if isinstance(grad, str):
-            row.isolated_backward_why = grad
-            continue
         precision = coarser(ref.values[row.ref_node], cand.values[row.cand_node])
-        m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
-        row.isolated_backward = own_verdict(m, tol, node_floor, precision, backward=True)
-        if not row.isolated_backward.passed:
-            continue
-        own = replay_backward(cand, cand, row.cand_node, {c: c for c in consumers}, own_boundary)
+        if not sliced:
+            grad = replay_backward(ref, cand, row.cand_node, {c: boundary[c] for c in consumers}, boundary)
+            if isinstance(grad, str):
+                row.isolated_backward_why = grad
+                continue
+            m = _grad_metrics(ref.grads.get(row.ref_node), grad, tol, node_floor)
+            row.isolated_backward = own_verdict(m, tol, node_floor, precision, backward=True)
+            if not row.isolated_backward.passed:
+                continue
+        own = replay_backward(cand, cand, row.cand_node, {c: c for c in consumers},
+                              {**own_boundary, row.cand_node: row.cand_node})
         if not isinstance(own, str):
             m = _grad_metrics(cand.grads.get(row.cand_node), own, tol, node_floor)
             if own_verdict(m, tol, node_floor, precision, backward=True).passed:
+                if sliced:
+                    row.isolated_backward_why = _not_plain(row)
+                    continue
                 row.explained.append("backward")
                 explained.append(row)
                 continue
-        module = (block[0] if block else cand.node(consumers[0])).meta.get(MODULE, "")
+        elif sliced:
+            row.isolated_backward_why = own
+            continue
+        ops = [n for n in block if not (DEFAULT_OPS.is_view(n, node_key(n)) or node_key(n) in DEFAULT_OPS.splits
+                                        or node_key(n) == "getitem")]   # past a fused output's split
+        module = (ops[0] if ops else block[0] if block else cand.node(consumers[0])).meta.get(MODULE, "")
         row.blame = [f"backward only: the candidate's backward through {module or '<root>'} is not the derivative "
                      "of its forward ops (a custom autograd.Function or a gradient hook)",
                      counterpart_module(rows, module, "cand") or row.ref_module, module]

@@ -116,6 +116,36 @@ def roles(node: torch.fx.Node) -> dict[str, torch.fx.Node] | None:
     return {role: _unscaled(n) for role, n in found.items()}
 
 
+def inputs(node: torch.fx.Node) -> dict[str, tuple[torch.fx.Node, bool]] | None:
+    """The query, key and value of the attention whose output ``node`` is, or a view of, as it takes
+    them (after the rotations, head repeats and views that make them; before a multiplication by a
+    number), each with whether it holds the key's last two dimensions swapped (the key a written-out
+    query-key product reads); None when it is no attention."""
+    node = _under_views(node)[0]
+    if node_key(node) == "sdpa":
+        args = arguments.named(node)
+        found = {role: (args.get(role), False) for role in ("query", "key", "value")}
+    else:
+        written = _written_out(node)
+        if written is None:
+            return None
+        found = {"query": (written[1], False), "key": (written[2], True), "value": (written[3], False)}
+    if not all(isinstance(n, torch.fx.Node) for n, _ in found.values()):
+        return None
+    return {role: (_unmultiplied(n), swapped) for role, (n, swapped) in found.items()}
+
+
+def _unmultiplied(node: torch.fx.Node) -> torch.fx.Node:
+    """Back from ``node`` through multiplications and divisions by a number."""
+    while node.op == "call_function" and node_key(node) in ("mul", "div") and not node.kwargs:
+        tensors, numbers = _operands(node), [a for a in node.args if _number(a)]
+        if len(tensors) != 1 or len(numbers) != 1 or node.args[0] is not tensors[0] and node_key(node) == "div" \
+                or "rtruediv" in str(node.meta.get(TARGET)):
+            return node
+        node = tensors[0]
+    return node
+
+
 def _unscaled(node: torch.fx.Node) -> torch.fx.Node:
     """Back from ``node`` through views and constant factors, stopping at an item of a split or a
     getitem (q, k and v unbound from one fused projection stay told apart)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Collection, Iterator
 
 import torch
@@ -23,12 +24,12 @@ from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
 from ..model.report import NodeRow, ParamRow
 from ..ops import DEFAULT_OPS, GETITEM, node_key
 from ..store.summary import is_summary
-from . import activations, arguments, attention, masks, norms
+from . import activations, arguments, attention, masks, norms, rotary
 from .isolate import replay
 from .rows import block_after, coarser, counterpart_module, cut, own_verdict, replay_boundary, stored
 from ..match.confidence import OTHER_USERS
 from ..targets import Targets
-from .tensors import Tolerance, compare_tensors
+from .tensors import Tolerance, compare_tensors, machine_eps
 
 
 def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow], alignment: Alignment,
@@ -44,6 +45,9 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     _blame_attention_scale(ref, cand, rows, tol)
     _blame_attention_bias(ref, cand, rows)
     _blame_activation(ref, cand, rows)
+    _name_crossed_names(ref, cand, rows, params)
+    _name_fused_parts_crossed(ref, cand, rows)
+    _blame_attention_inputs(ref, cand, rows, alignment)
     _blame_made_another_way(ref, cand, rows, rejected, params, tol)
     _blame_one_sided(ref, cand, rows, alignment)
     _blame_weight_made(ref, cand, rows, alignment)
@@ -53,8 +57,8 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     _name_crossed_inputs(ref, cand, rows)
     _name_gate_swap(ref, cand, rows)
     _name_swapped_roles(ref, cand, rows)
-    _name_crossed_names(ref, cand, rows, params)
     _blame_parameter_values(ref, rows, params)
+    _blame_untied(ref, cand, rows, params)
     _blame_unpaired_tensors(ref, cand, rows, alignment)
     _blame_made_from_constants(ref, cand, rows)
     _name_rearranged(ref, cand, rows)
@@ -67,13 +71,78 @@ def reordered_rows(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: 
     return _blame_reordered_rows(ref, cand, rows, alignment)
 
 
-def name_parameters(ref: Capture, cand: Capture, params: list[ParamRow]) -> list[str]:
+def name_parameters(ref: Capture, cand: Capture, params: list[ParamRow], rows: list[NodeRow]) -> list[str]:
     """Notes on the parameter rows that differ: read with other constant arguments (a weight norm's
     dim), their rows or columns in another order, another parameter's values. Returns the lines
     that say the first, for the warnings."""
     said = _name_reading_arguments(ref, cand, params)
+    said += _name_untied(ref, cand, params, rows)
     _name_reordered_parameters(ref, cand, params)
     return said
+
+
+def place_unpaired(ref: Capture, cand: Capture, alignment: Alignment) -> list[str]:
+    """Lines for the warnings: each candidate matrix that pairs with nothing whose rows are all rows
+    (or columns) of one reference matrix that pairs with nothing either, and where they are in it (a
+    fused weight split at other offsets, Phi-3's ``qkv_proj`` with k taken at rows 48:80, or
+    interleaved, its ``gate_up_proj`` split into even and odd rows); then the rows of that matrix
+    in two of them, or in none. Told for the first layer, the others counted."""
+    indexes: dict[tuple[str, int], dict[bytes, list[int]]] = {}
+    placed: dict[str, list[tuple[str, str, list[int]]]] = {}
+    for name in alignment.unmatched_cand_params[:_MOST_NOTED]:
+        b = cand.params.get(name)
+        if b is None or is_summary(b) or b.dim() != 2:
+            continue
+        for other in alignment.unmatched_ref_params:
+            a = ref.params.get(other)
+            if a is None or is_summary(a) or a.dim() != 2 or a.dtype != b.dtype:
+                continue
+            for dim, what in ((0, "rows"), (1, "columns")):
+                m = a if dim == 0 else a.t()
+                if m.shape[1] != b.shape[1] or not len(b) <= len(m) <= _MOST_ROWS:
+                    continue
+                index = indexes.get((other, dim))
+                if index is None:
+                    index = indexes[(other, dim)] = {}
+                    for i, r in enumerate(_row_bytes(m)):
+                        index.setdefault(r, []).append(i)
+                taken = _taken(index, _row_bytes(b))
+                if taken:
+                    placed.setdefault(other, []).append((name, what, taken))
+                    break
+            if name in {n for parts in placed.values() for n, _, _ in parts}:
+                break
+    lines: dict[str, list[str]] = {}   # by the text with its numbers taken out: one a layer
+    for other, parts in placed.items():
+        said = [f"{name} pairs with nothing: its rows are {other}'s {what} {_span(taken)}" for name, what, taken in parts]
+        used = [i for _, _, taken in parts for i in taken]
+        size = len(ref.params[other]) if parts[0][1] == "rows" else ref.params[other].shape[1]
+        twice, none = sorted({i for i in used if used.count(i) > 1}), sorted(set(range(size)) - set(used))
+        said += [f"{other}: {parts[0][1]} {_span(rows)} are in {where} of them"
+                 for rows, where in ((twice, "two"), (none, "none")) if rows]
+        for line in said:
+            lines.setdefault(re.sub(r"\.\d+\.", ".#.", line), []).append(line)
+    return [alike[0] + (f" (and {len(alike) - 1} more like it)" if len(alike) > 1 else "") for alike in lines.values()]
+
+
+def _taken(index: dict[bytes, list[int]], rows: list[bytes]) -> list[int] | None:
+    """The positions of ``rows`` among the rows ``index`` finds by their bytes, each taken once;
+    None when one is not there."""
+    taken: list[int] = []
+    for r in rows:
+        found = [i for i in index.get(r, ()) if i not in taken]
+        if not found:
+            return None
+        taken.append(found[0])
+    return taken
+
+
+def _span(taken: list[int]) -> str:
+    """Positions as a slice, ``[48:80]`` or ``[1:320:2]``, a short list, or ``in another order``."""
+    step = taken[1] - taken[0] if len(taken) > 1 else 1
+    if step > 0 and taken == list(range(taken[0], taken[0] + step * len(taken), step)):
+        return f"[{taken[0]}:{taken[-1] + 1}{f':{step}' if step > 1 else ''}]"
+    return str(taken) if len(taken) <= _LISTED else "in another order"
 
 
 def _blame_lowered(ref: Capture, cand: Capture, rows: list[NodeRow], lowered: list[NodeRow]) -> None:
@@ -445,6 +514,61 @@ def _name_reading_arguments(ref: Capture, cand: Capture, params: list[ParamRow])
     return said
 
 
+def _tied(ref: Capture, cand: Capture, params: list[ParamRow],
+          rows: list[NodeRow]) -> Iterator[tuple[ParamRow, NodeRow, str]]:
+    """A reference parameter read by more ops than its counterpart (an embedding tied to the output
+    projection, ported as two tensors), for each of its reader ops whose counterpart reads instead a
+    candidate parameter that pairs with nothing: the parameter's row, the op's and that parameter."""
+    readers_r, readers_c = _readers(ref), _readers(cand)
+    paired = {p.ref for p in params} | {c for p in params for c in p.cand}
+    row_of = {r.ref_node: r for r in rows if not (r.ref_slice or r.cand_slice)}
+    for p in params:
+        if len(p.cand) != 1 or len(readers_r.get(p.ref, ())) <= max(1, len(readers_c.get(p.cand[0], ()))):
+            continue
+        for op in readers_r[p.ref]:
+            row = row_of.get(op.name)
+            theirs = cand.node(row.cand_node) if row is not None else None
+            if theirs is None or theirs in readers_c[p.cand[0]]:
+                continue
+            alone = [x for x in _params_read(theirs) if x not in paired]
+            if len(alone) == 1:
+                yield p, row, alone[0]
+
+
+def _name_untied(ref: Capture, cand: Capture, params: list[ParamRow], rows: list[NodeRow]) -> list[str]:
+    """Name a weight the reference ties and the candidate keeps as two tensors holding the same
+    values (Gemma's output projection, the embedding's own weight, ported as an untied copy): the
+    forward pass agrees; the tied weight's gradient is the sum of its uses', the candidate's
+    counterpart has only its own. On the gradient's row, and as a line for the warnings."""
+    said = []
+    for p, row, copy in _tied(ref, cand, params, rows):
+        if p.grad is None or p.grad.passed or p.grad.note:
+            continue
+        mine, theirs = ref.params.get(p.ref), cand.params.get(copy)
+        if mine is None or theirs is None or is_summary(mine) or is_summary(theirs) or mine.shape != theirs.shape \
+                or not torch.equal(cand.params[p.cand[0]], theirs):
+            continue
+        where = row.ref_module or "<root>"
+        note = f"tied in the reference, also read in {where}; the candidate's {copy} there is a copy, untied"
+        p.grad = dataclasses.replace(p.grad, note=note)
+        said.append(f"{p.ref} is {note}: its gradient lacks that use's")
+    return said
+
+
+def _blame_untied(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow]) -> None:
+    """Blame a forward first divergence at an op that reads a weight the reference ties (its output
+    projection reads the embedding's) where the candidate reads one of its own that pairs with
+    nothing (untied, and loaded from another tensor)."""
+    readers = None
+    for p, row, theirs in _tied(ref, cand, params, rows):
+        if not row.first_forward or row.blame:
+            continue
+        readers = readers or _readers(ref)
+        others = sorted({n.meta.get(MODULE) or "<root>" for n in readers[p.ref] if n.name != row.ref_node})
+        row.blame = [f"the candidate reads {theirs} here, which pairs with nothing; the reference reads {p.ref}, tied "
+                     f"(read in {', '.join(others)} too)", row.ref_module, row.cand_module]
+
+
 def _name_reordered_parameters(ref: Capture, cand: Capture, params: list[ParamRow]) -> None:
     """Name, on a parameter whose value differs from its counterpart's of its shape, the other
     parameter of the reference's whose values the candidate's holds (an output projection loaded
@@ -483,11 +607,16 @@ def _start(t: torch.Tensor) -> tuple:
 
 def _sole_readers(capture: Capture) -> dict[str, torch.fx.Node]:
     """Each parameter or buffer read by one op (through views): that op."""
-    readers: dict[str, set[torch.fx.Node]] = {}
+    return {name: ops[0] for name, ops in _readers(capture).items() if len(ops) == 1}
+
+
+def _readers(capture: Capture) -> dict[str, list[torch.fx.Node]]:
+    """The ops that read each parameter or buffer (through views), each once."""
+    readers: dict[str, dict[torch.fx.Node, None]] = {}
     for n in capture.graph.nodes:
         if n.op == "get_attr":
-            readers.setdefault(str(n.target), set()).update(_after_views(n))
-    return {name: ops.pop() for name, ops in readers.items() if len(ops) == 1}
+            readers.setdefault(str(n.target), {}).update(dict.fromkeys(_after_views(n)))
+    return {name: list(ops) for name, ops in readers.items()}
 
 
 def _after_views(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
@@ -1112,6 +1241,191 @@ def _name_gate_swap(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
                          f"applies {act_r} to {where[gated_r]}", row.ref_module, row.cand_module]
 
 
+def _name_fused_parts_crossed(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Name the parts of a fused projection used in each other's places (Phi-3's ``qkv_proj`` split
+    into k and v swapped in a conversion, ``gate_up_proj``'s halves taken in the other order): at a
+    forward first divergence, or at one of its inputs, the reference reads one slice of its fused
+    output, through views, and the candidate reads the output of its projection that pairs with
+    another slice of it. Each part pairs by its values, so every compared value agrees up to here."""
+    sliced = _sliced(rows, "ref")
+    part_of = {r.cand_node: r for r in rows if r.ref_slice and not r.cand_slice}
+    if not sliced or not part_of:
+        return
+
+    def cand_part(node: torch.fx.Node) -> NodeRow | None:
+        for _ in range(8):   # back through the views and single-input ops to the projection
+            if node.name in part_of:
+                return part_of[node.name]
+            if node.op != "call_function" or len(node.all_input_nodes) != 1:
+                return None
+            node = node.all_input_nodes[0]
+        return None
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        places = [(rn, cn)]
+        if len(rn.all_input_nodes) == len(cn.all_input_nodes):
+            places += list(zip(rn.all_input_nodes, cn.all_input_nodes))
+        for x, y in places:
+            read, theirs = _slice_read_at(x, sliced, "ref"), cand_part(y)
+            if read is None or theirs is None or theirs.ref_node != read[0].ref_node or theirs is read[0]:
+                continue
+            (part, a, b), (c, d) = read, theirs.ref_slice
+            fused = ref.node(part.ref_node).meta.get(MODULE) or part.ref_node
+            module_of = {n: cand.node(n).meta.get(MODULE) or n for n in (part.cand_node, theirs.cand_node)}
+            row.blame = [f"the parts of a fused projection in each other's places: here the reference reads [{a}:{b}] "
+                         f"of {fused}'s output, which the candidate computes in {module_of[part.cand_node]}; the "
+                         f"candidate reads {module_of[theirs.cand_node]}'s, which pairs with [{c}:{d}]",
+                         fused, module_of[theirs.cand_node]]
+            break
+
+
+def _blame_attention_inputs(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
+    """Tell which of an attention's query, key and value differ, at a forward first divergence at
+    attention on both sides, by the values each side passes (the ops that make them, a rotary
+    embedding written out or a cache indexed, fold into the attention's match and are not compared
+    one by one): the key and the value swapped; a query or key rotated another way (it agrees at
+    position 0, which a rotation leaves as it is), with the tables each side rotates with; the
+    heads in another order (a grouped-query attention's key and value heads tiled, not repeated in
+    groups). The query's and key's features may be in another order on each side, the same for
+    both (the attention does not change: a conversion permutes q and k rows for another rotary
+    layout); that order is read off the query at position 0."""
+    pairs = {(pp.ref, c) for pp in alignment.params for c in pp.cand}
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        mine, theirs = attention.inputs(ref.node(row.ref_node)), attention.inputs(cand.node(row.cand_node))
+        if mine is None or theirs is None:
+            continue
+        a, b = _attention_values(ref, mine), _attention_values(cand, theirs)
+        if a is None or b is None or any(a[r].shape != b[r].shape for r in a):
+            continue
+        mine, theirs = {r: n for r, (n, _) in mine.items()}, {r: n for r, (n, _) in theirs.items()}
+        eps = max(machine_eps(t.dtype) for t in (*a.values(), *b.values()))
+
+        def close(x: torch.Tensor, y: torch.Tensor) -> bool:
+            return _relative_distance(x.double(), y.double()) <= min(0.05, 1000 * eps)
+        order = _feature_order(a["query"][..., 0, :], b["query"][..., 0, :], min(0.05, 1000 * eps))
+        plain = a
+        if order is not None:
+            a = {r: t[..., order] if r != "value" else t for r, t in a.items()}
+
+        def alike(x: torch.Tensor, role: str) -> bool:   # the reference's role, everywhere or at position 0
+            return any(close(x, y[role]) or close(x[..., :1, :], y[role][..., :1, :]) for y in (a, plain))
+        differ = [r for r in ("query", "key", "value") if not close(a[r], b[r])]
+        if not differ:
+            continue
+        swapped = [(x, y) for i, x in enumerate(differ) for y in differ[i + 1:] if alike(b[x], y) and alike(b[y], x)]
+        rotated = [r for r in differ if r != "value" and rotary.agrees_at_start(a[r], b[r], close)]
+        if swapped:
+            x, y = swapped[0]
+            text = (f"the attention's {x} and {y} swapped: the candidate passes as the {x} what the reference "
+                    f"passes as the {y}, and the other way round")
+        elif rotated and len(rotated) == len(differ):
+            agree = [r for r in ("query", "key") if r not in rotated]
+            both = len(rotated) > 1
+            text = (f"the {' and '.join(rotated)} rotated another way: {'they agree' if both else 'it agrees'} at "
+                    f"position 0, which a rotation leaves as it is, and differ{'' if both else 's'} from position 1 "
+                    f"on{f' (the {agree[0]} agrees)' if agree else ''}")
+            text += _rotary_tables(ref, cand, (mine[rotated[0]], mine["value"]), (theirs[rotated[0]], theirs["value"]),
+                                   pairs)
+        else:
+            orders = {r: _heads_order(a[r], b[r], close) for r in differ}
+            if not all(orders.values()) or len({tuple(o) for o in orders.values()}) != 1:
+                continue
+            text = _heads_text(differ, orders[differ[0]], a[differ[0]], close)
+        row.blame = [text, row.ref_module, row.cand_module]
+
+
+def _heads_text(roles: list[str], order: list[int], x: torch.Tensor, close) -> str:
+    """The story of ``roles`` holding the reference's heads (dimension 1 of ``x``, the reference's
+    value of the first) in ``order``: told as a grouped-query attention's heads repeated another way
+    where the reference's heads are a few repeated."""
+    what = " and ".join(roles)
+    heads = x.transpose(0, 1)
+    ids = [next(j for j in range(i + 1) if close(heads[j], heads[i])) for i in range(len(heads))]
+    distinct = sorted(set(ids))
+    if len(distinct) == len(ids):
+        return f"the attention's {what} {'hold' if len(roles) > 1 else 'holds'} the reference's heads in another order: {order}"
+    number = {h: k for k, h in enumerate(distinct)}
+    mine, theirs = [number[i] for i in ids], [number[ids[j]] for j in order]
+    tiled = list(range(len(distinct))) * (len(ids) // len(distinct))
+
+    def how(seq: list[int]) -> str:
+        return "repeats each in turn" if seq == sorted(seq) else "tiles them" if seq == tiled else "repeats them"
+    return (f"the {what} heads of a grouped-query attention repeated another way: the reference {how(mine)} "
+            f"({len(distinct)} heads for {len(ids)}: {mine}), the candidate {how(theirs)} ({theirs})")
+
+
+def _feature_order(x: torch.Tensor, y: torch.Tensor, limit: float) -> list[int] | None:
+    """The order of ``x``'s last dimension that ``y``'s holds (each feature of ``y`` the nearest of
+    ``x``'s over all other dimensions, within ``limit`` relative to its size); None when a feature
+    has no counterpart, two share one, or the order is the same."""
+    d = x.shape[-1]
+    xs, ys = x.reshape(-1, d).t().double(), y.reshape(-1, d).t().double()
+    distance = torch.cdist(ys, xs)
+    nearest = distance.argmin(dim=1)
+    size = ys.norm(dim=1).clamp_min(1e-30)
+    if len(set(nearest.tolist())) != d or bool((distance.min(dim=1).values > limit * size).any()):
+        return None
+    order = nearest.tolist()
+    return order if order != list(range(d)) else None
+
+
+def _attention_values(capture: Capture, inputs: dict[str, tuple[torch.fx.Node, bool]]) -> dict[str, torch.Tensor] | None:
+    """The values of an attention's ``inputs`` (``attention.inputs``), the key (..., positions,
+    features) as the others; None when one is not kept."""
+    values = {}
+    for role, (node, swapped) in inputs.items():
+        v = stored(capture, node)
+        if v is None or v.dim() < 2:
+            return None
+        values[role] = v.transpose(-1, -2) if swapped else v
+    return values
+
+
+def _rotary_tables(ref: Capture, cand: Capture, mine: tuple[torch.fx.Node, torch.fx.Node],
+                   theirs: tuple[torch.fx.Node, torch.fx.Node], pairs: set[tuple[str, str]]) -> str:
+    """What each side rotates a query or key with (``mine``, ``theirs``: it and the attention's value,
+    whose tables, Gemma's embedding scale, are not the rotation's), for a story: the reference's
+    tables' counterpart (the candidate may keep its frequencies beside the cache it reads,
+    torchtune's ``theta``), or the tables each side reads (and the candidate's frequencies) and the
+    bases they were made with."""
+    def read(capture: Capture, nodes: tuple[torch.fx.Node, torch.fx.Node]) -> list[str]:
+        return [t for t in rotary.tables(capture, nodes[0]) if t not in rotary.tables(capture, nodes[1])]
+    r = read(ref, mine)
+    same = [(x, y) for x in r for y in cand.params if (x, y) in pairs]
+    if same:
+        return (f"; its frequencies are the reference's ({same[0][0]} pairs with {same[0][1]}): it turns other "
+                "features together, or turns them for other positions")
+    c = read(cand, theirs)
+    c += [n for n, t in cand.params.items() if n not in c and n not in cand.param_grads and rotary.base(t)]
+    if not r or not c:
+        return ""
+
+    def named(capture: Capture, names: list[str]) -> str:
+        bases = {n: rotary.base(capture.params[n]) for n in names[:3]}
+        return ", ".join(f"{n} (base {b:g})" if b else n for n, b in bases.items()) + \
+            (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"; they rotate with other tables: the reference's {named(ref, r)} against the candidate's {named(cand, c)}"
+
+
+def _heads_order(x: torch.Tensor, y: torch.Tensor, close) -> list[int] | None:
+    """The reference's heads (dimension 1 of ``x``) in the order ``y`` holds them, each told by
+    ``close``; None when a head of ``y`` is none of ``x``'s or the order is the same."""
+    if x.dim() != 4 or x.shape[1] > _LISTED:
+        return None
+    mine, theirs = x.transpose(0, 1).reshape(x.shape[1], -1), y.transpose(0, 1).reshape(y.shape[1], -1)
+    order = []
+    for head in theirs:
+        found = [i for i, h in enumerate(mine) if close(h, head)]
+        if not found:
+            return None
+        order.append(next((i for i in found if i not in order), found[0]))
+    return order if order != list(range(len(order))) else None
+
+
 def _name_crossed_names(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow]) -> None:
     """Name two parameters of a layer each paired, by its values, with the candidate's namesake of
     the other (the reference's ``k_proj.weight`` with the candidate's ``v_proj.weight``, and
@@ -1197,6 +1511,15 @@ def _slice_row(node: torch.fx.Node, sliced: dict[str, list[NodeRow]], side: str 
     ``nn.MultiheadAttention``'s ``unflatten`` and items), reads all its elements from; None when it
     reads from several or cannot be told. The views are replayed on the fused output's element
     numbers."""
+    found = _slice_read_at(node, sliced, side)
+    return found[0] if found is not None else None
+
+
+def _slice_read_at(node: torch.fx.Node, sliced: dict[str, list[NodeRow]],
+                   side: str = "cand") -> tuple[NodeRow, int, int] | None:
+    """``_slice_row``'s row, and the first and past-the-last column of the slice of the fused output
+    that ``node`` is taken from (the first of its views and slices that keeps to one part: the
+    reference's ``qkv[..., 64:96]``, not the half of each head of it that rotary embeddings take)."""
     chain = [node]
     while chain[-1].name not in sliced:
         if len(chain) > 16 or chain[-1].op != "call_function" or not chain[-1].all_input_nodes:
@@ -1207,22 +1530,29 @@ def _slice_row(node: torch.fx.Node, sliced: dict[str, list[NodeRow]], side: str 
     if not chain or not shape:
         return None
     value: Any = torch.arange(math.prod(shape)).reshape(shape)
+    spans = []
     for n in reversed(chain):
         fn = Targets.default().resolve(str(n.meta.get(TARGET)))
-        if fn is None or not (DEFAULT_OPS.is_view(n, node_key(n)) or node_key(n) in DEFAULT_OPS.splits
-                              or n.meta.get(TARGET) in GETITEM) \
+        key = node_key(n)   # items of a split, and slices of a tensor's own (``x[..., 8:]``)
+        if fn is None or not (DEFAULT_OPS.is_view(n, key) or key in DEFAULT_OPS.splits or key == "getitem") \
                 or any(isinstance(a, torch.fx.Node) for a in (*n.args[1:], *n.kwargs.values())):
             return None
         try:
             value = fn(value, *n.args[1:], **n.kwargs)
         except Exception:  # noqa: BLE001 -- a view that cannot be replayed here tells nothing
             return None
+        if isinstance(value, torch.Tensor) and value.numel():
+            columns = value % shape[-1]
+            spans.append((int(columns.min()), int(columns.max()) + 1))
     if not isinstance(value, torch.Tensor) or not value.numel():
         return None
     columns = value % shape[-1]
     blocks = [(r, r.cand_slice if side == "cand" else r.ref_slice) for r in sliced[fused.name]]
-    owners = [r for r, (lo, hi) in blocks if bool(((columns >= lo) & (columns < hi)).all())]
-    return owners[0] if len(owners) == 1 else None
+    owners = [(r, lo, hi) for r, (lo, hi) in blocks if bool(((columns >= lo) & (columns < hi)).all())]
+    if len(owners) != 1:
+        return None
+    row, lo, hi = owners[0]
+    return next((row, a, b) for a, b in spans if lo <= a and b <= hi)
 
 
 def _fused_source(node: torch.fx.Node, sliced: dict[str, list[NodeRow]]) -> str | None:

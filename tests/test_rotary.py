@@ -1,0 +1,148 @@
+"""An attention's inputs told apart by their values, where the ops that make them fold into the
+attention's match: Hugging Face's Llama attention written out (rotate-half rotary embedding from
+``inv_freq``, heads repeated for their group, softmax of the scaled products) against torchtune's
+(an interleaved rotary embedding from a cos/sin cache built from ``theta``, ``sdpa``), its q and k
+rows permuted per head by the conversion. The bugs are those the trials against torchtune planted;
+each was told only as 'introduced here' at the attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxdiff
+from fxdiff.judge import rotary
+
+HEADS, GROUPS, D, WIDTH, SEQ = 4, 2, 8, 16, 6
+
+
+def _frequencies(base: float) -> torch.Tensor:
+    return base ** -(torch.arange(0, D, 2).float() / D)
+
+
+class HalfRotated(nn.Module):
+    """Hugging Face's Llama attention, written out."""
+
+    def __init__(self, base=10000.0):
+        super().__init__()
+        self.q, self.o = nn.Linear(WIDTH, HEADS * D, bias=False), nn.Linear(HEADS * D, WIDTH, bias=False)
+        self.k, self.v = nn.Linear(WIDTH, GROUPS * D, bias=False), nn.Linear(WIDTH, GROUPS * D, bias=False)
+        self.register_buffer("inv_freq", _frequencies(base))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, HEADS, D).transpose(1, 2)
+        k, v = (p(x).view(b, s, GROUPS, D).transpose(1, 2) for p in (self.k, self.v))
+        angles = torch.arange(s).float()[:, None] * self.inv_freq[None]
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+        def half(t):
+            return torch.cat([-t[..., D // 2:], t[..., :D // 2]], -1)
+        q, k = q * cos + half(q) * sin, k * cos + half(k) * sin
+        k, v = (t.repeat_interleave(HEADS // GROUPS, dim=1) for t in (k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1))
+
+
+class Interleaved(nn.Module):
+    """torchtune's: the port. ``rotate``: which of q and k it rotates; ``tile``: its key and value
+    heads tiled, not repeated in groups; ``swap``: its key and value swapped in its code."""
+
+    def __init__(self, base=10000.0, rotate="qk", tile=False, swap=False):
+        super().__init__()
+        self.q, self.o = nn.Linear(WIDTH, HEADS * D, bias=False), nn.Linear(HEADS * D, WIDTH, bias=False)
+        self.k, self.v = nn.Linear(WIDTH, GROUPS * D, bias=False), nn.Linear(WIDTH, GROUPS * D, bias=False)
+        self.rotate, self.tile, self.swap = rotate, tile, swap
+        self.register_buffer("theta", _frequencies(base))
+        angles = torch.arange(16).float()[:, None] * self.theta[None]
+        self.register_buffer("cache", torch.stack([angles.cos(), angles.sin()], -1))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, HEADS, D)
+        k, v = (p(x).view(b, s, GROUPS, D) for p in (self.k, self.v))
+        if self.swap:
+            k, v = v, k
+
+        def turned(t):
+            pairs, c = t.reshape(*t.shape[:-1], D // 2, 2), self.cache[:s].view(1, s, 1, D // 2, 2)
+            return torch.stack([pairs[..., 0] * c[..., 0] - pairs[..., 1] * c[..., 1],
+                                pairs[..., 1] * c[..., 0] + pairs[..., 0] * c[..., 1]], -1).flatten(3)
+        q, k = turned(q) if "q" in self.rotate else q, turned(k) if "k" in self.rotate else k
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.tile:
+            k, v = (t.repeat(1, HEADS // GROUPS, 1, 1) for t in (k, v))
+        else:
+            k, v = (t.unsqueeze(2).expand(b, GROUPS, HEADS // GROUPS, s, D).flatten(1, 2) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def _port(ref: HalfRotated, permute=True, **kw) -> Interleaved:
+    """``ref``'s weights converted as torchtune's ``hf_to_tune`` does: each head's q and k rows from
+    the rotate-half order to interleaved pairs (with ``permute``; a conversion that forgets it
+    without)."""
+    def interleaved(w, heads):
+        return w.view(heads, 2, D // 2, WIDTH).transpose(1, 2).reshape(heads * D, WIDTH) if permute else w
+    port = Interleaved(**kw)
+    port.load_state_dict({"q.weight": interleaved(ref.q.weight.detach(), HEADS),
+                          "k.weight": interleaved(ref.k.weight.detach(), GROUPS), "v.weight": ref.v.weight,
+                          "o.weight": ref.o.weight, "theta": port.theta, "cache": port.cache})
+    return port
+
+
+def _story(**kw) -> str:
+    torch.manual_seed(0)
+    ref = HalfRotated()
+    captured = fxdiff.capture(ref, (torch.randn(2, SEQ, WIDTH),))
+    report = fxdiff.compare(captured, _port(ref, **kw))
+    entry, = report.first_divergence()["forward"]
+    return entry["blame"]
+
+
+def test_the_converted_port_matches():
+    torch.manual_seed(0)
+    ref = HalfRotated()
+    assert not fxdiff.compare(fxdiff.capture(ref, (torch.randn(2, SEQ, WIDTH),)), _port(ref)).diverged
+
+
+def test_another_base_is_told_with_each_sides_tables():
+    assert _story(base=500000.0) == (
+        "the query and key rotated another way: they agree at position 0, which a rotation leaves as it is, and differ "
+        "from position 1 on; they rotate with other tables: the reference's inv_freq (base 10000) against the "
+        "candidate's cache, theta (base 500000)")
+
+
+def test_weights_left_in_the_rotate_half_order_are_told_as_other_features_turned():
+    assert _story(permute=False) == (
+        "the query and key rotated another way: they agree at position 0, which a rotation leaves as it is, and differ "
+        "from position 1 on; its frequencies are the reference's (inv_freq pairs with theta): it turns other features "
+        "together, or turns them for other positions")
+
+
+def test_a_key_left_unrotated_is_told_apart_from_the_query():
+    assert _story(rotate="q").startswith(
+        "the key rotated another way: it agrees at position 0, which a rotation leaves as it is, and differs from "
+        "position 1 on (the query agrees)")
+
+
+def test_key_and_value_heads_tiled_are_told_as_repeated_another_way():
+    assert _story(tile=True) == (
+        "the key and value heads of a grouped-query attention repeated another way: the reference repeats each in "
+        "turn (2 heads for 4: [0, 0, 1, 1]), the candidate tiles them ([0, 1, 0, 1])")
+
+
+def test_key_and_value_swapped_before_the_rotation_are_named():
+    assert _story(swap=True) == ("the attention's key and value swapped: the candidate passes as the key what the "
+                                 "reference passes as the value, and the other way round")
+
+
+def test_a_base_is_read_off_its_frequencies_and_only_off_frequencies():
+    assert rotary.base(_frequencies(500000.0)) == 500000
+    assert rotary.base(_frequencies(10000.0)) == 10000
+    assert rotary.base(torch.linspace(1, 0.1, 4)) is None
+    assert rotary.base(torch.ones(4)) is None

@@ -1302,11 +1302,11 @@ def _blame_attention_inputs(ref: Capture, cand: Capture, rows: list[NodeRow], al
         if a is None or b is None or any(a[r].shape != b[r].shape for r in a):
             continue
         mine, theirs = {r: n for r, (n, _) in mine.items()}, {r: n for r, (n, _) in theirs.items()}
-        eps = max(machine_eps(t.dtype) for t in (*a.values(), *b.values()))
+        limit = min(0.05, 1000 * max(machine_eps(t.dtype) for t in (*a.values(), *b.values())))
 
         def close(x: torch.Tensor, y: torch.Tensor) -> bool:
-            return _relative_distance(x.double(), y.double()) <= min(0.05, 1000 * eps)
-        order = _feature_order(a["query"][..., 0, :], b["query"][..., 0, :], min(0.05, 1000 * eps))
+            return _relative_distance(x.double(), y.double()) <= limit
+        order = _feature_order(a["query"][..., 0, :], b["query"][..., 0, :], limit)
         plain = a
         if order is not None:
             a = {r: t[..., order] if r != "value" else t for r, t in a.items()}
@@ -1331,20 +1331,20 @@ def _blame_attention_inputs(ref: Capture, cand: Capture, rows: list[NodeRow], al
             text += _rotary_tables(ref, cand, (mine[rotated[0]], mine["value"]), (theirs[rotated[0]], theirs["value"]),
                                    pairs)
         else:
-            orders = {r: _heads_order(a[r], b[r], close) for r in differ}
+            orders = {r: _heads_order(a[r], b[r], limit) for r in differ}
             if not all(orders.values()) or len({tuple(o) for o in orders.values()}) != 1:
                 continue
-            text = _heads_text(differ, orders[differ[0]], a[differ[0]], close)
+            text = _heads_text(differ, orders[differ[0]], a[differ[0]], limit)
         row.blame = [text, row.ref_module, row.cand_module]
 
 
-def _heads_text(roles: list[str], order: list[int], x: torch.Tensor, close) -> str:
+def _heads_text(roles: list[str], order: list[int], x: torch.Tensor, limit: float) -> str:
     """The story of ``roles`` holding the reference's heads (dimension 1 of ``x``, the reference's
     value of the first) in ``order``: told as a grouped-query attention's heads repeated another way
     where the reference's heads are a few repeated."""
     what = " and ".join(roles)
-    heads = x.transpose(0, 1)
-    ids = [next(j for j in range(i + 1) if close(heads[j], heads[i])) for i in range(len(heads))]
+    heads = x.transpose(0, 1).reshape(x.shape[1], -1)
+    ids = [int(row.nonzero()[0]) for row in _near(heads, heads, limit)]
     distinct = sorted(set(ids))
     if len(distinct) == len(ids):
         return f"the attention's {what} {'hold' if len(roles) > 1 else 'holds'} the reference's heads in another order: {order}"
@@ -1359,18 +1359,15 @@ def _heads_text(roles: list[str], order: list[int], x: torch.Tensor, close) -> s
 
 
 def _feature_order(x: torch.Tensor, y: torch.Tensor, limit: float) -> list[int] | None:
-    """The order of ``x``'s last dimension that ``y``'s holds (each feature of ``y`` the nearest of
-    ``x``'s over all other dimensions, within ``limit`` relative to its size); None when a feature
-    has no counterpart, two share one, or the order is the same."""
+    """The order of ``x``'s last dimension that ``y``'s holds (each feature of ``y``, over all other
+    dimensions, one of ``x``'s: ``_near``); None when a feature has none or two share one, or the
+    order is the same."""
     d = x.shape[-1]
-    xs, ys = x.reshape(-1, d).t().double(), y.reshape(-1, d).t().double()
-    distance = torch.cdist(ys, xs)
-    nearest = distance.argmin(dim=1)
-    size = ys.norm(dim=1).clamp_min(1e-30)
-    if len(set(nearest.tolist())) != d or bool((distance.min(dim=1).values > limit * size).any()):
+    near = _near(x.reshape(-1, d).t(), y.reshape(-1, d).t(), limit)
+    if not bool(near.any(dim=1).all()):
         return None
-    order = nearest.tolist()
-    return order if order != list(range(d)) else None
+    order = near.double().argmax(dim=1).tolist()   # the first near one
+    return order if len(set(order)) == d and order != list(range(d)) else None
 
 
 def _attention_values(capture: Capture, inputs: dict[str, tuple[torch.fx.Node, bool]]) -> dict[str, torch.Tensor] | None:
@@ -1411,19 +1408,26 @@ def _rotary_tables(ref: Capture, cand: Capture, mine: tuple[torch.fx.Node, torch
     return f"; they rotate with other tables: the reference's {named(ref, r)} against the candidate's {named(cand, c)}"
 
 
-def _heads_order(x: torch.Tensor, y: torch.Tensor, close) -> list[int] | None:
-    """The reference's heads (dimension 1 of ``x``) in the order ``y`` holds them, each told by
-    ``close``; None when a head of ``y`` is none of ``x``'s or the order is the same."""
-    if x.dim() != 4 or x.shape[1] > _LISTED:
+def _heads_order(x: torch.Tensor, y: torch.Tensor, limit: float) -> list[int] | None:
+    """The reference's heads (dimension 1 of ``x``) in the order ``y`` holds them (``_near``); None
+    when a head of ``y`` is none of ``x``'s or the order is the same."""
+    if x.dim() != 4:
         return None
-    mine, theirs = x.transpose(0, 1).reshape(x.shape[1], -1), y.transpose(0, 1).reshape(y.shape[1], -1)
-    order = []
-    for head in theirs:
-        found = [i for i, h in enumerate(mine) if close(h, head)]
+    near = _near(x.transpose(0, 1).reshape(x.shape[1], -1), y.transpose(0, 1).reshape(y.shape[1], -1), limit)
+    order: list[int] = []
+    for row in near:
+        found = row.nonzero().flatten().tolist()
         if not found:
             return None
         order.append(next((i for i in found if i not in order), found[0]))
     return order if order != list(range(len(order))) else None
+
+
+def _near(xs: torch.Tensor, ys: torch.Tensor, limit: float) -> torch.Tensor:
+    """Which rows of ``xs`` each row of ``ys`` is, within ``limit`` of its size (its distance to
+    them over its norm): a boolean matrix, a row for each of ``ys``."""
+    xs, ys = xs.double(), ys.double()
+    return torch.cdist(ys, xs) <= limit * ys.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 def _name_crossed_names(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow]) -> None:

@@ -2058,25 +2058,30 @@ class FinalNorm(nn.Module):
     """Two layers, a final RMS norm written out as Hugging Face's Llama does, and a head; ``norm``
     False: a port whose final norm is an ``Identity``."""
 
-    def __init__(self, norm: bool = True):
+    def __init__(self, norm: bool = True, gemma: bool = False):
         super().__init__()
         torch.manual_seed(0)
-        self.has_norm, self.body, self.head = norm, nn.Linear(8, 8), nn.Linear(8, 4)
+        self.has_norm, self.gemma, self.body, self.head = norm, gemma, nn.Linear(8, 8), nn.Linear(8, 4)
         self.norm_weight = nn.Parameter(1 + torch.rand(8))
 
     def forward(self, x):
         h = x + self.body(x)
-        if self.has_norm:
+        if self.has_norm and self.gemma:   # Gemma's: in float32, gain 1 + w, cast back
+            f = h.float()
+            h = (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.norm_weight.float())).type_as(h)
+        elif self.has_norm:
             h = self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
         return self.head(h)
 
 
-def test_a_norm_one_side_alone_runs_before_an_op_is_named_there():
-    """A final norm ported as an Identity was 'introduced here' at the head, no story."""
+@pytest.mark.parametrize("gemma", [False, True])
+def test_a_norm_one_side_alone_runs_before_an_op_is_named_there(gemma):
+    """A final norm ported as an Identity was 'introduced here' at the head, no story (Gemma's, its
+    gain ``1 + w``, after the story was told for Llama's)."""
     x = torch.randn(3, 8)
     port = FinalNorm(norm=False)
     port.load_state_dict({k: v for k, v in FinalNorm().state_dict().items() if k != "norm_weight"}, strict=False)
-    first = next(r for r in fxdiff.compare(fxdiff.capture(FinalNorm(), (x,)), port).nodes if r.first_forward)
+    first = next(r for r in fxdiff.compare(fxdiff.capture(FinalNorm(gemma=gemma), (x,)), port).nodes if r.first_forward)
     assert first.blame[0] == "ref-only RMS norm (written out, eps 1e-06): the candidate passes its input as it is", \
         first.blame
 
@@ -2230,3 +2235,34 @@ def test_a_wrong_backward_after_a_slice_of_a_fused_output_is_named():
     entry, = report.first_divergence()["backward"]
     assert entry["blame"] == ("backward only: the candidate's backward through act is not the derivative of its "
                               "forward ops (a custom autograd.Function or a gradient hook)"), entry
+
+
+class ScaledEmbedding(nn.Module):
+    """Gemma's embedding scaled by sqrt(d): from a buffer (``port`` False), or by a tensor made in
+    the forward pass, in ``dtype`` (a port's: in bfloat16, 8.5 for sqrt(72))."""
+
+    def __init__(self, port=False, dtype=torch.float32):
+        super().__init__()
+        self.embed, self.head, self.port, self.dtype = nn.Embedding(10, 72), nn.Linear(72, 4), port, dtype
+        self.register_buffer("embed_scale", torch.tensor(72 ** 0.5), persistent=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.head(h * (torch.tensor(72 ** 0.5, dtype=self.dtype) if self.port else self.embed_scale))
+
+
+def test_a_factor_made_another_way_is_named_by_the_two_numbers():
+    """'computed with other ops: ref mul against cand tensor, mul' (the correct port makes its
+    tensor and multiplies too)."""
+    torch.manual_seed(0)
+    ref, ids = ScaledEmbedding(), torch.randint(0, 10, (2, 5))
+    captured = fxdiff.capture(ref, (ids,))
+    assert not fxdiff.compare(captured, _loaded(ScaledEmbedding(port=True), ref)).diverged
+    first = next(r for r in fxdiff.compare(captured, _loaded(ScaledEmbedding(True, torch.bfloat16), ref)).nodes
+                 if r.first_forward)
+    assert first.blame[0] == "its factor differs: 8.485281 (embed_scale) against 8.5 (tensor)", first.blame
+
+
+def _loaded(model: nn.Module, source: nn.Module) -> nn.Module:
+    model.load_state_dict(source.state_dict())
+    return model

@@ -62,7 +62,13 @@ def _core(node: torch.fx.Node) -> torch.fx.Node:
 
 
 def _parameter(node: torch.fx.Node) -> bool:
-    while node.op == "call_function" and len(node.all_input_nodes) == 1 and DEFAULT_OPS.is_view(node, node_key(node)):
+    """Whether ``node`` is a parameter, through views, casts and a number added to it (Gemma's gain
+    ``1 + w``)."""
+    while node.op == "call_function" and len(node.all_input_nodes) == 1:
+        key = node_key(node)
+        if not (DEFAULT_OPS.is_view(node, key)
+                or key in ("add", "sub", "radd", "rsub") and any(type(a) in (int, float) for a in node.args)):
+            return False
         node = node.all_input_nodes[0]
     return node.op == "get_attr"
 

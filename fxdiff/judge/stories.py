@@ -37,6 +37,7 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     """Tell what starts each forward first divergence, where a story fits: ``rejected``, the weak
     pairs set aside; ``lowered``, the rows the candidate computes at a coarser dtype of its own."""
     _blame_arguments(ref, cand, rows)
+    _blame_factor(ref, cand, rows)
     _blame_lowered(ref, cand, rows, lowered)
     _blame_norm(ref, cand, rows)
     _blame_one_sided_norm(ref, cand, rows)
@@ -301,6 +302,40 @@ def _blame_arguments(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         if differ:
             row.blame = [f"its arguments differ: {', '.join(differ)}", rn.meta.get(MODULE, row.ref_module),
                          cn.meta.get(MODULE, row.cand_module)]
+
+
+def _blame_factor(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence at a product of a compared value and a single number on
+    each side (an embedding scaled by sqrt(d): Gemma's ``embed_scale`` buffer against a
+    ``torch.tensor`` a port makes, rounded to bfloat16) on the two numbers, where they differ."""
+    compared_r, compared_c = {r.ref_node for r in rows}, {r.cand_node for r in rows}
+
+    def factor(capture: Capture, node: torch.fx.Node, compared: set[str]) -> tuple[float, str] | None:
+        if node_key(node) not in ("mul", "div") or len(node.args) != 2:
+            return None
+        values, numbers = [], []
+        for i, a in enumerate(node.args):
+            if isinstance(a, torch.fx.Node) and _through_views(a, compared).name in compared:
+                values.append(i)
+            elif type(a) in (int, float):
+                numbers.append((float(a), "a number"))
+            elif isinstance(a, torch.fx.Node) and (t := stored(capture, a)) is not None and t.numel() == 1 \
+                    and t.is_floating_point():
+                made = str(a.target) if a.op == "get_attr" else a.name if a.name == node_key(a) else \
+                    f"{a.name}, {node_key(a)}"
+                numbers.append((float(t), made))
+        if len(values) != 1 or len(numbers) != 1 or node_key(node) == "div" and values != [0]:
+            return None
+        return numbers[0]
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        a, b = factor(ref, rn, compared_r), factor(cand, cn, compared_c)
+        if a is None or b is None or node_key(rn) != node_key(cn) or math.isclose(a[0], b[0], rel_tol=1e-7):
+            continue
+        row.blame = [f"its factor differs: {a[0]:.7g} ({a[1]}) against {b[0]:.7g} ({b[1]})",
+                     row.ref_module, row.cand_module]
 
 
 def _blame_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:

@@ -50,10 +50,12 @@ class HalfRotated(nn.Module):
 
 class Interleaved(nn.Module):
     """torchtune's: the port. ``rotate``: which of q and k it rotates; ``tile``: its key and value
-    heads tiled, not repeated in groups; ``swap``: its key and value swapped in its code."""
+    heads tiled, not repeated in groups; ``swap``: its key and value swapped in its code; ``half``:
+    it rotates the halves of each head, as the reference does, on weights converted for pairs."""
 
-    def __init__(self, base=10000.0, rotate="qk", tile=False, swap=False):
+    def __init__(self, base=10000.0, rotate="qk", tile=False, swap=False, half=False):
         super().__init__()
+        self.half = half
         self.q, self.o = nn.Linear(WIDTH, HEADS * D, bias=False), nn.Linear(HEADS * D, WIDTH, bias=False)
         self.k, self.v = nn.Linear(WIDTH, GROUPS * D, bias=False), nn.Linear(WIDTH, GROUPS * D, bias=False)
         self.rotate, self.tile, self.swap = rotate, tile, swap
@@ -69,7 +71,11 @@ class Interleaved(nn.Module):
             k, v = v, k
 
         def turned(t):
-            pairs, c = t.reshape(*t.shape[:-1], D // 2, 2), self.cache[:s].view(1, s, 1, D // 2, 2)
+            c = self.cache[:s].view(1, s, 1, D // 2, 2)
+            if self.half:
+                cos, sin = torch.cat([c[..., 0], c[..., 0]], -1), torch.cat([c[..., 1], c[..., 1]], -1)
+                return t * cos + torch.cat([-t[..., D // 2:], t[..., :D // 2]], -1) * sin
+            pairs = t.reshape(*t.shape[:-1], D // 2, 2)
             return torch.stack([pairs[..., 0] * c[..., 0] - pairs[..., 1] * c[..., 1],
                                 pairs[..., 1] * c[..., 0] + pairs[..., 0] * c[..., 1]], -1).flatten(3)
         q, k = turned(q) if "q" in self.rotate else q, turned(k) if "k" in self.rotate else k
@@ -100,8 +106,8 @@ def _story(**kw) -> str:
     ref = HalfRotated()
     captured = fxdiff.capture(ref, (torch.randn(2, SEQ, WIDTH),))
     report = fxdiff.compare(captured, _port(ref, **kw))
-    entry, = report.first_divergence()["forward"]
-    return entry["blame"]
+    told, = {entry["blame"] for entry in report.first_divergence()["forward"]}   # one story, at each first divergence
+    return told
 
 
 def test_the_converted_port_matches():
@@ -119,6 +125,15 @@ def test_another_base_is_told_with_each_sides_tables():
 
 def test_weights_left_in_the_rotate_half_order_are_told_as_other_features_turned():
     assert _story(permute=False) == (
+        "the query and key rotated another way: they agree at position 0, which a rotation leaves as it is, and differ "
+        "from position 1 on; its frequencies are the reference's (inv_freq pairs with theta): it turns other features "
+        "together, or turns them for other positions")
+
+
+def test_halves_rotated_on_weights_converted_for_pairs_are_told_inside_the_rotation():
+    """The first divergence is inside the rotation, whose ops pair one by one: 'a tensor it reads
+    pairs with nothing: cache'. The attention they lead to tells it."""
+    assert _story(half=True) == (
         "the query and key rotated another way: they agree at position 0, which a rotation leaves as it is, and differ "
         "from position 1 on; its frequencies are the reference's (inv_freq pairs with theta): it turns other features "
         "together, or turns them for other positions")

@@ -37,6 +37,7 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     """Tell what starts each forward first divergence, where a story fits: ``rejected``, the weak
     pairs set aside; ``lowered``, the rows the candidate computes at a coarser dtype of its own."""
     _blame_arguments(ref, cand, rows)
+    _blame_untied(ref, cand, rows, params)
     _blame_factor(ref, cand, rows)
     _blame_lowered(ref, cand, rows, lowered)
     _blame_norm(ref, cand, rows)
@@ -59,7 +60,6 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     _name_gate_swap(ref, cand, rows)
     _name_swapped_roles(ref, cand, rows)
     _blame_parameter_values(ref, rows, params)
-    _blame_untied(ref, cand, rows, params)
     _blame_unpaired_tensors(ref, cand, rows, alignment)
     _blame_made_from_constants(ref, cand, rows)
     _name_rearranged(ref, cand, rows)
@@ -372,7 +372,8 @@ def _blame_one_sided_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> N
         x, y = _through_views(rn.args[0], compared_r), _through_views(cn.args[0], compared_c)
         for side, (a, b), (mine, theirs) in (("ref", (x, y), (compared_r, compared_c)),
                                             ("cand", (y, x), (compared_c, compared_r))):
-            norm = norms.norm_of(a) if a.name not in mine and b.name in theirs else None
+            # the other side's input compared as it is, and no norm's output itself
+            norm = norms.norm_of(a) if a.name not in mine and b.name in theirs and norms.norm_of(b) is None else None
             if norm is not None:
                 module = a.meta.get(MODULE, "")
                 other = counterpart_module(rows, module, side)
@@ -1318,59 +1319,81 @@ def _name_fused_parts_crossed(ref: Capture, cand: Capture, rows: list[NodeRow]) 
 
 def _blame_attention_inputs(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> None:
     """Tell which of an attention's query, key and value differ, at a forward first divergence at
-    attention on both sides, by the values each side passes (the ops that make them, a rotary
-    embedding written out or a cache indexed, fold into the attention's match and are not compared
-    one by one): the key and the value swapped; a query or key rotated another way (it agrees at
-    position 0, which a rotation leaves as it is), with the tables each side rotates with; the
-    heads in another order (a grouped-query attention's key and value heads tiled, not repeated in
-    groups). The query's and key's features may be in another order on each side, the same for
-    both (the attention does not change: a conversion permutes q and k rows for another rotary
-    layout); that order is read off the query at position 0."""
+    attention on both sides, or on the way to one (inside a rotary embedding whose ops pair one by
+    one), by the values each side passes (``_attention_story``)."""
     pairs = {(pp.ref, c) for pp in alignment.params for c in pp.cand}
+    attentions = {r.ref_node: r.cand_node for r in rows if attention.inputs(ref.node(r.ref_node)) is not None
+                  and attention.inputs(cand.node(r.cand_node)) is not None}
     for row in rows:
         if not row.first_forward or row.blame:
             continue
-        mine, theirs = attention.inputs(ref.node(row.ref_node)), attention.inputs(cand.node(row.cand_node))
-        if mine is None or theirs is None:
-            continue
-        a, b = _attention_values(ref, mine), _attention_values(cand, theirs)
-        if a is None or b is None or any(a[r].shape != b[r].shape for r in a):
-            continue
-        mine, theirs = {r: n for r, (n, _) in mine.items()}, {r: n for r, (n, _) in theirs.items()}
-        limit = min(0.05, 1000 * max(machine_eps(t.dtype) for t in (*a.values(), *b.values())))
+        at = row.ref_node if row.ref_node in attentions else _next_of(ref.node(row.ref_node), attentions)
+        if at is not None:
+            text = _attention_story(ref, cand, ref.node(at), cand.node(attentions[at]), pairs)
+            if text is not None:
+                row.blame = [text, row.ref_module, row.cand_module]
 
-        def close(x: torch.Tensor, y: torch.Tensor) -> bool:
-            return _relative_distance(x.double(), y.double()) <= limit
-        order = _feature_order(a["query"][..., 0, :], b["query"][..., 0, :], limit)
-        plain = a
-        if order is not None:
-            a = {r: t[..., order] if r != "value" else t for r, t in a.items()}
 
-        def alike(x: torch.Tensor, role: str) -> bool:   # the reference's role, everywhere or at position 0
-            return any(close(x, y[role]) or close(x[..., :1, :], y[role][..., :1, :]) for y in (a, plain))
-        differ = [r for r in ("query", "key", "value") if not close(a[r], b[r])]
-        if not differ:
-            continue
-        swapped = [(x, y) for i, x in enumerate(differ) for y in differ[i + 1:] if alike(b[x], y) and alike(b[y], x)]
-        rotated = [r for r in differ if r != "value" and rotary.agrees_at_start(a[r], b[r], close)]
-        if swapped:
-            x, y = swapped[0]
-            text = (f"the attention's {x} and {y} swapped: the candidate passes as the {x} what the reference "
-                    f"passes as the {y}, and the other way round")
-        elif rotated and len(rotated) == len(differ):
-            agree = [r for r in ("query", "key") if r not in rotated]
-            both = len(rotated) > 1
-            text = (f"the {' and '.join(rotated)} rotated another way: {'they agree' if both else 'it agrees'} at "
-                    f"position 0, which a rotation leaves as it is, and differ{'' if both else 's'} from position 1 "
-                    f"on{f' (the {agree[0]} agrees)' if agree else ''}")
-            text += _rotary_tables(ref, cand, (mine[rotated[0]], mine["value"]), (theirs[rotated[0]], theirs["value"]),
-                                   pairs)
-        else:
-            orders = {r: _heads_order(a[r], b[r], limit) for r in differ}
-            if not all(orders.values()) or len({tuple(o) for o in orders.values()}) != 1:
-                continue
-            text = _heads_text(differ, orders[differ[0]], a[differ[0]], limit)
-        row.blame = [text, row.ref_module, row.cand_module]
+def _next_of(node: torch.fx.Node, wanted: Collection[str], most: int = 32) -> str | None:
+    """The first of ``wanted`` that ``node``'s value reaches, within ``most`` ops after it."""
+    seen, frontier = {node.name}, [node]
+    while frontier and len(seen) <= most:
+        frontier = [u for n in frontier for u in n.users if u.name not in seen]
+        for u in frontier:
+            if u.name in wanted:
+                return u.name
+            seen.add(u.name)
+    return None
+
+
+def _attention_story(ref: Capture, cand: Capture, rn: torch.fx.Node, cn: torch.fx.Node,
+                     pairs: set[tuple[str, str]]) -> str | None:
+    """What differs between two attentions' query, key and value, told by the values each side
+    passes (the ops that make them, a rotary embedding written out or a cache indexed, fold into the
+    attention's match and are not compared one by one): the key and the value swapped; a query or
+    key rotated another way (it agrees at position 0, which a rotation leaves as it is), with the
+    tables each side rotates with; the heads in another order (a grouped-query attention's key and
+    value heads tiled, not repeated in groups). The query's and key's features may be in another
+    order on each side, the same for both (the attention does not change: a conversion permutes q
+    and k rows for another rotary layout); that order is read off the query at position 0. None
+    when none of these is so."""
+    mine, theirs = attention.inputs(rn), attention.inputs(cn)
+    a, b = _attention_values(ref, mine), _attention_values(cand, theirs)
+    if a is None or b is None or any(a[r].shape != b[r].shape for r in a):
+        return None
+    mine, theirs = {r: n for r, (n, _) in mine.items()}, {r: n for r, (n, _) in theirs.items()}
+    limit = min(0.05, 1000 * max(machine_eps(t.dtype) for t in (*a.values(), *b.values())))
+
+    def close(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return _relative_distance(x.double(), y.double()) <= limit
+    order = _feature_order(a["query"][..., 0, :], b["query"][..., 0, :], limit)
+    plain = a
+    if order is not None:
+        a = {r: t[..., order] if r != "value" else t for r, t in a.items()}
+
+    def alike(x: torch.Tensor, role: str) -> bool:   # the reference's role, everywhere or at position 0
+        return any(close(x, y[role]) or close(x[..., :1, :], y[role][..., :1, :]) for y in (a, plain))
+    differ = [r for r in ("query", "key", "value") if not close(a[r], b[r])]
+    if not differ:
+        return None
+    swapped = [(x, y) for i, x in enumerate(differ) for y in differ[i + 1:] if alike(b[x], y) and alike(b[y], x)]
+    rotated = [r for r in differ if r != "value" and rotary.agrees_at_start(a[r], b[r], close)]
+    if swapped:
+        x, y = swapped[0]
+        return (f"the attention's {x} and {y} swapped: the candidate passes as the {x} what the reference "
+                f"passes as the {y}, and the other way round")
+    if rotated and len(rotated) == len(differ):
+        agree = [r for r in ("query", "key") if r not in rotated]
+        both = len(rotated) > 1
+        return (f"the {' and '.join(rotated)} rotated another way: {'they agree' if both else 'it agrees'} at "
+                f"position 0, which a rotation leaves as it is, and differ{'' if both else 's'} from position 1 "
+                f"on{f' (the {agree[0]} agrees)' if agree else ''}"
+                + _rotary_tables(ref, cand, (mine[rotated[0]], mine["value"]), (theirs[rotated[0]], theirs["value"]),
+                                 pairs))
+    orders = {r: _heads_order(a[r], b[r], limit) for r in differ}
+    if not all(orders.values()) or len({tuple(o) for o in orders.values()}) != 1:
+        return None
+    return _heads_text(differ, orders[differ[0]], a[differ[0]], limit)
 
 
 def _heads_text(roles: list[str], order: list[int], x: torch.Tensor, limit: float) -> str:

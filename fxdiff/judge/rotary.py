@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from ..model.capture import Capture
+from ..store.summary import is_summary
 
 
 def agrees_at_start(a: torch.Tensor, b: torch.Tensor, close) -> bool:
@@ -46,7 +47,7 @@ def tables(capture: Capture, node: torch.fx.Node) -> list[str]:
 def base(t: torch.Tensor) -> float | None:
     """The base of rotary frequencies ``t`` (1-D, ``base ** (-2i / d)`` for ``i < d / 2``: 1, then
     falling geometrically), rounded to 3 significant digits; None when ``t`` is no such table."""
-    if t.dim() != 1 or len(t) < 3 or not t.is_floating_point():
+    if is_summary(t) or t.dim() != 1 or len(t) < 3 or not t.is_floating_point():
         return None
     f = t.double()
     if not math.isclose(float(f[0]), 1.0, rel_tol=1e-3) or not 0 < float(f[1]) < 1:

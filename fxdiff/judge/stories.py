@@ -98,6 +98,7 @@ def place_unpaired(ref: Capture, cand: Capture, alignment: Alignment) -> list[st
             a = ref.params.get(other)
             if a is None or is_summary(a) or a.dim() != 2 or a.dtype != b.dtype:
                 continue
+            found = None
             for dim, what in ((0, "rows"), (1, "columns")):
                 m = a if dim == 0 else a.t()
                 if m.shape[1] != b.shape[1] or not len(b) <= len(m) <= _MOST_ROWS:
@@ -109,9 +110,10 @@ def place_unpaired(ref: Capture, cand: Capture, alignment: Alignment) -> list[st
                         index.setdefault(r, []).append(i)
                 taken = _taken(index, _row_bytes(b))
                 if taken:
-                    placed.setdefault(other, []).append((name, what, taken))
+                    found = (name, what, taken)
                     break
-            if name in {n for parts in placed.values() for n, _, _ in parts}:
+            if found:
+                placed.setdefault(other, []).append(found)
                 break
     lines: dict[str, list[str]] = {}   # by the text with its numbers taken out: one a layer
     for other, parts in placed.items():
@@ -1321,17 +1323,19 @@ def _blame_attention_inputs(ref: Capture, cand: Capture, rows: list[NodeRow], al
     """Tell which of an attention's query, key and value differ, at a forward first divergence at
     attention on both sides, or on the way to one (inside a rotary embedding whose ops pair one by
     one), by the values each side passes (``_attention_story``)."""
+    unblamed = [r for r in rows if r.first_forward and not r.blame]
+    if not unblamed:
+        return
     pairs = {(pp.ref, c) for pp in alignment.params for c in pp.cand}
     attentions = {r.ref_node: r.cand_node for r in rows if attention.inputs(ref.node(r.ref_node)) is not None
                   and attention.inputs(cand.node(r.cand_node)) is not None}
-    for row in rows:
-        if not row.first_forward or row.blame:
-            continue
+    told: dict[str, str | None] = {}   # by attention: the frontier rows of one rotation lead to one
+    for row in unblamed:
         at = row.ref_node if row.ref_node in attentions else _next_of(ref.node(row.ref_node), attentions)
-        if at is not None:
-            text = _attention_story(ref, cand, ref.node(at), cand.node(attentions[at]), pairs)
-            if text is not None:
-                row.blame = [text, row.ref_module, row.cand_module]
+        if at is not None and at not in told:
+            told[at] = _attention_story(ref, cand, ref.node(at), cand.node(attentions[at]), pairs)
+        if at is not None and told[at] is not None:
+            row.blame = [told[at], row.ref_module, row.cand_module]
 
 
 def _next_of(node: torch.fx.Node, wanted: Collection[str], most: int = 32) -> str | None:
@@ -1390,10 +1394,14 @@ def _attention_story(ref: Capture, cand: Capture, rn: torch.fx.Node, cn: torch.f
                 f"on{f' (the {agree[0]} agrees)' if agree else ''}"
                 + _rotary_tables(ref, cand, (mine[rotated[0]], mine["value"]), (theirs[rotated[0]], theirs["value"]),
                                  pairs))
-    orders = {r: _heads_order(a[r], b[r], limit) for r in differ}
+    first = (..., slice(0, _HEAD_POSITIONS), slice(None))   # enough positions to tell heads apart
+    orders = {r: _heads_order(a[r][first], b[r][first], limit) for r in differ}
     if not all(orders.values()) or len({tuple(o) for o in orders.values()}) != 1:
         return None
-    return _heads_text(differ, orders[differ[0]], a[differ[0]], limit)
+    return _heads_text(differ, orders[differ[0]], a[differ[0]][first], limit)
+
+
+_HEAD_POSITIONS = 64
 
 
 def _heads_text(roles: list[str], order: list[int], x: torch.Tensor, limit: float) -> str:

@@ -2170,7 +2170,8 @@ def test_a_tied_weight_ported_as_an_untied_copy_is_named_on_its_gradient():
     report = fxdiff.compare(fxdiff.capture(ref, (ids,)), _untied(ref, ref.embed.weight.detach().clone()))
     assert report.diverged and not any(r.first_forward for r in report.nodes)
     row = next(p for p in report.params if p.ref == "embed.weight")
-    assert row.grad.note == "tied in the reference, also read in <root>; the candidate's head.weight there is a copy, untied"
+    assert row.grad.note == ("tied in the reference, also read in <root>; the candidate's head.weight there is a copy, "
+                             "untied")
     assert any(w.startswith("embed.weight is tied in the reference") for w in report.warnings), report.warnings
 
 

@@ -117,7 +117,8 @@ def place_unpaired(ref: Capture, cand: Capture, alignment: Alignment) -> list[st
                 break
     lines: dict[str, list[str]] = {}   # by the text with its numbers taken out: one a layer
     for other, parts in placed.items():
-        said = [f"{name} pairs with nothing: its rows are {other}'s {what} {_span(taken)}" for name, what, taken in parts]
+        said = [f"{name} pairs with nothing: its rows are {other}'s {what} {_span(taken)}"
+                for name, what, taken in parts]
         used = [i for _, _, taken in parts for i in taken]
         size = len(ref.params[other]) if parts[0][1] == "rows" else ref.params[other].shape[1]
         twice, none = sorted({i for i in used if used.count(i) > 1}), sorted(set(range(size)) - set(used))
@@ -1413,7 +1414,8 @@ def _heads_text(roles: list[str], order: list[int], x: torch.Tensor, limit: floa
     ids = [int(row.nonzero()[0]) for row in _near(heads, heads, limit)]
     distinct = sorted(set(ids))
     if len(distinct) == len(ids):
-        return f"the attention's {what} {'hold' if len(roles) > 1 else 'holds'} the reference's heads in another order: {order}"
+        return (f"the attention's {what} {'hold' if len(roles) > 1 else 'holds'} the reference's heads in another "
+                f"order: {order}")
     number = {h: k for k, h in enumerate(distinct)}
     mine, theirs = [number[i] for i in ids], [number[ids[j]] for j in order]
     tiled = list(range(len(distinct))) * (len(ids) // len(distinct))
@@ -1436,7 +1438,8 @@ def _feature_order(x: torch.Tensor, y: torch.Tensor, limit: float) -> list[int] 
     return order if len(set(order)) == d and order != list(range(d)) else None
 
 
-def _attention_values(capture: Capture, inputs: dict[str, tuple[torch.fx.Node, bool]]) -> dict[str, torch.Tensor] | None:
+def _attention_values(capture: Capture,
+                      inputs: dict[str, tuple[torch.fx.Node, bool]]) -> dict[str, torch.Tensor] | None:
     """The values of an attention's ``inputs`` (``attention.inputs``), the key (..., positions,
     features) as the others; None when one is not kept."""
     values = {}

@@ -383,7 +383,7 @@ def test_nn_multihead_attention_is_recorded_op_by_op_and_a_bug_beside_it_named()
             t[:8], t[8:16] = t[8:16].clone(), t[:8].clone()
     entry, = fxdiff.compare(fxdiff.capture(WrittenAttention().load_from(ref), (x,)), swapped).first_divergence()["forward"]
     assert entry["blame"] == ("the attention's query and key swapped: the candidate passes as the query what the "
-                              "reference passes as the key, and the other way round"), entry
+                              "reference passes as the key (made in k), and the other way round"), entry
     written = WrittenAttention().load_from(ref)   # the other way round: the fused projection the reference's
     with torch.no_grad():
         for a, b in ((written.q.weight, written.k.weight), (written.q.bias, written.k.bias)):
@@ -1630,7 +1630,7 @@ def test_q_and_k_read_from_each_others_block_of_a_fused_qkv_split_by_heads_are_n
         assert report.diverged == bool(crossed)
     first = next(r for r in report.nodes if r.first_forward)
     assert first.blame[0] == ("the attention's query and key swapped: the candidate passes as the query what the "
-                              "reference passes as the key, and the other way round"), first.blame
+                              "reference passes as the key (made in k), and the other way round"), first.blame
     # told by the values each side passes; a summary capture keeps none, and the pairs tell it
     first = next(r for r in fxdiff.compare(fxdiff.capture(ref, (x,), keep="summary"), port).nodes if r.first_forward)
     assert first.blame[0] == ("another input: the candidate passes what the reference computes in k where the "

@@ -1334,7 +1334,8 @@ def _blame_attention_inputs(ref: Capture, cand: Capture, rows: list[NodeRow], al
     for row in unblamed:
         at = row.ref_node if row.ref_node in attentions else _next_of(ref.node(row.ref_node), attentions)
         if at is not None and at not in told:
-            told[at] = _attention_story(ref, cand, ref.node(at), cand.node(attentions[at]), pairs)
+            told[at] = _attention_story(ref, cand, ref.node(at), cand.node(attentions[at]), pairs,
+                                        {r.ref_node for r in rows})
         if at is not None and told[at] is not None:
             row.blame = [told[at], row.ref_module, row.cand_module]
 
@@ -1352,7 +1353,7 @@ def _next_of(node: torch.fx.Node, wanted: Collection[str], most: int = 32) -> st
 
 
 def _attention_story(ref: Capture, cand: Capture, rn: torch.fx.Node, cn: torch.fx.Node,
-                     pairs: set[tuple[str, str]]) -> str | None:
+                     pairs: set[tuple[str, str]], compared: set[str]) -> str | None:
     """What differs between two attentions' query, key and value, told by the values each side
     passes (the ops that make them, a rotary embedding written out or a cache indexed, fold into the
     attention's match and are not compared one by one): the key and the value swapped; a query or
@@ -1385,8 +1386,11 @@ def _attention_story(ref: Capture, cand: Capture, rn: torch.fx.Node, cn: torch.f
     rotated = [r for r in differ if r != "value" and rotary.agrees_at_start(a[r], b[r], close)]
     if swapped:
         x, y = swapped[0]
+        made = {r: _through_views(mine[r], compared) for r in (x, y)}   # the projection each comes from
+        made = {r: f" (made in {n.meta[MODULE]})" if n.name in compared and n.meta.get(MODULE) else ""
+                for r, n in made.items()}
         return (f"the attention's {x} and {y} swapped: the candidate passes as the {x} what the reference "
-                f"passes as the {y}, and the other way round")
+                f"passes as the {y}{made[y]}, and the other way round")
     if rotated and len(rotated) == len(differ):
         agree = [r for r in ("query", "key") if r not in rotated]
         both = len(rotated) > 1

@@ -161,3 +161,46 @@ def test_a_base_is_read_off_its_frequencies_and_only_off_frequencies():
     assert rotary.base(_frequencies(10000.0)) == 10000
     assert rotary.base(torch.linspace(1, 0.1, 4)) is None
     assert rotary.base(torch.ones(4)) is None
+
+
+class MergedHeads(nn.Module):
+    """fair-esm's attention: heads merged into the batch, (batch x heads, positions, features),
+    rotate-half, written out with ``bmm``; ``port``: Hugging Face's ESM, heads apart and ``sdpa``;
+    ``rotate``: which of q and k the port rotates."""
+
+    def __init__(self, port=False, rotate="qk"):
+        super().__init__()
+        self.port, self.rotate = port, rotate
+        self.q, self.k, self.v = (nn.Linear(WIDTH, HEADS * D, bias=False) for _ in range(3))
+        self.o = nn.Linear(HEADS * D, WIDTH, bias=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        angles = torch.arange(s).float()[:, None] * _frequencies(10000.0)[None]
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+        def turned(t, role="qk"):
+            return t * cos + torch.cat([-t[..., D // 2:], t[..., :D // 2]], -1) * sin if role in self.rotate else t
+        if self.port:
+            q, k, v = (p(x).view(b, s, HEADS, D).transpose(1, 2) for p in (self.q, self.k, self.v))
+            out = F.scaled_dot_product_attention(turned(q, "q"), turned(k, "k"), v)
+            return self.o(out.transpose(1, 2).reshape(b, s, -1))
+        q, k, v = (p(x).view(b, s, HEADS, D).transpose(1, 2).reshape(b * HEADS, s, D) for p in (self.q, self.k, self.v))
+        probs = torch.bmm(turned(q) * D ** -0.5, turned(k).transpose(1, 2)).softmax(-1)
+        return self.o(torch.bmm(probs, v).view(b, HEADS, s, D).transpose(1, 2).reshape(b, s, -1))
+
+
+def test_heads_merged_into_the_batch_against_heads_apart_are_compared():
+    """fair-esm against Hugging Face's ESM: each side's attention takes its inputs laid out its own
+    way, so their values were not compared, and a port's key left unrotated had no story."""
+    torch.manual_seed(0)
+    ref, x = MergedHeads(), torch.randn(2, SEQ, WIDTH)
+    captured = fxdiff.capture(ref, (x,))
+    port = MergedHeads(port=True)
+    port.load_state_dict(ref.state_dict())
+    assert not fxdiff.compare(captured, port).diverged
+    port = MergedHeads(port=True, rotate="q")
+    port.load_state_dict(ref.state_dict())
+    told, = {e["blame"] for e in fxdiff.compare(captured, port).first_divergence()["forward"]}
+    assert told == ("the key rotated another way: it agrees at position 0, which a rotation leaves as it is, and "
+                    "differs from position 1 on (the query agrees)"), told

@@ -1365,8 +1365,12 @@ def _attention_story(ref: Capture, cand: Capture, rn: torch.fx.Node, cn: torch.f
     when none of these is so."""
     mine, theirs = attention.inputs(rn), attention.inputs(cn)
     a, b = _attention_values(ref, mine), _attention_values(cand, theirs)
-    if a is None or b is None or any(a[r].shape != b[r].shape for r in a):
+    if a is None or b is None:
         return None
+    if any(a[r].shape != b[r].shape for r in a):   # fair-esm's (batch x heads, positions, features)
+        if not all(a[r].numel() == b[r].numel() and a[r].shape[-2:] == b[r].shape[-2:] for r in a):
+            return None
+        a, b = ({r: t.reshape(-1, *t.shape[-2:]) for r, t in side.items()} for side in (a, b))
     mine, theirs = {r: n for r, (n, _) in mine.items()}, {r: n for r, (n, _) in theirs.items()}
     limit = min(0.05, 1000 * max(machine_eps(t.dtype) for t in (*a.values(), *b.values())))
 
@@ -1465,7 +1469,7 @@ def _rotary_tables(ref: Capture, cand: Capture, mine: tuple[torch.fx.Node, torch
     def read(capture: Capture, nodes: tuple[torch.fx.Node, torch.fx.Node]) -> list[str]:
         return [t for t in rotary.tables(capture, nodes[0]) if t not in rotary.tables(capture, nodes[1])]
     r = read(ref, mine)
-    same = [(x, y) for x in r for y in cand.params if (x, y) in pairs]
+    same = [(x, y) for x in r for y in cand.params if (x, y) in pairs and _equal(ref.params[x], cand.params[y])]
     if same:
         return (f"; its frequencies are the reference's ({same[0][0]} pairs with {same[0][1]}): it turns other "
                 "features together, or turns them for other positions")
@@ -1479,6 +1483,12 @@ def _rotary_tables(ref: Capture, cand: Capture, mine: tuple[torch.fx.Node, torch
         return ", ".join(f"{n} (base {b:g})" if b else n for n, b in bases.items()) + \
             (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f"; they rotate with other tables: the reference's {named(ref, r)} against the candidate's {named(cand, c)}"
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values, to float32's rounding (not summaries)."""
+    return not is_summary(a) and not is_summary(b) and a.shape == b.shape \
+        and torch.allclose(a.double(), b.double(), rtol=1e-6, atol=0)
 
 
 def _heads_order(x: torch.Tensor, y: torch.Tensor, limit: float) -> list[int] | None:

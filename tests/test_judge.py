@@ -2202,6 +2202,13 @@ def test_the_parts_of_a_fused_weight_taken_at_other_rows_are_placed_in_it():
                  "w1.weight pairs with nothing: its rows are gate_up.weight's rows [0:23:2]",
                  "w3.weight pairs with nothing: its rows are gate_up.weight's rows [1:24:2]"):
         assert line in report.warnings, report.warnings
+    grouped = PhiBlock(port=True)   # read per group of heads, [q, k, v] twice (GPT-NeoX's, Falcon's)
+    grouped.load_state_dict({"q.weight": w[[0, 1, 2, 3, 12, 13, 14, 15]], "k.weight": w[[4, 5, 6, 7, 16, 17, 18, 19]],
+                             "v.weight": w[[8, 9, 10, 11, 20, 21, 22, 23]], "w1.weight": g[:12], "w3.weight": g[12:],
+                             "o.weight": ref.o.weight, "down.weight": ref.down.weight})
+    report = fxdiff.compare(fxdiff.capture(ref, (torch.randn(1, 5, 8),)), grouped)
+    assert "k.weight pairs with nothing: its rows are qkv.weight's rows [4:8], [16:20]" in report.warnings, \
+        report.warnings
 
 
 class _SiluWrongBackward(torch.autograd.Function):

@@ -142,11 +142,23 @@ def _taken(index: dict[bytes, list[int]], rows: list[bytes]) -> list[int] | None
 
 
 def _span(taken: list[int]) -> str:
-    """Positions as a slice, ``[48:80]`` or ``[1:320:2]``, a short list, or ``in another order``."""
+    """Positions as a slice, ``[48:80]`` or ``[1:320:2]``, a few runs, ``[0:32], [64:96]``, a short
+    list, or ``in another order``."""
     step = taken[1] - taken[0] if len(taken) > 1 else 1
     if step > 0 and taken == list(range(taken[0], taken[0] + step * len(taken), step)):
         return f"[{taken[0]}:{taken[-1] + 1}{f':{step}' if step > 1 else ''}]"
+    runs = [[taken[0], taken[0] + 1]]
+    for i in taken[1:]:
+        if i == runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, i + 1])
+    if len(runs) <= _RUNS and 2 * len(runs) <= len(taken):
+        return ", ".join(f"[{a}:{b}]" for a, b in runs)
     return str(taken) if len(taken) <= _LISTED else "in another order"
+
+
+_RUNS = 8   # blocks of a fused weight told one by one
 
 
 def _blame_lowered(ref: Capture, cand: Capture, rows: list[NodeRow], lowered: list[NodeRow]) -> None:

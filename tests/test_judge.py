@@ -2086,6 +2086,25 @@ def test_a_norm_one_side_alone_runs_before_an_op_is_named_there(gemma):
         first.blame
 
 
+def test_a_norms_gain_ported_without_its_one_is_named():
+    """Gemma's gain ``1 + w`` ported as Llama's ``w`` with ``w`` as it is: 'ref-only add makes a
+    tensor it reads from norm_weight' in float32, 'a side input that differs: mul' in bfloat16. A
+    port that converts its weight to ``1 + w`` agrees."""
+    x = torch.randn(3, 8)
+    ref = FinalNorm(gemma=True)
+    captured = fxdiff.capture(ref, (x,))
+    state = ref.state_dict()
+    converted = FinalNorm()
+    converted.load_state_dict({**state, "norm_weight": 1 + state["norm_weight"]})
+    report = fxdiff.compare(captured, converted)   # its weight differs from the reference's by the one
+    assert not report.first_divergence()["forward"] and all(o.metrics.passed for o in report.outputs)
+    port = FinalNorm()
+    port.load_state_dict(state)
+    first = next(r for r in fxdiff.compare(captured, port).nodes if r.first_forward)
+    assert first.blame[0] == "the norm's gain differs: the reference multiplies by 1 + norm_weight, the candidate by " \
+                             "norm_weight", first.blame
+
+
 class PhiBlock(nn.Module):
     """Phi-3's fused projections, written out: ``qkv`` sliced into q, k and v, ``gate_up`` halved by
     ``chunk``; the port (``port``) has a projection a part, as torchtune's."""

@@ -104,3 +104,36 @@ def _plus_number(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
     numbers = [a for a in node.args if type(a) in (int, float)]
     inner = [a for a in node.args if isinstance(a, torch.fx.Node)]
     return (inner[0], float(numbers[0])) if len(numbers) == 1 and len(inner) == 1 else None
+
+
+def gain(node: torch.fx.Node) -> tuple[float, str] | None:
+    """The gain of the norm whose output ``node`` is (or a view or cast of): the number added to its
+    weight (Gemma's ``1 + w``: 1; Llama's ``w``: 0) and the weight's name; None where it has none or
+    it cannot be told."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node):
+        key = node_key(node)
+        tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if DEFAULT_OPS.is_view(node, key) or key == "type_as":
+            node = tensors[0]
+        elif key == "mul" and len(tensors) == 2 and sum(_parameter(t) for t in tensors) == 1 \
+                and norm_of(next(t for t in tensors if not _parameter(t))) is not None:
+            return _offset(next(t for t in tensors if _parameter(t)))
+        elif key in _KINDS:
+            weight = arguments.named(node).get("weight")
+            return _offset(weight) if isinstance(weight, torch.fx.Node) and _parameter(weight) else None
+        else:
+            return None
+    return None
+
+
+def _offset(node: torch.fx.Node) -> tuple[float, str] | None:
+    """A parameter through views, casts and numbers added to it: the numbers' sum and its name."""
+    total = 0.0
+    while node.op == "call_function":
+        key = node_key(node)
+        if key in ("add", "radd"):
+            total += sum(a for a in node.args if type(a) in (int, float))
+        elif not DEFAULT_OPS.is_view(node, key):
+            return None
+        node = node.all_input_nodes[0]
+    return total, str(node.target)

@@ -42,6 +42,7 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     _blame_lowered(ref, cand, rows, lowered)
     _blame_norm(ref, cand, rows)
     _blame_one_sided_norm(ref, cand, rows)
+    _blame_norm_gain(ref, cand, rows)
     _blame_mask(ref, cand, rows)
     _blame_index(ref, cand, rows)
     _blame_attention_scale(ref, cand, rows, tol)
@@ -394,6 +395,32 @@ def _blame_one_sided_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> N
                 other = counterpart_module(rows, module, side)
                 row.blame = [f"{side}-only {norm.words()}: the {'candidate' if side == 'ref' else 'reference'} "
                              f"passes its input as it is", *((module, other) if side == "ref" else (other, module))]
+                break
+
+
+def _blame_norm_gain(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
+    """Blame a forward first divergence at a norm's output, or at an op reading one on each side, on
+    the norms' gains where one adds a number to its weight and the other does not (Gemma's
+    ``1 + w`` ported as Llama's ``w``)."""
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
+        places = [(rn, cn)] + (list(zip(rn.all_input_nodes, cn.all_input_nodes))
+                               if len(rn.all_input_nodes) == len(cn.all_input_nodes) else [])
+        for x, y in places:
+            a, b = norms.gain(x), norms.gain(y)
+            if a is None or b is None or a[0] == b[0]:
+                continue
+            w, v = ref.params.get(a[1]), cand.params.get(b[1])
+            if w is None or v is None or is_summary(w) or is_summary(v) or w.shape != v.shape:
+                continue
+            eps = 4 * max(machine_eps(w.dtype), machine_eps(v.dtype))
+            mine, theirs = w.double() + a[0], v.double() + b[0]
+            if not torch.allclose(mine, theirs, rtol=eps, atol=eps):   # a port that converts g = w - 1 agrees
+                said = [f"{o:g} + {name}" if o else name for o, name in (a, b)]
+                row.blame = [f"the norm's gain differs: the reference multiplies by {said[0]}, the candidate by "
+                             f"{said[1]}", x.meta.get(MODULE, row.ref_module), y.meta.get(MODULE, row.cand_module)]
                 break
 
 

@@ -2293,3 +2293,30 @@ def test_a_factor_made_another_way_is_named_by_the_two_numbers():
 def _loaded(model: nn.Module, source: nn.Module) -> nn.Module:
     model.load_state_dict(source.state_dict())
     return model
+
+
+class NormedEmbedding(nn.Module):
+    """An embedding, an RMS norm and a head; ``scale``: a port that scales the embedding by sqrt(d)
+    first (Gemma's habit, in a port of a model that does not)."""
+
+    def __init__(self, scale=None):
+        super().__init__()
+        self.embed, self.head, self.scale = nn.Embedding(10, 64), nn.Linear(64, 4), scale
+        self.gain = nn.Parameter(1 + 0.2 * torch.randn(64))
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h * self.scale if self.scale else h
+        return self.head(F.rms_norm(h, (64,), self.gain, eps=1e-5) + h)
+
+
+def test_a_norms_input_scaled_on_one_side_is_named():
+    """'computed with other ops: ref pow, mean, ... against cand mul, rms_norm' (the norm alike, the
+    scale before it folded into its match): now the scale, by its number."""
+    torch.manual_seed(0)
+    ref, ids = NormedEmbedding(), torch.randint(0, 10, (2, 5))
+    port = NormedEmbedding(scale=8.0)
+    port.load_state_dict(ref.state_dict())
+    entries = fxdiff.compare(fxdiff.capture(ref, (ids,)), port).first_divergence()["forward"]
+    assert {e["blame"] for e in entries} == {"cand-only mul by 8 (mul) of the norm's input, where the reference "
+                                             "normalises it as it is"}, entries

@@ -73,14 +73,34 @@ def _parameter(node: torch.fx.Node) -> bool:
     return node.op == "get_attr"
 
 
-def _written(node: torch.fx.Node) -> Norm | None:
-    """``x * rsqrt(s + eps)`` or ``x / sqrt(s + eps)``, ``s`` the mean of ``x``'s squares (an RMS
-    norm) or its variance (``x`` less its mean: a layer norm)."""
+def source(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor that the norm whose output ``node`` is normalises (through casts, and before its
+    mean is taken away); None when ``node`` is no norm's output."""
+    if norm_of(node) is None:
+        return None
+    node = _core(node)
+    if node_key(node) in _KINDS:
+        return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+    x = through_casts(_operands(node)[0])
+    return through_casts(x.args[0]) if node_key(x) == "sub" and isinstance(x.args[0], torch.fx.Node) else x
+
+
+def _operands(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """``(x, root)`` of a product by a root or a quotient by one, a norm written out."""
     key = node_key(node)
     tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
     if key not in ("mul", "div") or len(tensors) != 2:
         return None
-    x, root = tensors if key == "div" or node_key(tensors[1]) == "rsqrt" else tensors[::-1]
+    return tensors if key == "div" or node_key(tensors[1]) == "rsqrt" else tensors[::-1]
+
+
+def _written(node: torch.fx.Node) -> Norm | None:
+    """``x * rsqrt(s + eps)`` or ``x / sqrt(s + eps)``, ``s`` the mean of ``x``'s squares (an RMS
+    norm) or its variance (``x`` less its mean: a layer norm)."""
+    key = node_key(node)
+    if _operands(node) is None:
+        return None
+    x, root = _operands(node)
     want = "sqrt" if key == "div" else "rsqrt"
     root = through_casts(root)
     outside = _plus_number(root) if key == "div" else None

@@ -357,20 +357,44 @@ def _blame_factor(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
 def _blame_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
     """Blame a forward first divergence at a normalisation's output on the two sides' norms where
     one writes it out and the other calls it (``norms.norm_of``): of another kind (an RMS norm
-    ported as a ``layer_norm``, which subtracts the mean), or with another eps."""
+    ported as a ``layer_norm``, which subtracts the mean), or with another eps; where they are
+    alike, on a number one side alone scales their input by."""
     for row in rows:
         if not row.first_forward or row.blame:
             continue
         a, b = norms.norm_of(ref.node(row.ref_node)), norms.norm_of(cand.node(row.cand_node))
-        if a is None or b is None or not (a.written or b.written):
+        if a is None or b is None:
             continue
-        if a.kind != b.kind or a.outside != b.outside:
+        written = a.written or b.written   # both calls: their arguments' story tells them apart
+        if written and (a.kind != b.kind or a.outside != b.outside):
             what = "a norm of another kind" if a.kind != b.kind else "its eps added elsewhere"
             row.blame = [f"{what}: the reference's {a.words()} against the candidate's {b.words()}",
                          row.ref_module, row.cand_module]
-        elif a.eps is not None and b.eps is not None and not math.isclose(a.eps, b.eps, rel_tol=1e-6):
+        elif written and a.eps is not None and b.eps is not None and not math.isclose(a.eps, b.eps, rel_tol=1e-6):
             row.blame = [f"its eps differs: {a.eps:g} against {b.eps:g} (the reference's {a.words()}, the "
                          f"candidate's {b.words()})", row.ref_module, row.cand_module]
+        elif a.kind == b.kind:
+            _blame_scaled_input(ref, cand, row, {(r.ref_node, r.cand_node) for r in rows})
+
+
+def _blame_scaled_input(ref: Capture, cand: Capture, row: NodeRow, pairs: set[tuple[str, str]]) -> None:
+    """Blame a norm alike on both sides on a number one side alone multiplies its input by (an
+    embedding scaled by sqrt(d) in a port of a model that does not scale it): the norm hides most
+    of it, the residual stream does not. ``pairs``: the compared (reference, candidate) nodes."""
+    x, y = norms.source(ref.node(row.ref_node)), norms.source(cand.node(row.cand_node))
+    if x is None or y is None:
+        return
+    for side, mine, theirs in (("ref", x, y), ("cand", y, x)):
+        numbers = [a for a in mine.args if type(a) in (int, float)]
+        if node_key(mine) not in ("mul", "div") or len(mine.all_input_nodes) != 1 or len(numbers) != 1:
+            continue
+        inner = mine.all_input_nodes[0]
+        if ((inner.name, theirs.name) if side == "ref" else (theirs.name, inner.name)) in pairs:
+            module = mine.meta.get(MODULE, "")
+            row.blame = [f"{side}-only {node_key(mine)} by {numbers[0]:g} ({mine.name}) of the norm's input, where "
+                         f"the {'candidate' if side == 'ref' else 'reference'} normalises it as it is",
+                         *((module, row.cand_module) if side == "ref" else (row.ref_module, module))]
+            return
 
 
 def _blame_one_sided_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:

@@ -2320,3 +2320,34 @@ def test_a_norms_input_scaled_on_one_side_is_named():
     entries = fxdiff.compare(fxdiff.capture(ref, (ids,)), port).first_divergence()["forward"]
     assert {e["blame"] for e in entries} == {"cand-only mul by 8 (mul) of the norm's input, where the reference "
                                              "normalises it as it is"}, entries
+
+
+class RootEps(nn.Module):
+    """An RMS norm written out as Hugging Face's Llama does, between two layers; ``outside``: a port
+    that adds eps to the root, not under it."""
+
+    def __init__(self, outside=False):
+        super().__init__()
+        self.a, self.b, self.outside = nn.Linear(16, 16), nn.Linear(16, 4), outside
+        self.gain = nn.Parameter(1 + 0.2 * torch.randn(16))
+
+    def forward(self, x):
+        h = self.a(x)
+        ms = h.pow(2).mean(-1, keepdim=True)
+        h = h / (ms.sqrt() + 1e-5) if self.outside else h * torch.rsqrt(ms + 1e-5)
+        return self.b(self.gain * h)
+
+
+def test_the_norm_an_op_inside_it_leads_to_is_read_off_the_graph():
+    """A bfloat16 Phi-3 port with eps outside the root paired the reference's eps addition (under the
+    root) with its own (outside it), two different values, and blamed 'cand-only sqrt'; the norms
+    those additions lead to tell the story (the Phi-3 trial's pairing, which a toy does not make:
+    here the walk itself)."""
+    from fxdiff.judge.stories import _norm_after
+    torch.manual_seed(0)
+    x = torch.randn(6, 16)
+    for outside in (False, True):
+        graph = fxdiff.capture(RootEps(outside=outside), (x,)).graph
+        add = next(n for n in graph.nodes if n.op == "call_function" and 1e-5 in n.args)
+        norm = _norm_after(add)
+        assert norm is not None and (norm.kind, norm.eps, norm.outside) == ("RMS norm", 1e-5, outside), norm

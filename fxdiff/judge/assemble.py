@@ -143,7 +143,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     if unreached:
         warnings.append(f"gradients of {len(unreached)} op(s) not judged ({', '.join(unreached[:4])}): they differ "
                         "only where they reach none of their inputs' gradients, which agree (where the derivative "
-                        "of the op that made them is zero: a masked attention weight the reference zeroes)")
+                        "of the op that made them is zero, as at attention weights one side's mask zeroes)")
         noise.judge(ref.graph, rows, params, node_floor, param_floor, precision)
         _mark_frontier(ref.graph, rows)
     roles.update(stories.reordered_rows(ref, cand, rows, alignment))

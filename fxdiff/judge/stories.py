@@ -363,6 +363,8 @@ def _blame_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         if not row.first_forward or row.blame:
             continue
         a, b = norms.norm_of(ref.node(row.ref_node)), norms.norm_of(cand.node(row.cand_node))
+        if a is None and b is None:   # inside norms written out (their eps added, paired with another op)
+            a, b = (_norm_after(n) for n in (ref.node(row.ref_node), cand.node(row.cand_node)))
         if a is None or b is None:
             continue
         written = a.written or b.written   # both calls: their arguments' story tells them apart
@@ -375,6 +377,19 @@ def _blame_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
                          f"candidate's {b.words()})", row.ref_module, row.cand_module]
         elif a.kind == b.kind:
             _blame_scaled_input(ref, cand, row, {(r.ref_node, r.cand_node) for r in rows})
+
+
+def _norm_after(node: torch.fx.Node, most: int = 6) -> norms.Norm | None:
+    """The norm whose output ``node`` leads to within ``most`` ops, the first found."""
+    seen, frontier = {node.name}, [node]
+    while frontier and len(seen) <= most:
+        frontier = [u for n in frontier for u in n.users if u.name not in seen]
+        for u in frontier:
+            seen.add(u.name)
+            found = norms.norm_of(u)
+            if found is not None:
+                return found
+    return None
 
 
 def _blame_scaled_input(ref: Capture, cand: Capture, row: NodeRow, pairs: set[tuple[str, str]]) -> None:

@@ -2351,3 +2351,29 @@ def test_the_norm_an_op_inside_it_leads_to_is_read_off_the_graph():
         add = next(n for n in graph.nodes if n.op == "call_function" and 1e-5 in n.args)
         norm = _norm_after(add)
         assert norm is not None and (norm.kind, norm.eps, norm.outside) == ("RMS norm", 1e-5, outside), norm
+
+
+class NormedOutput(FinalNorm):
+    """``FinalNorm`` without its head: the final norm's output is the model's (T5's encoder)."""
+
+    def forward(self, x):
+        h = x + self.body(x)
+        if self.has_norm:
+            h = self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return h
+
+
+def test_a_final_norm_left_out_before_the_output_is_named_there(tmp_path):
+    """The output differs with no compared value before it differing ('made after the last compared
+    values'), with no story: the output's frontier now has one, in the text and the saved JSON."""
+    from fxdiff.model.report import load_report
+    x = torch.randn(3, 8)
+    port = NormedOutput(norm=False)
+    port.load_state_dict({k: v for k, v in NormedOutput().state_dict().items() if k != "norm_weight"}, strict=False)
+    report = fxdiff.compare(fxdiff.capture(NormedOutput(), (x,)), port)
+    entry, = report.first_divergence()["forward"]
+    told = "ref-only RMS norm (written out, eps 1e-06): the candidate returns its input as it is"
+    assert entry["output"] == "0" and entry["blame"] == told, entry
+    assert f"starts at: {told}" in " ".join(_text(report).split())
+    report.save(tmp_path / "report.json")
+    assert load_report(tmp_path / "report.json").first_divergence()["forward"][0]["blame"] == told

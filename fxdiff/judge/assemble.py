@@ -160,6 +160,7 @@ def judge(ref: Capture, cand: Capture, alignment: Alignment, tol: Tolerance = To
     if _output_frontier(ref, cand, outputs, rows):   # their backward passes are its consequences too
         _mark_frontier(ref.graph, rows, {o.frontier["ref_node"] for o in outputs if o.frontier})
     stories.tell(ref, cand, rows, params, alignment, rejected, lowered, tol)
+    stories.tell_outputs(ref, cand, outputs, rows)
     return Report(
         warnings=warnings,
         ref={"label": ref_label, **ref.meta},

@@ -21,7 +21,7 @@ import torch.fx
 
 from ..model.alignment import Alignment, ParamPair
 from ..model.capture import DTYPE, MODULE, SHAPE, TARGET, Capture
-from ..model.report import NodeRow, ParamRow
+from ..model.report import NodeRow, OutputRow, ParamRow
 from ..ops import DEFAULT_OPS, GETITEM, node_key
 from ..store.summary import is_summary
 from . import activations, arguments, attention, masks, norms, rotary
@@ -65,6 +65,27 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     _blame_made_from_constants(ref, cand, rows)
     _name_rearranged(ref, cand, rows)
     _name_other_ops(ref, cand, rows)
+
+
+def tell_outputs(ref: Capture, cand: Capture, outputs: list[OutputRow], rows: list[NodeRow]) -> None:
+    """Tell what starts an output that is a first divergence of its own (``OutputRow.frontier``: the
+    ops before it pair with nothing), where a story fits: a norm one side alone runs last (T5's
+    encoder's final norm left out), set as the frontier's ``blame``."""
+    compared = {"ref": {r.ref_node for r in rows}, "cand": {r.cand_node for r in rows}}
+    for o in outputs:
+        f = o.frontier
+        if not f:
+            continue
+        nodes = {"ref": ref.node(f["ref_node"]), "cand": cand.node(f["cand_node"])}
+        for side, other in (("ref", "cand"), ("cand", "ref")):
+            norm, theirs = norms.norm_of(nodes[side]), _through_views(nodes[other], compared[other])
+            if norm is None or theirs.name not in compared[other] or norms.norm_of(theirs) is not None:
+                continue
+            module = nodes[side].meta.get(MODULE, "")
+            f["blame"] = [f"{side}-only {norm.words()}: the {'candidate' if side == 'ref' else 'reference'} returns "
+                          "its input as it is", *((module, f["cand_module"]) if side == "ref" else
+                                                  (f["ref_module"], module))]
+            break
 
 
 def reordered_rows(ref: Capture, cand: Capture, rows: list[NodeRow], alignment: Alignment) -> dict[str, str]:

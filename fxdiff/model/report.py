@@ -144,8 +144,9 @@ class OutputRow:
     cand: str | None      # None only in reports of early versions, which paired outputs by position
     metrics: Metrics
     # a first forward divergence: it differs although every compared value it depends on matches.
-    # The nodes that made it (ref_node, cand_node, ref_module, cand_module, op) and the ops between
+    # The nodes that made it (ref_node, cand_node, ref_module, cand_module, op), the ops between
     # those values and it that pair with nothing (unpaired_ops: {"ref": [node...], "cand": [node...]})
+    # and, where a story fits, blame: [what, reference module, candidate module]
     frontier: dict[str, Any] | None = None
 
 
@@ -240,9 +241,9 @@ class Report:
                     "blame": row.blame[0] if row.blame else None}
         return {
             "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward]
-            + [{**o.frontier, "output": o.ref, "max_abs_diff": o.metrics.max_abs_diff,
-                "max_rel_diff": o.metrics.max_rel_diff, "cosine": o.metrics.cosine, "error": o.metrics.error,
-                "noise": o.metrics.noise, "isolated": None, "not_isolated": None, "blame": None}
+            + [{**o.frontier, **_frontier_blame(o.frontier), "output": o.ref,
+                "max_abs_diff": o.metrics.max_abs_diff, "max_rel_diff": o.metrics.max_rel_diff, "cosine": o.metrics.cosine, "error": o.metrics.error,
+                "noise": o.metrics.noise, "isolated": None, "not_isolated": None}
                for o in self.outputs if o.frontier],
             "backward": [{**entry(r, r.backward), "consequence_of_forward": r.consequence,
                           "isolated": r.backward_cause(), "not_isolated": r.isolated_backward_why}
@@ -331,6 +332,15 @@ class Report:
             unmatched=Unmatched.from_dict(doc["unmatched"]), graph=doc["graph"],
             warnings=list(doc.get("warnings", [])), replayed=list(doc.get("replayed", [])),
         )
+
+
+def _frontier_blame(frontier: dict[str, Any]) -> dict[str, Any]:
+    """An output frontier's story for ``first_divergence``: its text, and the modules it blames."""
+    blame = frontier.get("blame")
+    if not blame:
+        return {"blame": None}
+    return {"blame": blame[0], "ref_module": blame[1], "cand_module": blame[2],
+            "ref_node_module": frontier["ref_module"], "cand_node_module": frontier["cand_module"]}
 
 
 def _known(cls: type, fields: dict[str, Any]) -> Any:

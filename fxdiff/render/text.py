@@ -237,7 +237,13 @@ def _output_frontier(outputs: list[OutputRow]) -> list[RenderableType]:
             where += f", cand {f['cand_module'] or ROOT} {f['cand_node']}"
         listed = "; ".join(f"{side} {_names(f['unpaired_ops'][side])}" for side in ("ref", "cand")
                            if f["unpaired_ops"][side])
-        lines += [Text.assemble(("forward: ", "bold"), where), _indent(Text(_judged(o.metrics))),
+        lines.append(Text.assemble(("forward: ", "bold"), where))
+        if f.get("blame"):
+            what, ref_module, cand_module = f["blame"]
+            lines.append(_indent(Text.assemble(("starts at: ", "bold"), f"{what} in {ref_module or ROOT}"
+                                               + (f" (cand {cand_module or ROOT})" if cand_module != ref_module
+                                                  else ""))))
+        lines += [_indent(Text(_judged(o.metrics))),
                   _indent(Text.from_markup("[bold]made after the last compared values[/]: every compared value it "
                                            "depends on matches; the ops in between pair with none of the other "
                                            f"side's: {escape(listed or 'none')}"))]

@@ -1952,13 +1952,15 @@ class GatedGelu(nn.Module):
     """T5's gated-GELU feed-forward: Hugging Face's GELU written out (``gelu_new``), or (``port``)
     ``F.gelu(approximate=approximate)``; ``swapped``: the activation on the value's projection."""
 
-    def __init__(self, port: bool = False, swapped: bool = False, approximate: str = "tanh"):
+    def __init__(self, port: bool = False, swapped: bool = False, approximate: str = "tanh", gated: bool = True):
         super().__init__()
         torch.manual_seed(0)
-        self.port, self.swapped, self.approximate = port, swapped, approximate
+        self.port, self.swapped, self.approximate, self.gated = port, swapped, approximate, gated
         self.wi_0, self.wi_1, self.wo = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
 
     def forward(self, x):
+        if not self.gated:   # a port without the gate: wi_1 converted, loaded, never read
+            return self.wo(F.gelu(self.wi_0(x), approximate=self.approximate))
         gate, value = (self.wi_1(x), self.wi_0(x)) if self.swapped else (self.wi_0(x), self.wi_1(x))
         if self.port:
             act = F.gelu(gate, approximate=self.approximate)
@@ -2377,3 +2379,11 @@ def test_a_final_norm_left_out_before_the_output_is_named_there(tmp_path):
     assert f"starts at: {told}" in " ".join(_text(report).split())
     report.save(tmp_path / "report.json")
     assert load_report(tmp_path / "report.json").first_divergence()["forward"][0]["blame"] == told
+
+
+def test_a_parameter_the_candidate_loads_and_never_reads_is_named_where_the_reference_reads_it():
+    """T5's gated GELU ported without its gate: 'introduced here' at the product, no story."""
+    captured = fxdiff.capture(GatedGelu(), (torch.randn(4, 8),))
+    first = next(r for r in fxdiff.compare(captured, GatedGelu(port=True, gated=False)).nodes if r.first_forward)
+    assert first.blame == ["the candidate never reads its wi_1.weight, the counterpart of wi_1.weight, which the "
+                           "reference reads here", "wi_1", ""], first.blame

@@ -39,6 +39,7 @@ def tell(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow
     _blame_arguments(ref, cand, rows)
     _blame_untied(ref, cand, rows, params)
     _blame_factor(ref, cand, rows)
+    _blame_unread(ref, cand, rows, params)
     _blame_lowered(ref, cand, rows, lowered)
     _blame_norm(ref, cand, rows)
     _blame_one_sided_norm(ref, cand, rows)
@@ -705,6 +706,26 @@ def _blame_untied(ref: Capture, cand: Capture, rows: list[NodeRow], params: list
         others = sorted({n.meta.get(MODULE) or "<root>" for n in readers[p.ref] if n.name != row.ref_node})
         row.blame = [f"the candidate reads {theirs} here, which pairs with nothing; the reference reads {p.ref}, tied "
                      f"(read in {', '.join(others)} too)", row.ref_module, row.cand_module]
+
+
+def _blame_unread(ref: Capture, cand: Capture, rows: list[NodeRow], params: list[ParamRow]) -> None:
+    """Blame a forward first divergence whose ops on the reference's side read a parameter whose
+    counterpart the candidate holds but never reads (T5's gated GELU ported without its gate: the
+    value projection converted, loaded and left unused)."""
+    readers_c = _readers(cand)
+    counterpart = {p.ref: p.cand[0] for p in params if len(p.cand) == 1 and p.cand[0] not in readers_c}
+    if not counterpart:
+        return
+    readers_r = _readers(ref)
+    for row in rows:
+        if not row.first_forward or row.blame:
+            continue
+        block = {row.ref_node, *row.ref_block}
+        read = [name for name in counterpart if any(n.name in block for n in readers_r.get(name, ()))]
+        if read:
+            where = next(n for n in readers_r[read[0]] if n.name in block).meta.get(MODULE) or "<root>"
+            row.blame = [f"the candidate never reads its {counterpart[read[0]]}, the counterpart of {read[0]}, "
+                         "which the reference reads here", where, row.cand_module]
 
 
 def _name_reordered_parameters(ref: Capture, cand: Capture, params: list[ParamRow]) -> None:

@@ -242,8 +242,9 @@ class Report:
         return {
             "forward": [entry(r, r.forward) for r in self.nodes if r.first_forward]
             + [{**o.frontier, **_frontier_blame(o.frontier), "output": o.ref,
-                "max_abs_diff": o.metrics.max_abs_diff, "max_rel_diff": o.metrics.max_rel_diff, "cosine": o.metrics.cosine, "error": o.metrics.error,
-                "noise": o.metrics.noise, "isolated": None, "not_isolated": None}
+                "max_abs_diff": o.metrics.max_abs_diff, "max_rel_diff": o.metrics.max_rel_diff,
+                "cosine": o.metrics.cosine, "error": o.metrics.error, "noise": o.metrics.noise, "isolated": None,
+                "not_isolated": None}
                for o in self.outputs if o.frontier],
             "backward": [{**entry(r, r.backward), "consequence_of_forward": r.consequence,
                           "isolated": r.backward_cause(), "not_isolated": r.isolated_backward_why}

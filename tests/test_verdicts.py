@@ -417,3 +417,70 @@ def test_a_float32_port_that_computes_an_op_in_bfloat16_on_its_own_diverges_ther
     assert [(e["ref_module"], e["blame"]) for e in first] == [
         ("blocks.1", "the candidate computes it in bfloat16 (its parameters are float32), the reference in float32")], first
     assert fxdiff.compare(ref, Net(), dtype="bfloat16").verdict == "within noise"
+
+
+class TwoSlices(nn.Module):
+    """The first halves of a query and a key, each sliced again and multiplied: the ops alike on
+    both sides, in another order on the port's (which slices k first)."""
+
+    def __init__(self, port=False):
+        super().__init__()
+        self.q, self.k, self.port = nn.Linear(8, 8), nn.Linear(8, 8), port
+
+    def forward(self, x):
+        q, k = self.q(x)[..., :4], self.k(x)[..., :4]
+        if self.port:
+            b = k[..., :2]
+            a = q[..., :2]
+        else:
+            a = q[..., :2]
+            b = k[..., :2]
+        return a * b
+
+
+def test_a_pair_whose_inputs_pair_crosswise_is_only_as_sure_as_order():
+    """litgpt's GPT-NeoX against Hugging Face's: a slice of the query paired by its order with a
+    slice of the key (their inputs, the query's and the key's rotary parts, paired each to the
+    other's) made every comparison of a correct port DIVERGED. Such a pair is now weak: set aside
+    where its values differ though everything before it agrees."""
+    from fxdiff.match.compute_graph import ComputeGraph
+    from fxdiff.match.pairset import PairSet
+    from fxdiff.model.alignment import Pair
+    x = torch.randn(3, 8)
+    ref, cand = fxdiff.capture(TwoSlices(), (x,)), fxdiff.capture(TwoSlices(port=True), (x,))
+    ps = PairSet(ComputeGraph(ref), ComputeGraph(cand))
+    (rq, rk, ra, rb), (cq, ck, cb, ca) = ([n.name for n in c.graph.nodes if n.op == "call_function"
+                                           and "getitem" in n.name] for c in (ref, cand))   # the port: k's half first
+    for a, b in ((rq, cq), (rk, ck)):
+        ps.add(Pair(a, b, "test", 1.0))
+    assert ps.crossed(Pair(ra, cb, "by order", 0.95)) and not ps.crossed(Pair(ra, ca, "by order", 0.95))
+
+
+class Float32Norm(nn.Module):
+    """An RMS norm computed in float32 whatever the model's dtype, its gain applied after the cast
+    back, as Hugging Face does; the port (``port``) calls ``F.rms_norm`` on its input scaled by one
+    unit in float32's last place: float32 rounding another way, as torchtune's did."""
+
+    def __init__(self, port=False):
+        super().__init__()
+        self.a, self.b, self.port = nn.Linear(16, 16), nn.Linear(16, 4), port
+        self.gain = nn.Parameter(1 + 0.2 * torch.randn(16))
+
+    def forward(self, x):
+        h = self.a(x)
+        f = h.float()
+        if self.port:
+            return self.b(torch.nn.functional.rms_norm(f * (1 + 2 ** -23), (16,), eps=1e-6).to(h.dtype) * self.gain)
+        return self.b(self.gain * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype))
+
+
+def test_a_float64_run_that_computes_in_float32_is_judged_at_float32():
+    """Qwen2 against torchtune, both run in float64: 44 of 48 values 'differ' at float64's noise
+    (1.8e-15), where both sides' norms had rounded to float32. A value is as precise as the
+    coarsest dtype it is computed from."""
+    torch.manual_seed(0)
+    ref, x = Float32Norm().double(), torch.randn(6, 16, dtype=torch.float64)
+    port = Float32Norm(port=True).double()
+    port.load_state_dict(ref.state_dict())
+    report = fxdiff.compare(fxdiff.capture(ref, (x,)), port)
+    assert not report.diverged, report.first_divergence()

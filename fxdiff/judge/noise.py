@@ -31,7 +31,7 @@ import math
 import torch
 import torch.fx
 
-from ..model.capture import CaptureInfo
+from ..model.capture import DTYPE, CaptureInfo
 from ..model.report import Metrics, NodeRow, ParamRow
 from ..util import named_dtype
 
@@ -69,6 +69,24 @@ def run_precision(*infos: CaptureInfo) -> float:
         if dtype is not None and dtype.is_floating_point:
             eps.append(torch.finfo(dtype).eps)
     return max(eps, default=0.0)
+
+
+def rounded(graph: torch.fx.Graph) -> tuple[dict[str, float], dict[str, float]]:
+    """The machine epsilon of the coarsest floating dtype among the values each node is computed from
+    (itself included), and among those its gradient is computed through (those after it too): the
+    rounding its value and its gradient carry whatever their own dtype (a float64 run whose norms
+    compute in float32, Hugging Face's and torchtune's alike, is float32-precise after the first)."""
+    own = {}
+    for n in graph.nodes:
+        dtype = named_dtype(str(n.meta.get(DTYPE, "")))
+        own[n.name] = torch.finfo(dtype).eps if dtype is not None and dtype.is_floating_point else 0.0
+    forward: dict[str, float] = {}
+    for n in graph.nodes:
+        forward[n.name] = max([own[n.name], *(forward[a.name] for a in n.all_input_nodes)])
+    backward: dict[str, float] = {}
+    for n in reversed(graph.nodes):
+        backward[n.name] = max([forward[n.name], *(backward[u.name] for u in n.users)])
+    return forward, backward
 
 
 def verdict(m: Metrics | None, inherited: float, floor: float = 0.0, tail: float = TAIL,
@@ -156,6 +174,7 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
     """Noise-aware verdicts for every row and parameter: parameter values first (each at its own
     rounding), then forward values in topological order (inheriting from compared inputs and from
     the parameters they read), then gradients in reverse order, then parameter gradients."""
+    values, grads = rounded(graph)
     for p in params:
         p.value = verdict(p.value, 0.0)
     value_error = {p.ref: p.value.error or 0.0 for p in params if p.value is not None and p.value.passed}
@@ -187,7 +206,8 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
             after["forward"].add(r.ref_node)
         # such a difference is whole elements (another code's vector), not rounding: no cap on one element
         replayed = "forward" in r.explained or any(n in carried for n in inputs if n not in after["forward"])
-        r.forward = explained(verdict(r.forward, passing(inputs, "forward"), precision=precision,
+        r.forward = explained(verdict(r.forward, passing(inputs, "forward"),
+                                      precision=max(precision, values.get(r.ref_node, 0.0)),
                                       tail_max=math.inf if replayed else TAIL_MAX), "forward" in r.explained)
         if replayed:
             carried.add(r.ref_node)
@@ -195,17 +215,21 @@ def judge(graph: torch.fx.Graph, rows: list[NodeRow], params: list[ParamRow], no
         if failed({r.ref_node}, "forward"):
             after["backward"].add(r.ref_node)
         inherited = max(passing(succs[r.ref_node], "backward"), passing(preds[r.ref_node] | {r.ref_node}, "forward"))
-        r.backward = explained(verdict(r.backward, inherited, node_floor, TAIL_BACKWARD, precision, math.inf),
-                                "backward" in r.explained)
+        r.backward = explained(verdict(r.backward, inherited, node_floor, TAIL_BACKWARD,
+                                       max(precision, grads.get(r.ref_node, 0.0)), math.inf), "backward" in r.explained)
     users: dict[str, set[str]] = {}
     for name, target in param_nodes.items():
         users.setdefault(target, set()).update(succs[name])
     for n in graph.nodes:   # parameters whose values failed still have consumers to judge by
         if n.op == "get_attr" and n.name not in param_nodes:
             users.setdefault(str(n.target), set()).update(x for x in succs[n.name] if x in by_ref)
+    read_at = {}   # the rounding a parameter's gradient carries: its readers'
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            read_at[str(n.target)] = max(read_at.get(str(n.target), 0.0), grads.get(n.name, 0.0))
     for p in params:
         consumers = [x for n in users.get(p.ref, ()) if n not in after["backward"] for x in by_ref.get(n, ())]
         inherited = max([m.error or 0.0 for x in consumers for m in (x.forward, x.backward)
                          if m is not None and m.passed], default=0.0)
         p.grad = verdict(p.grad, max(inherited, _summed(p.grad, consumers, param_floor)), param_floor,
-                         TAIL_BACKWARD, precision, math.inf)
+                         TAIL_BACKWARD, max(precision, read_at.get(p.ref, 0.0)), math.inf)

@@ -16,3 +16,4 @@ OTHER_USERS = 0.7       # the most a patience pair gets when its users are other
 USER_OF_PAIR = 0.7      # a user of a matched pair with the same key and size, singled out
 ORDER_OF_USE = 0.7      # the most a parameter of ambiguous content paired in order of first use gets
 SIZE_ONLY = 0.6         # same shape alone: inputs of a matched pair, graph inputs, look-alike ops
+CROSSED = 0.6           # the most a pair gets whose inputs are matched, each to none of the other's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..model.alignment import Alignment
 from ..model.capture import Capture
 from ..ops import DEFAULT_OPS, OpKeys
@@ -9,7 +11,7 @@ from ..params import correspond
 from ..util import gc_paused
 from .anchors import input_anchors, longest_chain, output_anchors, param_anchors, user_anchors
 from .compute_graph import ComputeGraph
-from .confidence import CERTAIN
+from .confidence import CERTAIN, CROSSED
 from .pairset import PairSet
 from .patience import fill
 from .propagate import fold_blocks, propagate, same_layout
@@ -52,6 +54,10 @@ class GraphMatcher:
         fill(ps, chain)
         propagate(ps)
         fold_blocks(ps)
+        for k, p in enumerate(ps.pairs):   # an order-made pair whose inputs pair crosswise: order alone
+            if p.confidence < CERTAIN and ps.crossed(p):
+                ps.replace(k, dataclasses.replace(p, confidence=min(p.confidence, CROSSED),
+                                                  rationale=f"{p.rationale}; its inputs pair crosswise"))
         pairs = sorted(ps.pairs, key=lambda p: (r.pos[p.ref], c.pos[p.cand]))
         params, ref_left, cand_left = settle_params(r, c, params, pairs)
         return Alignment(

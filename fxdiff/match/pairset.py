@@ -73,6 +73,21 @@ class PairSet:
         """The inputs of candidate node ``n``, a folded one named by its block's node."""
         return [self._cand_block.get(a, a) for a in self.cand.preds[n]]
 
+    def crossed(self, p: Pair) -> bool:
+        """Whether pair ``p`` contradicts the pairs of its inputs both ways: an input of each side
+        (of its block, from outside it) is matched, and to nothing the other side reads (two
+        look-alike slices taken of the query on one side and of the key on the other, paired by
+        their order)."""
+        def outside(nodes: set[str], inputs) -> set[str]:
+            return {a for n in nodes for a in inputs(n)} - nodes
+        mine, theirs = {p.ref, *p.ref_block}, {p.cand, *p.cand_block}
+        ins_r, ins_c = outside(mine, self.inputs_ref), outside(theirs, self.inputs_cand)
+
+        def against(ins: set[str], mapping: dict[str, list[str]], other: set[str]) -> bool:
+            mapped = [mapping[a] for a in ins if a in mapping]
+            return bool(mapped) and not any(other.intersection(m) for m in mapped)
+        return against(ins_r, self._ref_to_cand, ins_c) and against(ins_c, self._cand_to_ref, ins_r)
+
     def consistent(self, x: str, y: str) -> bool:
         """Whether pairing ``x`` with ``y`` agrees with the pairs made so far on their inputs:
         every matched input of one is matched to an input of the other."""

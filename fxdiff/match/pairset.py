@@ -74,10 +74,10 @@ class PairSet:
         return [self._cand_block.get(a, a) for a in self.cand.preds[n]]
 
     def crossed(self, p: Pair) -> bool:
-        """Whether pair ``p`` contradicts the pairs of its inputs both ways: an input of each side
-        (of its block, from outside it) is matched, and to nothing the other side reads (two
-        look-alike slices taken of the query on one side and of the key on the other, paired by
-        their order)."""
+        """Whether pair ``p`` contradicts the pairs of its inputs both ways, an input of each side (of
+        its block, from outside it) matched to nothing the other side reads, while an op like it
+        that does read one is free (two look-alike slices taken of the query on one side and of the
+        key on the other, paired by their order)."""
         def outside(nodes: set[str], inputs) -> set[str]:
             return {a for n in nodes for a in inputs(n)} - nodes
         mine, theirs = {p.ref, *p.ref_block}, {p.cand, *p.cand_block}
@@ -86,7 +86,16 @@ class PairSet:
         def against(ins: set[str], mapping: dict[str, list[str]], other: set[str]) -> bool:
             mapped = [mapping[a] for a in ins if a in mapping]
             return bool(mapped) and not any(other.intersection(m) for m in mapped)
-        return against(ins_r, self._ref_to_cand, ins_c) and against(ins_c, self._cand_to_ref, ins_r)
+        if not (against(ins_r, self._ref_to_cand, ins_c) and against(ins_c, self._cand_to_ref, ins_r)):
+            return False
+        # a partner that agrees is free: an op like the other side's that reads the partner of an
+        # input (where none is, the inputs themselves pair crosswise: a port's own swap, told at this pair)
+        mine = {u for a in ins_r for m in self._ref_to_cand.get(a, ()) for u in self.cand.succs[m]}
+        theirs = {u for b in ins_c for m in self._cand_to_ref.get(b, ()) for u in self.ref.succs[m]}
+        return any(self.free_cand(u) and self.cand.key[u] == self.cand.key[p.cand]
+                   and self.cand.numel[u] == self.cand.numel[p.cand] for u in mine) \
+            or any(self.free_ref(u) and self.ref.key[u] == self.ref.key[p.ref]
+                   and self.ref.numel[u] == self.ref.numel[p.ref] for u in theirs)
 
     def consistent(self, x: str, y: str) -> bool:
         """Whether pairing ``x`` with ``y`` agrees with the pairs made so far on their inputs:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.fx
@@ -401,17 +401,10 @@ def _blame_norm(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
             _blame_scaled_input(ref, cand, row, {(r.ref_node, r.cand_node) for r in rows})
 
 
-def _norm_after(node: torch.fx.Node, most: int = 6) -> norms.Norm | None:
-    """The norm whose output ``node`` leads to within ``most`` ops, the first found."""
-    seen, frontier = {node.name}, [node]
-    while frontier and len(seen) <= most:
-        frontier = [u for n in frontier for u in n.users if u.name not in seen]
-        for u in frontier:
-            seen.add(u.name)
-            found = norms.norm_of(u)
-            if found is not None:
-                return found
-    return None
+def _norm_after(node: torch.fx.Node) -> norms.Norm | None:
+    """The norm whose output ``node`` leads to within a few ops, the first found."""
+    found = _first_after(node, lambda u: norms.norm_of(u) is not None, most=6)
+    return norms.norm_of(found) if found is not None else None
 
 
 def _blame_scaled_input(ref: Capture, cand: Capture, row: NodeRow, pairs: set[tuple[str, str]]) -> None:
@@ -478,9 +471,7 @@ def _blame_norm_gain(ref: Capture, cand: Capture, rows: list[NodeRow]) -> None:
         if not row.first_forward or row.blame:
             continue
         rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        places = [(rn, cn)] + (list(zip(rn.all_input_nodes, cn.all_input_nodes))
-                               if len(rn.all_input_nodes) == len(cn.all_input_nodes) else [])
-        for x, y in places:
+        for x, y in _places(rn, cn):
             a, b = norms.gain(x), norms.gain(y)
             if a is None or b is None or a[0] == b[0]:
                 continue
@@ -1434,10 +1425,7 @@ def _name_fused_parts_crossed(ref: Capture, cand: Capture, rows: list[NodeRow]) 
         if not row.first_forward or row.blame:
             continue
         rn, cn = ref.node(row.ref_node), cand.node(row.cand_node)
-        places = [(rn, cn)]
-        if len(rn.all_input_nodes) == len(cn.all_input_nodes):
-            places += list(zip(rn.all_input_nodes, cn.all_input_nodes))
-        for x, y in places:
+        for x, y in _places(rn, cn):
             read, theirs = _slice_read_at(x, sliced, "ref"), cand_part(y)
             if read is None or theirs is None or theirs.ref_node != read[0].ref_node or theirs is read[0]:
                 continue
@@ -1463,7 +1451,10 @@ def _blame_attention_inputs(ref: Capture, cand: Capture, rows: list[NodeRow], al
                   and attention.inputs(cand.node(r.cand_node)) is not None}
     told: dict[str, str | None] = {}   # by attention: the frontier rows of one rotation lead to one
     for row in unblamed:
-        at = row.ref_node if row.ref_node in attentions else _next_of(ref.node(row.ref_node), attentions)
+        at = row.ref_node
+        if at not in attentions:
+            after = _first_after(ref.node(at), lambda u: u.name in attentions)
+            at = after.name if after is not None else None
         if at is not None and at not in told:
             told[at] = _attention_story(ref, cand, ref.node(at), cand.node(attentions[at]), pairs,
                                         {r.ref_node for r in rows})
@@ -1471,14 +1462,22 @@ def _blame_attention_inputs(ref: Capture, cand: Capture, rows: list[NodeRow], al
             row.blame = [told[at], row.ref_module, row.cand_module]
 
 
-def _next_of(node: torch.fx.Node, wanted: Collection[str], most: int = 32) -> str | None:
-    """The first of ``wanted`` that ``node``'s value reaches, within ``most`` ops after it."""
+def _places(rn: torch.fx.Node, cn: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """The two sides' ops of a row, then their inputs position by position where they take as many."""
+    inputs = list(zip(rn.all_input_nodes, cn.all_input_nodes)) \
+        if len(rn.all_input_nodes) == len(cn.all_input_nodes) else []
+    return [(rn, cn), *inputs]
+
+
+def _first_after(node: torch.fx.Node, wanted: Callable[[torch.fx.Node], bool],
+                 most: int = 32) -> torch.fx.Node | None:
+    """The first op ``node``'s value reaches, within ``most`` ops after it, that is ``wanted``."""
     seen, frontier = {node.name}, [node]
     while frontier and len(seen) <= most:
         frontier = [u for n in frontier for u in n.users if u.name not in seen]
         for u in frontier:
-            if u.name in wanted:
-                return u.name
+            if wanted(u):
+                return u
             seen.add(u.name)
     return None
 
